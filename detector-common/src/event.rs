@@ -1,0 +1,78 @@
+//! Records the eBPF programs write to the [`crate::maps::EVENTS`] ring buffer.
+//!
+//! Every record starts with an [`EventHeader`]; user space dispatches on its
+//! `kind` and decodes with `read_unaligned`.
+
+use crate::FILENAME_LEN;
+
+/// A target's function body started: see [`HitEvent`].
+pub const EVENT_HIT: u32 = 1;
+/// First match of a code object in a process: see [`CodeEvent`].
+pub const EVENT_CODE: u32 = 2;
+/// 3.8-3.10: a code object whose name matches a target started: see
+/// [`CandidateEvent`].
+pub const EVENT_CANDIDATE: u32 = 3;
+
+/// Common prefix of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// `EVENT_*`.
+    pub kind: u32,
+    /// Process.
+    pub tgid: u32,
+}
+
+/// One hit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HitEvent {
+    /// `kind == EVENT_HIT`.
+    pub header: EventHeader,
+    /// Thread.
+    pub tid: u32,
+    /// Target id.
+    pub target: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Code object.
+    pub code: u64,
+}
+
+/// Where a matched code object comes from, sent once when its verdict is
+/// computed so the reader does not have to read a process that may be gone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeEvent {
+    /// `kind == EVENT_CODE`.
+    pub header: EventHeader,
+    /// Target id.
+    pub target: u32,
+    /// `co_firstlineno`.
+    pub firstlineno: u32,
+    /// Code object.
+    pub code: u64,
+    /// `co_filename`, NUL-terminated, truncated to fit.
+    pub filename: [u8; FILENAME_LEN],
+}
+
+/// A 3.8-3.10 start of a code object that may be a target (its `co_name`
+/// matches one); user space resolves it and writes the verdict back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CandidateEvent {
+    /// `kind == EVENT_CANDIDATE`.
+    pub header: EventHeader,
+    /// Thread.
+    pub tid: u32,
+    /// Generation of the target set the kernel saw.
+    pub generation: u32,
+    /// `bpf_ktime_get_ns()`.
+    pub ts_ns: u64,
+    /// Code object.
+    pub code: u64,
+    /// `co_name` (part of the verdict key).
+    pub name: u64,
+    /// The frame's `f_globals`: the module the code was defined in.
+    pub globals: u64,
+}

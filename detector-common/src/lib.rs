@@ -1,0 +1,59 @@
+//! Everything that crosses the kernel/user boundary: map and program names,
+//! map keys and values, event records, interpreter layouts and site cookies.
+//!
+//! Both `detector-ebpf` and `detector` depend on this crate, so the two sides
+//! cannot drift. Every type is `#[repr(C)]`, has no padding holes the verifier
+//! would reject, and is `aya::Pod` when the `user` feature is on.
+#![no_std]
+
+pub mod event;
+pub mod layout;
+pub mod maps;
+pub mod site;
+pub mod stats;
+
+pub use event::*;
+pub use layout::*;
+pub use maps::*;
+pub use site::*;
+
+/// Longest module or qualified name, in bytes including the terminating NUL,
+/// that the kernel compares. Targets are validated against it in user space.
+pub const NAME_LEN: usize = 128;
+
+/// Bytes of a code object's file name carried in a [`CodeEvent`].
+pub const FILENAME_LEN: usize = 256;
+
+/// Names of the eBPF programs in the object file.
+pub mod programs {
+    /// Entry of `_PyEval_EvalFrameDefault` on 3.11+: remembers the thread state.
+    pub const EVAL_ENTRY: &str = "py_eval_entry";
+    /// Entry of `_PyEval_EvalFrameDefault` on 3.8-3.10: the per-call site.
+    pub const EVAL_CALL: &str = "py_eval_call";
+    /// A RESUME-family handler on 3.11+: the per-call site.
+    pub const RESUME: &str = "py_resume";
+    /// `PyFunction_NewWithQualName` entry on 3.8-3.10: records identities.
+    pub const FUNC_NEW: &str = "py_func_new";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => { $(unsafe impl aya::Pod for $t {})* };
+    }
+    pod!(
+        TargetKey,
+        NameKey,
+        ThreadEntry,
+        VerdictKey,
+        Verdict,
+        CountKey,
+        PendingKey,
+        PendingEntry,
+        IdentityKey,
+        CodeIdentity,
+        Config,
+        Layout,
+    );
+}

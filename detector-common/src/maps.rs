@@ -1,0 +1,205 @@
+//! Map names, default capacities, and the keys and values stored in them.
+
+use crate::NAME_LEN;
+
+/// `LruHashMap<u32 tid, ThreadEntry>`: each thread's `PyThreadState` (3.11+).
+pub const THREADS: &str = "THREADS";
+/// `Array<Layout>`: interpreter layouts, indexed by the layout id in a site cookie.
+pub const LAYOUTS: &str = "LAYOUTS";
+/// `HashMap<TargetKey, u32>`: the targets, by module and qualified name (3.11+).
+pub const TARGETS: &str = "TARGETS";
+/// `HashMap<NameKey, u32>`: last components of target qualnames (3.8-3.10 prefilter).
+pub const NAMES: &str = "NAMES";
+/// `LruHashMap<VerdictKey, Verdict>`: per (process, code object) match verdicts.
+pub const VERDICTS: &str = "VERDICTS";
+/// `HashMap<CountKey, u64>`: exact hits per (process, target).
+pub const COUNTS: &str = "COUNTS";
+/// `HashMap<PendingKey, PendingEntry>`: hits of 3.8-3.10 code objects
+/// awaiting resolution.
+pub const PENDING: &str = "PENDING";
+/// `LruHashMap<IdentityKey, CodeIdentity>`: what a 3.8-3.10 code object is,
+/// recorded when a function is made from it (or pre-filled by user space).
+pub const IDENTITIES: &str = "IDENTITIES";
+/// `Array<Config>` with one entry: the global generation and tunables.
+pub const CONFIG: &str = "CONFIG";
+/// `PerCpuArray<u64>`: counters indexed by [`crate::stats`].
+pub const STATS: &str = "STATS";
+/// `PerCpuArray<Scratch>`: per-CPU buffer to build map keys too large for the stack.
+pub const SCRATCH: &str = "SCRATCH";
+/// `RingBuf`: [`crate::event`] records.
+pub const EVENTS: &str = "EVENTS";
+
+/// Default capacities; user space may override them at load time.
+pub mod capacity {
+    /// Threads across all watched processes.
+    pub const THREADS: u32 = 65_536;
+    /// Distinct interpreter builds loaded at once.
+    pub const LAYOUTS: u32 = 64;
+    /// Targets in the active set.
+    pub const TARGETS: u32 = 4_096;
+    /// (process, code object) verdicts cached.
+    pub const VERDICTS: u32 = 131_072;
+    /// (process, target) counters.
+    pub const COUNTS: u32 = 65_536;
+    /// (process, code object, generation) pending counters.
+    pub const PENDING: u32 = 16_384;
+    /// (process, code object) identities (3.8-3.10).
+    pub const IDENTITIES: u32 = 131_072;
+    /// Ring buffer bytes (power-of-two multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+/// A target as the kernel compares it: module and qualified name, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TargetKey {
+    /// `__module__` of the function.
+    pub module: [u8; NAME_LEN],
+    /// `co_qualname` of the code object.
+    pub qualname: [u8; NAME_LEN],
+}
+
+/// The last component of a target's qualified name (`co_name` on 3.8-3.10).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NameKey {
+    /// NUL-padded name.
+    pub name: [u8; NAME_LEN],
+}
+
+/// What the kernel knows of a thread that entered the interpreter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadEntry {
+    /// Process the thread belongs to (guards against tid reuse).
+    pub tgid: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// Address of the thread's `PyThreadState`.
+    pub tstate: u64,
+}
+
+/// Key of the verdict cache: a code object in a process, with the address of
+/// its name so a reused address holding another code object misses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    /// Process.
+    pub tgid: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// Address of the code object.
+    pub code: u64,
+    /// Address of its `co_qualname` (3.11+) or `co_name` (3.8-3.10).
+    pub name: u64,
+}
+
+/// A verdict: which target a code object is, valid for one generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Generation of the target set the verdict was computed for.
+    pub generation: u32,
+    /// Target id, [`TARGET_NONE`] or [`TARGET_PENDING`].
+    pub target: u32,
+}
+
+/// Not a target.
+pub const TARGET_NONE: u32 = u32::MAX;
+/// 3.8-3.10: the name matches a target; user space resolves the rest.
+pub const TARGET_PENDING: u32 = u32::MAX - 1;
+
+/// Key of [`IDENTITIES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdentityKey {
+    /// Process.
+    pub tgid: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// Code object.
+    pub code: u64,
+}
+
+/// The qualified name and module of a 3.8-3.10 code object, which neither
+/// the code nor its frame carries: taken from `PyFunction_NewWithQualName`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodeIdentity {
+    /// The function's `__qualname__` (`str`), or 0 when it is `co_name`.
+    pub qualname: u64,
+    /// The function's globals, whose `__name__` is its module.
+    pub globals: u64,
+}
+
+/// Key of the hit counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CountKey {
+    /// Process.
+    pub tgid: u32,
+    /// Target id.
+    pub target: u32,
+}
+
+/// Key of the pending counters (3.8-3.10).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingKey {
+    /// Process.
+    pub tgid: u32,
+    /// Generation the hits were seen in.
+    pub generation: u32,
+    /// Code object.
+    pub code: u64,
+}
+
+/// Hits of a 3.8-3.10 code object counted before user space resolved it,
+/// with what resolving it needs (so a dropped event loses nothing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingEntry {
+    /// Starts counted (atomically incremented).
+    pub hits: u64,
+    /// `co_name`.
+    pub name: u64,
+    /// The frame's `f_globals`.
+    pub globals: u64,
+}
+
+/// Global settings, entry 0 of [`CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Bumped by user space whenever the target set changes; older verdicts
+    /// are recomputed on their next use.
+    pub generation: u32,
+    /// Wake the ring-buffer reader once this many bytes are waiting; below
+    /// it the reader polls on a timer, so a hit does not pay for a wakeup.
+    pub wakeup_bytes: u32,
+}
+
+/// Per-CPU scratch space for keys that do not fit on the eBPF stack.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    /// Key being built.
+    pub key: TargetKey,
+}
+
+/// Copies `s` into a NUL-padded fixed-size name, or `None` if it does not fit
+/// (the last byte is always NUL).
+pub fn fixed_name(s: &[u8]) -> Option<[u8; NAME_LEN]> {
+    if s.len() >= NAME_LEN || s.contains(&0) {
+        return None;
+    }
+    let mut out = [0u8; NAME_LEN];
+    out[..s.len()].copy_from_slice(s);
+    Some(out)
+}
+
+/// The bytes of a NUL-padded name up to its first NUL.
+pub fn name_bytes(name: &[u8]) -> &[u8] {
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    &name[..end]
+}

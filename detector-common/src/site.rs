@@ -1,0 +1,90 @@
+//! Probe-site cookies: what a RESUME-family site must check before it counts.
+//!
+//! A uprobe's BPF cookie carries the layout id (high 32 bits) and how to tell
+//! a real function start from a pass that the handler will undo by
+//! re-dispatching the same instruction (low 32 bits).
+
+/// Count every start seen at this site.
+pub const CHECK_NONE: u8 = 0;
+/// The handler re-instruments the code object and re-dispatches when the
+/// code's instrumentation version is stale (3.12+ RESUME, INSTRUMENTED_RESUME):
+/// do not count that pass, the re-dispatched one counts.
+pub const CHECK_REINSTRUMENT: u8 = 1;
+/// The site is the conditional branch that decides whether the handler
+/// de-optimises to another RESUME handler (3.13+ RESUME_CHECK): count only
+/// when the branch goes the way that stays, as computed from the live flags.
+pub const CHECK_BRANCH: u8 = 2;
+/// As [`CHECK_BRANCH`], but the site is not that branch, so the condition is
+/// recomputed from memory (`eval_breaker != version`): exact unless another
+/// thread changes `eval_breaker` between the probe and the handler's load.
+pub const CHECK_DEOPT_MEMORY: u8 = 3;
+
+/// A decoded site cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteCookie {
+    /// Index into the layouts map.
+    pub layout: u32,
+    /// One of the `CHECK_*` constants.
+    pub check: u8,
+    /// [`CHECK_BRANCH`]: x86 condition code (the low nibble of `Jcc`'s opcode).
+    pub cond: u8,
+    /// [`CHECK_BRANCH`]: count when the condition holds (1) or fails (0).
+    pub count_when: u8,
+}
+
+impl SiteCookie {
+    /// Packs the cookie into the 64-bit value attached to the uprobe.
+    pub const fn encode(&self) -> u64 {
+        ((self.layout as u64) << 32)
+            | ((self.count_when as u64) << 16)
+            | ((self.cond as u64 & 0xf) << 8)
+            | self.check as u64
+    }
+
+    /// Unpacks a cookie.
+    pub const fn decode(v: u64) -> SiteCookie {
+        SiteCookie {
+            layout: (v >> 32) as u32,
+            check: v as u8,
+            cond: ((v >> 8) & 0xf) as u8,
+            count_when: ((v >> 16) & 1) as u8,
+        }
+    }
+}
+
+/// Bits of x86 `RFLAGS`.
+pub mod rflags {
+    /// Carry.
+    pub const CF: u64 = 1 << 0;
+    /// Parity.
+    pub const PF: u64 = 1 << 2;
+    /// Zero.
+    pub const ZF: u64 = 1 << 6;
+    /// Sign.
+    pub const SF: u64 = 1 << 7;
+    /// Overflow.
+    pub const OF: u64 = 1 << 11;
+}
+
+/// Whether the x86 condition `cc` (0 = O ... 15 = G, as in `Jcc`) holds for
+/// the flags `f`. Written branch-light so the verifier sees a short program.
+#[inline(always)]
+pub const fn cond_holds(cc: u8, f: u64) -> bool {
+    let cf = f & rflags::CF != 0;
+    let pf = f & rflags::PF != 0;
+    let zf = f & rflags::ZF != 0;
+    let sf = f & rflags::SF != 0;
+    let of = f & rflags::OF != 0;
+    let base = match cc >> 1 {
+        0 => of,
+        1 => cf,
+        2 => zf,
+        3 => cf || zf,
+        4 => sf,
+        5 => pf,
+        6 => sf != of,
+        _ => zf || (sf != of),
+    };
+    // Odd condition codes are the negations of the even ones.
+    base != (cc & 1 == 1)
+}

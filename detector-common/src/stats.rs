@@ -1,0 +1,29 @@
+//! Indices of the per-CPU counters in [`crate::maps::STATS`].
+
+/// Ring-buffer reservations that failed (events lost; counts stay exact).
+pub const RINGBUF_DROPS: u32 = 0;
+/// RESUME hits on a thread whose thread state is unknown.
+pub const UNKNOWN_THREAD: u32 = 1;
+/// Reads of process memory that failed.
+pub const READ_ERRORS: u32 = 2;
+/// Verdicts computed (cache misses).
+pub const VERDICT_MISSES: u32 = 3;
+/// Hits counted.
+pub const HITS: u32 = 4;
+/// Counter or pending-counter insertions that failed because a map was full.
+pub const MAP_FULL: u32 = 5;
+/// Passes not counted because the handler re-dispatches (see `site`).
+pub const REDISPATCH_SKIPS: u32 = 6;
+/// Number of counters.
+pub const COUNT: u32 = 7;
+
+/// Counter names, by index, for metrics and summaries.
+pub const NAMES: [&str; COUNT as usize] = [
+    "ringbuf_drops",
+    "unknown_thread",
+    "read_errors",
+    "verdict_misses",
+    "hits",
+    "map_full",
+    "redispatch_skips",
+];

@@ -1,0 +1,149 @@
+//! Counting hits and writing events. Counts live in maps and are exact; events
+//! are best effort (a full ring buffer drops them and counts the drop).
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user_str_bytes},
+};
+use detector_common::{
+    CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EventHeader,
+    HitEvent, Layout, PendingEntry, PendingKey, stats, unicode_state,
+};
+
+use crate::{
+    maps::{CONFIG, COUNTS, EVENTS, PENDING, bump},
+    mem::{field, read},
+};
+
+/// Adds one to the counter `map[key]` (reached through `$counter`), creating
+/// the entry as `$new` (which counts one) if needed.
+macro_rules! increment {
+    ($map:expr, $key:expr, $new:expr, |$p:ident| $counter:expr) => {{
+        let key = $key;
+        match $map.get_ptr_mut(&key) {
+            Some($p) => atomic_add($counter),
+            None => match $map.insert(&key, &$new, BPF_NOEXIST as u64) {
+                Ok(()) => {}
+                // Lost a race with another CPU creating it: add to theirs.
+                Err(_) => match $map.get_ptr_mut(&key) {
+                    Some($p) => atomic_add($counter),
+                    None => bump(stats::MAP_FULL),
+                },
+            },
+        }
+    }};
+}
+
+/// `*p += 1` as one atomic instruction (the BPF target has no `AtomicU64`).
+#[inline(always)]
+fn atomic_add(p: *mut u64) {
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, 1,
+        )
+    };
+}
+
+/// Flags for submitting a record: wake the reader only when enough is waiting.
+#[inline(always)]
+fn submit_flags() -> u64 {
+    let threshold = CONFIG.get(0).map(|c| c.wakeup_bytes).unwrap_or(0) as u64;
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// Counts a hit of `target` and reports it.
+#[inline(always)]
+pub fn hit(tgid: u32, tid: u32, target: u32, code: u64) {
+    increment!(COUNTS, CountKey { tgid, target }, 1u64, |p| p);
+    bump(stats::HITS);
+    let Some(mut entry) = EVENTS.reserve::<HitEvent>(0) else {
+        bump(stats::RINGBUF_DROPS);
+        return;
+    };
+    entry.write(HitEvent {
+        header: EventHeader {
+            kind: EVENT_HIT,
+            tgid,
+        },
+        tid,
+        target,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        code,
+    });
+    entry.submit(submit_flags());
+}
+
+/// Reports where a newly matched code object comes from.
+#[inline(always)]
+pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
+    let Some(mut entry) = EVENTS.reserve::<CodeEvent>(0) else {
+        bump(stats::RINGBUF_DROPS);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).header = EventHeader {
+            kind: EVENT_CODE,
+            tgid,
+        };
+        (*ev).target = target;
+        (*ev).code = code;
+        (*ev).firstlineno = read::<u32>(code + layout.code_firstlineno as u64).unwrap_or(0);
+        (*ev).filename[0] = 0;
+        // ASCII paths only; user space reads any other from the process.
+        if let Some(name) = field(code, layout.code_filename)
+            && let Some(state) = read::<u32>(name + layout.unicode_state as u64)
+            && state & unicode_state::ASCII != 0
+            && state & unicode_state::COMPACT != 0
+        {
+            let src = (name + layout.unicode_ascii_data as u64) as *const u8;
+            if bpf_probe_read_user_str_bytes(src, &mut (*ev).filename).is_err() {
+                (*ev).filename[0] = 0;
+            }
+        }
+    }
+    entry.submit(submit_flags());
+}
+
+/// 3.8-3.10: counts a start of a code object awaiting resolution and asks
+/// user space to resolve it.
+#[inline(always)]
+pub fn candidate(tgid: u32, tid: u32, generation: u32, code: u64, name: u64, globals: u64) {
+    let entry = PendingEntry {
+        hits: 1,
+        name,
+        globals,
+    };
+    increment!(
+        PENDING,
+        PendingKey {
+            tgid,
+            generation,
+            code
+        },
+        entry,
+        |p| unsafe { &raw mut (*p).hits }
+    );
+    let Some(mut entry) = EVENTS.reserve::<CandidateEvent>(0) else {
+        bump(stats::RINGBUF_DROPS);
+        return;
+    };
+    entry.write(CandidateEvent {
+        header: EventHeader {
+            kind: EVENT_CANDIDATE,
+            tgid,
+        },
+        tid,
+        generation,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        code,
+        name,
+        globals,
+    });
+    // Resolution waits on this event: wake the reader now.
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+}

@@ -1,0 +1,68 @@
+//! The detector's eBPF programs: per-call sites in CPython's evaluation loop
+//! that recognise a target's function starting, count it, and report it.
+//!
+//! - [`eval_entry`]: `_PyEval_EvalFrameDefault` entry on 3.11+, remembers
+//!   each thread's `PyThreadState` so RESUME sites can find the frame.
+//! - [`eval_call`]: `_PyEval_EvalFrameDefault` entry on 3.8-3.10, where every
+//!   call passes with the frame as an argument.
+//! - [`resume`]: RESUME-family handlers on 3.11+, where every call passes,
+//!   inlined Python-to-Python calls included.
+//! - [`func_new`]: `PyFunction_NewWithQualName` entry on 3.8-3.10, which
+//!   records each code object's qualified name and module as functions are
+//!   made, since 3.8-3.10 frames and code objects carry neither.
+#![no_std]
+#![no_main]
+// `atomic_xadd`: the BPF target has no atomic types in core.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod emit;
+mod eval_call;
+mod eval_entry;
+mod func_new;
+mod maps;
+mod mem;
+mod resume;
+mod verdict;
+
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+
+/// See [`eval_entry`].
+#[uprobe]
+pub fn py_eval_entry(ctx: ProbeContext) -> u32 {
+    eval_entry::run(&ctx);
+    0
+}
+
+/// See [`eval_call`].
+#[uprobe]
+pub fn py_eval_call(ctx: ProbeContext) -> u32 {
+    eval_call::run(&ctx);
+    0
+}
+
+/// See [`func_new`].
+#[uprobe]
+pub fn py_func_new(ctx: ProbeContext) -> u32 {
+    func_new::run(&ctx);
+    0
+}
+
+/// See [`resume`].
+#[uprobe]
+pub fn py_resume(ctx: ProbeContext) -> u32 {
+    resume::run(&ctx);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this.
+    loop {}
+}
+
+/// Probe-reading user memory and ring buffers are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

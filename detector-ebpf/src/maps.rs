@@ -1,0 +1,60 @@
+//! Map definitions. Names, key and value types come from `detector-common`;
+//! each static is named exactly as the constant user space opens it by.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use detector_common::{
+    CodeIdentity, Config, CountKey, IdentityKey, Layout, NameKey, PendingEntry, PendingKey,
+    Scratch, TargetKey, ThreadEntry, Verdict, VerdictKey, capacity, stats,
+};
+
+#[map]
+pub static THREADS: LruHashMap<u32, ThreadEntry> =
+    LruHashMap::with_max_entries(capacity::THREADS, 0);
+
+#[map]
+pub static LAYOUTS: Array<Layout> = Array::with_max_entries(capacity::LAYOUTS, 0);
+
+#[map]
+pub static TARGETS: HashMap<TargetKey, u32> = HashMap::with_max_entries(capacity::TARGETS, 0);
+
+#[map]
+pub static NAMES: HashMap<NameKey, u32> = HashMap::with_max_entries(capacity::TARGETS, 0);
+
+#[map]
+pub static VERDICTS: LruHashMap<VerdictKey, Verdict> =
+    LruHashMap::with_max_entries(capacity::VERDICTS, 0);
+
+#[map]
+pub static COUNTS: HashMap<CountKey, u64> = HashMap::with_max_entries(capacity::COUNTS, 0);
+
+#[map]
+pub static PENDING: HashMap<PendingKey, PendingEntry> =
+    HashMap::with_max_entries(capacity::PENDING, 0);
+
+#[map]
+pub static IDENTITIES: LruHashMap<IdentityKey, CodeIdentity> =
+    LruHashMap::with_max_entries(capacity::IDENTITIES, 0);
+
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+/// Adds one to a per-CPU counter.
+#[inline(always)]
+pub fn bump(stat: u32) {
+    if let Some(p) = STATS.get_ptr_mut(stat) {
+        // Per-CPU slot, and a BPF program is not preempted on its CPU.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,174 @@
+//! Attaching to processes: per process, the probe sites of its interpreter,
+//! scoped to that process so others pay nothing.
+
+pub mod spawn;
+
+use detector_common::{FAMILY_FRAME_ARG, SiteCookie};
+use tracing::{debug, info};
+
+use crate::{
+    bpf::{BpfError, Link, ProbeKind, Probes},
+    interp::sites::SiteRole,
+    pyproc::{
+        ProcessError, PythonProcess, mem::ProcessMemory, objects::Objects, qualname, threads,
+    },
+    targets::TargetSet,
+};
+
+/// Why attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// Reading the process failed.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// The kernel refused.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+}
+
+/// A process being watched: its interpreter and its probes.
+pub struct ProcessWatch {
+    /// The process.
+    pub process: PythonProcess,
+    links: Vec<Link>,
+    /// Threads whose state was pre-filled at attach time.
+    pub prefilled_threads: usize,
+    /// 3.8-3.10 target functions whose identity was pre-filled.
+    pub prefilled_identities: usize,
+}
+
+impl ProcessWatch {
+    /// Attaches every probe site of the process's interpreter. On failure
+    /// nothing stays attached.
+    pub fn attach(
+        probes: &mut Probes,
+        process: PythonProcess,
+        targets: &TargetSet,
+    ) -> Result<Self, AttachError> {
+        let mut watch = ProcessWatch {
+            process,
+            links: Vec::new(),
+            prefilled_threads: 0,
+            prefilled_identities: 0,
+        };
+        match watch.attach_all(probes, targets) {
+            Ok(()) => Ok(watch),
+            Err(e) => {
+                watch.detach(probes);
+                Err(e)
+            }
+        }
+    }
+
+    fn attach_all(&mut self, probes: &mut Probes, targets: &TargetSet) -> Result<(), AttachError> {
+        let a = self.process.analysis.clone();
+        let layout = probes.layout_id(&a.layout)?;
+        if a.layout.family == FAMILY_FRAME_ARG {
+            // Definitions first, then pre-fill, then calls: a function made
+            // in between is recorded by the definition probe.
+            self.attach_role(probes, layout, SiteRole::FunctionNew, ProbeKind::FuncNew)?;
+            self.prefilled_identities = self.prefill_identities(probes, targets)?;
+            self.attach_role(probes, layout, SiteRole::EvalEntry, ProbeKind::EvalCall)?;
+        } else {
+            // Entry first, then pre-fill, then RESUME sites: a thread that
+            // starts in between is recorded by the entry probe.
+            self.attach_role(probes, layout, SiteRole::EvalEntry, ProbeKind::EvalEntry)?;
+            self.prefilled_threads = self.prefill_threads(probes)?;
+            self.attach_role(probes, layout, SiteRole::Resume, ProbeKind::Resume)?;
+        }
+        info!(
+            pid = self.process.pid,
+            binary = %self.process.object.path,
+            version = %a.version,
+            sites = self.links.len(),
+            prefilled_threads = self.prefilled_threads,
+            prefilled_identities = self.prefilled_identities,
+            "watching process"
+        );
+        Ok(())
+    }
+
+    fn attach_role(
+        &mut self,
+        probes: &mut Probes,
+        layout: u32,
+        role: SiteRole,
+        kind: ProbeKind,
+    ) -> Result<(), AttachError> {
+        let a = self.process.analysis.clone();
+        let (pid, path) = (self.process.pid, self.process.object.open_path.clone());
+        for site in a.sites.iter().filter(|s| s.role == role) {
+            let cookie = SiteCookie {
+                layout,
+                check: site.check,
+                cond: site.cond,
+                count_when: site.count_when,
+            };
+            self.links
+                .push(probes.attach(kind, &path, site.file_offset, pid, cookie)?);
+            debug!(pid, binary = %self.process.object.path, site = %site.handler, addr = site.addr, "attached");
+        }
+        Ok(())
+    }
+
+    /// 3.8-3.10: records the identity of target functions that already
+    /// exist (modules imported before the attach), so the kernel matches
+    /// them exactly from their first call. Returns how many were found.
+    pub fn prefill_identities(
+        &self,
+        probes: &mut Probes,
+        targets: &TargetSet,
+    ) -> Result<usize, AttachError> {
+        let p = &self.process;
+        let Some(runtime) = p.runtime() else {
+            return Ok(0);
+        };
+        let mem = ProcessMemory::open(p.pid)?;
+        let objs = Objects {
+            mem: &mem,
+            o: &p.analysis.table.values,
+            minor: p.analysis.version.minor,
+        };
+        let mut found = 0;
+        for (target, _) in targets.iter() {
+            let Some(globals) = qualname::module_globals(&objs, runtime, target.module())? else {
+                continue;
+            };
+            for def in qualname::definitions(&objs, globals, target)? {
+                let Some(func) = def.function else { continue };
+                let name = mem.ptr(func, objs.o.func_qualname)?;
+                let func_globals = mem.ptr(func, objs.o.func_globals)?;
+                probes.set_identity(p.pid, def.code, name, func_globals)?;
+                found += 1;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records the thread state of every thread already known to the
+    /// interpreter, for threads that are deep in Python and will not enter
+    /// `_PyEval_EvalFrameDefault` again.
+    fn prefill_threads(&self, probes: &mut Probes) -> Result<usize, AttachError> {
+        let Some(runtime) = self.process.runtime() else {
+            return Ok(0);
+        };
+        let mem = ProcessMemory::open(self.process.pid)?;
+        let states = threads::thread_states(&mem, &self.process.analysis.table.values, runtime)?;
+        for t in &states {
+            probes.set_thread(t.tid, self.process.pid, t.tstate)?;
+        }
+        Ok(states.len())
+    }
+
+    /// Number of probes attached.
+    pub fn probes(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Detaches every probe.
+    pub fn detach(&mut self, probes: &mut Probes) {
+        for link in self.links.drain(..) {
+            probes.detach(link);
+        }
+    }
+}

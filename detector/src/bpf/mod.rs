@@ -1,0 +1,308 @@
+//! The loaded eBPF object: programs, typed map handles and probe links. One
+//! instance serves every watched process; maps are keyed by process.
+
+mod state;
+
+use std::{num::NonZeroU32, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        ProgramError, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+    },
+};
+use detector_common::{
+    CodeIdentity, Config, CountKey, IdentityKey, Layout, NameKey, PendingEntry, PendingKey,
+    SiteCookie, TargetKey, ThreadEntry, Verdict, VerdictKey, capacity, maps, programs,
+};
+
+pub use state::PendingHits;
+
+/// The eBPF object `cargo xtask build` embedded in this binary.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector.bpf.o"));
+
+/// Failures of the kernel side, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// Built without `cargo xtask build`.
+    #[error("this detector binary has no eBPF object embedded: build it with `cargo xtask build`")]
+    NoObject,
+    /// Loading the object or a program failed.
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// A program would not load or attach.
+    #[error("{what}: {source}")]
+    Program {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {source}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// Cause.
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    /// A map is full.
+    #[error("map {map} is full ({cap} entries)")]
+    Full {
+        /// Map name.
+        map: &'static str,
+        /// Its capacity.
+        cap: u32,
+    },
+}
+
+pub(crate) fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
+    move |e| BpfError::Map {
+        map,
+        source: Box::new(e),
+    }
+}
+
+/// Capacities of the maps, set at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacities {
+    /// Threads across processes.
+    pub threads: u32,
+    /// Targets.
+    pub targets: u32,
+    /// Cached verdicts.
+    pub verdicts: u32,
+    /// (process, target) counters.
+    pub counts: u32,
+    /// Ring buffer bytes.
+    pub events_bytes: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Capacities {
+            threads: capacity::THREADS,
+            targets: capacity::TARGETS,
+            verdicts: capacity::VERDICTS,
+            counts: capacity::COUNTS,
+            events_bytes: capacity::EVENTS_BYTES,
+        }
+    }
+}
+
+/// Which program a link belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// `_PyEval_EvalFrameDefault` entry, 3.11+.
+    EvalEntry,
+    /// `_PyEval_EvalFrameDefault` entry, 3.8-3.10.
+    EvalCall,
+    /// RESUME handlers, 3.11+.
+    Resume,
+    /// `PyFunction_NewWithQualName` entry, 3.8-3.10.
+    FuncNew,
+}
+
+impl ProbeKind {
+    fn name(self) -> &'static str {
+        match self {
+            ProbeKind::EvalEntry => programs::EVAL_ENTRY,
+            ProbeKind::EvalCall => programs::EVAL_CALL,
+            ProbeKind::Resume => programs::RESUME,
+            ProbeKind::FuncNew => programs::FUNC_NEW,
+        }
+    }
+}
+
+/// An attached probe.
+#[derive(Debug)]
+pub struct Link {
+    program: ProbeKind,
+    id: UProbeLinkId,
+}
+
+/// The loaded programs and maps.
+pub struct Probes {
+    ebpf: Ebpf,
+    layouts: Vec<Layout>,
+    generation: u32,
+    wakeup_bytes: u32,
+    caps: Capacities,
+    pub(crate) targets: HashMap<MapData, TargetKey, u32>,
+    pub(crate) names: HashMap<MapData, NameKey, u32>,
+    pub(crate) verdicts: HashMap<MapData, VerdictKey, Verdict>,
+    pub(crate) counts: HashMap<MapData, CountKey, u64>,
+    pub(crate) pending: HashMap<MapData, PendingKey, PendingEntry>,
+    pub(crate) threads: HashMap<MapData, u32, ThreadEntry>,
+    pub(crate) identities: HashMap<MapData, IdentityKey, CodeIdentity>,
+    layout_map: Array<MapData, Layout>,
+    config: Array<MapData, Config>,
+    pub(crate) stats: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, BpfError> {
+    let map = ebpf.take_map(name).ok_or(BpfError::Map {
+        map: name,
+        source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }),
+    })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Probes {
+    /// Loads the embedded object and its programs (nothing is attached yet).
+    pub fn load(caps: Capacities) -> Result<Self, BpfError> {
+        if OBJECT.is_empty() {
+            return Err(BpfError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::THREADS, caps.threads)
+            .map_max_entries(maps::TARGETS, caps.targets)
+            .map_max_entries(maps::NAMES, caps.targets)
+            .map_max_entries(maps::VERDICTS, caps.verdicts)
+            .map_max_entries(maps::COUNTS, caps.counts)
+            .map_max_entries(maps::EVENTS, caps.events_bytes)
+            .load(OBJECT)
+            .map_err(|e| BpfError::Load(Box::new(e)))?;
+        for kind in [
+            ProbeKind::EvalEntry,
+            ProbeKind::EvalCall,
+            ProbeKind::Resume,
+            ProbeKind::FuncNew,
+        ] {
+            let prog: &mut UProbe = program(&mut ebpf, kind)?;
+            prog.load().map_err(|e| BpfError::Program {
+                what: format!("loading program {}", kind.name()),
+                source: Box::new(e),
+            })?;
+        }
+        let mut probes = Probes {
+            targets: take(&mut ebpf, maps::TARGETS)?,
+            names: take(&mut ebpf, maps::NAMES)?,
+            verdicts: take(&mut ebpf, maps::VERDICTS)?,
+            counts: take(&mut ebpf, maps::COUNTS)?,
+            pending: take(&mut ebpf, maps::PENDING)?,
+            threads: take(&mut ebpf, maps::THREADS)?,
+            identities: take(&mut ebpf, maps::IDENTITIES)?,
+            layout_map: take(&mut ebpf, maps::LAYOUTS)?,
+            config: take(&mut ebpf, maps::CONFIG)?,
+            stats: take(&mut ebpf, maps::STATS)?,
+            events: Some(take(&mut ebpf, maps::EVENTS)?),
+            ebpf,
+            layouts: Vec::new(),
+            generation: 1,
+            // A quarter full: the reader's timer drains long before that
+            // unless hits arrive in a burst.
+            wakeup_bytes: caps.events_bytes / 4,
+            caps,
+        };
+        probes.write_config()?;
+        Ok(probes)
+    }
+
+    /// Map capacities in use.
+    pub fn capacities(&self) -> Capacities {
+        self.caps
+    }
+
+    /// Takes the ring buffer (once) for the event reader.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// The id of `layout` in the layouts map, registering it if new.
+    pub fn layout_id(&mut self, layout: &Layout) -> Result<u32, BpfError> {
+        if let Some(i) = self.layouts.iter().position(|l| l == layout) {
+            return Ok(i as u32);
+        }
+        let id = self.layouts.len() as u32;
+        if id >= capacity::LAYOUTS {
+            return Err(BpfError::Full {
+                map: maps::LAYOUTS,
+                cap: capacity::LAYOUTS,
+            });
+        }
+        self.layout_map
+            .set(id, *layout, 0)
+            .map_err(map_err(maps::LAYOUTS))?;
+        self.layouts.push(*layout);
+        Ok(id)
+    }
+
+    /// The current target-set generation.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Starts a new generation: every cached verdict is recomputed on use.
+    pub(crate) fn bump_generation(&mut self) -> Result<(), BpfError> {
+        self.generation = self.generation.wrapping_add(1).max(1);
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), BpfError> {
+        let cfg = Config {
+            generation: self.generation,
+            wakeup_bytes: self.wakeup_bytes,
+        };
+        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    /// Attaches `kind` at file offset `offset` of `path` for process `pid`.
+    pub fn attach(
+        &mut self,
+        kind: ProbeKind,
+        path: &Path,
+        offset: u64,
+        pid: u32,
+        cookie: SiteCookie,
+    ) -> Result<Link, BpfError> {
+        let prog = program(&mut self.ebpf, kind)?;
+        let point = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(offset),
+            cookie: Some(cookie.encode()),
+        };
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never watched"));
+        let id = prog
+            .attach(point, path, scope)
+            .map_err(|e| BpfError::Program {
+                what: format!(
+                    "attaching {} at {}+{offset:#x} for pid {pid}",
+                    kind.name(),
+                    path.display()
+                ),
+                source: Box::new(e),
+            })?;
+        Ok(Link { program: kind, id })
+    }
+
+    /// Detaches a probe.
+    pub fn detach(&mut self, link: Link) {
+        if let Ok(prog) = program(&mut self.ebpf, link.program) {
+            // Fails only if already detached, which is what we want.
+            let _ = prog.detach(link.id);
+        }
+    }
+}
+
+fn program(ebpf: &mut Ebpf, kind: ProbeKind) -> Result<&mut UProbe, BpfError> {
+    let name = kind.name();
+    let missing = || BpfError::Program {
+        what: format!("program {name}"),
+        source: Box::new(ProgramError::UnexpectedProgramType),
+    };
+    ebpf.program_mut(name)
+        .ok_or_else(missing)?
+        .try_into()
+        .map_err(|e| BpfError::Program {
+            what: format!("program {name}"),
+            source: Box::new(e),
+        })
+}

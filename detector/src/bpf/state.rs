@@ -1,0 +1,235 @@
+//! Reading and writing the kernel's state: targets, counts, pending 3.8-3.10
+//! hits, verdicts, thread states and counters.
+
+use std::collections::HashMap as StdHashMap;
+
+use detector_common::{
+    CodeIdentity, CountKey, IdentityKey, NameKey, PendingKey, TargetKey, ThreadEntry, Verdict,
+    VerdictKey, fixed_name, maps, stats,
+};
+
+use super::{BpfError, Probes, map_err};
+use crate::targets::{Target, TargetSet};
+
+/// Hits of one code object counted while it awaited resolution (3.8-3.10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingHits {
+    /// Generation they were counted in.
+    pub generation: u32,
+    /// Code object.
+    pub code: u64,
+    /// Its `co_name`.
+    pub name: u64,
+    /// The frame's globals.
+    pub globals: u64,
+    /// Starts counted.
+    pub hits: u64,
+}
+
+/// The kernel's key for a target.
+pub fn target_key(t: &Target) -> TargetKey {
+    // Validation bounds both parts below NAME_LEN.
+    TargetKey {
+        module: fixed_name(t.module().as_bytes()).expect("validated target"),
+        qualname: fixed_name(t.qualname().as_bytes()).expect("validated target"),
+    }
+}
+
+fn name_key(t: &Target) -> NameKey {
+    NameKey {
+        name: fixed_name(t.name().as_bytes()).expect("validated target"),
+    }
+}
+
+impl Probes {
+    /// Makes the kernel's targets equal `set`; if anything changed, starts a
+    /// new generation so cached verdicts are recomputed. Returns whether it
+    /// changed.
+    pub fn sync_targets(&mut self, set: &TargetSet) -> Result<bool, BpfError> {
+        let cap = self.capacities().targets;
+        if set.len() > cap as usize {
+            return Err(BpfError::Full {
+                map: maps::TARGETS,
+                cap,
+            });
+        }
+        let want: StdHashMap<TargetKey, u32> =
+            set.iter().map(|(t, id)| (target_key(t), id)).collect();
+        let mut want_names: StdHashMap<NameKey, u32> = StdHashMap::new();
+        for (t, _) in set.iter() {
+            *want_names.entry(name_key(t)).or_default() += 1;
+        }
+        let mut changed = false;
+        let have: Vec<(TargetKey, u32)> = self.targets.iter().filter_map(Result::ok).collect();
+        for (k, id) in &have {
+            if want.get(k) != Some(id) {
+                self.targets.remove(k).map_err(map_err(maps::TARGETS))?;
+                changed = true;
+            }
+        }
+        for (k, id) in &want {
+            if !have.iter().any(|(hk, hid)| hk == k && hid == id) {
+                self.targets
+                    .insert(k, id, 0)
+                    .map_err(map_err(maps::TARGETS))?;
+                changed = true;
+            }
+        }
+        let have_names: Vec<(NameKey, u32)> = self.names.iter().filter_map(Result::ok).collect();
+        for (k, _) in &have_names {
+            if !want_names.contains_key(k) {
+                self.names.remove(k).map_err(map_err(maps::NAMES))?;
+                changed = true;
+            }
+        }
+        for (k, n) in &want_names {
+            if !have_names.iter().any(|(hk, hn)| hk == k && hn == n) {
+                self.names.insert(k, n, 0).map_err(map_err(maps::NAMES))?;
+                changed = true;
+            }
+        }
+        if changed {
+            self.bump_generation()?;
+        }
+        Ok(changed)
+    }
+
+    /// Hits of `target` counted in process `pid` (not including pending ones).
+    pub fn count(&self, pid: u32, target: u32) -> u64 {
+        self.counts
+            .get(&CountKey { tgid: pid, target }, 0)
+            .unwrap_or(0)
+    }
+
+    /// Pending hits of process `pid`.
+    pub fn pending(&self, pid: u32) -> Vec<PendingHits> {
+        self.pending
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.tgid == pid)
+            .map(|(k, v)| PendingHits {
+                generation: k.generation,
+                code: k.code,
+                name: v.name,
+                globals: v.globals,
+                hits: v.hits,
+            })
+            .collect()
+    }
+
+    /// Records user space's verdict on a 3.8-3.10 code object.
+    pub fn set_verdict(
+        &mut self,
+        pid: u32,
+        code: u64,
+        name: u64,
+        generation: u32,
+        target: u32,
+    ) -> Result<(), BpfError> {
+        let key = VerdictKey {
+            tgid: pid,
+            _pad: 0,
+            code,
+            name,
+        };
+        self.verdicts
+            .insert(key, Verdict { generation, target }, 0)
+            .map_err(map_err(maps::VERDICTS))
+    }
+
+    /// Tells the kernel which thread state a thread runs (pre-fill for
+    /// threads that were in Python before the probes were attached).
+    pub fn set_thread(&mut self, tid: u32, pid: u32, tstate: u64) -> Result<(), BpfError> {
+        self.threads
+            .insert(
+                tid,
+                ThreadEntry {
+                    tgid: pid,
+                    _pad: 0,
+                    tstate,
+                },
+                0,
+            )
+            .map_err(map_err(maps::THREADS))
+    }
+
+    /// Records what a 3.8-3.10 code object is (pre-fill for functions made
+    /// before the probes were attached).
+    pub fn set_identity(
+        &mut self,
+        pid: u32,
+        code: u64,
+        qualname: u64,
+        globals: u64,
+    ) -> Result<(), BpfError> {
+        let key = IdentityKey {
+            tgid: pid,
+            _pad: 0,
+            code,
+        };
+        self.identities
+            .insert(key, CodeIdentity { qualname, globals }, 0)
+            .map_err(map_err(maps::IDENTITIES))
+    }
+
+    /// The kernel's counters, summed over CPUs, indexed as `detector_common::stats`.
+    pub fn stats(&self) -> [u64; stats::COUNT as usize] {
+        let mut out = [0; stats::COUNT as usize];
+        for (i, v) in out.iter_mut().enumerate() {
+            if let Ok(per_cpu) = self.stats.get(&(i as u32), 0) {
+                *v = per_cpu.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Drops every entry that belongs to process `pid`.
+    pub fn forget_process(&mut self, pid: u32) {
+        let counts: Vec<CountKey> = self
+            .counts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for k in counts {
+            let _ = self.counts.remove(&k);
+        }
+        let pending: Vec<PendingKey> = self
+            .pending
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for k in pending {
+            let _ = self.pending.remove(&k);
+        }
+        let threads: Vec<u32> = self
+            .threads
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.tgid == pid)
+            .map(|(k, _)| k)
+            .collect();
+        for k in threads {
+            let _ = self.threads.remove(&k);
+        }
+        let identities: Vec<IdentityKey> = self
+            .identities
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for k in identities {
+            let _ = self.identities.remove(&k);
+        }
+        let verdicts: Vec<VerdictKey> = self
+            .verdicts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for k in verdicts {
+            let _ = self.verdicts.remove(&k);
+        }
+    }
+}

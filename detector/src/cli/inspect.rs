@@ -1,0 +1,100 @@
+//! `detector inspect`: the analysis of an interpreter, or why it is refused.
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::Context;
+
+use crate::{
+    events::output::Format,
+    interp::{Analysis, analyze, cache::AnalysisCache, elf::ElfImage},
+    pyproc,
+};
+
+/// Arguments of `detector inspect`.
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// A process id, or the path of an interpreter binary or libpython.
+    #[arg(value_name = "PID|PATH")]
+    pub what: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+/// Runs `detector inspect`.
+pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    let (analysis, process) = if let Ok(pid) = args.what.parse::<u32>() {
+        let p = pyproc::locate(pid, &AnalysisCache::default())?;
+        (p.analysis.clone(), Some(p))
+    } else {
+        let path = Path::new(&args.what);
+        let elf = ElfImage::open(path)?;
+        (
+            Arc::new(analyze(&elf, &args.what, None).with_context(|| args.what.clone())?),
+            None,
+        )
+    };
+    match args.format {
+        Format::Json => {
+            let mut v = serde_json::to_value(&*analysis)?;
+            if let Some(p) = &process {
+                v["pid"] = p.pid.into();
+                v["load_bias"] = p.bias.into();
+                v["open_path"] = p.object.open_path.display().to_string().into();
+            }
+            println!("{v}");
+        }
+        Format::Text => print_text(&analysis, process.as_ref()),
+    }
+    Ok(())
+}
+
+fn print_text(a: &Analysis, p: Option<&pyproc::PythonProcess>) {
+    if let Some(p) = p {
+        println!(
+            "process     {} (load bias {:#x}, opened as {})",
+            p.pid,
+            p.bias,
+            p.object.open_path.display()
+        );
+    }
+    println!("object      {}", a.object);
+    println!(
+        "version     CPython {} ({:?} build; version from {:?})",
+        a.version, a.flavour, a.version_source
+    );
+    println!("build id    {}", a.build_id.as_deref().unwrap_or("-"));
+    println!("PIE/shared  {}", a.position_independent);
+    for s in &a.symbols {
+        println!("symbol      {:<26} {:#x} ({:?})", s.name, s.addr, s.source);
+    }
+    if let Some(t) = &a.handler_table {
+        println!("dispatch    {:#x} ({:?})", t.addr, t.source);
+    }
+    for s in &a.sites {
+        println!(
+            "site        {:<26} {:#x} (file +{:#x}) `{}` {}",
+            s.handler,
+            s.addr,
+            s.file_offset,
+            s.instruction,
+            if s.emulated {
+                "emulated"
+            } else {
+                "single-stepped"
+            }
+        );
+    }
+    for (field, o) in &a.offsets {
+        println!("offset      {field:<26} {:>5} ({:?})", o.value, o.source);
+    }
+    for d in &a.disagreements {
+        println!(
+            "disagree    {}: kept {} from {:?} over {} from {:?}",
+            d.field, d.kept, d.kept_from, d.other, d.other_from
+        );
+    }
+    for w in &a.warnings {
+        println!("warning     {w}");
+    }
+}

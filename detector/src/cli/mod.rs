@@ -1,0 +1,104 @@
+//! The command line. Typed errors from the library become one-line messages
+//! here, at the edge.
+
+pub mod dump;
+pub mod inspect;
+
+use clap::{Parser, Subcommand};
+
+use crate::targets::Target;
+
+/// Out-of-process function-hit detector for CPython.
+///
+/// Attaches eBPF uprobes to a Python interpreter's frame-evaluation code and
+/// reports each start of the target functions, counted exactly in the
+/// kernel. Nothing in the watched process changes: no restart, no library,
+/// no code injection. Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE).
+///
+/// Targets are `package.module:Qual.name`, e.g. `requests.sessions:Session.send`
+/// or `pkg.mod:outer.<locals>.inner`.
+#[derive(Debug, Parser)]
+#[command(name = "detector", version, propagate_version = true)]
+pub struct Cli {
+    /// Log level for diagnostics on stderr (error, warn, info, debug, trace),
+    /// or a `tracing` filter such as `detector=debug`. `RUST_LOG` also works.
+    #[arg(long, global = true, default_value = "warn", value_name = "FILTER")]
+    pub log_level: String,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line, with pid, binary and target as fields.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch one Python process and print every start of the target functions,
+    /// then exact per-target counts.
+    ///
+    /// Either attach to a running process (`--pid`), or start a command and
+    /// watch it from its first Python call (`-- COMMAND ARGS...`; wrappers such
+    /// as pyenv shims that exec Python are followed). Stops on SIGINT, SIGTERM,
+    /// `--duration`, or when the process exits, and then prints one summary per
+    /// target (zero included) and the kernel's counters, ring-buffer drops
+    /// among them.
+    ///
+    /// Example: detector dump --target json.decoder:JSONDecoder.decode --format json -- python3 -c 'import json; json.loads("{}")'
+    Dump(dump::DumpArgs),
+    /// Print what the detector knows about an interpreter: version, build,
+    /// symbols, struct offsets and probe sites with their sources, or the
+    /// precise reason it refuses to probe it.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Parses a target for clap.
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    Target::parse(s).map_err(|e| e.to_string())
+}
+
+/// Fails with a clear message unless this process may load eBPF programs,
+/// attach uprobes and read other processes' memory.
+pub fn require_privileges() -> anyhow::Result<()> {
+    const CAP_SYS_PTRACE: u32 = 19;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |c: u32| eff & (1 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_SYS_ADMIN) {
+        if !has(CAP_BPF) {
+            missing.push("CAP_BPF");
+        }
+        if !has(CAP_PERFMON) {
+            missing.push("CAP_PERFMON");
+        }
+    }
+    if !has(CAP_SYS_PTRACE) {
+        missing.push("CAP_SYS_PTRACE");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "insufficient privileges: run as root, or grant {} (eBPF, uprobes and reading /proc/PID/mem)",
+            missing.join(", ")
+        )
+    }
+}

@@ -1,0 +1,102 @@
+//! Decoding ring-buffer records. Records are byte slices with no alignment
+//! guarantee: they are read with `read_unaligned`, never cast.
+
+use detector_common::{
+    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EventHeader, HitEvent,
+    name_bytes,
+};
+
+/// A decoded record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A target's body started.
+    Hit(HitEvent),
+    /// Where a newly matched code object comes from.
+    Code {
+        /// Process.
+        pid: u32,
+        /// Code object.
+        code: u64,
+        /// `co_filename`, if the kernel could read it.
+        filename: Option<String>,
+        /// `co_firstlineno`.
+        lineno: u32,
+    },
+    /// 3.8-3.10: a start awaiting resolution.
+    Candidate(CandidateEvent),
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= size_of::<T>())
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one record; `None` for a short or unknown one.
+pub fn decode(bytes: &[u8]) -> Option<Record> {
+    let header: EventHeader = read(bytes)?;
+    match header.kind {
+        EVENT_HIT => read(bytes).map(Record::Hit),
+        EVENT_CODE => {
+            let c: CodeEvent = read(bytes)?;
+            let name = name_bytes(&c.filename);
+            Some(Record::Code {
+                pid: c.header.tgid,
+                code: c.code,
+                filename: (!name.is_empty()).then(|| String::from_utf8_lossy(name).into_owned()),
+                lineno: c.firstlineno,
+            })
+        }
+        EVENT_CANDIDATE => read(bytes).map(Record::Candidate),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_each_kind_even_misaligned() {
+        let hit = HitEvent {
+            header: EventHeader {
+                kind: EVENT_HIT,
+                tgid: 7,
+            },
+            tid: 8,
+            target: 2,
+            ts_ns: 99,
+            code: 0x1000,
+        };
+        let mut buf = vec![0u8];
+        buf.extend(bytes_of(&hit));
+        assert_eq!(decode(&buf[1..]), Some(Record::Hit(hit)));
+
+        let mut code = CodeEvent {
+            header: EventHeader {
+                kind: EVENT_CODE,
+                tgid: 7,
+            },
+            target: 2,
+            firstlineno: 12,
+            code: 0x1000,
+            filename: [0; detector_common::FILENAME_LEN],
+        };
+        code.filename[..5].copy_from_slice(b"/a.py");
+        assert_eq!(
+            decode(&bytes_of(&code)),
+            Some(Record::Code {
+                pid: 7,
+                code: 0x1000,
+                filename: Some("/a.py".into()),
+                lineno: 12
+            })
+        );
+        assert_eq!(decode(&bytes_of(&hit)[..10]), None);
+        let unknown = EventHeader { kind: 99, tgid: 1 };
+        assert_eq!(decode(&bytes_of(&unknown)), None);
+    }
+}

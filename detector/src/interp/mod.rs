@@ -1,0 +1,347 @@
+//! Interpreter analysis: from an ELF object to everything needed to probe it
+//! (version, build flavour, symbols, struct offsets and probe sites), or the
+//! precise reason it cannot be probed. Independent of any process.
+
+pub mod cache;
+pub mod debug_offsets;
+pub mod elf;
+pub mod offsets;
+pub mod sites;
+pub mod version;
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use detector_common::{
+    FAMILY_FRAME_ARG, FAMILY_RESUME, LAYOUT_STACKREFS, LAYOUT_TRACING_GATES_INSTRUMENT,
+    LAYOUT_VERSION_IN_EVAL_BREAKER, Layout, NO_OFFSET,
+};
+use elf::{ElfImage, SymbolTable};
+use offsets::{Disagreement, OffsetSource, OffsetTable};
+use sites::{HandlerTable, ResumeContext, Site, SiteRole, TableSource};
+use version::{Flavour, PyVersion, VersionSource};
+
+/// Oldest and newest minor versions supported.
+pub const SUPPORTED_MINORS: std::ops::RangeInclusive<u8> = 8..=14;
+
+/// Why an object cannot be probed.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not an ELF object.
+    #[error("not an ELF object: {0}")]
+    NotElf(String),
+    /// An ELF object, but no CPython interpreter in it.
+    #[error("not a CPython interpreter: {0}")]
+    NotPython(String),
+    /// A CPython this detector refuses to probe, and why.
+    #[error("unsupported interpreter: {0}")]
+    Unsupported(String),
+}
+
+/// A symbol the analysis used.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct UsedSymbol {
+    /// Name.
+    pub name: &'static str,
+    /// Virtual address.
+    pub addr: u64,
+    /// Table it came from.
+    pub source: SymbolTable,
+}
+
+/// The dispatch table, as reported.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TableInfo {
+    /// Virtual address.
+    pub addr: u64,
+    /// How it was found.
+    pub source: TableSource,
+}
+
+/// One offset, as reported.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OffsetInfo {
+    /// Bytes.
+    pub value: u16,
+    /// Where it came from.
+    pub source: OffsetSource,
+}
+
+/// Everything known about one interpreter build.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Analysis {
+    /// The object as the watched process names it.
+    pub object: String,
+    /// GNU build id, hex.
+    pub build_id: Option<String>,
+    /// Position independent (PIE or shared library).
+    pub position_independent: bool,
+    /// Virtual address of the first loadable segment (for the load bias).
+    #[serde(skip)]
+    pub load_vaddr: u64,
+    /// CPython version.
+    pub version: PyVersion,
+    /// Where the version came from.
+    pub version_source: VersionSource,
+    /// Build flavour (only release builds are analysed further).
+    pub flavour: Flavour,
+    /// Symbols used.
+    pub symbols: Vec<UsedSymbol>,
+    /// Dispatch table (3.11+).
+    pub handler_table: Option<TableInfo>,
+    /// Every offset and its source.
+    pub offsets: BTreeMap<&'static str, OffsetInfo>,
+    /// Values where sources disagreed, and which won.
+    pub disagreements: Vec<Disagreement>,
+    /// Probe sites.
+    pub sites: Vec<Site>,
+    /// Anything that works but costs more or is less certain than usual.
+    pub warnings: Vec<String>,
+    /// Offsets for the kernel.
+    #[serde(skip)]
+    pub layout: Layout,
+    /// Offsets for user space.
+    #[serde(skip)]
+    pub table: OffsetTable,
+}
+
+impl Analysis {
+    /// Address of a used symbol.
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.symbols.iter().find(|s| s.name == name).map(|s| s.addr)
+    }
+}
+
+/// Analyses the interpreter in `elf`. `object` is its path as the process
+/// sees it (for messages and version hints); `live_runtime` is the start of
+/// `_PyRuntime` read from a live process, if there is one.
+pub fn analyze(
+    elf: &ElfImage,
+    object: &str,
+    live_runtime: Option<&[u8]>,
+) -> Result<Analysis, AnalysisError> {
+    let lower = object.to_ascii_lowercase();
+    if lower.contains("pypy") || elf.symbol("pypy_main_startup").is_some() {
+        return Err(AnalysisError::NotPython("PyPy is not CPython".into()));
+    }
+    let eval = elf.symbol("_PyEval_EvalFrameDefault").ok_or_else(|| {
+        AnalysisError::NotPython(format!("{object} defines no _PyEval_EvalFrameDefault"))
+    })?;
+    let mut symbols = vec![UsedSymbol {
+        name: "_PyEval_EvalFrameDefault",
+        addr: eval.addr,
+        source: eval.table,
+    }];
+    let runtime = elf.symbol("_PyRuntime");
+    if let Some(r) = runtime {
+        symbols.push(UsedSymbol {
+            name: "_PyRuntime",
+            addr: r.addr,
+            source: r.table,
+        });
+    }
+
+    let file_runtime = runtime.and_then(|r| elf.bytes_at(r.addr, debug_offsets::READ_LEN));
+    let runtime_bytes = live_runtime.or(file_runtime);
+    let header = runtime_bytes.and_then(debug_offsets::header);
+    let (version, version_source) = version::detect(elf, header.map(|h| h.version), object)?;
+    let flavour = version::flavour(elf, object, header.map(|h| h.free_threaded));
+    if version.major != 3 || !SUPPORTED_MINORS.contains(&version.minor) {
+        return Err(AnalysisError::Unsupported(format!(
+            "CPython {version}: supported versions are 3.{} to 3.{}",
+            SUPPORTED_MINORS.start(),
+            SUPPORTED_MINORS.end()
+        )));
+    }
+    match flavour {
+        Flavour::Release => {}
+        Flavour::Debug => {
+            return Err(AnalysisError::Unsupported(format!(
+                "CPython {version} is a debug build (Py_DEBUG): its object layouts differ from release builds"
+            )));
+        }
+        Flavour::FreeThreaded => {
+            return Err(AnalysisError::Unsupported(format!(
+                "CPython {version} is a free-threaded build: not supported yet"
+            )));
+        }
+    }
+
+    let minor = version.minor;
+    let builtin = offsets::builtin(minor).expect("every supported minor has a table");
+    let mut table = OffsetTable::from(builtin, OffsetSource::Builtin);
+    let mut disagreements = Vec::new();
+    if let Some(bytes) = runtime_bytes
+        && header.is_some()
+    {
+        disagreements.extend(debug_offsets::apply(bytes, minor, &mut table).unwrap_or_default());
+    }
+
+    let mut sites = vec![sites::function_entry(
+        elf,
+        "_PyEval_EvalFrameDefault",
+        eval.addr,
+        SiteRole::EvalEntry,
+    )?];
+    if minor <= 10 {
+        let f = elf.symbol("PyFunction_NewWithQualName").ok_or_else(|| {
+            AnalysisError::Unsupported("no PyFunction_NewWithQualName symbol".into())
+        })?;
+        symbols.push(UsedSymbol {
+            name: "PyFunction_NewWithQualName",
+            addr: f.addr,
+            source: f.table,
+        });
+        sites.push(sites::function_entry(
+            elf,
+            "PyFunction_NewWithQualName",
+            f.addr,
+            SiteRole::FunctionNew,
+        )?);
+    }
+    let warnings: Vec<String> = sites
+        .iter()
+        .filter(|s| !s.emulated)
+        .map(|s| {
+            format!(
+                "{} entry `{}` is not emulated by the kernel: each probe hit is single-stepped",
+                s.handler, s.instruction
+            )
+        })
+        .collect();
+    let mut handler_table = None;
+    if minor >= 11 {
+        let t = sites::handler_table(elf)?;
+        sites.extend(resume_sites(elf, &t, minor, &table.values)?);
+        handler_table = Some(TableInfo {
+            addr: t.addr,
+            source: t.source,
+        });
+    }
+
+    for site in &mut sites {
+        site.file_offset = elf.file_offset(site.addr).ok_or_else(|| {
+            AnalysisError::Unsupported(format!("site {:#x} is not backed by the file", site.addr))
+        })?;
+    }
+    let layout = kernel_layout(minor, &table.values);
+    let offsets = table
+        .sources
+        .iter()
+        .map(|(f, s)| {
+            (
+                *f,
+                OffsetInfo {
+                    value: table.values.get(f).unwrap_or(NO_OFFSET),
+                    source: *s,
+                },
+            )
+        })
+        .collect();
+    Ok(Analysis {
+        object: object.to_owned(),
+        build_id: elf
+            .build_id
+            .as_ref()
+            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect()),
+        position_independent: elf.position_independent,
+        load_vaddr: elf.segments.iter().map(|s| s.vaddr).min().unwrap_or(0),
+        version,
+        version_source,
+        flavour,
+        symbols,
+        handler_table,
+        offsets,
+        disagreements,
+        sites,
+        warnings,
+        layout,
+        table,
+    })
+}
+
+fn resume_sites(
+    elf: &ElfImage,
+    table: &HandlerTable,
+    minor: u8,
+    o: &offsets::Offsets,
+) -> Result<Vec<Site>, AnalysisError> {
+    let ctx = ResumeContext {
+        minor,
+        frame_instr: o.frame_instr,
+        code_instr_version: o.code_instr_version,
+    };
+    let mut out: Vec<Site> = Vec::new();
+    for &(name, opcode) in sites::resume_opcodes(minor) {
+        let handler = table.entries[opcode as usize];
+        if handler == table.unknown {
+            return Err(AnalysisError::Unsupported(format!(
+                "opcode {opcode} ({name}) has no handler in the dispatch table at {:#x}",
+                table.addr
+            )));
+        }
+        if out.iter().any(|s| s.handler_addr == handler) {
+            continue;
+        }
+        out.push(sites::resume_site(elf, name, handler, &ctx)?);
+    }
+    Ok(out)
+}
+
+/// The kernel's view of the offsets.
+fn kernel_layout(minor: u8, o: &offsets::Offsets) -> Layout {
+    let resume = minor >= 11;
+    let mut flags = 0;
+    if minor >= 13 {
+        flags |= LAYOUT_VERSION_IN_EVAL_BREAKER | LAYOUT_TRACING_GATES_INSTRUMENT;
+    }
+    if minor >= 14 {
+        flags |= LAYOUT_STACKREFS;
+    }
+    Layout {
+        family: if resume {
+            FAMILY_RESUME
+        } else {
+            FAMILY_FRAME_ARG
+        },
+        // 3.8: (frame, throwflag); 3.9+: (tstate, frame, throwflag).
+        frame_arg: if minor == 8 { 0 } else { 1 },
+        throwflag_arg: if minor == 8 { 1 } else { 2 },
+        flags,
+        // 3.13+ keeps extra bits above the "where" field of RESUME's oparg.
+        resume_where_mask: if minor >= 13 { 3 } else { 0xff },
+        tstate_cframe: o.tstate_cframe,
+        current_frame: o.current_frame,
+        tstate_interp: o.tstate_interp,
+        tstate_eval_breaker: o.tstate_eval_breaker,
+        tstate_tracing: o.tstate_tracing,
+        interp_monitoring_version: o.interp_monitoring_version,
+        frame_code: o.frame_code,
+        frame_func: o.frame_func,
+        frame_instr: o.frame_instr,
+        frame_lasti: o.frame_lasti,
+        frame_globals: o.frame_globals,
+        code_flags: o.code_flags,
+        code_firstlineno: o.code_firstlineno,
+        code_filename: o.code_filename,
+        code_name: o.code_name,
+        code_qualname: o.code_qualname,
+        code_instr_version: o.code_instr_version,
+        func_module: o.func_module,
+        dict_keys: if resume { NO_OFFSET } else { o.dict_keys },
+        dict_values: if resume { NO_OFFSET } else { o.dict_values },
+        dictkeys_size: o.dictkeys_size,
+        dictkeys_indices: o.dictkeys_indices,
+        unicode_state: o.unicode_state,
+        unicode_length: o.unicode_length,
+        unicode_ascii_data: o.unicode_ascii_data,
+        ..Layout::EMPTY
+    }
+}

@@ -1,0 +1,400 @@
+//! Struct offsets: the built-in tables per minor version (the fallback), and
+//! the record of where each value finally came from.
+
+use std::collections::BTreeMap;
+
+use detector_common::NO_OFFSET;
+
+/// Where an offset's value came from, most trusted first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetSource {
+    /// `_Py_DebugOffsets` in the live process or the binary (3.13+).
+    DebugOffsets,
+    /// DWARF in the binary or its separate debug file.
+    Dwarf,
+    /// Read off the interpreter's machine code.
+    Disassembly,
+    /// The built-in table for this minor version.
+    Builtin,
+}
+
+macro_rules! offsets {
+    ($($(#[doc = $doc:literal])* $field:ident),* $(,)?) => {
+        /// Byte offsets of every field the detector reads. [`NO_OFFSET`]
+        /// marks a field this version does not have.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct Offsets { $($(#[doc = $doc])* pub $field: u16,)* }
+
+        impl Offsets {
+            /// Every field name, in declaration order.
+            pub const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// All fields absent.
+            pub const NONE: Offsets = Offsets { $($field: NO_OFFSET,)* };
+
+            /// A field by name.
+            pub fn get(&self, name: &str) -> Option<u16> {
+                match name { $(stringify!($field) => Some(self.$field),)* _ => None }
+            }
+
+            /// Sets a field by name; false if there is no such field.
+            pub fn set(&mut self, name: &str, value: u16) -> bool {
+                match name { $(stringify!($field) => { self.$field = value; true })* _ => false }
+            }
+        }
+    };
+}
+
+offsets! {
+    /// `_PyRuntimeState.interpreters.head`.
+    runtime_interpreters_head,
+    /// `PyInterpreterState.next`.
+    interp_next,
+    /// `PyInterpreterState.tstate_head` / `threads.head`.
+    interp_threads_head,
+    /// `PyInterpreterState.monitoring_version` (3.12).
+    interp_monitoring_version,
+    /// `PyInterpreterState.modules` / `imports.modules`: `sys.modules`.
+    interp_modules,
+    /// `PyThreadState.next`.
+    tstate_next,
+    /// `PyThreadState.interp`.
+    tstate_interp,
+    /// `PyThreadState.native_thread_id` (3.11+).
+    tstate_native_thread_id,
+    /// `PyThreadState.cframe` (3.11, 3.12).
+    tstate_cframe,
+    /// `_PyCFrame.current_frame` (3.11, 3.12) or `PyThreadState.current_frame` (3.13+).
+    current_frame,
+    /// `PyThreadState.eval_breaker` (3.13+).
+    tstate_eval_breaker,
+    /// `PyThreadState.tracing`.
+    tstate_tracing,
+    /// Frame's code object.
+    frame_code,
+    /// Frame's function (3.11+).
+    frame_func,
+    /// Frame's instruction pointer (3.11+).
+    frame_instr,
+    /// `PyFrameObject.f_lasti` (3.8-3.10).
+    frame_lasti,
+    /// Frame's globals.
+    frame_globals,
+    /// `co_flags`.
+    code_flags,
+    /// `co_firstlineno`.
+    code_firstlineno,
+    /// `co_consts`.
+    code_consts,
+    /// `co_filename`.
+    code_filename,
+    /// `co_name`.
+    code_name,
+    /// `co_qualname` (3.11+).
+    code_qualname,
+    /// `_co_instrumentation_version` (3.12+).
+    code_instr_version,
+    /// `func_code`.
+    func_code,
+    /// `func_globals`.
+    func_globals,
+    /// `func_closure`.
+    func_closure,
+    /// `func_dict`.
+    func_dict,
+    /// `func_module`.
+    func_module,
+    /// `func_qualname`.
+    func_qualname,
+    /// `PyASCIIObject.state`.
+    unicode_state,
+    /// `PyASCIIObject.length`.
+    unicode_length,
+    /// `sizeof(PyASCIIObject)`.
+    unicode_ascii_data,
+    /// `sizeof(PyCompactUnicodeObject)`.
+    unicode_compact_data,
+    /// `PyObject.ob_type`.
+    object_type,
+    /// `PyTypeObject.tp_name`.
+    type_name,
+    /// `PyTypeObject.tp_flags`.
+    type_flags,
+    /// `PyTypeObject.tp_dict`.
+    type_dict,
+    /// `PyVarObject.ob_size` of a tuple.
+    tuple_size,
+    /// `PyTupleObject.ob_item`.
+    tuple_items,
+    /// `PyDictObject.ma_keys`.
+    dict_keys,
+    /// `PyDictObject.ma_values`.
+    dict_values,
+    /// `PyDictKeysObject.dk_size` (3.8-3.10).
+    dictkeys_size,
+    /// `PyDictKeysObject.dk_indices` (3.8-3.10).
+    dictkeys_indices,
+    /// `PyModuleObject.md_dict`.
+    module_dict,
+    /// `PyCellObject.ob_ref`.
+    cell_ref,
+    /// `staticmethod`/`classmethod` wrapped callable.
+    method_wrapper_callable,
+}
+
+/// An offset table with the source of every value.
+#[derive(Clone, Debug)]
+pub struct OffsetTable {
+    /// The values.
+    pub values: Offsets,
+    /// Source of each present value, by field name.
+    pub sources: BTreeMap<&'static str, OffsetSource>,
+}
+
+/// A value that a more trusted source changed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Disagreement {
+    /// Field name.
+    pub field: &'static str,
+    /// Value kept.
+    pub kept: u16,
+    /// Source of the kept value.
+    pub kept_from: OffsetSource,
+    /// Value overridden.
+    pub other: u16,
+    /// Source of the overridden value.
+    pub other_from: OffsetSource,
+}
+
+impl OffsetTable {
+    /// A table whose every present value comes from `source`.
+    pub fn from(values: Offsets, source: OffsetSource) -> Self {
+        let sources = Offsets::FIELDS
+            .iter()
+            .filter(|f| values.get(f) != Some(NO_OFFSET))
+            .map(|f| (*f, source))
+            .collect();
+        OffsetTable { values, sources }
+    }
+
+    /// Applies a value from `source`: it wins if `source` is more trusted
+    /// than the current one. Returns the disagreement if the values differ.
+    pub fn apply(
+        &mut self,
+        field: &'static str,
+        value: u16,
+        source: OffsetSource,
+    ) -> Option<Disagreement> {
+        let current = self.values.get(field)?;
+        let current_src = self.sources.get(field).copied();
+        let wins = current_src.is_none_or(|c| source <= c);
+        let disagreement = match current_src {
+            Some(cs) if current != value && current != NO_OFFSET => Some(if wins {
+                Disagreement {
+                    field,
+                    kept: value,
+                    kept_from: source,
+                    other: current,
+                    other_from: cs,
+                }
+            } else {
+                Disagreement {
+                    field,
+                    kept: current,
+                    kept_from: cs,
+                    other: value,
+                    other_from: source,
+                }
+            }),
+            _ => None,
+        };
+        if wins {
+            self.values.set(field, value);
+            self.sources.insert(field, source);
+        }
+        disagreement
+    }
+}
+
+/// The built-in table for a minor version, for x86_64 release builds.
+pub fn builtin(minor: u8) -> Option<Offsets> {
+    let mut o = common();
+    match minor {
+        8 | 9 | 10 => {
+            o.runtime_interpreters_head = 32;
+            o.interp_modules = if minor == 8 { 56 } else { 856 };
+            o.dictkeys_size = 8;
+            o.dictkeys_indices = 40;
+            o.interp_threads_head = 8;
+            o.tstate_next = 8;
+            o.tstate_interp = 16;
+            o.frame_code = 32;
+            o.frame_globals = 48;
+            o.frame_lasti = if minor == 10 { 96 } else { 104 };
+            o.code_flags = 36;
+            o.code_firstlineno = 40;
+            o.code_consts = 56;
+            o.code_filename = 104;
+            o.code_name = 112;
+            o.unicode_ascii_data = 48;
+            o.unicode_compact_data = 72;
+            if minor == 10 {
+                set_function_310(&mut o);
+            } else {
+                o.func_code = 16;
+                o.func_globals = 24;
+                o.func_closure = 48;
+                o.func_dict = 72;
+                o.func_module = 88;
+                o.func_qualname = 104;
+            }
+        }
+        11 => {
+            o.runtime_interpreters_head = 40;
+            o.interp_modules = 888;
+            o.interp_threads_head = 16;
+            o.tstate_next = 8;
+            o.tstate_interp = 16;
+            o.tstate_tracing = 44;
+            o.tstate_cframe = 56;
+            o.current_frame = 8;
+            o.tstate_native_thread_id = 160;
+            o.frame_func = 0;
+            o.frame_globals = 8;
+            o.frame_code = 32;
+            o.frame_instr = 56;
+            set_code_311(&mut o, 72);
+            set_function_310(&mut o);
+            o.unicode_ascii_data = 48;
+            o.unicode_compact_data = 72;
+        }
+        12 => {
+            o.runtime_interpreters_head = 40;
+            o.interp_modules = 944;
+            o.interp_threads_head = 72;
+            o.interp_monitoring_version = 48;
+            o.tstate_next = 8;
+            o.tstate_interp = 16;
+            o.tstate_tracing = 44;
+            o.tstate_cframe = 56;
+            o.current_frame = 0;
+            o.tstate_native_thread_id = 144;
+            set_frame_312(&mut o);
+            set_code_311(&mut o, 68);
+            o.code_instr_version = 160;
+            set_function_310(&mut o);
+        }
+        13 | 14 => {
+            o.runtime_interpreters_head = if minor == 13 { 632 } else { 808 };
+            o.interp_next = if minor == 13 { 7264 } else { 7272 };
+            o.interp_threads_head = 7344;
+            o.interp_modules = if minor == 13 { 7656 } else { 7688 };
+            o.tstate_next = 8;
+            o.tstate_interp = 16;
+            o.tstate_eval_breaker = 24;
+            o.tstate_tracing = 60;
+            o.current_frame = 72;
+            o.tstate_native_thread_id = 160;
+            set_frame_312(&mut o);
+            set_code_311(&mut o, 68);
+            o.code_instr_version = 168;
+            set_function_310(&mut o);
+            if minor == 14 {
+                o.tuple_items = 32; // 3.14 caches the hash in `ob_hash`
+            }
+        }
+        _ => return None,
+    }
+    Some(o)
+}
+
+/// Fields that have not moved in 3.8-3.14.
+fn common() -> Offsets {
+    Offsets {
+        interp_next: 0,
+        unicode_state: 32,
+        unicode_length: 16,
+        unicode_ascii_data: 40,
+        unicode_compact_data: 56,
+        object_type: 8,
+        type_name: 24,
+        type_flags: 168,
+        type_dict: 264,
+        tuple_size: 16,
+        tuple_items: 24,
+        dict_keys: 32,
+        dict_values: 40,
+        cell_ref: 16,
+        module_dict: 16,
+        method_wrapper_callable: 16,
+        ..Offsets::NONE
+    }
+}
+
+fn set_function_310(o: &mut Offsets) {
+    o.func_globals = 16;
+    o.func_qualname = 40;
+    o.func_code = 48;
+    o.func_closure = 72;
+    o.func_dict = 88;
+    o.func_module = 104;
+}
+
+fn set_code_311(o: &mut Offsets, firstlineno: u16) {
+    o.code_consts = 24;
+    o.code_flags = 48;
+    o.code_firstlineno = firstlineno;
+    o.code_filename = 112;
+    o.code_name = 120;
+    o.code_qualname = 128;
+}
+
+fn set_frame_312(o: &mut Offsets) {
+    o.frame_code = 0;
+    o.frame_func = 16;
+    o.frame_globals = 24;
+    o.frame_instr = 56;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_supported_minor_has_the_fields_its_family_needs() {
+        for minor in 8..=14 {
+            let o = builtin(minor).unwrap();
+            for f in [
+                "frame_code",
+                "code_name",
+                "code_flags",
+                "func_module",
+                "unicode_state",
+            ] {
+                assert_ne!(o.get(f), Some(NO_OFFSET), "3.{minor} {f}");
+            }
+            let resume = minor >= 11;
+            assert_eq!(o.code_qualname != NO_OFFSET, resume, "3.{minor}");
+            assert_eq!(o.frame_lasti != NO_OFFSET, !resume, "3.{minor}");
+        }
+        assert!(builtin(7).is_none() && builtin(15).is_none());
+    }
+
+    #[test]
+    fn more_trusted_sources_win_and_disagreements_are_reported() {
+        let mut t = OffsetTable::from(builtin(13).unwrap(), OffsetSource::Builtin);
+        assert_eq!(t.apply("code_name", 120, OffsetSource::DebugOffsets), None);
+        let d = t
+            .apply("code_qualname", 136, OffsetSource::DebugOffsets)
+            .unwrap();
+        assert_eq!((d.kept, d.other), (136, 128));
+        assert_eq!(t.values.code_qualname, 136);
+        // A less trusted source does not override.
+        let d = t
+            .apply("code_qualname", 128, OffsetSource::Builtin)
+            .unwrap();
+        assert_eq!(d.kept, 136);
+        assert_eq!(t.sources["code_qualname"], OffsetSource::DebugOffsets);
+    }
+}

@@ -1,0 +1,417 @@
+//! Probe sites: where in the interpreter's machine code every call passes,
+//! chosen so the kernel can emulate the probed instruction.
+//!
+//! A uprobe on an instruction the kernel emulates (relative `jmp`/`jcc`/`call`,
+//! `push`) costs about 0.6 us per hit here; any other instruction is
+//! single-stepped out of line for about 10 us. So a RESUME handler is probed
+//! at its first relative branch, found by decoding its straight-line block.
+
+use iced_x86::{
+    Code, ConditionCode, Decoder, DecoderOptions, FlowControl, Formatter, Instruction,
+    IntelFormatter, Mnemonic, OpKind, Register,
+};
+
+use super::{AnalysisError, elf::ElfImage};
+use detector_common::{CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT};
+
+/// Instructions decoded from a handler before giving up on finding a branch.
+const MAX_STRAIGHT_LINE: usize = 64;
+/// Handlers a real dispatch table has at the very least.
+const MIN_DISTINCT_HANDLERS: usize = 64;
+/// Opcodes that may share a handler with another one (aliases such as
+/// `JUMP_BACKWARD_NO_INTERRUPT`) in a table found by scanning.
+const MAX_SHARED_HANDLERS: usize = 8;
+
+/// How the computed-goto dispatch table was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableSource {
+    /// The local symbol `opcode_targets.N` in `.symtab`.
+    Symtab,
+    /// A scan of read-only data for 256 code pointers shaped like the table.
+    Scan,
+}
+
+/// The 256-entry dispatch table: `entries[opcode]` is the handler's address.
+#[derive(Clone, Debug)]
+pub struct HandlerTable {
+    /// Virtual address of the table.
+    pub addr: u64,
+    /// How it was found.
+    pub source: TableSource,
+    /// Handler addresses by opcode.
+    pub entries: Vec<u64>,
+    /// The handler of unknown opcodes (the most common entry).
+    pub unknown: u64,
+}
+
+/// What a probe site is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteRole {
+    /// `_PyEval_EvalFrameDefault` entry: the per-call site on 3.8-3.10, the
+    /// thread-state recorder on 3.11+.
+    EvalEntry,
+    /// A RESUME-family handler (3.11+).
+    Resume,
+    /// `PyFunction_NewWithQualName` entry (3.8-3.10): records identities.
+    FunctionNew,
+}
+
+/// A probe site.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Site {
+    /// What it is for.
+    pub role: SiteRole,
+    /// The function or opcode handler it is in.
+    pub handler: String,
+    /// Virtual address of the function or handler start.
+    pub handler_addr: u64,
+    /// Virtual address of the probed instruction.
+    pub addr: u64,
+    /// Its file offset, where the uprobe is attached.
+    pub file_offset: u64,
+    /// The probed instruction, in Intel syntax.
+    pub instruction: String,
+    /// Whether the kernel emulates it (else it is single-stepped, ~16x dearer).
+    pub emulated: bool,
+    /// `CHECK_*` from `detector_common::site`.
+    pub check: u8,
+    /// For `CHECK_BRANCH`: the condition code and whether to count when it holds.
+    pub cond: u8,
+    /// See `cond`.
+    pub count_when: u8,
+}
+
+/// The RESUME-family opcodes of a minor version, by name.
+pub fn resume_opcodes(minor: u8) -> &'static [(&'static str, u8)] {
+    match minor {
+        11 => &[("RESUME", 151), ("RESUME_QUICK", 150)],
+        12 => &[("RESUME", 151), ("INSTRUMENTED_RESUME", 240)],
+        13 => &[
+            ("RESUME", 149),
+            ("RESUME_CHECK", 207),
+            ("INSTRUMENTED_RESUME", 236),
+        ],
+        14 => &[
+            ("RESUME", 128),
+            ("RESUME_CHECK", 196),
+            ("INSTRUMENTED_RESUME", 245),
+        ],
+        _ => &[],
+    }
+}
+
+/// Finds the dispatch table: `.symtab` first, then a scan of read-only data.
+pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
+    for (_, sym) in elf.local_symbols("opcode_targets") {
+        if sym.size == 256 * 8
+            && let Some(t) = table_at(elf, sym.addr, TableSource::Symtab, 256)
+        {
+            return Ok(t);
+        }
+    }
+    let mut best: Option<HandlerTable> = None;
+    let mut ambiguous = false;
+    for name in [".data.rel.ro", ".rodata"] {
+        let Some(section) = elf.section(name) else {
+            continue;
+        };
+        let mut addr = (section.addr + 7) & !7;
+        while addr + 256 * 8 <= section.addr + section.size {
+            // Cheap rejection before reading the whole candidate.
+            if elf.pointer_at(addr).is_some_and(|p| elf.is_code(p))
+                && let Some(t) = table_at(elf, addr, TableSource::Scan, MAX_SHARED_HANDLERS)
+            {
+                let n = distinct(&t.entries);
+                match &best {
+                    Some(b) if distinct(&b.entries) == n => ambiguous = true,
+                    Some(b) if distinct(&b.entries) > n => {}
+                    _ => {
+                        ambiguous = false;
+                        best = Some(t);
+                    }
+                }
+            }
+            addr += 8;
+        }
+    }
+    match best {
+        Some(_) if ambiguous => Err(AnalysisError::Unsupported(
+            "two candidate opcode dispatch tables in read-only data".into(),
+        )),
+        Some(t) => Ok(t),
+        None => Err(AnalysisError::Unsupported(
+            "no opcode dispatch table (no `opcode_targets` symbol and none found in read-only \
+             data): built without computed gotos?"
+                .into(),
+        )),
+    }
+}
+
+fn distinct(entries: &[u64]) -> usize {
+    let mut v = entries.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v.len()
+}
+
+/// Reads 256 code pointers at `addr` if they are shaped like a dispatch
+/// table: every entry in code, and every opcode without a handler sharing one
+/// "unknown opcode" target, so (distinct - 1) + (count of the most common) is
+/// 256 less the few opcodes that alias another's handler (at most `shared`).
+fn table_at(elf: &ElfImage, addr: u64, source: TableSource, shared: usize) -> Option<HandlerTable> {
+    let mut entries = Vec::with_capacity(256);
+    for i in 0..256 {
+        let p = elf.pointer_at(addr + i * 8)?;
+        if !elf.is_code(p) {
+            return None;
+        }
+        entries.push(p);
+    }
+    let mut sorted = entries.clone();
+    sorted.sort_unstable();
+    let (mut best, mut best_count, mut run) = (sorted[0], 0usize, 0usize);
+    for (i, v) in sorted.iter().enumerate() {
+        run = if i > 0 && sorted[i - 1] == *v {
+            run + 1
+        } else {
+            1
+        };
+        if run > best_count {
+            best_count = run;
+            best = *v;
+        }
+    }
+    let distinct = distinct(&entries);
+    let aliased = 256 - (distinct - 1 + best_count);
+    (distinct >= MIN_DISTINCT_HANDLERS && best_count >= 2 && aliased <= shared).then_some(
+        HandlerTable {
+            addr,
+            source,
+            entries,
+            unknown: best,
+        },
+    )
+}
+
+/// The instructions of `elf` starting at `addr`.
+fn decoder(elf: &ElfImage, addr: u64) -> Result<Decoder<'_>, AnalysisError> {
+    let bytes = (0..=12)
+        .rev()
+        .find_map(|shift| elf.bytes_at(addr, 16 << shift))
+        .ok_or_else(|| AnalysisError::Unsupported(format!("no code bytes at {addr:#x}")))?;
+    Ok(Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE))
+}
+
+fn format(insn: &Instruction) -> String {
+    let mut out = String::new();
+    IntelFormatter::new().format(insn, &mut out);
+    out
+}
+
+/// Whether the kernel emulates a uprobe on `insn` instead of single-stepping.
+fn emulated(insn: &Instruction) -> bool {
+    insn.is_jcc_short_or_near()
+        || insn.is_jmp_short_or_near()
+        || insn.is_call_near()
+        || (insn.mnemonic() == Mnemonic::Push && insn.op0_kind() == OpKind::Register)
+        || insn.mnemonic() == Mnemonic::Nop
+}
+
+/// A function-entry site: the function's first instruction the kernel
+/// emulates, as long as nothing before it touches the argument registers
+/// (only `endbr64` and `nop` are skipped).
+pub fn function_entry(
+    elf: &ElfImage,
+    name: &str,
+    addr: u64,
+    role: SiteRole,
+) -> Result<Site, AnalysisError> {
+    let mut dec = decoder(elf, addr)?;
+    let mut first: Option<Instruction> = None;
+    for _ in 0..8 {
+        let insn = dec.decode();
+        if insn.is_invalid() {
+            break;
+        }
+        first.get_or_insert(insn);
+        if emulated(&insn) && insn.mnemonic() != Mnemonic::Nop {
+            return Ok(entry_site(name, role, addr, &insn, true));
+        }
+        if !matches!(insn.mnemonic(), Mnemonic::Endbr64 | Mnemonic::Nop) {
+            break;
+        }
+    }
+    let insn = first
+        .ok_or_else(|| AnalysisError::Unsupported(format!("cannot decode {name} at {addr:#x}")))?;
+    Ok(entry_site(name, role, addr, &insn, false))
+}
+
+fn entry_site(name: &str, role: SiteRole, func: u64, insn: &Instruction, emulated: bool) -> Site {
+    Site {
+        role,
+        handler: name.into(),
+        handler_addr: func,
+        addr: insn.ip(),
+        file_offset: 0,
+        instruction: format(insn),
+        emulated,
+        check: CHECK_NONE,
+        cond: 0,
+        count_when: 0,
+    }
+}
+
+/// Offsets a RESUME site needs to be chosen and checked.
+pub struct ResumeContext {
+    /// Minor version.
+    pub minor: u8,
+    /// Frame field holding the current instruction.
+    pub frame_instr: u16,
+    /// `_co_instrumentation_version` (3.12+).
+    pub code_instr_version: u16,
+}
+
+/// The site of the RESUME-family handler `name` at `handler`: its first
+/// relative branch, which must come after the handler stored the frame's
+/// instruction pointer (the eBPF program reads the oparg through it).
+pub fn resume_site(
+    elf: &ElfImage,
+    name: &str,
+    handler: u64,
+    ctx: &ResumeContext,
+) -> Result<Site, AnalysisError> {
+    let refuse =
+        |why: String| AnalysisError::Unsupported(format!("{name} handler at {handler:#x}: {why}"));
+    let mut dec = decoder(elf, handler)?;
+    let mut stored_instr = false;
+    let mut flag_setter: Option<Instruction> = None;
+    for _ in 0..MAX_STRAIGHT_LINE {
+        let insn = dec.decode();
+        if insn.is_invalid() {
+            return Err(refuse(format!(
+                "undecodable instruction at {:#x}",
+                insn.ip()
+            )));
+        }
+        match insn.flow_control() {
+            FlowControl::Next => {
+                if stores_to_displacement(&insn, ctx.frame_instr) {
+                    stored_instr = true;
+                }
+                if sets_flags(&insn) {
+                    flag_setter = Some(insn);
+                }
+            }
+            FlowControl::ConditionalBranch
+            | FlowControl::UnconditionalBranch
+            | FlowControl::Call
+                if emulated(&insn) =>
+            {
+                if !stored_instr {
+                    return Err(refuse(format!(
+                        "first branch at {:#x} comes before the store of the frame's instruction \
+                         pointer (+{:#x})",
+                        insn.ip(),
+                        ctx.frame_instr
+                    )));
+                }
+                let (check, cond, count_when) =
+                    resume_check(name, &insn, flag_setter.as_ref(), ctx);
+                return Ok(Site {
+                    role: SiteRole::Resume,
+                    handler: name.to_owned(),
+                    handler_addr: handler,
+                    addr: insn.ip(),
+                    file_offset: 0,
+                    instruction: format(&insn),
+                    emulated: true,
+                    check,
+                    cond,
+                    count_when,
+                });
+            }
+            other => {
+                return Err(refuse(format!(
+                    "leaves at {:#x} ({:?}: {}) before any relative branch",
+                    insn.ip(),
+                    other,
+                    format(&insn)
+                )));
+            }
+        }
+    }
+    Err(refuse(format!(
+        "no relative branch in its first {MAX_STRAIGHT_LINE} instructions"
+    )))
+}
+
+/// How a RESUME site tells a real start from a pass the handler undoes.
+fn resume_check(
+    name: &str,
+    branch: &Instruction,
+    flag_setter: Option<&Instruction>,
+    ctx: &ResumeContext,
+) -> (u8, u8, u8) {
+    if ctx.minor < 12 {
+        return (CHECK_NONE, 0, 0);
+    }
+    if name != "RESUME_CHECK" {
+        return (CHECK_REINSTRUMENT, 0, 0);
+    }
+    // RESUME_CHECK de-optimises to RESUME when `eval_breaker != version`. If
+    // this branch is that comparison, its live flags decide exactly.
+    let compares_version = flag_setter.is_some_and(|f| {
+        f.mnemonic() == Mnemonic::Cmp
+            && (0..f.op_count()).any(|i| f.op_kind(i) == OpKind::Memory)
+            && f.memory_displacement64() == ctx.code_instr_version as u64
+    });
+    match branch.condition_code() {
+        ConditionCode::e if compares_version => (CHECK_BRANCH, cc_index(ConditionCode::e), 1),
+        ConditionCode::ne if compares_version => (CHECK_BRANCH, cc_index(ConditionCode::ne), 0),
+        _ => (CHECK_DEOPT_MEMORY, 0, 0),
+    }
+}
+
+/// The `Jcc` condition nibble (0 = O ... 15 = G) of an iced condition code.
+fn cc_index(cc: ConditionCode) -> u8 {
+    (cc as u8).saturating_sub(1)
+}
+
+fn stores_to_displacement(insn: &Instruction, disp: u16) -> bool {
+    insn.mnemonic() == Mnemonic::Mov
+        && insn.op0_kind() == OpKind::Memory
+        && insn.memory_base() != Register::RIP
+        && insn.memory_base() != Register::RSP
+        && insn.memory_displacement64() == disp as u64
+}
+
+fn sets_flags(insn: &Instruction) -> bool {
+    insn.rflags_modified() != 0 && insn.code() != Code::INVALID
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn condition_nibbles_match_jcc_encoding() {
+        assert_eq!(cc_index(ConditionCode::o), 0);
+        assert_eq!(cc_index(ConditionCode::e), 4);
+        assert_eq!(cc_index(ConditionCode::ne), 5);
+        assert_eq!(cc_index(ConditionCode::g), 15);
+    }
+
+    #[test]
+    fn emulation_classes() {
+        let decode =
+            |bytes: &[u8]| Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
+        assert!(emulated(&decode(&[0x41, 0x57]))); // push r15
+        assert!(emulated(&decode(&[0x74, 0x10]))); // je
+        assert!(emulated(&decode(&[0x0f, 0x85, 0, 1, 0, 0]))); // jne rel32
+        assert!(emulated(&decode(&[0xe9, 0, 1, 0, 0]))); // jmp rel32
+        assert!(!emulated(&decode(&[0x48, 0x89, 0xc3]))); // mov rbx, rax
+        assert!(!emulated(&decode(&[0xff, 0xe0]))); // jmp rax
+    }
+}

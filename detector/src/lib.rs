@@ -1,0 +1,20 @@
+//! `detector`: finds CPython processes, locates their interpreter's
+//! frame-evaluation code, and attaches eBPF probes that count calls of target
+//! functions by qualified name, from outside the process.
+//!
+//! Layers, bottom up:
+//! - [`interp`]: analysis of an interpreter binary (no process state);
+//! - [`pyproc`]: reading a live Python process (maps, memory, threads, objects);
+//! - [`targets`]: the target grammar;
+//! - [`bpf`]: the loaded eBPF object, its maps and probe links;
+//! - [`agent`]: attaching to processes;
+//! - [`events`]: turning ring-buffer records into hits;
+//! - [`cli`]: the command line.
+
+pub mod agent;
+pub mod bpf;
+pub mod cli;
+pub mod events;
+pub mod interp;
+pub mod pyproc;
+pub mod targets;

@@ -1,0 +1,172 @@
+//! `/proc/PID/maps`, and finding the object that holds a process's interpreter.
+
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use super::ProcessError;
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// Start address.
+    pub start: u64,
+    /// End address (exclusive).
+    pub end: u64,
+    /// Permissions, e.g. `r-xp`.
+    pub perms: String,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// Device, `major:minor` in hex as the kernel prints it.
+    pub dev: String,
+    /// Inode (0 for anonymous mappings).
+    pub inode: u64,
+    /// Path, as seen in the process's mount namespace.
+    pub path: Option<String>,
+}
+
+impl Mapping {
+    /// Whether this maps a file (not anonymous, not `[heap]` and the like).
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.as_deref().is_some_and(|p| p.starts_with('/'))
+    }
+}
+
+/// Parses one line of `/proc/PID/maps`.
+pub fn parse_line(line: &str) -> Option<Mapping> {
+    let mut it = line.splitn(6, ' ');
+    let (range, perms, offset, dev, inode) =
+        (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    let path = it
+        .next()
+        .map(str::trim_start)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned);
+    let (start, end) = range.split_once('-')?;
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        perms: perms.to_owned(),
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev: dev.to_owned(),
+        inode: inode.parse().ok()?,
+        path,
+    })
+}
+
+/// The mappings of `pid`.
+pub fn read(pid: u32) -> Result<Vec<Mapping>, ProcessError> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| ProcessError::io(pid, e))?;
+    Ok(text.lines().filter_map(parse_line).collect())
+}
+
+/// A file mapped into a process.
+#[derive(Clone, Debug)]
+pub struct MappedFile {
+    /// Path in the process's mount namespace.
+    pub path: String,
+    /// A path this process can open that names the same inode: through
+    /// `/proc/PID/root` (so container files work), else `/proc/PID/map_files`.
+    pub open_path: PathBuf,
+    /// Device number.
+    pub dev: u64,
+    /// Inode.
+    pub inode: u64,
+    /// Lowest address it is mapped at, with file offset 0.
+    pub base: u64,
+}
+
+/// Mapped files whose name suggests a Python interpreter, most specific
+/// first: `libpython*` libraries, then the executable.
+pub fn interpreter_candidates(pid: u32, maps: &[Mapping]) -> Vec<MappedFile> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| {
+            p.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_owned()
+        });
+    let mut out: Vec<MappedFile> = Vec::new();
+    let mut push = |path: &str| {
+        if out.iter().any(|m| m.path == path) {
+            return;
+        }
+        if let Some(m) = mapped_file(pid, maps, path) {
+            out.push(m);
+        }
+    };
+    for m in maps.iter().filter(|m| m.is_file()) {
+        let path = m.path.as_deref().unwrap();
+        let base = path.rsplit('/').next().unwrap_or(path);
+        if base.starts_with("libpython") {
+            push(path);
+        }
+    }
+    if let Some(exe) = exe {
+        push(&exe);
+    }
+    out
+}
+
+/// Locates `path` in the process's mappings and finds a way to open it.
+pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile> {
+    let mine: Vec<&Mapping> = maps
+        .iter()
+        .filter(|m| m.path.as_deref() == Some(path))
+        .collect();
+    let first = mine.iter().find(|m| m.offset == 0).or(mine.first())?;
+    let via_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
+    let open_path = match std::fs::metadata(&via_root) {
+        Ok(md) if md.ino() == first.inode => via_root,
+        // Replaced on disk, or another namespace we cannot see into.
+        _ => PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            first.start, first.end
+        )),
+    };
+    let dev = std::fs::metadata(&open_path).map(|m| m.dev()).unwrap_or(0);
+    Some(MappedFile {
+        path: path.to_owned(),
+        open_path,
+        dev,
+        inode: first.inode,
+        base: first.start - first.offset,
+    })
+}
+
+/// Where the file's first loadable segment (virtual address `first_vaddr`)
+/// is mapped, as a bias to add to the object's virtual addresses.
+pub fn load_bias(file: &MappedFile, first_vaddr: u64) -> u64 {
+    file.base.wrapping_sub(first_vaddr & !0xfff)
+}
+
+/// Whether `path` exists and is the same inode as `inode`.
+pub fn same_inode(path: &Path, inode: u64) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.ino() == inode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let m = parse_line(
+            "7f2a1c000000-7f2a1c1a2000 r-xp 00060000 fe:01 1234567                    /usr/lib/libpython3.12.so.1.0",
+        )
+        .unwrap();
+        assert_eq!(m.start, 0x7f2a1c000000);
+        assert_eq!(m.offset, 0x60000);
+        assert_eq!(m.inode, 1234567);
+        assert_eq!(m.path.as_deref(), Some("/usr/lib/libpython3.12.so.1.0"));
+        assert!(m.is_file());
+        let anon =
+            parse_line("7ffd1000-7ffd2000 rw-p 00000000 00:00 0                          [stack]")
+                .unwrap();
+        assert!(!anon.is_file());
+        let spaced = parse_line("1000-2000 r--p 00000000 08:01 42 /opt/my app/python3").unwrap();
+        assert_eq!(spaced.path.as_deref(), Some("/opt/my app/python3"));
+    }
+}

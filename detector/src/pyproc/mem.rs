@@ -1,0 +1,106 @@
+//! Reading another process's memory through `/proc/PID/mem`.
+
+use std::{fs::File, os::unix::fs::FileExt};
+
+use super::ProcessError;
+
+/// Read access to a process's address space.
+pub struct ProcessMemory {
+    pid: u32,
+    file: File,
+}
+
+impl ProcessMemory {
+    /// Opens `/proc/PID/mem` (needs ptrace access: root or CAP_SYS_PTRACE).
+    pub fn open(pid: u32) -> Result<Self, ProcessError> {
+        let file = File::open(format!("/proc/{pid}/mem")).map_err(|e| ProcessError::io(pid, e))?;
+        Ok(ProcessMemory { pid, file })
+    }
+
+    /// The process.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Fills `buf` from `addr`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProcessError> {
+        if addr == 0 {
+            return Err(ProcessError::BadAddress {
+                pid: self.pid,
+                addr,
+            });
+        }
+        self.file
+            .read_exact_at(buf, addr)
+            .map_err(|_| ProcessError::BadAddress {
+                pid: self.pid,
+                addr,
+            })
+    }
+
+    /// `len` bytes at `addr`.
+    pub fn bytes(&self, addr: u64, len: usize) -> Result<Vec<u8>, ProcessError> {
+        let mut v = vec![0; len];
+        self.read(addr, &mut v)?;
+        Ok(v)
+    }
+
+    /// A little-endian `u64` at `addr`.
+    pub fn u64(&self, addr: u64) -> Result<u64, ProcessError> {
+        let mut b = [0; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// A little-endian `i64` at `addr`.
+    pub fn i64(&self, addr: u64) -> Result<i64, ProcessError> {
+        self.u64(addr).map(|v| v as i64)
+    }
+
+    /// A little-endian `u32` at `addr`.
+    pub fn u32(&self, addr: u64) -> Result<u32, ProcessError> {
+        let mut b = [0; 4];
+        self.read(addr, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// A byte at `addr`.
+    pub fn u8(&self, addr: u64) -> Result<u8, ProcessError> {
+        let mut b = [0; 1];
+        self.read(addr, &mut b)?;
+        Ok(b[0])
+    }
+
+    /// The pointer in field `off` of the struct at `base`.
+    pub fn ptr(&self, base: u64, off: u16) -> Result<u64, ProcessError> {
+        if off == detector_common::NO_OFFSET {
+            return Err(ProcessError::BadAddress {
+                pid: self.pid,
+                addr: base,
+            });
+        }
+        self.u64(base + off as u64)
+    }
+
+    /// A NUL-terminated C string at `addr`, at most `max` bytes.
+    pub fn c_string(&self, addr: u64, max: usize) -> Result<String, ProcessError> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 64];
+        while out.len() < max {
+            // A chunk may cross into an unmapped page; fall back to bytes.
+            let n = match self.read(addr + out.len() as u64, &mut chunk) {
+                Ok(()) => chunk.len(),
+                Err(_) => {
+                    self.read(addr + out.len() as u64, &mut chunk[..1])?;
+                    1
+                }
+            };
+            if let Some(end) = chunk[..n].iter().position(|&b| b == 0) {
+                out.extend_from_slice(&chunk[..end]);
+                return Ok(String::from_utf8_lossy(&out).into_owned());
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}

@@ -1,0 +1,156 @@
+//! A live Python process seen from outside: where its interpreter is mapped,
+//! its memory, its threads, and its objects. Read-only, always.
+
+pub mod maps;
+pub mod mem;
+pub mod objects;
+pub mod qualname;
+pub mod threads;
+
+use std::{io, sync::Arc};
+
+use crate::interp::{Analysis, AnalysisError, cache::AnalysisCache};
+use maps::MappedFile;
+use mem::ProcessMemory;
+
+/// Why a process cannot be watched.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Gone (or never existed).
+    #[error("process {pid} does not exist (or has exited)")]
+    NoSuchProcess {
+        /// Process.
+        pid: u32,
+    },
+    /// Not ours to read.
+    #[error("not permitted to inspect process {pid}: run as root (or with CAP_SYS_PTRACE)")]
+    PermissionDenied {
+        /// Process.
+        pid: u32,
+    },
+    /// No CPython in it.
+    #[error("process {pid} is not a Python process: {reason}")]
+    NotPython {
+        /// Process.
+        pid: u32,
+        /// What was looked at.
+        reason: String,
+    },
+    /// A CPython, but one that cannot be probed.
+    #[error("process {pid} ({object}): {source}")]
+    Analysis {
+        /// Process.
+        pid: u32,
+        /// The interpreter object.
+        object: String,
+        /// Why.
+        source: AnalysisError,
+    },
+    /// A read of its memory failed.
+    #[error("cannot read memory of process {pid} at {addr:#x}")]
+    BadAddress {
+        /// Process.
+        pid: u32,
+        /// Address.
+        addr: u64,
+    },
+    /// Anything else from `/proc`.
+    #[error("process {pid}: {source}")]
+    Io {
+        /// Process.
+        pid: u32,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+impl ProcessError {
+    /// Classifies an error from `/proc/PID/...`.
+    pub fn io(pid: u32, e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ESRCH) => ProcessError::NoSuchProcess { pid },
+            Some(libc::EACCES) | Some(libc::EPERM) => ProcessError::PermissionDenied { pid },
+            _ => ProcessError::Io { pid, source: e },
+        }
+    }
+}
+
+/// A process and the interpreter found in it.
+#[derive(Clone)]
+pub struct PythonProcess {
+    /// Process id (in the agent's PID namespace).
+    pub pid: u32,
+    /// The object holding the interpreter.
+    pub object: MappedFile,
+    /// Added to the object's virtual addresses to get the process's.
+    pub bias: u64,
+    /// The interpreter's analysis.
+    pub analysis: Arc<Analysis>,
+}
+
+impl PythonProcess {
+    /// Address of `_PyRuntime` in the process.
+    pub fn runtime(&self) -> Option<u64> {
+        self.analysis.symbol("_PyRuntime").map(|a| a + self.bias)
+    }
+}
+
+/// Finds the CPython interpreter in `pid` and analyses it (once per binary).
+pub fn locate(pid: u32, cache: &AnalysisCache) -> Result<PythonProcess, ProcessError> {
+    let maps = maps::read(pid)?;
+    let candidates = maps::interpreter_candidates(pid, &maps);
+    let mut looked = Vec::new();
+    for object in candidates {
+        match cache.analyze(&object) {
+            Ok(analysis) => {
+                let bias = maps::load_bias(&object, analysis.load_vaddr);
+                let p = PythonProcess {
+                    pid,
+                    object,
+                    bias,
+                    analysis,
+                };
+                verify_live_runtime(&p)?;
+                return Ok(p);
+            }
+            Err(AnalysisError::NotPython(_) | AnalysisError::NotElf(_)) => looked.push(object.path),
+            Err(source) => {
+                return Err(ProcessError::Analysis {
+                    pid,
+                    object: object.path,
+                    source,
+                });
+            }
+        }
+    }
+    let reason = if looked.is_empty() {
+        "no libpython mapped and no readable executable".to_owned()
+    } else {
+        format!("no CPython interpreter in {}", looked.join(", "))
+    };
+    Err(ProcessError::NotPython { pid, reason })
+}
+
+/// On 3.13+, the live `_Py_DebugOffsets` must be those the analysis used.
+fn verify_live_runtime(p: &PythonProcess) -> Result<(), ProcessError> {
+    let Some(runtime) = p.runtime() else {
+        return Ok(());
+    };
+    if p.analysis.version_source != crate::interp::version::VersionSource::DebugOffsets {
+        return Ok(());
+    }
+    let mem = ProcessMemory::open(p.pid)?;
+    let head = mem.bytes(runtime, 24)?;
+    match crate::interp::debug_offsets::header(&head) {
+        Some(h) if crate::interp::version::PyVersion::from_hex(h.version) == p.analysis.version => {
+            Ok(())
+        }
+        _ => Err(ProcessError::Analysis {
+            pid: p.pid,
+            object: p.object.path.clone(),
+            source: AnalysisError::Unsupported(
+                "_Py_DebugOffsets in the live process differ from the binary's".into(),
+            ),
+        }),
+    }
+}

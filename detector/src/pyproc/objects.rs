@@ -1,0 +1,186 @@
+//! Python objects read from outside: strings, tuples, dicts and types.
+//!
+//! Every loop is bounded; any malformed or concurrently mutated object gives
+//! an error, never a hang.
+
+use super::{ProcessError, mem::ProcessMemory};
+use crate::interp::offsets::Offsets;
+
+/// Longest string read, in characters.
+const MAX_STR: i64 = 4096;
+/// Most dict entries or tuple items read.
+const MAX_ITEMS: i64 = 1 << 20;
+/// `Py_TPFLAGS_TYPE_SUBCLASS`: set on the type of every class (a metaclass).
+const TPFLAGS_TYPE_SUBCLASS: u64 = 1 << 31;
+
+/// A typed view of one process's objects.
+pub struct Objects<'a> {
+    /// The process's memory.
+    pub mem: &'a ProcessMemory,
+    /// Offsets for its interpreter.
+    pub o: &'a Offsets,
+    /// Its minor version.
+    pub minor: u8,
+}
+
+impl Objects<'_> {
+    fn bad(&self, addr: u64) -> ProcessError {
+        ProcessError::BadAddress {
+            pid: self.mem.pid(),
+            addr,
+        }
+    }
+
+    /// A `str` object's value (compact strings of any kind).
+    pub fn str(&self, obj: u64) -> Result<String, ProcessError> {
+        let state = self.mem.u32(obj + self.o.unicode_state as u64)?;
+        let len = self.mem.i64(obj + self.o.unicode_length as u64)?;
+        let (kind, compact, ascii) = (
+            (state >> 2) & 7,
+            state & (1 << 5) != 0,
+            state & (1 << 6) != 0,
+        );
+        if !compact || !(0..=MAX_STR).contains(&len) {
+            return Err(self.bad(obj));
+        }
+        let data = obj
+            + if ascii {
+                self.o.unicode_ascii_data
+            } else {
+                self.o.unicode_compact_data
+            } as u64;
+        let len = len as usize;
+        match kind {
+            1 => Ok(self
+                .mem
+                .bytes(data, len)?
+                .into_iter()
+                .map(char::from)
+                .collect()),
+            2 => {
+                let b = self.mem.bytes(data, len * 2)?;
+                let units: Vec<u16> = b
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                Ok(String::from_utf16_lossy(&units))
+            }
+            4 => {
+                let b = self.mem.bytes(data, len * 4)?;
+                Ok(b.chunks_exact(4)
+                    .map(|c| {
+                        char::from_u32(u32::from_le_bytes(c.try_into().unwrap()))
+                            .unwrap_or('\u{fffd}')
+                    })
+                    .collect())
+            }
+            _ => Err(self.bad(obj)),
+        }
+    }
+
+    /// The object's type.
+    pub fn type_of(&self, obj: u64) -> Result<u64, ProcessError> {
+        self.mem.ptr(obj, self.o.object_type)
+    }
+
+    /// `type(obj).__name__` as the C struct spells it (`tp_name`).
+    pub fn type_name(&self, obj: u64) -> Result<String, ProcessError> {
+        let ty = self.type_of(obj)?;
+        let name = self.mem.ptr(ty, self.o.type_name)?;
+        self.mem.c_string(name, 256)
+    }
+
+    /// Whether `obj` is a class (its type is a subclass of `type`).
+    pub fn is_class(&self, obj: u64) -> bool {
+        self.type_of(obj)
+            .and_then(|t| self.mem.u64(t + self.o.type_flags as u64))
+            .is_ok_and(|flags| flags & TPFLAGS_TYPE_SUBCLASS != 0)
+    }
+
+    /// A class's `__dict__`.
+    pub fn class_dict(&self, class: u64) -> Result<u64, ProcessError> {
+        self.mem.ptr(class, self.o.type_dict)
+    }
+
+    /// A tuple's items.
+    pub fn tuple_items(&self, tuple: u64) -> Result<Vec<u64>, ProcessError> {
+        let n = self.mem.i64(tuple + self.o.tuple_size as u64)?;
+        if !(0..=MAX_ITEMS).contains(&n) {
+            return Err(self.bad(tuple));
+        }
+        let raw = self
+            .mem
+            .bytes(tuple + self.o.tuple_items as u64, n as usize * 8)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    /// A dict's live (key, value) pairs, in insertion order. Split tables
+    /// (instance dicts) are not needed and not supported.
+    pub fn dict_items(&self, dict: u64) -> Result<Vec<(u64, u64)>, ProcessError> {
+        let keys = self.mem.ptr(dict, self.o.dict_keys)?;
+        let values = self.mem.ptr(dict, self.o.dict_values)?;
+        if values != 0 {
+            return Err(self.bad(dict));
+        }
+        let (nentries, entries, stride, key_at) = if self.minor <= 10 {
+            // dk_refcnt, dk_size, dk_lookup, dk_usable, dk_nentries, dk_indices[]
+            let size = self.mem.i64(keys + 8)?;
+            let nentries = self.mem.i64(keys + 32)?;
+            let ix = match size {
+                ..=0xff => 1,
+                ..=0xffff => 2,
+                ..=0xffff_ffff => 4,
+                _ => 8,
+            };
+            (nentries, keys + 40 + (size as u64) * ix, 24u64, 8u64)
+        } else {
+            // dk_refcnt, dk_log2_size, dk_log2_index_bytes, dk_kind, .., dk_nentries, dk_indices[]
+            let log2_index_bytes = self.mem.u8(keys + 9)? as u32;
+            let kind = self.mem.u8(keys + 10)?;
+            let nentries = self.mem.i64(keys + 24)?;
+            if log2_index_bytes > 40 {
+                return Err(self.bad(keys));
+            }
+            let entries = keys + 32 + (1u64 << log2_index_bytes);
+            // General keys hold (hash, key, value); unicode keys (key, value).
+            if kind == 0 {
+                (nentries, entries, 24, 8)
+            } else {
+                (nentries, entries, 16, 0)
+            }
+        };
+        if !(0..=MAX_ITEMS).contains(&nentries) {
+            return Err(self.bad(keys));
+        }
+        let raw = self
+            .mem
+            .bytes(entries, (nentries as u64 * stride) as usize)?;
+        Ok(raw
+            .chunks_exact(stride as usize)
+            .filter_map(|e| {
+                let k =
+                    u64::from_le_bytes(e[key_at as usize..key_at as usize + 8].try_into().unwrap());
+                let v = u64::from_le_bytes(
+                    e[key_at as usize + 8..key_at as usize + 16]
+                        .try_into()
+                        .unwrap(),
+                );
+                (k != 0 && v != 0).then_some((k, v))
+            })
+            .collect())
+    }
+
+    /// `dict[key]` for a `str` key.
+    pub fn dict_get(&self, dict: u64, key: &str) -> Result<Option<u64>, ProcessError> {
+        for (k, v) in self.dict_items(dict)? {
+            // Keys that are not strings (or unreadable) simply do not match.
+            if self.str(k).is_ok_and(|s| s == key) {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+}
