@@ -1,1 +1,125 @@
-fn main() {}
+//! `cargo xtask`: everything needed to build, run, test and benchmark the
+//! detector on a fresh machine, provisioning what is missing (rust-src,
+//! bpf-linker, test root filesystems) and caching it under `target/`.
+
+mod build;
+mod rootfs;
+mod test;
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Build, run, test and benchmark the detector.
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF object and the `detector` binary with it embedded
+    /// (release). Installs rust-src and bpf-linker on first use.
+    Build,
+    /// Build, then run `detector ARGS` (as root: eBPF needs it).
+    ///
+    /// Example: cargo xtask run -- dump --target json.decoder:JSONDecoder.decode -- python3 -c 'import json; json.loads("[]")'
+    Run {
+        /// Arguments for `detector`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Everything CI runs: formatting, clippy, unit tests, and the
+    /// integration tests against real interpreters and the real kernel.
+    Test {
+        /// Only integration tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Build => build::all().map(|_| ()),
+        Cmd::Run { args } => run(&args),
+        Cmd::Test { filter } => test::run(filter.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let bin = build::all()?;
+    if !is_root() {
+        bail!(
+            "the detector loads eBPF programs and needs root: run `sudo -E cargo xtask run -- ...`"
+        );
+    }
+    let status = Command::new(&bin)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        _ => bail!("detector exited with {status}"),
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Where xtask caches what it provisions.
+pub fn cache_dir() -> PathBuf {
+    root().join("target").join("xtask")
+}
+
+/// Whether we run as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a command, failing with its name and status.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}

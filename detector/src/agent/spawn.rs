@@ -20,7 +20,7 @@ use crate::pyproc::{ProcessError, PythonProcess};
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     /// `exec` failed.
-    #[error("cannot run {command}: {source}")]
+    #[error("cannot run {command}")]
     Start {
         /// The program.
         command: String,
@@ -28,8 +28,8 @@ pub enum SpawnError {
         source: io::Error,
     },
     /// A ptrace request failed.
-    #[error("tracing the command failed: {0}")]
-    Trace(io::Error),
+    #[error("tracing the command failed")]
+    Trace(#[source] io::Error),
     /// The command exited before it ran Python.
     #[error("{command} exited ({status}) without running a Python interpreter")]
     NeverPython {
@@ -62,7 +62,8 @@ impl Spawned {
 }
 
 enum Stop {
-    /// At the entry point of the current image.
+    /// Stopped at the entry point of the current image (or, from
+    /// `run_to_exec`, right after an exec).
     Entry,
     /// Exited or killed, with its wait status.
     Gone(i32),
@@ -104,7 +105,7 @@ where
                 }
             };
             let pid = child.id() as i32;
-            let outcome = trace_to_python(pid, &locate);
+            let outcome = trace_to_python(pid, &argv[0], &locate);
             match outcome {
                 Ok(p) => {
                     let _ = ready_tx.send(Ok(p));
@@ -141,7 +142,11 @@ where
 
 /// Follows the child from exec to exec until one is Python. The error's flag
 /// says whether the child is already gone.
-fn trace_to_python<F>(pid: i32, locate: &F) -> Result<PythonProcess, (SpawnError, bool)>
+fn trace_to_python<F>(
+    pid: i32,
+    command: &str,
+    locate: &F,
+) -> Result<PythonProcess, (SpawnError, bool)>
 where
     F: Fn(u32) -> Result<Option<PythonProcess>, ProcessError>,
 {
@@ -149,24 +154,46 @@ where
     // The first stop is the SIGTRAP of the initial exec.
     let status = wait(pid).map_err(trace)?;
     if !stopped(status) {
-        return Err((never_python(pid, status), true));
+        return Err((never_python(command, status), true));
     }
     let opts = libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_EXITKILL;
     ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts as u64).map_err(trace)?;
     loop {
-        match run_to_entry(pid).map_err(trace)? {
-            Stop::Gone(status) => return Err((never_python(pid, status), true)),
-            Stop::Entry => match locate(pid as u32) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(e) => return Err((e.into(), false)),
-            },
+        if let Stop::Gone(status) = run_to_entry(pid).map_err(trace)? {
+            return Err((never_python(command, status), true));
+        }
+        match locate(pid as u32) {
+            Ok(Some(p)) => return Ok(p),
+            // A wrapper (shim, `env`, `chroot`): follow it to its next exec.
+            Ok(None) => {
+                if let Stop::Gone(status) = run_to_exec(pid).map_err(trace)? {
+                    return Err((never_python(command, status), true));
+                }
+            }
+            Err(e) => return Err((e.into(), false)),
         }
     }
 }
 
-fn never_python(pid: i32, status: i32) -> SpawnError {
-    let command = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+/// Lets the stopped child run until it executes a new image (stopped right
+/// after the exec) or ends.
+fn run_to_exec(pid: i32) -> io::Result<Stop> {
+    ptrace(libc::PTRACE_CONT, pid, 0, 0)?;
+    loop {
+        let status = wait(pid)?;
+        if !stopped(status) {
+            return Ok(Stop::Gone(status));
+        }
+        let sig = libc::WSTOPSIG(status);
+        if sig == libc::SIGTRAP && (status >> 16) & 0xff == libc::PTRACE_EVENT_EXEC {
+            return Ok(Stop::Entry);
+        }
+        let deliver = if sig == libc::SIGTRAP { 0 } else { sig as u64 };
+        ptrace(libc::PTRACE_CONT, pid, 0, deliver)?;
+    }
+}
+
+fn never_python(command: &str, status: i32) -> SpawnError {
     let status = if libc::WIFEXITED(status) {
         format!("exit status {}", libc::WEXITSTATUS(status))
     } else if libc::WIFSIGNALED(status) {

@@ -30,10 +30,10 @@ pub enum BpfError {
     #[error("this detector binary has no eBPF object embedded: build it with `cargo xtask build`")]
     NoObject,
     /// Loading the object or a program failed.
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
     /// A program would not load or attach.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Program {
         /// What was being done.
         what: String,
@@ -42,7 +42,7 @@ pub enum BpfError {
         source: Box<ProgramError>,
     },
     /// A map operation failed.
-    #[error("map {map}: {source}")]
+    #[error("map {map}")]
     Map {
         /// Map name.
         map: &'static str,

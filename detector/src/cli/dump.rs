@@ -13,7 +13,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use super::{parse_target, require_privileges};
+use super::require_privileges;
 use crate::{
     agent::{ProcessWatch, spawn},
     bpf::{Capacities, Probes},
@@ -38,8 +38,8 @@ pub struct DumpArgs {
     #[arg(long, value_name = "PID", conflicts_with = "command")]
     pub pid: Option<u32>,
     /// A function to watch, `package.module:Qual.name` (repeat for several).
-    #[arg(long = "target", value_name = "MODULE:QUALNAME", value_parser = parse_target, required = true)]
-    pub targets: Vec<Target>,
+    #[arg(long = "target", value_name = "MODULE:QUALNAME", required = true)]
+    pub targets: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -69,12 +69,16 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
     {
         bail!("--duration must be a positive number of seconds");
     }
-    require_privileges()?;
-    let printer = Printer::new(args.format);
+    // Before anything can be attached: a stop request must always end in a
+    // clean detach and a summary, never in the default action.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let mut targets = TargetSet::default();
     for t in &args.targets {
-        targets.insert(t.clone());
+        targets.insert(Target::parse(t)?);
     }
+    require_privileges()?;
+    let printer = Printer::new(args.format);
     let mut probes = Probes::load(Capacities::default())?;
     probes.sync_targets(&targets)?;
     let cache = Arc::new(AnalysisCache::default());
@@ -114,8 +118,6 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
         .context("polling the ring buffer")?;
     let mut processor = EventProcessor::default();
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(Duration::from_secs_f64(args.duration.unwrap_or(1e9)));
     tokio::pin!(deadline);
 

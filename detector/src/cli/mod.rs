@@ -6,8 +6,6 @@ pub mod inspect;
 
 use clap::{Parser, Subcommand};
 
-use crate::targets::Target;
-
 /// Out-of-process function-hit detector for CPython.
 ///
 /// Attaches eBPF uprobes to a Python interpreter's frame-evaluation code and
@@ -60,11 +58,6 @@ pub enum Command {
     /// symbols, struct offsets and probe sites with their sources, or the
     /// precise reason it refuses to probe it.
     Inspect(inspect::InspectArgs),
-}
-
-/// Parses a target for clap.
-pub fn parse_target(s: &str) -> Result<Target, String> {
-    Target::parse(s).map_err(|e| e.to_string())
 }
 
 /// Fails with a clear message unless this process may load eBPF programs,

@@ -27,7 +27,7 @@ pub const SUPPORTED_MINORS: std::ops::RangeInclusive<u8> = 8..=14;
 #[derive(Debug, thiserror::Error)]
 pub enum AnalysisError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// File.
         path: PathBuf,

@@ -221,7 +221,7 @@ impl OffsetTable {
 pub fn builtin(minor: u8) -> Option<Offsets> {
     let mut o = common();
     match minor {
-        8 | 9 | 10 => {
+        8..=10 => {
             o.runtime_interpreters_head = 32;
             o.interp_modules = if minor == 8 { 56 } else { 856 };
             o.dictkeys_size = 8;

@@ -37,7 +37,7 @@ pub enum ProcessError {
         reason: String,
     },
     /// A CPython, but one that cannot be probed.
-    #[error("process {pid} ({object}): {source}")]
+    #[error("process {pid} ({object})")]
     Analysis {
         /// Process.
         pid: u32,
@@ -55,7 +55,7 @@ pub enum ProcessError {
         addr: u64,
     },
     /// Anything else from `/proc`.
-    #[error("process {pid}: {source}")]
+    #[error("process {pid}")]
     Io {
         /// Process.
         pid: u32,

@@ -131,8 +131,8 @@ impl Objects<'_> {
             let nentries = self.mem.i64(keys + 32)?;
             let ix = match size {
                 ..=0xff => 1,
-                ..=0xffff => 2,
-                ..=0xffff_ffff => 4,
+                0x100..=0xffff => 2,
+                0x1_0000..=0xffff_ffff => 4,
                 _ => 8,
             };
             (nentries, keys + 40 + (size as u64) * ix, 24u64, 8u64)

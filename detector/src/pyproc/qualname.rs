@@ -73,8 +73,16 @@ pub fn module_globals(
     name: &str,
 ) -> Result<Option<u64>, ProcessError> {
     let o = objs.o;
+    // Before initialisation (a command stopped at its entry point) there is
+    // no interpreter, or no `sys.modules`, yet.
     let interp = objs.mem.ptr(runtime, o.runtime_interpreters_head)?;
+    if interp == 0 {
+        return Ok(None);
+    }
     let modules = objs.mem.ptr(interp, o.interp_modules)?;
+    if modules == 0 {
+        return Ok(None);
+    }
     let Some(module) = objs.dict_get(modules, name)? else {
         return Ok(None);
     };

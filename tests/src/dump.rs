@@ -1,0 +1,195 @@
+//! Driving `detector dump --format json` and collecting what it prints.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read},
+    process::{Child, Command, Stdio},
+    sync::mpsc::{Receiver, channel},
+    time::Instant,
+};
+
+use serde_json::Value;
+
+use crate::{STEP_TIMEOUT, detector_bin};
+
+/// A running `detector dump`.
+pub struct Dump {
+    child: Child,
+    lines: Receiver<Value>,
+    /// Every JSON line printed so far.
+    pub seen: Vec<Value>,
+}
+
+/// What a finished `detector dump` printed.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Exact hits per target, from the summary lines.
+    pub counts: BTreeMap<String, u64>,
+    /// Every hit line.
+    pub hits: Vec<Value>,
+    /// The `attached` line.
+    pub attached: Value,
+    /// The `stats` line.
+    pub stats: Value,
+    /// Whether it reported the process exiting.
+    pub exited: bool,
+    /// Exit code of the detector.
+    pub code: Option<i32>,
+}
+
+impl Summary {
+    /// Hits of `target`.
+    pub fn count(&self, target: &str) -> u64 {
+        *self
+            .counts
+            .get(target)
+            .unwrap_or_else(|| panic!("no summary for {target}: {:?}", self.counts))
+    }
+
+    /// Asserts exact counts for every `(target, hits)`.
+    pub fn assert_counts(&self, expected: &[(&str, u64)]) {
+        let got: Vec<(&str, u64)> = expected.iter().map(|(t, _)| (*t, self.count(t))).collect();
+        assert_eq!(got, expected, "stats: {}", self.stats);
+        // Every counted hit is also reported as an event when nothing dropped.
+        if self.stats["ringbuf_drops"] == 0 {
+            let total: u64 = expected.iter().map(|(_, n)| n).sum();
+            assert_eq!(self.hits.len() as u64, total, "hit events vs summaries");
+        }
+    }
+}
+
+fn spawn(args: &[String]) -> Dump {
+    let mut child = Command::new(detector_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting detector");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = channel();
+    std::thread::spawn(move || {
+        // Non-JSON lines come from a spawned command sharing our stdout.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v.is_object()
+                && tx.send(v).is_err()
+            {
+                break;
+            }
+        }
+    });
+    Dump {
+        child,
+        lines,
+        seen: Vec::new(),
+    }
+}
+
+fn dump_args(targets: &[&str]) -> Vec<String> {
+    let mut args = vec!["dump".to_string(), "--format".into(), "json".into()];
+    for t in targets {
+        args.push("--target".into());
+        args.push((*t).into());
+    }
+    args
+}
+
+impl Dump {
+    /// Attaches to `pid` and waits until probes are live.
+    pub fn attach(pid: u32, targets: &[&str]) -> Self {
+        let mut args = dump_args(targets);
+        args.extend(["--pid".into(), pid.to_string()]);
+        let mut d = spawn(&args);
+        d.wait_for("attached");
+        d
+    }
+
+    /// Starts `command` under the detector (`dump -- COMMAND`).
+    pub fn command(targets: &[&str], command: &[String]) -> Self {
+        let mut args = dump_args(targets);
+        args.push("--".into());
+        args.extend(command.iter().cloned());
+        spawn(&args)
+    }
+
+    /// Waits for a line of `kind`, keeping everything seen.
+    pub fn wait_for(&mut self, kind: &str) -> Value {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if v["type"] == kind {
+                        return v;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let mut err = String::new();
+                    let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+                    panic!("detector printed no {kind:?} line; stderr: {err}");
+                }
+            }
+        }
+    }
+
+    /// Stops the detector with SIGINT and collects its output.
+    pub fn stop(self) -> Summary {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.collect()
+    }
+
+    /// Waits for the detector to finish by itself and collects its output.
+    pub fn collect(mut self) -> Summary {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            match self.child.try_wait().unwrap() {
+                Some(_) => break,
+                None if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    panic!("detector did not stop");
+                }
+                None => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+        let code = self.child.wait().unwrap().code();
+        let mut err = String::new();
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+        // The reader thread ends at EOF; take everything it got.
+        while let Ok(v) = self.lines.recv_timeout(std::time::Duration::from_secs(5)) {
+            self.seen.push(v);
+        }
+        assert_eq!(code, Some(0), "detector failed: {err}");
+        let mut s = Summary {
+            code,
+            ..Summary::default()
+        };
+        for v in std::mem::take(&mut self.seen) {
+            match v["type"].as_str() {
+                Some("summary") => {
+                    s.counts.insert(
+                        v["target"].as_str().unwrap().to_owned(),
+                        v["hits"].as_u64().unwrap(),
+                    );
+                }
+                Some("hit") => s.hits.push(v),
+                Some("attached") => s.attached = v,
+                Some("stats") => s.stats = v,
+                Some("exited") => s.exited = true,
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Dump {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

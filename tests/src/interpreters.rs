@@ -1,0 +1,133 @@
+//! The interpreters the tests run on: every pyenv build from 3.8 to 3.13,
+//! Debian's stripped `/usr/bin/python3.11`, and Debian's 3.14 in a
+//! debootstrapped root filesystem run under `chroot` (a process "in a
+//! container": its binary is only reachable through `/proc/PID/root`).
+
+use std::path::{Path, PathBuf};
+
+/// One interpreter.
+#[derive(Clone, Debug)]
+pub struct Interpreter {
+    /// Name for messages, e.g. `pyenv-3.12.1`.
+    pub name: String,
+    /// Minor version.
+    pub minor: u8,
+    /// Command prefix that runs a script: `[python]` or `[chroot, ROOT, python]`.
+    pub argv: Vec<String>,
+    /// The fixtures directory as this interpreter sees it.
+    pub fixtures: PathBuf,
+    /// Root filesystem, for chrooted interpreters.
+    pub rootfs: Option<PathBuf>,
+}
+
+const PYENV_MINORS: [u8; 6] = [8, 9, 10, 11, 12, 13];
+
+/// Every interpreter; panics naming any that is missing.
+pub fn interpreters() -> Vec<Interpreter> {
+    let fixtures = crate::fixtures_dir();
+    let mut out = Vec::new();
+    let pyenv = pyenv_root();
+    for minor in PYENV_MINORS {
+        let prefix = format!("3.{minor}.");
+        let found = std::fs::read_dir(pyenv.join("versions"))
+            .ok()
+            .and_then(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| {
+                        n.strip_prefix(&prefix)
+                            .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                    .max()
+            });
+        let version =
+            found.unwrap_or_else(|| panic!("no pyenv build of 3.{minor} in {}", pyenv.display()));
+        let python = pyenv
+            .join("versions")
+            .join(&version)
+            .join("bin")
+            .join(format!("python3.{minor}"));
+        assert!(python.exists(), "{} is missing", python.display());
+        out.push(Interpreter {
+            name: format!("pyenv-{version}"),
+            minor,
+            argv: vec![python.display().to_string()],
+            fixtures: fixtures.clone(),
+            rootfs: None,
+        });
+    }
+    let debian = Path::new("/usr/bin/python3.11");
+    assert!(debian.exists(), "Debian's /usr/bin/python3.11 is missing");
+    out.push(Interpreter {
+        name: "debian-3.11".into(),
+        minor: 11,
+        argv: vec![debian.display().to_string()],
+        fixtures: fixtures.clone(),
+        rootfs: None,
+    });
+    let rootfs_base = std::env::var_os("DETECTOR_TEST_ROOTFS")
+        .map(PathBuf::from)
+        .expect(
+            "DETECTOR_TEST_ROOTFS is not set: run the integration tests with `cargo xtask test`",
+        );
+    let root = rootfs_base.join("sid-python3.14");
+    assert!(
+        root.join("usr/bin/python3.14").exists(),
+        "no python3.14 in {}",
+        root.display()
+    );
+    install_fixtures(&root);
+    out.push(Interpreter {
+        name: "sid-3.14-chroot".into(),
+        minor: 14,
+        argv: vec![
+            "chroot".into(),
+            root.display().to_string(),
+            "/usr/bin/python3.14".into(),
+        ],
+        fixtures: PathBuf::from("/opt/detector-fixtures"),
+        rootfs: Some(root),
+    });
+    out
+}
+
+fn pyenv_root() -> PathBuf {
+    if let Some(r) = std::env::var_os("PYENV_ROOT") {
+        return PathBuf::from(r);
+    }
+    std::process::Command::new("pyenv")
+        .arg("root")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".pyenv"))
+}
+
+/// Copies the fixtures into the root filesystem, once per test process.
+fn install_fixtures(root: &Path) {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| copy_dir(&crate::fixtures_dir(), &root.join("opt/detector-fixtures")));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            if e.file_name() != "__pycache__" {
+                copy_dir(&e.path(), &dest);
+            }
+        } else {
+            // Write to a temporary name and rename: tests run in parallel.
+            let tmp = to.join(format!(
+                ".{}.{}",
+                e.file_name().to_string_lossy(),
+                std::process::id()
+            ));
+            std::fs::copy(e.path(), &tmp).unwrap();
+            std::fs::rename(&tmp, &dest).unwrap();
+        }
+    }
+}

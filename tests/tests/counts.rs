@@ -1,0 +1,180 @@
+//! Exact hit counts for known workloads on every interpreter, and zero for
+//! decoys: same name in another class, at module level, in another module.
+
+use detector_tests::{for_each_interpreter, run_attached};
+
+#[test]
+fn plain_functions() {
+    for_each_interpreter(|i| {
+        let s = run_attached(
+            i,
+            "plain",
+            &["wl.plain:f", "wl.plain:g", "wl.plain:never_defined"],
+        );
+        s.assert_counts(&[
+            ("wl.plain:f", 25),
+            ("wl.plain:g", 3),
+            ("wl.plain:never_defined", 0),
+        ]);
+    });
+}
+
+#[test]
+fn methods_and_decoys() {
+    for_each_interpreter(|i| {
+        // B.f (5 calls), module-level f (7) and wl.decoy:A.f (3) share the
+        // name f: none of them is wl.methods:A.f.
+        let s = run_attached(
+            i,
+            "methods",
+            &["wl.methods:A.f", "wl.methods:C.f", "wl.other:A.f"],
+        );
+        s.assert_counts(&[
+            ("wl.methods:A.f", 10),
+            ("wl.methods:C.f", 0),
+            ("wl.other:A.f", 0),
+        ]);
+    });
+}
+
+#[test]
+fn decoys_counted_on_their_own() {
+    for_each_interpreter(|i| {
+        let s = run_attached(
+            i,
+            "methods",
+            &["wl.methods:B.f", "wl.methods:f", "wl.decoy:A.f"],
+        );
+        s.assert_counts(&[
+            ("wl.methods:B.f", 5),
+            ("wl.methods:f", 7),
+            ("wl.decoy:A.f", 3),
+        ]);
+    });
+}
+
+#[test]
+fn staticmethods_and_classmethods() {
+    for_each_interpreter(|i| {
+        let s = run_attached(i, "methods", &["wl.methods:A.s", "wl.methods:A.c"]);
+        s.assert_counts(&[("wl.methods:A.s", 6), ("wl.methods:A.c", 6)]);
+    });
+}
+
+#[test]
+fn nested_python_to_python_calls() {
+    for_each_interpreter(|i| {
+        let s = run_attached(
+            i,
+            "nested",
+            &["wl.nested:outer", "wl.nested:middle", "wl.nested:inner"],
+        );
+        s.assert_counts(&[
+            ("wl.nested:outer", 4),
+            ("wl.nested:middle", 20),
+            ("wl.nested:inner", 40),
+        ]);
+    });
+}
+
+#[test]
+fn constructors() {
+    for_each_interpreter(|i| {
+        let s = run_attached(
+            i,
+            "init",
+            &["wl.init:Point.__init__", "wl.init:Other.__init__"],
+        );
+        s.assert_counts(&[
+            ("wl.init:Point.__init__", 12),
+            ("wl.init:Other.__init__", 3),
+        ]);
+    });
+}
+
+#[test]
+fn generators_and_coroutines_count_starts_not_resumes() {
+    for_each_interpreter(|i| {
+        // 5 generators of 10 items each, 2 created but never started; 4
+        // coroutines awaiting 3 times each.
+        let s = run_attached(i, "gens", &["wl.gens:gen", "wl.gens:coro"]);
+        s.assert_counts(&[("wl.gens:gen", 5), ("wl.gens:coro", 4)]);
+    });
+}
+
+#[test]
+fn recursion() {
+    for_each_interpreter(|i| {
+        // fib(10) makes 177 calls.
+        let s = run_attached(i, "rec", &["wl.rec:fib"]);
+        s.assert_counts(&[("wl.rec:fib", 177)]);
+    });
+}
+
+#[test]
+fn closures() {
+    for_each_interpreter(|i| {
+        let s = run_attached(
+            i,
+            "closures",
+            &["wl.closures:make", "wl.closures:make.<locals>.inner"],
+        );
+        s.assert_counts(&[
+            ("wl.closures:make", 3),
+            ("wl.closures:make.<locals>.inner", 12),
+        ]);
+    });
+}
+
+#[test]
+fn four_threads_at_once() {
+    for_each_interpreter(|i| {
+        let s = run_attached(i, "threads", &["wl.threads:work", "wl.threads:loop"]);
+        s.assert_counts(&[("wl.threads:work", 1000), ("wl.threads:loop", 4)]);
+        let tids: std::collections::BTreeSet<u64> = s
+            .hits
+            .iter()
+            .filter(|h| h["target"] == "wl.threads:work")
+            .map(|h| h["tid"].as_u64().unwrap())
+            .collect();
+        assert_eq!(tids.len(), 4, "hits from 4 distinct threads");
+    });
+}
+
+#[test]
+fn thread_already_looping_before_attach() {
+    for_each_interpreter(|i| {
+        let s = run_attached(i, "looping", &["wl.looping:tick"]);
+        s.assert_counts(&[("wl.looping:tick", 100)]);
+    });
+}
+
+#[test]
+fn module_imported_and_functions_defined_after_attach() {
+    for_each_interpreter(|i| {
+        let s = run_attached(
+            i,
+            "late_import",
+            &["wl.late:f", "wl.late:C.m", "wl.dynamic:dyn"],
+        );
+        s.assert_counts(&[("wl.late:f", 9), ("wl.late:C.m", 2), ("wl.dynamic:dyn", 5)]);
+    });
+}
+
+#[test]
+fn hits_carry_file_and_line() {
+    for_each_interpreter(|i| {
+        let s = run_attached(i, "plain", &["wl.plain:g"]);
+        s.assert_counts(&[("wl.plain:g", 3)]);
+        for h in &s.hits {
+            assert_eq!(h["qualname"], "g");
+            assert_eq!(h["module"], "wl.plain");
+            assert_eq!(h["lineno"], 5, "{h}");
+            assert!(
+                h["filename"].as_str().unwrap().ends_with("wl/plain.py"),
+                "{h}"
+            );
+            assert!(h["ts_ns"].as_u64().unwrap() > 0);
+        }
+    });
+}

@@ -1,0 +1,89 @@
+//! Debian root filesystems for the tests: distro interpreter builds run
+//! under `chroot`, which is also how the tests stand in for "a process in a
+//! container" (its binary is only reachable through `/proc/PID/root`).
+//! Built with `debootstrap` on first use and cached under `target/`.
+
+use std::{fs, path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{is_root, root, sh};
+
+/// A Debian suite with one interpreter package.
+pub struct Rootfs {
+    /// Directory name under `target/test-rootfs/`.
+    pub name: &'static str,
+    /// Debian suite.
+    pub suite: &'static str,
+    /// Package providing the interpreter.
+    pub package: &'static str,
+}
+
+/// The root filesystems the tests use.
+pub const ROOTFS: &[Rootfs] = &[Rootfs {
+    name: "sid-python3.14",
+    suite: "sid",
+    package: "python3.14-minimal",
+}];
+
+const MIRROR: &str = "http://deb.debian.org/debian";
+const STAMP: &str = ".detector-rootfs-complete";
+
+/// Makes sure every root filesystem exists; returns the directory holding them.
+pub fn ensure_all() -> Result<PathBuf> {
+    let base = root().join("target").join("test-rootfs");
+    for r in ROOTFS {
+        let dir = base.join(r.name);
+        if dir.join(STAMP).exists() {
+            continue;
+        }
+        if !is_root() {
+            bail!(
+                "building the test root filesystem {} needs root (debootstrap)",
+                dir.display()
+            );
+        }
+        ensure_debootstrap()?;
+        eprintln!(
+            "xtask: debootstrap {} with {} into {} (once, a few minutes)",
+            r.suite,
+            r.package,
+            dir.display()
+        );
+        if dir.exists() {
+            fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing partial {}", dir.display()))?;
+        }
+        fs::create_dir_all(&base)?;
+        sh(Command::new("debootstrap")
+            .args([
+                "--variant=minbase",
+                &format!("--include={}", r.package),
+                r.suite,
+            ])
+            .arg(&dir)
+            .arg(MIRROR))?;
+        fs::write(dir.join(STAMP), "")?;
+    }
+    Ok(base)
+}
+
+fn ensure_debootstrap() -> Result<()> {
+    if Command::new("debootstrap")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing debootstrap");
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-q", "debootstrap"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .or_else(|_| {
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "debootstrap"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    })
+}
