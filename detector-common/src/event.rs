@@ -71,7 +71,7 @@ pub struct CandidateEvent {
     pub ts_ns: u64,
     /// Code object.
     pub code: u64,
-    /// `co_name` (part of the verdict key).
+    /// `co_name`.
     pub name: u64,
     /// The frame's `f_globals`: the module the code was defined in.
     pub globals: u64,

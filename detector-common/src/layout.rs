@@ -135,11 +135,7 @@ impl Layout {
     /// Address of the name the verdict cache keys on: `co_qualname` where it
     /// exists, else `co_name`.
     pub const fn verdict_name_offset(&self) -> u16 {
-        if self.code_qualname != NO_OFFSET {
-            self.code_qualname
-        } else {
-            self.code_name
-        }
+        if self.code_qualname != NO_OFFSET { self.code_qualname } else { self.code_name }
     }
 }
 

@@ -34,6 +34,10 @@ pub mod programs {
     pub const RESUME: &str = "py_resume";
     /// `PyFunction_NewWithQualName` entry on 3.8-3.10: records identities.
     pub const FUNC_NEW: &str = "py_func_new";
+    /// `code_dealloc` entry: forgets a code object's verdict and identity.
+    pub const CODE_DEALLOC: &str = "py_code_dealloc";
+    /// An empty program, for measuring the cost of the probe itself.
+    pub const EMPTY: &str = "py_empty";
 }
 
 #[cfg(feature = "user")]
@@ -46,12 +50,11 @@ mod pod {
         TargetKey,
         NameKey,
         ThreadEntry,
-        VerdictKey,
+        CodeKey,
         Verdict,
         CountKey,
         PendingKey,
         PendingEntry,
-        IdentityKey,
         CodeIdentity,
         Config,
         Layout,

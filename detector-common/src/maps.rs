@@ -10,14 +10,14 @@ pub const LAYOUTS: &str = "LAYOUTS";
 pub const TARGETS: &str = "TARGETS";
 /// `HashMap<NameKey, u32>`: last components of target qualnames (3.8-3.10 prefilter).
 pub const NAMES: &str = "NAMES";
-/// `LruHashMap<VerdictKey, Verdict>`: per (process, code object) match verdicts.
+/// `LruHashMap<CodeKey, Verdict>`: per (process, code object) match verdicts.
 pub const VERDICTS: &str = "VERDICTS";
 /// `HashMap<CountKey, u64>`: exact hits per (process, target).
 pub const COUNTS: &str = "COUNTS";
 /// `HashMap<PendingKey, PendingEntry>`: hits of 3.8-3.10 code objects
 /// awaiting resolution.
 pub const PENDING: &str = "PENDING";
-/// `LruHashMap<IdentityKey, CodeIdentity>`: what a 3.8-3.10 code object is,
+/// `LruHashMap<CodeKey, CodeIdentity>`: what a 3.8-3.10 code object is,
 /// recorded when a function is made from it (or pre-filled by user space).
 pub const IDENTITIES: &str = "IDENTITIES";
 /// `Array<Config>` with one entry: the global generation and tunables.
@@ -79,19 +79,18 @@ pub struct ThreadEntry {
     pub tstate: u64,
 }
 
-/// Key of the verdict cache: a code object in a process, with the address of
-/// its name so a reused address holding another code object misses.
+/// Key of the verdict cache and of the identities: a code object in a
+/// process. Entries are deleted when the code object is deallocated (a
+/// probe on `code_dealloc`), so a reused address never inherits a verdict.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct VerdictKey {
+pub struct CodeKey {
     /// Process.
     pub tgid: u32,
     /// Reserved, zero.
     pub _pad: u32,
     /// Address of the code object.
     pub code: u64,
-    /// Address of its `co_qualname` (3.11+) or `co_name` (3.8-3.10).
-    pub name: u64,
 }
 
 /// A verdict: which target a code object is, valid for one generation.
@@ -102,24 +101,20 @@ pub struct Verdict {
     pub generation: u32,
     /// Target id, [`TARGET_NONE`] or [`TARGET_PENDING`].
     pub target: u32,
+    /// Non-zero for generators and coroutines, whose body is entered again
+    /// after each `yield`/`await`: only for them must a pass be checked to
+    /// be a start. A plain function's body is entered once per call.
+    pub resumable: u32,
 }
+
+/// `co_flags` of code whose frames are resumed: generators, coroutines,
+/// iterable coroutines and async generators.
+pub const CO_RESUMABLE: u32 = 0x20 | 0x80 | 0x100 | 0x200;
 
 /// Not a target.
 pub const TARGET_NONE: u32 = u32::MAX;
 /// 3.8-3.10: the name matches a target; user space resolves the rest.
 pub const TARGET_PENDING: u32 = u32::MAX - 1;
-
-/// Key of [`IDENTITIES`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct IdentityKey {
-    /// Process.
-    pub tgid: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
-    /// Code object.
-    pub code: u64,
-}
 
 /// The qualified name and module of a 3.8-3.10 code object, which neither
 /// the code nor its frame carries: taken from `PyFunction_NewWithQualName`.

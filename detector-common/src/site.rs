@@ -1,8 +1,13 @@
-//! Probe-site cookies: what a RESUME-family site must check before it counts.
+//! Probe-site cookies: what a site knows and must check before it counts.
 //!
-//! A uprobe's BPF cookie carries the layout id (high 32 bits) and how to tell
-//! a real function start from a pass that the handler will undo by
-//! re-dispatching the same instruction (low 32 bits).
+//! A uprobe's BPF cookie carries the layout id (high 32 bits); how to tell a
+//! real function start from a pass that the handler will undo by
+//! re-dispatching the same instruction; and which registers hold the frame,
+//! its code object and its instruction pointer at the site, so the program
+//! reads registers instead of process memory.
+
+/// No register is known to hold the value.
+pub const REG_NONE: u8 = 16;
 
 /// Count every start seen at this site.
 pub const CHECK_NONE: u8 = 0;
@@ -11,8 +16,9 @@ pub const CHECK_NONE: u8 = 0;
 /// do not count that pass, the re-dispatched one counts.
 pub const CHECK_REINSTRUMENT: u8 = 1;
 /// The site is the conditional branch that decides whether the handler
-/// de-optimises to another RESUME handler (3.13+ RESUME_CHECK): count only
-/// when the branch goes the way that stays, as computed from the live flags.
+/// re-instruments or de-optimises and re-dispatches (3.12 RESUME and
+/// INSTRUMENTED_RESUME, 3.13+ RESUME_CHECK): count only when the branch goes
+/// the way that stays, as computed from the live flags.
 pub const CHECK_BRANCH: u8 = 2;
 /// As [`CHECK_BRANCH`], but the site is not that branch, so the condition is
 /// recomputed from memory (`eval_breaker != version`): exact unless another
@@ -30,13 +36,35 @@ pub struct SiteCookie {
     pub cond: u8,
     /// [`CHECK_BRANCH`]: count when the condition holds (1) or fails (0).
     pub count_when: u8,
+    /// Register (x86 number, rax = 0 ... r15 = 15) holding the frame, or [`REG_NONE`].
+    pub frame_reg: u8,
+    /// Register holding the frame's code object, or [`REG_NONE`].
+    pub code_reg: u8,
+    /// Register holding the frame's instruction pointer, or [`REG_NONE`].
+    pub instr_reg: u8,
 }
 
 impl SiteCookie {
+    /// A cookie with only a layout and a check, and no registers known.
+    pub const fn new(layout: u32, check: u8) -> SiteCookie {
+        SiteCookie {
+            layout,
+            check,
+            cond: 0,
+            count_when: 0,
+            frame_reg: REG_NONE,
+            code_reg: REG_NONE,
+            instr_reg: REG_NONE,
+        }
+    }
+
     /// Packs the cookie into the 64-bit value attached to the uprobe.
     pub const fn encode(&self) -> u64 {
         ((self.layout as u64) << 32)
-            | ((self.count_when as u64) << 16)
+            | ((self.instr_reg as u64 & 0x1f) << 23)
+            | ((self.code_reg as u64 & 0x1f) << 18)
+            | ((self.frame_reg as u64 & 0x1f) << 13)
+            | ((self.count_when as u64 & 1) << 12)
             | ((self.cond as u64 & 0xf) << 8)
             | self.check as u64
     }
@@ -47,7 +75,10 @@ impl SiteCookie {
             layout: (v >> 32) as u32,
             check: v as u8,
             cond: ((v >> 8) & 0xf) as u8,
-            count_when: ((v >> 16) & 1) as u8,
+            count_when: ((v >> 12) & 1) as u8,
+            frame_reg: ((v >> 13) & 0x1f) as u8,
+            code_reg: ((v >> 18) & 0x1f) as u8,
+            instr_reg: ((v >> 23) & 0x1f) as u8,
         }
     }
 }
@@ -87,4 +118,35 @@ pub const fn cond_holds(cc: u8, f: u64) -> bool {
     };
     // Odd condition codes are the negations of the even ones.
     base != (cc & 1 == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_round_trip() {
+        let c = SiteCookie {
+            layout: 63,
+            check: CHECK_BRANCH,
+            cond: 5,
+            count_when: 1,
+            frame_reg: 3,
+            code_reg: 15,
+            instr_reg: REG_NONE,
+        };
+        assert_eq!(SiteCookie::decode(c.encode()), c);
+        assert_eq!(SiteCookie::decode(SiteCookie::new(1, CHECK_NONE).encode()), SiteCookie::new(1, CHECK_NONE));
+    }
+
+    #[test]
+    fn conditions_follow_the_flags() {
+        assert!(cond_holds(4, rflags::ZF)); // e
+        assert!(!cond_holds(5, rflags::ZF)); // ne
+        assert!(cond_holds(5, 0));
+        assert!(cond_holds(12, rflags::SF)); // l: SF != OF
+        assert!(!cond_holds(12, rflags::SF | rflags::OF));
+        assert!(cond_holds(7, 0)); // a: !CF && !ZF
+        assert!(!cond_holds(7, rflags::CF));
+    }
 }

@@ -18,12 +18,5 @@ pub const REDISPATCH_SKIPS: u32 = 6;
 pub const COUNT: u32 = 7;
 
 /// Counter names, by index, for metrics and summaries.
-pub const NAMES: [&str; COUNT as usize] = [
-    "ringbuf_drops",
-    "unknown_thread",
-    "read_errors",
-    "verdict_misses",
-    "hits",
-    "map_full",
-    "redispatch_skips",
-];
+pub const NAMES: [&str; COUNT as usize] =
+    ["ringbuf_drops", "unknown_thread", "read_errors", "verdict_misses", "hits", "map_full", "redispatch_skips"];

@@ -6,8 +6,8 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user_str_bytes},
 };
 use detector_common::{
-    CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EventHeader,
-    HitEvent, Layout, PendingEntry, PendingKey, stats, unicode_state,
+    CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EventHeader, HitEvent, Layout,
+    PendingEntry, PendingKey, stats, unicode_state,
 };
 
 use crate::{
@@ -37,18 +37,19 @@ macro_rules! increment {
 /// `*p += 1` as one atomic instruction (the BPF target has no `AtomicU64`).
 #[inline(always)]
 fn atomic_add(p: *mut u64) {
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            p, 1,
-        )
-    };
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, 1) };
 }
 
-/// Flags for submitting a record: wake the reader only when enough is waiting.
+/// Flags for submitting a record of `size` bytes: wake the reader only when
+/// this record makes the waiting data cross the threshold. Below it the
+/// reader's timer drains the buffer; above it the reader is already awake
+/// (or the buffer is full and records drop, counted). A wakeup is an IPI,
+/// which in a VM is a trip to the hypervisor: never one per record.
 #[inline(always)]
-fn submit_flags() -> u64 {
+fn submit_flags(size: u64) -> u64 {
     let threshold = CONFIG.get(0).map(|c| c.wakeup_bytes).unwrap_or(0) as u64;
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if waiting < threshold && waiting + size >= threshold {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -65,16 +66,13 @@ pub fn hit(tgid: u32, tid: u32, target: u32, code: u64) {
         return;
     };
     entry.write(HitEvent {
-        header: EventHeader {
-            kind: EVENT_HIT,
-            tgid,
-        },
+        header: EventHeader { kind: EVENT_HIT, tgid },
         tid,
         target,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         code,
     });
-    entry.submit(submit_flags());
+    entry.submit(submit_flags(size_of::<HitEvent>() as u64));
 }
 
 /// Reports where a newly matched code object comes from.
@@ -86,10 +84,7 @@ pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
     };
     let ev = entry.as_mut_ptr();
     unsafe {
-        (*ev).header = EventHeader {
-            kind: EVENT_CODE,
-            tgid,
-        };
+        (*ev).header = EventHeader { kind: EVENT_CODE, tgid };
         (*ev).target = target;
         (*ev).code = code;
         (*ev).firstlineno = read::<u32>(code + layout.code_firstlineno as u64).unwrap_or(0);
@@ -106,37 +101,21 @@ pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
             }
         }
     }
-    entry.submit(submit_flags());
+    entry.submit(submit_flags(size_of::<CodeEvent>() as u64));
 }
 
 /// 3.8-3.10: counts a start of a code object awaiting resolution and asks
 /// user space to resolve it.
 #[inline(always)]
 pub fn candidate(tgid: u32, tid: u32, generation: u32, code: u64, name: u64, globals: u64) {
-    let entry = PendingEntry {
-        hits: 1,
-        name,
-        globals,
-    };
-    increment!(
-        PENDING,
-        PendingKey {
-            tgid,
-            generation,
-            code
-        },
-        entry,
-        |p| unsafe { &raw mut (*p).hits }
-    );
+    let entry = PendingEntry { hits: 1, name, globals };
+    increment!(PENDING, PendingKey { tgid, generation, code }, entry, |p| unsafe { &raw mut (*p).hits });
     let Some(mut entry) = EVENTS.reserve::<CandidateEvent>(0) else {
         bump(stats::RINGBUF_DROPS);
         return;
     };
     entry.write(CandidateEvent {
-        header: EventHeader {
-            kind: EVENT_CANDIDATE,
-            tgid,
-        },
+        header: EventHeader { kind: EVENT_CANDIDATE, tgid },
         tid,
         generation,
         ts_ns: unsafe { bpf_ktime_get_ns() },

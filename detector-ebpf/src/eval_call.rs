@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
     programs::ProbeContext,
 };
-use detector_common::{IdentityKey, SiteCookie, TARGET_NONE, TARGET_PENDING, VerdictKey};
+use detector_common::{CodeKey, SiteCookie, TARGET_NONE, TARGET_PENDING};
 
 use crate::{
     emit,
@@ -23,48 +23,37 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
     let cookie = SiteCookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
     let layout = LAYOUTS.get(cookie.layout)?;
     let (frame, throwflag) = frame_and_throwflag(ctx, layout.frame_arg);
-    if throwflag as u32 != 0 {
-        return None;
-    }
-    if read::<i32>(frame + layout.frame_lasti as u64)? != -1 {
-        return None;
-    }
     let code = field(frame, layout.frame_code)?;
-    let name = field(code, layout.code_name)?;
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
 
-    let key = VerdictKey {
-        tgid,
-        _pad: 0,
-        code,
-        name,
-    };
+    let key = CodeKey { tgid, _pad: 0, code };
     let generation = verdict::generation();
-    let target = match verdict::cached(&key, generation) {
-        Some(t) => t,
+    let (target, resumable) = match verdict::cached(&key, generation) {
+        Some(v) => v,
         None => {
-            let identity = unsafe {
-                IDENTITIES.get(&IdentityKey {
-                    tgid,
-                    _pad: 0,
-                    code,
-                })
-            };
+            let name = field(code, layout.code_name)?;
+            let identity = unsafe { IDENTITIES.get(&key) };
             let t = identity
                 .and_then(|id| verdict::classify_identity(layout, tgid, code, name, id))
                 .unwrap_or_else(|| verdict::classify_name(layout, code, name));
-            verdict::store(&key, generation, t);
-            t
+            verdict::store(layout, &key, generation, t)
         }
     };
-    match target {
-        TARGET_NONE => {}
-        TARGET_PENDING => {
-            let globals = field(frame, layout.frame_globals).unwrap_or(0);
-            emit::candidate(tgid, tid, generation, code, name, globals);
-        }
-        t => emit::hit(tgid, tid, t, code),
+    if target == TARGET_NONE {
+        return None;
+    }
+    // A generator's frame is entered again on each resume (`f_lasti` is then
+    // past -1) and by `throw()`: only a fresh entry is a start.
+    if resumable && (throwflag as u32 != 0 || read::<i32>(frame + layout.frame_lasti as u64)? != -1) {
+        return None;
+    }
+    if target == TARGET_PENDING {
+        let name = field(code, layout.code_name)?;
+        let globals = field(frame, layout.frame_globals).unwrap_or(0);
+        emit::candidate(tgid, tid, generation, code, name, globals);
+    } else {
+        emit::hit(tgid, tid, target, code);
     }
     Some(())
 }
@@ -83,9 +72,5 @@ fn frame_and_throwflag(ctx: &ProbeContext, frame_arg: u8) -> (u64, u64) {
             read_volatile(&raw const (*regs).rdx),
         )
     };
-    if frame_arg == 0 {
-        (rdi, rsi)
-    } else {
-        (rsi, rdx)
-    }
+    if frame_arg == 0 { (rdi, rsi) } else { (rsi, rdx) }
 }

@@ -22,13 +22,5 @@ pub fn run(ctx: &ProbeContext) {
     {
         return;
     }
-    let _ = THREADS.insert(
-        &tid,
-        &ThreadEntry {
-            tgid,
-            _pad: 0,
-            tstate,
-        },
-        0,
-    );
+    let _ = THREADS.insert(&tid, &ThreadEntry { tgid, _pad: 0, tstate }, 0);
 }

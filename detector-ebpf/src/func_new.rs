@@ -4,22 +4,16 @@
 //! first call and can match it exactly, even if the process exits at once.
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
-use detector_common::{CodeIdentity, IdentityKey};
+use detector_common::{CodeIdentity, CodeKey};
 
 use crate::maps::IDENTITIES;
 
 pub fn run(ctx: &ProbeContext) {
-    let (Some(code), Some(globals), Some(qualname)) =
-        (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2))
-    else {
+    let (Some(code), Some(globals), Some(qualname)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2)) else {
         return;
     };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let key = IdentityKey {
-        tgid,
-        _pad: 0,
-        code,
-    };
+    let key = CodeKey { tgid, _pad: 0, code };
     let identity = CodeIdentity { qualname, globals };
     // Closures are made again on every call of their outer function; the
     // identity is the same, so skip the (dearer) update.

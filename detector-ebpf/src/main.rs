@@ -16,12 +16,14 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod code_dealloc;
 mod emit;
 mod eval_call;
 mod eval_entry;
 mod func_new;
 mod maps;
 mod mem;
+mod regs;
 mod resume;
 mod verdict;
 
@@ -52,6 +54,21 @@ pub fn py_func_new(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn py_resume(ctx: ProbeContext) -> u32 {
     resume::run(&ctx);
+    0
+}
+
+/// See [`code_dealloc`].
+#[uprobe]
+pub fn py_code_dealloc(ctx: ProbeContext) -> u32 {
+    code_dealloc::run(&ctx);
+    0
+}
+
+/// Does nothing: attached at the detector's own sites by `cargo xtask bench`
+/// to measure the floor (the uprobe itself) that the detector's cost is
+/// compared with.
+#[uprobe]
+pub fn py_empty(_ctx: ProbeContext) -> u32 {
     0
 }
 

@@ -6,13 +6,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{
-    CodeIdentity, Config, CountKey, IdentityKey, Layout, NameKey, PendingEntry, PendingKey,
-    Scratch, TargetKey, ThreadEntry, Verdict, VerdictKey, capacity, stats,
+    CodeIdentity, CodeKey, Config, CountKey, Layout, NameKey, PendingEntry, PendingKey, Scratch, TargetKey,
+    ThreadEntry, Verdict, capacity, stats,
 };
 
 #[map]
-pub static THREADS: LruHashMap<u32, ThreadEntry> =
-    LruHashMap::with_max_entries(capacity::THREADS, 0);
+pub static THREADS: LruHashMap<u32, ThreadEntry> = LruHashMap::with_max_entries(capacity::THREADS, 0);
 
 #[map]
 pub static LAYOUTS: Array<Layout> = Array::with_max_entries(capacity::LAYOUTS, 0);
@@ -24,19 +23,16 @@ pub static TARGETS: HashMap<TargetKey, u32> = HashMap::with_max_entries(capacity
 pub static NAMES: HashMap<NameKey, u32> = HashMap::with_max_entries(capacity::TARGETS, 0);
 
 #[map]
-pub static VERDICTS: LruHashMap<VerdictKey, Verdict> =
-    LruHashMap::with_max_entries(capacity::VERDICTS, 0);
+pub static VERDICTS: LruHashMap<CodeKey, Verdict> = LruHashMap::with_max_entries(capacity::VERDICTS, 0);
 
 #[map]
 pub static COUNTS: HashMap<CountKey, u64> = HashMap::with_max_entries(capacity::COUNTS, 0);
 
 #[map]
-pub static PENDING: HashMap<PendingKey, PendingEntry> =
-    HashMap::with_max_entries(capacity::PENDING, 0);
+pub static PENDING: HashMap<PendingKey, PendingEntry> = HashMap::with_max_entries(capacity::PENDING, 0);
 
 #[map]
-pub static IDENTITIES: LruHashMap<IdentityKey, CodeIdentity> =
-    LruHashMap::with_max_entries(capacity::IDENTITIES, 0);
+pub static IDENTITIES: LruHashMap<CodeKey, CodeIdentity> = LruHashMap::with_max_entries(capacity::IDENTITIES, 0);
 
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -32,11 +32,7 @@ pub fn field(base: u64, off: u16) -> Option<u64> {
 #[inline(always)]
 pub fn object_field(layout: &Layout, base: u64, off: u16) -> Option<u64> {
     let v = field(base, off)?;
-    if layout.flags & detector_common::LAYOUT_STACKREFS != 0 {
-        Some(v & !7)
-    } else {
-        Some(v)
-    }
+    if layout.flags & detector_common::LAYOUT_STACKREFS != 0 { Some(v & !7) } else { Some(v) }
 }
 
 /// Copies a compact ASCII `str` into `out` (which must be zeroed), returning

@@ -1,7 +1,12 @@
 //! 3.11+: a RESUME-family handler. Every call passes here, inlined
 //! Python-to-Python calls included; a start is a RESUME whose oparg says
-//! "function start". The frame comes from the thread state recorded by
-//! `eval_entry`, because registers at a handler are build-specific.
+//! "function start".
+//!
+//! The common case is a call of a function that is not a target, so that
+//! path is kept to the verdict lookup: the frame and usually the code object
+//! come from registers the analysis proved hold them at the site (no memory
+//! read at all); everything else (oparg, thread state) is read only for
+//! targets.
 
 use aya_ebpf::{
     EbpfContext,
@@ -9,8 +14,8 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use detector_common::{
-    CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_REINSTRUMENT, LAYOUT_TRACING_GATES_INSTRUMENT,
-    LAYOUT_VERSION_IN_EVAL_BREAKER, Layout, NO_OFFSET, SiteCookie, TARGET_PENDING, VerdictKey,
+    CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT, CodeKey, LAYOUT_STACKREFS,
+    LAYOUT_TRACING_GATES_INSTRUMENT, LAYOUT_VERSION_IN_EVAL_BREAKER, Layout, NO_OFFSET, SiteCookie, TARGET_PENDING,
     cond_holds, stats,
 };
 
@@ -18,6 +23,7 @@ use crate::{
     emit,
     maps::{LAYOUTS, THREADS, bump},
     mem::{field, object_field, read},
+    regs::Gprs,
     verdict,
 };
 
@@ -26,42 +32,38 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
     let layout = LAYOUTS.get(cookie.layout)?;
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let tstate = match unsafe { THREADS.get(&tid) } {
-        Some(e) if e.tgid == tgid => e.tstate,
-        _ => {
-            bump(stats::UNKNOWN_THREAD);
-            return None;
-        }
-    };
+    let regs = Gprs::load(ctx);
 
-    let frame = current_frame(layout, tstate)?;
-    let instr = field(frame, layout.frame_instr)?;
-    let oparg = read::<u8>(instr + 1)?;
-    if oparg as u16 & layout.resume_where_mask != 0 {
-        return None; // resuming after yield or await
-    }
-    let code = object_field(layout, frame, layout.frame_code)?;
-    let qualname = field(code, layout.code_qualname)?;
-
-    let key = VerdictKey {
-        tgid,
-        _pad: 0,
-        code,
-        name: qualname,
+    let frame = match regs.get(cookie.frame_reg) {
+        Some(f) => f,
+        None => current_frame(layout, thread_state(tgid, tid)?)?,
     };
+    let code = match regs.get(cookie.code_reg) {
+        Some(c) if layout.flags & LAYOUT_STACKREFS != 0 => c & !7,
+        Some(c) => c,
+        None => object_field(layout, frame, layout.frame_code)?,
+    };
+    let key = CodeKey { tgid, _pad: 0, code };
     let generation = verdict::generation();
-    let target = match verdict::cached(&key, generation) {
-        Some(t) => t,
-        None => {
-            let t = verdict::classify_resume(layout, tgid, frame, code, qualname);
-            verdict::store(&key, generation, t);
-            t
-        }
+    let (target, resumable) = match verdict::cached(&key, generation) {
+        Some(v) => v,
+        None => verdict::store(layout, &key, generation, verdict::classify_resume(layout, tgid, frame, code)),
     };
     if target >= TARGET_PENDING {
         return None;
     }
-    if redispatches(ctx, &cookie, layout, tstate, code) {
+
+    // A target: is this its start, and will the handler really run it?
+    if resumable {
+        let instr = match regs.get(cookie.instr_reg) {
+            Some(i) => i,
+            None => field(frame, layout.frame_instr)?,
+        };
+        if read::<u8>(instr + 1)? as u16 & layout.resume_where_mask != 0 {
+            return None; // resuming after yield or await
+        }
+    }
+    if cookie.check != CHECK_NONE && redispatches(ctx, &cookie, layout, tgid, tid, code) {
         bump(stats::REDISPATCH_SKIPS);
         return None;
     }
@@ -69,50 +71,51 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
     Some(())
 }
 
+/// The thread's `PyThreadState`, recorded by `eval_entry` or pre-filled.
+#[inline(always)]
+fn thread_state(tgid: u32, tid: u32) -> Option<u64> {
+    match unsafe { THREADS.get(&tid) } {
+        Some(e) if e.tgid == tgid => Some(e.tstate),
+        _ => {
+            bump(stats::UNKNOWN_THREAD);
+            None
+        }
+    }
+}
+
 /// `tstate->cframe->current_frame` (3.11, 3.12) or `tstate->current_frame`.
 #[inline(always)]
 fn current_frame(layout: &Layout, tstate: u64) -> Option<u64> {
-    let base = if layout.tstate_cframe != NO_OFFSET {
-        field(tstate, layout.tstate_cframe)?
-    } else {
-        tstate
-    };
+    let base = if layout.tstate_cframe != NO_OFFSET { field(tstate, layout.tstate_cframe)? } else { tstate };
     field(base, layout.current_frame)
 }
 
 /// Whether the handler will leave without starting the body and dispatch the
-/// same instruction again, which then counts. Only evaluated for matches.
+/// same instruction again, which then counts.
 #[inline(always)]
-fn redispatches(
-    ctx: &ProbeContext,
-    cookie: &SiteCookie,
-    layout: &Layout,
-    tstate: u64,
-    code: u64,
-) -> bool {
+fn redispatches(ctx: &ProbeContext, cookie: &SiteCookie, layout: &Layout, tgid: u32, tid: u32, code: u64) -> bool {
     match cookie.check {
+        CHECK_BRANCH => {
+            let flags = unsafe { (*ctx.regs).eflags };
+            cond_holds(cookie.cond, flags) != (cookie.count_when == 1)
+        }
         CHECK_REINSTRUMENT => {
+            let Some(tstate) = thread_state(tgid, tid) else { return false };
             if layout.flags & LAYOUT_TRACING_GATES_INSTRUMENT != 0
                 && read::<i32>(tstate + layout.tstate_tracing as u64).unwrap_or(0) != 0
             {
                 return false;
             }
-            let Some(code_version) = field(code, layout.code_instr_version) else {
-                return false;
-            };
+            let Some(code_version) = field(code, layout.code_instr_version) else { return false };
             let global = if layout.flags & LAYOUT_VERSION_IN_EVAL_BREAKER != 0 {
                 field(tstate, layout.tstate_eval_breaker).map(|v| v & !0xff)
             } else {
-                field(tstate, layout.tstate_interp)
-                    .and_then(|interp| field(interp, layout.interp_monitoring_version))
+                field(tstate, layout.tstate_interp).and_then(|interp| field(interp, layout.interp_monitoring_version))
             };
             matches!(global, Some(g) if g != code_version)
         }
-        CHECK_BRANCH => {
-            let flags = unsafe { (*ctx.regs).eflags };
-            cond_holds(cookie.cond, flags) != (cookie.count_when == 1)
-        }
         CHECK_DEOPT_MEMORY => {
+            let Some(tstate) = thread_state(tgid, tid) else { return false };
             let breaker = field(tstate, layout.tstate_eval_breaker);
             let version = field(code, layout.code_instr_version);
             matches!((breaker, version), (Some(b), Some(v)) if b != v)

@@ -3,8 +3,8 @@
 //! case on the hot path is one lookup.
 
 use detector_common::{
-    CO_OPTIMIZED, CodeIdentity, Layout, NAME_LEN, NameKey, TARGET_NONE, TARGET_PENDING, Verdict,
-    VerdictKey, stats,
+    CO_OPTIMIZED, CO_RESUMABLE, CodeIdentity, CodeKey, Layout, NAME_LEN, NameKey, TARGET_NONE, TARGET_PENDING, Verdict,
+    stats,
 };
 
 use crate::{
@@ -19,28 +19,29 @@ pub fn generation() -> u32 {
     CONFIG.get(0).map(|c| c.generation).unwrap_or(0)
 }
 
-/// A cached verdict for `key` in `generation`, if any.
+/// A cached verdict for `key` in `generation`, if any: `(target, resumable)`.
 #[inline(always)]
-pub fn cached(key: &VerdictKey, generation: u32) -> Option<u32> {
+pub fn cached(key: &CodeKey, generation: u32) -> Option<(u32, bool)> {
     let v = unsafe { VERDICTS.get(key) }?;
-    if v.generation == generation {
-        Some(v.target)
-    } else {
-        None
-    }
+    if v.generation == generation { Some((v.target, v.resumable != 0)) } else { None }
 }
 
-/// Stores a verdict.
+/// Stores a verdict; returns `(target, resumable)` as `cached` would.
 #[inline(always)]
-pub fn store(key: &VerdictKey, generation: u32, target: u32) {
+pub fn store(layout: &Layout, key: &CodeKey, generation: u32, target: u32) -> (u32, bool) {
     bump(stats::VERDICT_MISSES);
-    let _ = VERDICTS.insert(key, &Verdict { generation, target }, 0);
+    // Targets only: nothing else is ever asked whether it resumes.
+    let resumable = target != TARGET_NONE
+        && read::<u32>(key.code + layout.code_flags as u64).is_some_and(|f| f & CO_RESUMABLE != 0);
+    let _ = VERDICTS.insert(key, &Verdict { generation, target, resumable: resumable as u32 }, 0);
+    (target, resumable)
 }
 
 /// 3.11+: match the frame's function (`__module__`) and code (`co_qualname`)
 /// against the targets. Module and class bodies never match.
 #[inline(always)]
-pub fn classify_resume(layout: &Layout, tgid: u32, frame: u64, code: u64, qualname: u64) -> u32 {
+pub fn classify_resume(layout: &Layout, tgid: u32, frame: u64, code: u64) -> u32 {
+    let Some(qualname) = field(code, layout.code_qualname) else { return TARGET_NONE };
     let Some(flags) = read::<u32>(code + layout.code_flags as u64) else {
         return TARGET_NONE;
     };
@@ -59,9 +60,7 @@ pub fn classify_resume(layout: &Layout, tgid: u32, frame: u64, code: u64, qualna
     let key = unsafe { &mut (*scratch).key };
     key.module = [0; NAME_LEN];
     key.qualname = [0; NAME_LEN];
-    if !read_ascii(layout, module, &mut key.module)
-        || !read_ascii(layout, qualname, &mut key.qualname)
-    {
+    if !read_ascii(layout, module, &mut key.module) || !read_ascii(layout, qualname, &mut key.qualname) {
         return TARGET_NONE;
     }
     match unsafe { TARGETS.get(&*key) } {
@@ -77,13 +76,7 @@ pub fn classify_resume(layout: &Layout, tgid: u32, frame: u64, code: u64, qualna
 /// qualified name recorded when the function was made and the module read
 /// from its globals. `None` if the module cannot be read that way.
 #[inline(always)]
-pub fn classify_identity(
-    layout: &Layout,
-    tgid: u32,
-    code: u64,
-    name: u64,
-    identity: &CodeIdentity,
-) -> Option<u32> {
+pub fn classify_identity(layout: &Layout, tgid: u32, code: u64, name: u64, identity: &CodeIdentity) -> Option<u32> {
     let flags = read::<u32>(code + layout.code_flags as u64)?;
     if flags & CO_OPTIMIZED == 0 {
         return Some(TARGET_NONE);
@@ -93,14 +86,8 @@ pub fn classify_identity(
     let key = unsafe { &mut (*scratch).key };
     key.module = [0; NAME_LEN];
     key.qualname = [0; NAME_LEN];
-    let qualname = if identity.qualname != 0 {
-        identity.qualname
-    } else {
-        name
-    };
-    if !read_ascii(layout, module, &mut key.module)
-        || !read_ascii(layout, qualname, &mut key.qualname)
-    {
+    let qualname = if identity.qualname != 0 { identity.qualname } else { name };
+    if !read_ascii(layout, module, &mut key.module) || !read_ascii(layout, qualname, &mut key.qualname) {
         return Some(TARGET_NONE);
     }
     Some(match unsafe { TARGETS.get(&*key) } {
@@ -162,9 +149,5 @@ pub fn classify_name(layout: &Layout, code: u64, name: u64) -> u32 {
     }
     // `NameKey` is a `#[repr(C)]` wrapper of the same array.
     let name_key = unsafe { &*(&key.module as *const _ as *const NameKey) };
-    if unsafe { NAMES.get(name_key) }.is_some() {
-        TARGET_PENDING
-    } else {
-        TARGET_NONE
-    }
+    if unsafe { NAMES.get(name_key) }.is_some() { TARGET_PENDING } else { TARGET_NONE }
 }

@@ -13,20 +13,16 @@ fn main() -> ExitCode {
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(&cli.log_level).ok())
         .unwrap_or_else(|| EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from);
     let result = match cli.command {
-        Command::Dump(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(dump::run(args))),
+        Command::Dump(args) => runtime().and_then(|rt| rt.block_on(dump::run(args))),
         Command::Inspect(args) => inspect::run(args),
+        Command::BenchFloor { pid } => runtime().and_then(|rt| rt.block_on(dump::bench_floor(pid))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

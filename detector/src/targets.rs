@@ -78,20 +78,12 @@ impl Target {
         };
         for (part, text) in [("module", module), ("qualified name", qualname)] {
             if text.len() > MAX_PART_LEN {
-                return Err(TargetError::TooLong {
-                    target: s.to_owned(),
-                    part,
-                    len: text.len(),
-                });
+                return Err(TargetError::TooLong { target: s.to_owned(), part, len: text.len() });
             }
         }
         for c in module.split('.') {
             if !is_identifier(c) {
-                return Err(TargetError::Component {
-                    target: s.to_owned(),
-                    part: "module",
-                    component: c.to_owned(),
-                });
+                return Err(TargetError::Component { target: s.to_owned(), part: "module", component: c.to_owned() });
             }
         }
         let parts: Vec<&str> = qualname.split('.').collect();
@@ -109,10 +101,7 @@ impl Target {
                 });
             }
         }
-        Ok(Target {
-            module: module.to_owned(),
-            qualname: qualname.to_owned(),
-        })
+        Ok(Target { module: module.to_owned(), qualname: qualname.to_owned() })
     }
 
     /// The module (`__module__`).
@@ -218,21 +207,14 @@ mod tests {
 
     #[test]
     fn accepts_the_remote_configuration_forms() {
-        for s in [
-            "requests.sessions:Session.send",
-            "m:f",
-            "pkg.mod:outer.<locals>.inner",
-            "a.b.c:A.B.__init__",
-            "_priv:_x1",
-        ] {
+        for s in
+            ["requests.sessions:Session.send", "m:f", "pkg.mod:outer.<locals>.inner", "a.b.c:A.B.__init__", "_priv:_x1"]
+        {
             let t = Target::parse(s).unwrap();
             assert_eq!(t.to_string(), s);
         }
         let t = Target::parse("pkg.mod:outer.<locals>.inner").unwrap();
-        assert_eq!(
-            (t.module(), t.qualname(), t.name()),
-            ("pkg.mod", "outer.<locals>.inner", "inner")
-        );
+        assert_eq!((t.module(), t.qualname(), t.name()), ("pkg.mod", "outer.<locals>.inner", "inner"));
     }
 
     #[test]
@@ -259,12 +241,7 @@ mod tests {
             assert!(e.contains(want), "{s:?}: {e}");
         }
         let long = format!("m:{}", "f".repeat(MAX_PART_LEN + 1));
-        assert!(
-            Target::parse(&long)
-                .unwrap_err()
-                .to_string()
-                .contains("at most 127")
-        );
+        assert!(Target::parse(&long).unwrap_err().to_string().contains("at most 127"));
         assert!(Target::parse(&format!("m:{}", "f".repeat(MAX_PART_LEN))).is_ok());
     }
 

@@ -40,10 +40,7 @@ pub struct Summary {
 impl Summary {
     /// Hits of `target`.
     pub fn count(&self, target: &str) -> u64 {
-        *self
-            .counts
-            .get(target)
-            .unwrap_or_else(|| panic!("no summary for {target}: {:?}", self.counts))
+        *self.counts.get(target).unwrap_or_else(|| panic!("no summary for {target}: {:?}", self.counts))
     }
 
     /// Asserts exact counts for every `(target, hits)`.
@@ -58,7 +55,8 @@ impl Summary {
     }
 }
 
-fn spawn(args: &[String]) -> Dump {
+/// Starts the detector with `args` (its stdout parsed as JSON lines).
+pub fn spawn(args: &[String]) -> Dump {
     let mut child = Command::new(detector_bin())
         .args(args)
         .stdin(Stdio::piped())
@@ -79,11 +77,7 @@ fn spawn(args: &[String]) -> Dump {
             }
         }
     });
-    Dump {
-        child,
-        lines,
-        seen: Vec::new(),
-    }
+    Dump { child, lines, seen: Vec::new() }
 }
 
 fn dump_args(targets: &[&str]) -> Vec<String> {
@@ -162,17 +156,11 @@ impl Dump {
             self.seen.push(v);
         }
         assert_eq!(code, Some(0), "detector failed: {err}");
-        let mut s = Summary {
-            code,
-            ..Summary::default()
-        };
+        let mut s = Summary { code, ..Summary::default() };
         for v in std::mem::take(&mut self.seen) {
             match v["type"].as_str() {
                 Some("summary") => {
-                    s.counts.insert(
-                        v["target"].as_str().unwrap().to_owned(),
-                        v["hits"].as_u64().unwrap(),
-                    );
+                    s.counts.insert(v["target"].as_str().unwrap().to_owned(), v["hits"].as_u64().unwrap());
                 }
                 Some("hit") => s.hits.push(v),
                 Some("attached") => s.attached = v,

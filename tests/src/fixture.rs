@@ -38,12 +38,7 @@ impl Fixture {
                 }
             }
         });
-        let mut f = Fixture {
-            name: format!("{} {workload}", interp.name),
-            stdin: child.stdin.take(),
-            child,
-            lines,
-        };
+        let mut f = Fixture { name: format!("{} {workload}", interp.name), stdin: child.stdin.take(), child, lines };
         f.expect("ready");
         f
     }
@@ -53,23 +48,27 @@ impl Fixture {
         self.child.id()
     }
 
-    fn expect(&mut self, want: &str) {
+    /// Restricts the workload (and threads it starts later) to `cpu`.
+    pub fn pin(&self, cpu: usize) {
+        pin(self.pid(), cpu);
+    }
+
+    /// The next line the workload prints.
+    pub fn read_line(&mut self) -> String {
         match self.lines.recv_timeout(STEP_TIMEOUT) {
-            Ok(line) if line == want => {}
-            Ok(line) => panic!("{}: expected {want:?}, got {line:?}", self.name),
-            Err(_) => panic!(
-                "{}: no {want:?} (exit: {:?})",
-                self.name,
-                self.child.try_wait()
-            ),
+            Ok(line) => line,
+            Err(_) => panic!("{}: no output (exit: {:?})", self.name, self.child.try_wait()),
         }
+    }
+
+    fn expect(&mut self, want: &str) {
+        let line = self.read_line();
+        assert_eq!(line, want, "{}", self.name);
     }
 
     fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap();
+        writeln!(stdin, "{line}").and_then(|_| stdin.flush()).unwrap();
     }
 
     /// Lets the workload run.
@@ -106,5 +105,15 @@ impl Drop for Fixture {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Restricts process `pid` (0: this one) to `cpu`.
+pub fn pin(pid: u32, cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let r = libc::sched_setaffinity(pid as libc::pid_t, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(r, 0, "sched_setaffinity({pid}, {cpu}): {}", std::io::Error::last_os_error());
     }
 }

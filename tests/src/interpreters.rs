@@ -29,24 +29,14 @@ pub fn interpreters() -> Vec<Interpreter> {
     let pyenv = pyenv_root();
     for minor in PYENV_MINORS {
         let prefix = format!("3.{minor}.");
-        let found = std::fs::read_dir(pyenv.join("versions"))
-            .ok()
-            .and_then(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| {
-                        n.strip_prefix(&prefix)
-                            .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
-                    })
-                    .max()
-            });
-        let version =
-            found.unwrap_or_else(|| panic!("no pyenv build of 3.{minor} in {}", pyenv.display()));
-        let python = pyenv
-            .join("versions")
-            .join(&version)
-            .join("bin")
-            .join(format!("python3.{minor}"));
+        let found = std::fs::read_dir(pyenv.join("versions")).ok().and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.strip_prefix(&prefix).is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit())))
+                .max()
+        });
+        let version = found.unwrap_or_else(|| panic!("no pyenv build of 3.{minor} in {}", pyenv.display()));
+        let python = pyenv.join("versions").join(&version).join("bin").join(format!("python3.{minor}"));
         assert!(python.exists(), "{} is missing", python.display());
         out.push(Interpreter {
             name: format!("pyenv-{version}"),
@@ -67,24 +57,14 @@ pub fn interpreters() -> Vec<Interpreter> {
     });
     let rootfs_base = std::env::var_os("DETECTOR_TEST_ROOTFS")
         .map(PathBuf::from)
-        .expect(
-            "DETECTOR_TEST_ROOTFS is not set: run the integration tests with `cargo xtask test`",
-        );
+        .expect("DETECTOR_TEST_ROOTFS is not set: run the integration tests with `cargo xtask test`");
     let root = rootfs_base.join("sid-python3.14");
-    assert!(
-        root.join("usr/bin/python3.14").exists(),
-        "no python3.14 in {}",
-        root.display()
-    );
+    assert!(root.join("usr/bin/python3.14").exists(), "no python3.14 in {}", root.display());
     install_fixtures(&root);
     out.push(Interpreter {
         name: "sid-3.14-chroot".into(),
         minor: 14,
-        argv: vec![
-            "chroot".into(),
-            root.display().to_string(),
-            "/usr/bin/python3.14".into(),
-        ],
+        argv: vec!["chroot".into(), root.display().to_string(), "/usr/bin/python3.14".into()],
         fixtures: PathBuf::from("/opt/detector-fixtures"),
         rootfs: Some(root),
     });
@@ -121,11 +101,7 @@ fn copy_dir(from: &Path, to: &Path) {
             }
         } else {
             // Write to a temporary name and rename: tests run in parallel.
-            let tmp = to.join(format!(
-                ".{}.{}",
-                e.file_name().to_string_lossy(),
-                std::process::id()
-            ));
+            let tmp = to.join(format!(".{}.{}", e.file_name().to_string_lossy(), std::process::id()));
             std::fs::copy(e.path(), &tmp).unwrap();
             std::fs::rename(&tmp, &dest).unwrap();
         }

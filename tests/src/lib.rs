@@ -9,8 +9,8 @@ pub mod interpreters;
 
 use std::{path::PathBuf, time::Duration};
 
-pub use dump::{Dump, Summary};
-pub use fixture::Fixture;
+pub use dump::{Dump, Summary, spawn as spawn_detector};
+pub use fixture::{Fixture, pin};
 pub use interpreters::{Interpreter, interpreters};
 
 /// How long any single step (start, attach, run, stop) may take.
@@ -68,10 +68,5 @@ pub fn for_each_interpreter(check: impl Fn(&Interpreter) + Sync) {
             })
             .collect()
     });
-    assert!(
-        failures.is_empty(),
-        "failed on {} interpreter(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "failed on {} interpreter(s):\n{}", failures.len(), failures.join("\n"));
 }

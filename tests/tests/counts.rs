@@ -6,16 +6,8 @@ use detector_tests::{for_each_interpreter, run_attached};
 #[test]
 fn plain_functions() {
     for_each_interpreter(|i| {
-        let s = run_attached(
-            i,
-            "plain",
-            &["wl.plain:f", "wl.plain:g", "wl.plain:never_defined"],
-        );
-        s.assert_counts(&[
-            ("wl.plain:f", 25),
-            ("wl.plain:g", 3),
-            ("wl.plain:never_defined", 0),
-        ]);
+        let s = run_attached(i, "plain", &["wl.plain:f", "wl.plain:g", "wl.plain:never_defined"]);
+        s.assert_counts(&[("wl.plain:f", 25), ("wl.plain:g", 3), ("wl.plain:never_defined", 0)]);
     });
 }
 
@@ -24,32 +16,16 @@ fn methods_and_decoys() {
     for_each_interpreter(|i| {
         // B.f (5 calls), module-level f (7) and wl.decoy:A.f (3) share the
         // name f: none of them is wl.methods:A.f.
-        let s = run_attached(
-            i,
-            "methods",
-            &["wl.methods:A.f", "wl.methods:C.f", "wl.other:A.f"],
-        );
-        s.assert_counts(&[
-            ("wl.methods:A.f", 10),
-            ("wl.methods:C.f", 0),
-            ("wl.other:A.f", 0),
-        ]);
+        let s = run_attached(i, "methods", &["wl.methods:A.f", "wl.methods:C.f", "wl.other:A.f"]);
+        s.assert_counts(&[("wl.methods:A.f", 10), ("wl.methods:C.f", 0), ("wl.other:A.f", 0)]);
     });
 }
 
 #[test]
 fn decoys_counted_on_their_own() {
     for_each_interpreter(|i| {
-        let s = run_attached(
-            i,
-            "methods",
-            &["wl.methods:B.f", "wl.methods:f", "wl.decoy:A.f"],
-        );
-        s.assert_counts(&[
-            ("wl.methods:B.f", 5),
-            ("wl.methods:f", 7),
-            ("wl.decoy:A.f", 3),
-        ]);
+        let s = run_attached(i, "methods", &["wl.methods:B.f", "wl.methods:f", "wl.decoy:A.f"]);
+        s.assert_counts(&[("wl.methods:B.f", 5), ("wl.methods:f", 7), ("wl.decoy:A.f", 3)]);
     });
 }
 
@@ -64,31 +40,16 @@ fn staticmethods_and_classmethods() {
 #[test]
 fn nested_python_to_python_calls() {
     for_each_interpreter(|i| {
-        let s = run_attached(
-            i,
-            "nested",
-            &["wl.nested:outer", "wl.nested:middle", "wl.nested:inner"],
-        );
-        s.assert_counts(&[
-            ("wl.nested:outer", 4),
-            ("wl.nested:middle", 20),
-            ("wl.nested:inner", 40),
-        ]);
+        let s = run_attached(i, "nested", &["wl.nested:outer", "wl.nested:middle", "wl.nested:inner"]);
+        s.assert_counts(&[("wl.nested:outer", 4), ("wl.nested:middle", 20), ("wl.nested:inner", 40)]);
     });
 }
 
 #[test]
 fn constructors() {
     for_each_interpreter(|i| {
-        let s = run_attached(
-            i,
-            "init",
-            &["wl.init:Point.__init__", "wl.init:Other.__init__"],
-        );
-        s.assert_counts(&[
-            ("wl.init:Point.__init__", 12),
-            ("wl.init:Other.__init__", 3),
-        ]);
+        let s = run_attached(i, "init", &["wl.init:Point.__init__", "wl.init:Other.__init__"]);
+        s.assert_counts(&[("wl.init:Point.__init__", 12), ("wl.init:Other.__init__", 3)]);
     });
 }
 
@@ -114,15 +75,8 @@ fn recursion() {
 #[test]
 fn closures() {
     for_each_interpreter(|i| {
-        let s = run_attached(
-            i,
-            "closures",
-            &["wl.closures:make", "wl.closures:make.<locals>.inner"],
-        );
-        s.assert_counts(&[
-            ("wl.closures:make", 3),
-            ("wl.closures:make.<locals>.inner", 12),
-        ]);
+        let s = run_attached(i, "closures", &["wl.closures:make", "wl.closures:make.<locals>.inner"]);
+        s.assert_counts(&[("wl.closures:make", 3), ("wl.closures:make.<locals>.inner", 12)]);
     });
 }
 
@@ -131,12 +85,8 @@ fn four_threads_at_once() {
     for_each_interpreter(|i| {
         let s = run_attached(i, "threads", &["wl.threads:work", "wl.threads:loop"]);
         s.assert_counts(&[("wl.threads:work", 1000), ("wl.threads:loop", 4)]);
-        let tids: std::collections::BTreeSet<u64> = s
-            .hits
-            .iter()
-            .filter(|h| h["target"] == "wl.threads:work")
-            .map(|h| h["tid"].as_u64().unwrap())
-            .collect();
+        let tids: std::collections::BTreeSet<u64> =
+            s.hits.iter().filter(|h| h["target"] == "wl.threads:work").map(|h| h["tid"].as_u64().unwrap()).collect();
         assert_eq!(tids.len(), 4, "hits from 4 distinct threads");
     });
 }
@@ -152,11 +102,7 @@ fn thread_already_looping_before_attach() {
 #[test]
 fn module_imported_and_functions_defined_after_attach() {
     for_each_interpreter(|i| {
-        let s = run_attached(
-            i,
-            "late_import",
-            &["wl.late:f", "wl.late:C.m", "wl.dynamic:dyn"],
-        );
+        let s = run_attached(i, "late_import", &["wl.late:f", "wl.late:C.m", "wl.dynamic:dyn"]);
         s.assert_counts(&[("wl.late:f", 9), ("wl.late:C.m", 2), ("wl.dynamic:dyn", 5)]);
     });
 }
@@ -170,11 +116,25 @@ fn hits_carry_file_and_line() {
             assert_eq!(h["qualname"], "g");
             assert_eq!(h["module"], "wl.plain");
             assert_eq!(h["lineno"], 5, "{h}");
-            assert!(
-                h["filename"].as_str().unwrap().ends_with("wl/plain.py"),
-                "{h}"
-            );
+            assert!(h["filename"].as_str().unwrap().ends_with("wl/plain.py"), "{h}");
             assert!(h["ts_ns"].as_u64().unwrap() > 0);
         }
+    });
+}
+
+#[test]
+fn tracing_and_monitoring_switched_on_and_off() {
+    for_each_interpreter(|i| {
+        let s = run_attached(i, "traced", &["wl.traced:target", "wl.traced:tracer"]);
+        // sys.monitoring (3.12+) adds a round of 5 calls.
+        let calls = if i.minor >= 12 { 25 } else { 20 };
+        let target = s.count("wl.traced:target");
+        assert_eq!(target, calls, "stats: {}", s.stats);
+        if i.minor >= 12 {
+            // The passes re-instrumentation undid were seen, and not counted.
+            assert!(s.stats["redispatch_skips"].as_u64().unwrap() > 0, "stats: {}", s.stats);
+        }
+        // The tracer is called for each traced call event (at least once per call).
+        assert!(s.count("wl.traced:tracer") >= 5, "tracer: {}", s.count("wl.traced:tracer"));
     });
 }

@@ -7,15 +7,8 @@ use detector_tests::{detector_bin, interpreters};
 
 /// Runs the detector; returns (exit code, stderr).
 fn detector(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(detector_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new(detector_bin()).args(args).stdin(Stdio::null()).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn assert_refused(args: &[&str], reason: &str) {
@@ -23,23 +16,14 @@ fn assert_refused(args: &[&str], reason: &str) {
     assert_ne!(code, Some(0), "{args:?} succeeded");
     let err = err.trim();
     assert_eq!(err.lines().count(), 1, "{args:?}: not one line:\n{err}");
-    assert!(
-        err.starts_with("detector: ") && err.contains(reason),
-        "{args:?}: {err:?} lacks {reason:?}"
-    );
+    assert!(err.starts_with("detector: ") && err.contains(reason), "{args:?}: {err:?} lacks {reason:?}");
 }
 
 struct Sleeper(std::process::Child);
 
 impl Sleeper {
     fn new(argv: &[&str]) -> Self {
-        Sleeper(
-            Command::new(argv[0])
-                .args(&argv[1..])
-                .stdin(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        )
+        Sleeper(Command::new(argv[0]).args(&argv[1..]).stdin(Stdio::piped()).spawn().unwrap())
     }
     fn pid(&self) -> String {
         self.0.id().to_string()
@@ -70,10 +54,7 @@ fn malformed_targets() {
 #[test]
 fn not_a_python_process() {
     let p = Sleeper::new(&["sleep", "60"]);
-    assert_refused(
-        &["dump", "--pid", &p.pid(), "--target", "m:f"],
-        "is not a Python process",
-    );
+    assert_refused(&["dump", "--pid", &p.pid(), "--target", "m:f"], "is not a Python process");
 }
 
 #[test]
@@ -81,23 +62,14 @@ fn no_such_process() {
     let mut c = Command::new("true").spawn().unwrap();
     let pid = c.id().to_string();
     c.wait().unwrap();
-    assert_refused(
-        &["dump", "--pid", &pid, "--target", "m:f"],
-        "does not exist",
-    );
+    assert_refused(&["dump", "--pid", &pid, "--target", "m:f"], "does not exist");
 }
 
 #[test]
 fn unsupported_interpreter_version() {
     // Python 3.7 is installed by pyenv next to the supported versions.
     let python37 = interpreters()[0].argv[0].replace("3.8", "3.7");
-    let dir = std::path::Path::new(&python37)
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap();
+    let dir = std::path::Path::new(&python37).parent().unwrap().parent().unwrap().parent().unwrap();
     let v37 = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -107,35 +79,16 @@ fn unsupported_interpreter_version() {
     let python = v37.join("bin/python3.7").display().to_string();
     let p = Sleeper::new(&[&python, "-c", "import sys; sys.stdin.read()"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_refused(
-        &["dump", "--pid", &p.pid(), "--target", "m:f"],
-        "supported versions are 3.8 to 3.14",
-    );
+    assert_refused(&["dump", "--pid", &p.pid(), "--target", "m:f"], "supported versions are 3.8 to 3.14");
     // Started by the detector, it is refused the same way and not left running.
-    assert_refused(
-        &[
-            "dump",
-            "--target",
-            "m:f",
-            "--",
-            &python,
-            "-c",
-            "import time; time.sleep(60)",
-        ],
-        "3.7",
-    );
+    assert_refused(&["dump", "--target", "m:f", "--", &python, "-c", "import time; time.sleep(60)"], "3.7");
 }
 
 #[test]
 fn missing_privileges() {
     let p = Sleeper::new(&["sleep", "60"]);
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
         .arg(detector_bin())
         .args(["dump", "--pid", &p.pid(), "--target", "m:f"])
         .output()
@@ -143,10 +96,7 @@ fn missing_privileges() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0));
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.contains("insufficient privileges") && err.contains("CAP_BPF"),
-        "{err}"
-    );
+    assert!(err.contains("insufficient privileges") && err.contains("CAP_BPF"), "{err}");
 }
 
 #[test]

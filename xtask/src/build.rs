@@ -13,24 +13,14 @@ pub fn ebpf() -> Result<PathBuf> {
     let dir = root().join("detector-ebpf");
     sh(Command::new("cargo")
         .arg(format!("+{}", toolchain::NIGHTLY))
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
+        .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .current_dir(&dir)
         // Keep the caller's toolchain choice (`cargo +x xtask`) out of it.
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
         .env_remove("RUSTFLAGS")
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
-        .env(
-            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-            "-C debuginfo=2 -C link-arg=--btf",
-        ))?;
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf"))?;
     Ok(dir.join("target/bpfel-unknown-none/release/detector-ebpf"))
 }
 

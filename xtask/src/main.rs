@@ -2,6 +2,7 @@
 //! detector on a fresh machine, provisioning what is missing (rust-src,
 //! bpf-linker, test root filesystems) and caching it under `target/`.
 
+mod bench;
 mod build;
 mod rootfs;
 mod test;
@@ -42,6 +43,10 @@ enum Cmd {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
     },
+    /// Measure the detector's per-hit cost against an empty probe at the
+    /// same sites and against no probe, on every interpreter; writes the
+    /// table to docs/BENCHMARKS.md.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         Cmd::Build => build::all().map(|_| ()),
         Cmd::Run { args } => run(&args),
         Cmd::Test { filter } => test::run(filter.as_deref()),
+        Cmd::Bench => bench::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,14 +69,9 @@ fn main() -> ExitCode {
 fn run(args: &[String]) -> Result<()> {
     let bin = build::all()?;
     if !is_root() {
-        bail!(
-            "the detector loads eBPF programs and needs root: run `sudo -E cargo xtask run -- ...`"
-        );
+        bail!("the detector loads eBPF programs and needs root: run `sudo -E cargo xtask run -- ...`");
     }
-    let status = Command::new(&bin)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {}", bin.display()))?;
+    let status = Command::new(&bin).args(args).status().with_context(|| format!("running {}", bin.display()))?;
     match status.code() {
         Some(0) => Ok(()),
         _ => bail!("detector exited with {status}"),
@@ -79,10 +80,7 @@ fn run(args: &[String]) -> Result<()> {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// Where xtask caches what it provisions.
@@ -94,11 +92,7 @@ pub fn cache_dir() -> PathBuf {
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false)
 }
 
@@ -115,11 +109,7 @@ pub fn sh(cmd: &mut Command) -> Result<()> {
 pub fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8(out.stdout)?)
 }

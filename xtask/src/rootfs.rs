@@ -20,11 +20,7 @@ pub struct Rootfs {
 }
 
 /// The root filesystems the tests use.
-pub const ROOTFS: &[Rootfs] = &[Rootfs {
-    name: "sid-python3.14",
-    suite: "sid",
-    package: "python3.14-minimal",
-}];
+pub const ROOTFS: &[Rootfs] = &[Rootfs { name: "sid-python3.14", suite: "sid", package: "python3.14-minimal" }];
 
 const MIRROR: &str = "http://deb.debian.org/debian";
 const STAMP: &str = ".detector-rootfs-complete";
@@ -38,29 +34,16 @@ pub fn ensure_all() -> Result<PathBuf> {
             continue;
         }
         if !is_root() {
-            bail!(
-                "building the test root filesystem {} needs root (debootstrap)",
-                dir.display()
-            );
+            bail!("building the test root filesystem {} needs root (debootstrap)", dir.display());
         }
         ensure_debootstrap()?;
-        eprintln!(
-            "xtask: debootstrap {} with {} into {} (once, a few minutes)",
-            r.suite,
-            r.package,
-            dir.display()
-        );
+        eprintln!("xtask: debootstrap {} with {} into {} (once, a few minutes)", r.suite, r.package, dir.display());
         if dir.exists() {
-            fs::remove_dir_all(&dir)
-                .with_context(|| format!("removing partial {}", dir.display()))?;
+            fs::remove_dir_all(&dir).with_context(|| format!("removing partial {}", dir.display()))?;
         }
         fs::create_dir_all(&base)?;
         sh(Command::new("debootstrap")
-            .args([
-                "--variant=minbase",
-                &format!("--include={}", r.package),
-                r.suite,
-            ])
+            .args(["--variant=minbase", &format!("--include={}", r.package), r.suite])
             .arg(&dir)
             .arg(MIRROR))?;
         fs::write(dir.join(STAMP), "")?;
@@ -69,21 +52,15 @@ pub fn ensure_all() -> Result<PathBuf> {
 }
 
 fn ensure_debootstrap() -> Result<()> {
-    if Command::new("debootstrap")
-        .arg("--version")
-        .output()
-        .is_ok()
-    {
+    if Command::new("debootstrap").arg("--version").output().is_ok() {
         return Ok(());
     }
     eprintln!("xtask: installing debootstrap");
-    sh(Command::new("apt-get")
-        .args(["install", "-y", "-q", "debootstrap"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .or_else(|_| {
-        sh(Command::new("apt-get").args(["update", "-q"]))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "-q", "debootstrap"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-    })
+    sh(Command::new("apt-get").args(["install", "-y", "-q", "debootstrap"]).env("DEBIAN_FRONTEND", "noninteractive"))
+        .or_else(|_| {
+            sh(Command::new("apt-get").args(["update", "-q"]))?;
+            sh(Command::new("apt-get")
+                .args(["install", "-y", "-q", "debootstrap"])
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        })
 }

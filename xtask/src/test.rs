@@ -9,27 +9,15 @@ use crate::{build, root, rootfs, sh};
 /// Runs every check and test. `filter` narrows the integration tests.
 pub fn run(filter: Option<&str>) -> Result<()> {
     let ws = root();
+    sh(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(&ws))?;
     sh(Command::new("cargo")
-        .args(["fmt", "--all", "--check"])
-        .current_dir(&ws))?;
-    sh(Command::new("cargo")
-        .args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--quiet",
-            "--",
-            "-D",
-            "warnings",
-        ])
+        .args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])
         .current_dir(&ws))?;
     let bin = build::all()?;
     let rootfs = rootfs::ensure_all()?;
     // Unit tests (no kernel needed), then the integration tests, which drive
     // the built binary against real interpreters and the real kernel.
-    sh(Command::new("cargo")
-        .args(["test", "--workspace", "--exclude", "detector-tests"])
-        .current_dir(&ws))?;
+    sh(Command::new("cargo").args(["test", "--workspace", "--exclude", "detector-tests"]).current_dir(&ws))?;
     let mut it = Command::new("cargo");
     it.args(["test", "--release", "--package", "detector-tests", "--"])
         .current_dir(&ws)

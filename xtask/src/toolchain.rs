@@ -18,14 +18,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Installs `rust-src` for nightly if missing.
 pub fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        NIGHTLY,
-    ]))
-    .context("rustup is required")?;
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
+        .context("rustup is required")?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: installing rust-src for {NIGHTLY}");
         sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
@@ -37,9 +31,7 @@ pub fn ensure_rust_src() -> Result<()> {
 /// (about a minute) into `target/xtask/`.
 pub fn bpf_linker() -> Result<PathBuf> {
     let verbose = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))
-        .with_context(|| {
-            format!("the {NIGHTLY} toolchain is required (rustup toolchain install {NIGHTLY})")
-        })?;
+        .with_context(|| format!("the {NIGHTLY} toolchain is required (rustup toolchain install {NIGHTLY})"))?;
     let llvm = verbose
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -47,28 +39,21 @@ pub fn bpf_linker() -> Result<PathBuf> {
         .trim()
         .to_owned();
     let major = llvm.split('.').next().unwrap_or_default().to_owned();
-    let commit = verbose
-        .lines()
-        .find_map(|l| l.strip_prefix("commit-hash: "))
-        .unwrap_or("unknown");
-    let root = cache_dir().join(format!(
-        "bpf-linker-{BPF_LINKER_VERSION}-llvm{llvm}-{}",
-        &commit[..commit.len().min(12)]
-    ));
+    let commit = verbose.lines().find_map(|l| l.strip_prefix("commit-hash: ")).unwrap_or("unknown");
+    let root =
+        cache_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}-llvm{llvm}-{}", &commit[..commit.len().min(12)]));
     let bin = root.join("bin").join("bpf-linker");
     if bin.exists() {
         return Ok(bin);
     }
-    let sysroot =
-        output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    let sysroot = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
     let lib = Path::new(sysroot.trim()).join("lib");
     let libllvm = fs::read_dir(&lib)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .find(|p| {
             let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.starts_with(&format!("libLLVM.so.{major}"))
-                || name.starts_with(&format!("libLLVM-{major}"))
+            name.starts_with(&format!("libLLVM.so.{major}")) || name.starts_with(&format!("libLLVM-{major}"))
         })
         .with_context(|| format!("no libLLVM for LLVM {major} in {}", lib.display()))?;
     // bpf-linker's build looks for `lib/libLLVM.so` under LLVM_PREFIX.
@@ -83,23 +68,14 @@ pub fn bpf_linker() -> Result<PathBuf> {
     eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (once)");
     let feature = format!("llvm-{major}");
     sh(Command::new("cargo")
-        .args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            "--locked",
-            "--no-default-features",
-        ])
+        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features"])
         .args(["--features", &feature, "--root"])
         .arg(&root)
         .env("LLVM_PREFIX", &prefix))
     .or_else(|_| {
         // Older lock files may not resolve on this toolchain; retry unlocked.
         sh(Command::new("cargo")
-            .args([
-                "install",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-                "--no-default-features",
-            ])
+            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--no-default-features"])
             .args(["--features", &feature, "--root"])
             .arg(&root)
             .env("LLVM_PREFIX", &prefix))

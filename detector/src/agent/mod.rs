@@ -9,9 +9,7 @@ use tracing::{debug, info};
 use crate::{
     bpf::{BpfError, Link, ProbeKind, Probes},
     interp::sites::SiteRole,
-    pyproc::{
-        ProcessError, PythonProcess, mem::ProcessMemory, objects::Objects, qualname, threads,
-    },
+    pyproc::{ProcessError, PythonProcess, mem::ProcessMemory, objects::Objects, qualname, threads},
     targets::TargetSet,
 };
 
@@ -40,17 +38,8 @@ pub struct ProcessWatch {
 impl ProcessWatch {
     /// Attaches every probe site of the process's interpreter. On failure
     /// nothing stays attached.
-    pub fn attach(
-        probes: &mut Probes,
-        process: PythonProcess,
-        targets: &TargetSet,
-    ) -> Result<Self, AttachError> {
-        let mut watch = ProcessWatch {
-            process,
-            links: Vec::new(),
-            prefilled_threads: 0,
-            prefilled_identities: 0,
-        };
+    pub fn attach(probes: &mut Probes, process: PythonProcess, targets: &TargetSet) -> Result<Self, AttachError> {
+        let mut watch = ProcessWatch { process, links: Vec::new(), prefilled_threads: 0, prefilled_identities: 0 };
         match watch.attach_all(probes, targets) {
             Ok(()) => Ok(watch),
             Err(e) => {
@@ -60,9 +49,26 @@ impl ProcessWatch {
         }
     }
 
+    /// Attaches the empty program at every site the detector would use: the
+    /// floor the detector's per-hit cost is measured against.
+    pub fn attach_floor(probes: &mut Probes, process: PythonProcess) -> Result<Self, AttachError> {
+        let mut watch = ProcessWatch { process, links: Vec::new(), prefilled_threads: 0, prefilled_identities: 0 };
+        let roles = [SiteRole::CodeDealloc, SiteRole::FunctionNew, SiteRole::EvalEntry, SiteRole::Resume];
+        let layout = probes.layout_id(&watch.process.analysis.layout)?;
+        for role in roles {
+            if let Err(e) = watch.attach_role(probes, layout, role, ProbeKind::Empty) {
+                watch.detach(probes);
+                return Err(e);
+            }
+        }
+        Ok(watch)
+    }
+
     fn attach_all(&mut self, probes: &mut Probes, targets: &TargetSet) -> Result<(), AttachError> {
         let a = self.process.analysis.clone();
         let layout = probes.layout_id(&a.layout)?;
+        // Deallocations first: no verdict may outlive its code object.
+        self.attach_role(probes, layout, SiteRole::CodeDealloc, ProbeKind::CodeDealloc)?;
         if a.layout.family == FAMILY_FRAME_ARG {
             // Definitions first, then pre-fill, then calls: a function made
             // in between is recorded by the definition probe.
@@ -103,9 +109,11 @@ impl ProcessWatch {
                 check: site.check,
                 cond: site.cond,
                 count_when: site.count_when,
+                frame_reg: site.registers.frame,
+                code_reg: site.registers.code,
+                instr_reg: site.registers.instr,
             };
-            self.links
-                .push(probes.attach(kind, &path, site.file_offset, pid, cookie)?);
+            self.links.push(probes.attach(kind, &path, site.file_offset, pid, cookie)?);
             debug!(pid, binary = %self.process.object.path, site = %site.handler, addr = site.addr, "attached");
         }
         Ok(())
@@ -114,21 +122,13 @@ impl ProcessWatch {
     /// 3.8-3.10: records the identity of target functions that already
     /// exist (modules imported before the attach), so the kernel matches
     /// them exactly from their first call. Returns how many were found.
-    pub fn prefill_identities(
-        &self,
-        probes: &mut Probes,
-        targets: &TargetSet,
-    ) -> Result<usize, AttachError> {
+    pub fn prefill_identities(&self, probes: &mut Probes, targets: &TargetSet) -> Result<usize, AttachError> {
         let p = &self.process;
         let Some(runtime) = p.runtime() else {
             return Ok(0);
         };
         let mem = ProcessMemory::open(p.pid)?;
-        let objs = Objects {
-            mem: &mem,
-            o: &p.analysis.table.values,
-            minor: p.analysis.version.minor,
-        };
+        let objs = Objects { mem: &mem, o: &p.analysis.table.values, minor: p.analysis.version.minor };
         let mut found = 0;
         for (target, _) in targets.iter() {
             let Some(globals) = qualname::module_globals(&objs, runtime, target.module())? else {

@@ -97,10 +97,7 @@ where
             let mut child = match cmd.spawn() {
                 Ok(c) => c,
                 Err(source) => {
-                    let _ = ready_tx.send(Err(SpawnError::Start {
-                        command: argv[0].clone(),
-                        source,
-                    }));
+                    let _ = ready_tx.send(Err(SpawnError::Start { command: argv[0].clone(), source }));
                     return Err(io::Error::other("spawn failed"));
                 }
             };
@@ -127,11 +124,7 @@ where
         })
         .map_err(SpawnError::Trace)?;
     match ready_rx.recv() {
-        Ok(Ok(process)) => Ok(Spawned {
-            process,
-            release: release_tx,
-            tracer,
-        }),
+        Ok(Ok(process)) => Ok(Spawned { process, release: release_tx, tracer }),
         Ok(Err(e)) => {
             let _ = tracer.join();
             Err(e)
@@ -142,11 +135,7 @@ where
 
 /// Follows the child from exec to exec until one is Python. The error's flag
 /// says whether the child is already gone.
-fn trace_to_python<F>(
-    pid: i32,
-    command: &str,
-    locate: &F,
-) -> Result<PythonProcess, (SpawnError, bool)>
+fn trace_to_python<F>(pid: i32, command: &str, locate: &F) -> Result<PythonProcess, (SpawnError, bool)>
 where
     F: Fn(u32) -> Result<Option<PythonProcess>, ProcessError>,
 {
@@ -201,10 +190,7 @@ fn never_python(command: &str, status: i32) -> SpawnError {
     } else {
         format!("wait status {status:#x}")
     };
-    SpawnError::NeverPython {
-        command: command.trim().to_owned(),
-        status,
-    }
+    SpawnError::NeverPython { command: command.trim().to_owned(), status }
 }
 
 /// Runs the stopped child to the entry point of its current image, via a
@@ -244,31 +230,15 @@ fn run_to_entry(pid: i32) -> io::Result<Stop> {
 fn auxv_entry(pid: i32) -> io::Result<u64> {
     let auxv = std::fs::read(format!("/proc/{pid}/auxv"))?;
     auxv.chunks_exact(16)
-        .map(|c| {
-            (
-                u64::from_le_bytes(c[..8].try_into().unwrap()),
-                u64::from_le_bytes(c[8..].try_into().unwrap()),
-            )
-        })
+        .map(|c| (u64::from_le_bytes(c[..8].try_into().unwrap()), u64::from_le_bytes(c[8..].try_into().unwrap())))
         .find(|(k, _)| *k == libc::AT_ENTRY)
         .map(|(_, v)| v)
         .ok_or_else(|| io::Error::other("no AT_ENTRY in auxv"))
 }
 
 fn ptrace(req: libc::c_uint, pid: i32, addr: u64, data: u64) -> io::Result<i64> {
-    let r = unsafe {
-        libc::ptrace(
-            req,
-            pid,
-            addr as *mut libc::c_void,
-            data as *mut libc::c_void,
-        )
-    };
-    if r == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+    let r = unsafe { libc::ptrace(req, pid, addr as *mut libc::c_void, data as *mut libc::c_void) };
+    if r == -1 { Err(io::Error::last_os_error()) } else { Ok(r) }
 }
 
 fn peek(pid: i32, addr: u64) -> io::Result<u64> {
@@ -276,11 +246,7 @@ fn peek(pid: i32, addr: u64) -> io::Result<u64> {
     unsafe { *libc::__errno_location() = 0 };
     let r = unsafe { libc::ptrace(libc::PTRACE_PEEKTEXT, pid, addr as *mut libc::c_void, 0) };
     let err = io::Error::last_os_error();
-    if r == -1 && err.raw_os_error() != Some(0) {
-        Err(err)
-    } else {
-        Ok(r as u64)
-    }
+    if r == -1 && err.raw_os_error() != Some(0) { Err(err) } else { Ok(r as u64) }
 }
 
 fn wait(pid: i32) -> io::Result<i32> {

@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use detector_common::{
-    CodeIdentity, Config, CountKey, IdentityKey, Layout, NameKey, PendingEntry, PendingKey,
-    SiteCookie, TargetKey, ThreadEntry, Verdict, VerdictKey, capacity, maps, programs,
+    CodeIdentity, CodeKey, Config, CountKey, Layout, NameKey, PendingEntry, PendingKey, SiteCookie, TargetKey,
+    ThreadEntry, Verdict, capacity, maps, programs,
 };
 
 pub use state::PendingHits;
@@ -61,10 +61,7 @@ pub enum BpfError {
 }
 
 pub(crate) fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
-    move |e| BpfError::Map {
-        map,
-        source: Box::new(e),
-    }
+    move |e| BpfError::Map { map, source: Box::new(e) }
 }
 
 /// Capacities of the maps, set at load time.
@@ -105,15 +102,31 @@ pub enum ProbeKind {
     Resume,
     /// `PyFunction_NewWithQualName` entry, 3.8-3.10.
     FuncNew,
+    /// `code_dealloc` entry.
+    CodeDealloc,
+    /// Does nothing (benchmark floor).
+    Empty,
 }
 
 impl ProbeKind {
+    /// Every program in the object.
+    pub const ALL: [ProbeKind; 6] = [
+        ProbeKind::EvalEntry,
+        ProbeKind::EvalCall,
+        ProbeKind::Resume,
+        ProbeKind::FuncNew,
+        ProbeKind::CodeDealloc,
+        ProbeKind::Empty,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             ProbeKind::EvalEntry => programs::EVAL_ENTRY,
             ProbeKind::EvalCall => programs::EVAL_CALL,
             ProbeKind::Resume => programs::RESUME,
             ProbeKind::FuncNew => programs::FUNC_NEW,
+            ProbeKind::CodeDealloc => programs::CODE_DEALLOC,
+            ProbeKind::Empty => programs::EMPTY,
         }
     }
 }
@@ -134,11 +147,11 @@ pub struct Probes {
     caps: Capacities,
     pub(crate) targets: HashMap<MapData, TargetKey, u32>,
     pub(crate) names: HashMap<MapData, NameKey, u32>,
-    pub(crate) verdicts: HashMap<MapData, VerdictKey, Verdict>,
+    pub(crate) verdicts: HashMap<MapData, CodeKey, Verdict>,
     pub(crate) counts: HashMap<MapData, CountKey, u64>,
     pub(crate) pending: HashMap<MapData, PendingKey, PendingEntry>,
     pub(crate) threads: HashMap<MapData, u32, ThreadEntry>,
-    pub(crate) identities: HashMap<MapData, IdentityKey, CodeIdentity>,
+    pub(crate) identities: HashMap<MapData, CodeKey, CodeIdentity>,
     layout_map: Array<MapData, Layout>,
     config: Array<MapData, Config>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
@@ -149,10 +162,9 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, BpfError> {
-    let map = ebpf.take_map(name).ok_or(BpfError::Map {
-        map: name,
-        source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }),
-    })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(BpfError::Map { map: name, source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }) })?;
     T::try_from(map).map_err(map_err(name))
 }
 
@@ -171,12 +183,7 @@ impl Probes {
             .map_max_entries(maps::EVENTS, caps.events_bytes)
             .load(OBJECT)
             .map_err(|e| BpfError::Load(Box::new(e)))?;
-        for kind in [
-            ProbeKind::EvalEntry,
-            ProbeKind::EvalCall,
-            ProbeKind::Resume,
-            ProbeKind::FuncNew,
-        ] {
+        for kind in ProbeKind::ALL {
             let prog: &mut UProbe = program(&mut ebpf, kind)?;
             prog.load().map_err(|e| BpfError::Program {
                 what: format!("loading program {}", kind.name()),
@@ -224,14 +231,9 @@ impl Probes {
         }
         let id = self.layouts.len() as u32;
         if id >= capacity::LAYOUTS {
-            return Err(BpfError::Full {
-                map: maps::LAYOUTS,
-                cap: capacity::LAYOUTS,
-            });
+            return Err(BpfError::Full { map: maps::LAYOUTS, cap: capacity::LAYOUTS });
         }
-        self.layout_map
-            .set(id, *layout, 0)
-            .map_err(map_err(maps::LAYOUTS))?;
+        self.layout_map.set(id, *layout, 0).map_err(map_err(maps::LAYOUTS))?;
         self.layouts.push(*layout);
         Ok(id)
     }
@@ -248,10 +250,7 @@ impl Probes {
     }
 
     fn write_config(&mut self) -> Result<(), BpfError> {
-        let cfg = Config {
-            generation: self.generation,
-            wakeup_bytes: self.wakeup_bytes,
-        };
+        let cfg = Config { generation: self.generation, wakeup_bytes: self.wakeup_bytes };
         self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
     }
 
@@ -265,21 +264,13 @@ impl Probes {
         cookie: SiteCookie,
     ) -> Result<Link, BpfError> {
         let prog = program(&mut self.ebpf, kind)?;
-        let point = UProbeAttachPoint {
-            location: UProbeAttachLocation::AbsoluteOffset(offset),
-            cookie: Some(cookie.encode()),
-        };
+        let point =
+            UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(offset), cookie: Some(cookie.encode()) };
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never watched"));
-        let id = prog
-            .attach(point, path, scope)
-            .map_err(|e| BpfError::Program {
-                what: format!(
-                    "attaching {} at {}+{offset:#x} for pid {pid}",
-                    kind.name(),
-                    path.display()
-                ),
-                source: Box::new(e),
-            })?;
+        let id = prog.attach(point, path, scope).map_err(|e| BpfError::Program {
+            what: format!("attaching {} at {}+{offset:#x} for pid {pid}", kind.name(), path.display()),
+            source: Box::new(e),
+        })?;
         Ok(Link { program: kind, id })
     }
 
@@ -294,15 +285,10 @@ impl Probes {
 
 fn program(ebpf: &mut Ebpf, kind: ProbeKind) -> Result<&mut UProbe, BpfError> {
     let name = kind.name();
-    let missing = || BpfError::Program {
-        what: format!("program {name}"),
-        source: Box::new(ProgramError::UnexpectedProgramType),
-    };
+    let missing =
+        || BpfError::Program { what: format!("program {name}"), source: Box::new(ProgramError::UnexpectedProgramType) };
     ebpf.program_mut(name)
         .ok_or_else(missing)?
         .try_into()
-        .map_err(|e| BpfError::Program {
-            what: format!("program {name}"),
-            source: Box::new(e),
-        })
+        .map_err(|e| BpfError::Program { what: format!("program {name}"), source: Box::new(e) })
 }

@@ -4,8 +4,7 @@
 use std::collections::HashMap as StdHashMap;
 
 use detector_common::{
-    CodeIdentity, CountKey, IdentityKey, NameKey, PendingKey, TargetKey, ThreadEntry, Verdict,
-    VerdictKey, fixed_name, maps, stats,
+    CodeIdentity, CodeKey, CountKey, NameKey, PendingKey, TargetKey, ThreadEntry, Verdict, fixed_name, maps, stats,
 };
 
 use super::{BpfError, Probes, map_err};
@@ -36,9 +35,7 @@ pub fn target_key(t: &Target) -> TargetKey {
 }
 
 fn name_key(t: &Target) -> NameKey {
-    NameKey {
-        name: fixed_name(t.name().as_bytes()).expect("validated target"),
-    }
+    NameKey { name: fixed_name(t.name().as_bytes()).expect("validated target") }
 }
 
 impl Probes {
@@ -48,13 +45,9 @@ impl Probes {
     pub fn sync_targets(&mut self, set: &TargetSet) -> Result<bool, BpfError> {
         let cap = self.capacities().targets;
         if set.len() > cap as usize {
-            return Err(BpfError::Full {
-                map: maps::TARGETS,
-                cap,
-            });
+            return Err(BpfError::Full { map: maps::TARGETS, cap });
         }
-        let want: StdHashMap<TargetKey, u32> =
-            set.iter().map(|(t, id)| (target_key(t), id)).collect();
+        let want: StdHashMap<TargetKey, u32> = set.iter().map(|(t, id)| (target_key(t), id)).collect();
         let mut want_names: StdHashMap<NameKey, u32> = StdHashMap::new();
         for (t, _) in set.iter() {
             *want_names.entry(name_key(t)).or_default() += 1;
@@ -69,9 +62,7 @@ impl Probes {
         }
         for (k, id) in &want {
             if !have.iter().any(|(hk, hid)| hk == k && hid == id) {
-                self.targets
-                    .insert(k, id, 0)
-                    .map_err(map_err(maps::TARGETS))?;
+                self.targets.insert(k, id, 0).map_err(map_err(maps::TARGETS))?;
                 changed = true;
             }
         }
@@ -96,9 +87,7 @@ impl Probes {
 
     /// Hits of `target` counted in process `pid` (not including pending ones).
     pub fn count(&self, pid: u32, target: u32) -> u64 {
-        self.counts
-            .get(&CountKey { tgid: pid, target }, 0)
-            .unwrap_or(0)
+        self.counts.get(&CountKey { tgid: pid, target }, 0).unwrap_or(0)
     }
 
     /// Pending hits of process `pid`.
@@ -122,54 +111,26 @@ impl Probes {
         &mut self,
         pid: u32,
         code: u64,
-        name: u64,
         generation: u32,
         target: u32,
+        resumable: bool,
     ) -> Result<(), BpfError> {
-        let key = VerdictKey {
-            tgid: pid,
-            _pad: 0,
-            code,
-            name,
-        };
-        self.verdicts
-            .insert(key, Verdict { generation, target }, 0)
-            .map_err(map_err(maps::VERDICTS))
+        let key = CodeKey { tgid: pid, _pad: 0, code };
+        let verdict = Verdict { generation, target, resumable: resumable as u32 };
+        self.verdicts.insert(key, verdict, 0).map_err(map_err(maps::VERDICTS))
     }
 
     /// Tells the kernel which thread state a thread runs (pre-fill for
     /// threads that were in Python before the probes were attached).
     pub fn set_thread(&mut self, tid: u32, pid: u32, tstate: u64) -> Result<(), BpfError> {
-        self.threads
-            .insert(
-                tid,
-                ThreadEntry {
-                    tgid: pid,
-                    _pad: 0,
-                    tstate,
-                },
-                0,
-            )
-            .map_err(map_err(maps::THREADS))
+        self.threads.insert(tid, ThreadEntry { tgid: pid, _pad: 0, tstate }, 0).map_err(map_err(maps::THREADS))
     }
 
     /// Records what a 3.8-3.10 code object is (pre-fill for functions made
     /// before the probes were attached).
-    pub fn set_identity(
-        &mut self,
-        pid: u32,
-        code: u64,
-        qualname: u64,
-        globals: u64,
-    ) -> Result<(), BpfError> {
-        let key = IdentityKey {
-            tgid: pid,
-            _pad: 0,
-            code,
-        };
-        self.identities
-            .insert(key, CodeIdentity { qualname, globals }, 0)
-            .map_err(map_err(maps::IDENTITIES))
+    pub fn set_identity(&mut self, pid: u32, code: u64, qualname: u64, globals: u64) -> Result<(), BpfError> {
+        let key = CodeKey { tgid: pid, _pad: 0, code };
+        self.identities.insert(key, CodeIdentity { qualname, globals }, 0).map_err(map_err(maps::IDENTITIES))
     }
 
     /// The kernel's counters, summed over CPUs, indexed as `detector_common::stats`.
@@ -185,49 +146,25 @@ impl Probes {
 
     /// Drops every entry that belongs to process `pid`.
     pub fn forget_process(&mut self, pid: u32) {
-        let counts: Vec<CountKey> = self
-            .counts
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
+        let counts: Vec<CountKey> = self.counts.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
         for k in counts {
             let _ = self.counts.remove(&k);
         }
-        let pending: Vec<PendingKey> = self
-            .pending
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
+        let pending: Vec<PendingKey> = self.pending.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
         for k in pending {
             let _ = self.pending.remove(&k);
         }
-        let threads: Vec<u32> = self
-            .threads
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.tgid == pid)
-            .map(|(k, _)| k)
-            .collect();
+        let threads: Vec<u32> =
+            self.threads.iter().filter_map(Result::ok).filter(|(_, v)| v.tgid == pid).map(|(k, _)| k).collect();
         for k in threads {
             let _ = self.threads.remove(&k);
         }
-        let identities: Vec<IdentityKey> = self
-            .identities
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
+        let identities: Vec<CodeKey> =
+            self.identities.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
         for k in identities {
             let _ = self.identities.remove(&k);
         }
-        let verdicts: Vec<VerdictKey> = self
-            .verdicts
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
+        let verdicts: Vec<CodeKey> = self.verdicts.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
         for k in verdicts {
             let _ = self.verdicts.remove(&k);
         }

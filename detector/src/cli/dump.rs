@@ -87,12 +87,10 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
         Some(pid) => (pyproc::locate(pid, &cache)?, None),
         None => {
             let cache = cache.clone();
-            let s = spawn::spawn(&args.command, move |pid| {
-                match pyproc::locate(pid, &cache) {
-                    Ok(p) => Ok(Some(p)),
-                    Err(ProcessError::NotPython { .. }) => Ok(None),
-                    Err(e) => Err(e),
-                }
+            let s = spawn::spawn(&args.command, move |pid| match pyproc::locate(pid, &cache) {
+                Ok(p) => Ok(Some(p)),
+                Err(ProcessError::NotPython { .. }) => Ok(None),
+                Err(e) => Err(e),
             })?;
             (s.process.clone(), Some(s))
         }
@@ -137,21 +135,12 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
         }
     };
     // Everything the process did before it stopped is in the buffer by now.
-    drain(
-        ring.get_mut(),
-        &mut processor,
-        &mut probes,
-        &targets,
-        &lookup,
-        &printer,
-    );
+    drain(ring.get_mut(), &mut processor, &mut probes, &targets, &lookup, &printer);
     if exited {
         let status = match child {
-            Some(c) => tokio::task::spawn_blocking(move || c.join())
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .and_then(|r| r.ok()),
+            Some(c) => {
+                tokio::task::spawn_blocking(move || c.join()).await.ok().and_then(|r| r.ok()).and_then(|r| r.ok())
+            }
             None => None,
         };
         printer.exited(pid, status.map(|s| s.to_string()).as_deref());
@@ -161,12 +150,25 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
         printer.summary(pid, t, totals.get(&id).copied().unwrap_or(0));
     }
     let stats = probes.stats();
-    let named: Vec<(&str, u64)> = detector_common::stats::NAMES
-        .iter()
-        .copied()
-        .zip(stats.iter().copied())
-        .collect();
+    let named: Vec<(&str, u64)> = detector_common::stats::NAMES.iter().copied().zip(stats.iter().copied()).collect();
     printer.stats(&named);
+    watch.detach(&mut probes);
+    Ok(())
+}
+
+/// Runs the hidden `bench-floor` command.
+pub async fn bench_floor(pid: u32) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    require_privileges()?;
+    let mut probes = Probes::load(Capacities::default())?;
+    let process = pyproc::locate(pid, &AnalysisCache::default())?;
+    let mut watch = ProcessWatch::attach_floor(&mut probes, process)?;
+    println!("{}", serde_json::json!({"type": "attached", "pid": pid, "probes": watch.probes()}));
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
     watch.detach(&mut probes);
     Ok(())
 }

@@ -29,10 +29,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     } else {
         let path = Path::new(&args.what);
         let elf = ElfImage::open(path)?;
-        (
-            Arc::new(analyze(&elf, &args.what, None).with_context(|| args.what.clone())?),
-            None,
-        )
+        (Arc::new(analyze(&elf, &args.what, None).with_context(|| args.what.clone())?), None)
     };
     match args.format {
         Format::Json => {
@@ -51,18 +48,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
 
 fn print_text(a: &Analysis, p: Option<&pyproc::PythonProcess>) {
     if let Some(p) = p {
-        println!(
-            "process     {} (load bias {:#x}, opened as {})",
-            p.pid,
-            p.bias,
-            p.object.open_path.display()
-        );
+        println!("process     {} (load bias {:#x}, opened as {})", p.pid, p.bias, p.object.open_path.display());
     }
     println!("object      {}", a.object);
-    println!(
-        "version     CPython {} ({:?} build; version from {:?})",
-        a.version, a.flavour, a.version_source
-    );
+    println!("version     CPython {} ({:?} build; version from {:?})", a.version, a.flavour, a.version_source);
     println!("build id    {}", a.build_id.as_deref().unwrap_or("-"));
     println!("PIE/shared  {}", a.position_independent);
     for s in &a.symbols {
@@ -78,11 +67,7 @@ fn print_text(a: &Analysis, p: Option<&pyproc::PythonProcess>) {
             s.addr,
             s.file_offset,
             s.instruction,
-            if s.emulated {
-                "emulated"
-            } else {
-                "single-stepped"
-            }
+            if s.emulated { "emulated" } else { "single-stepped" }
         );
     }
     for (field, o) in &a.offsets {

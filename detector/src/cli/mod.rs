@@ -58,6 +58,14 @@ pub enum Command {
     /// symbols, struct offsets and probe sites with their sources, or the
     /// precise reason it refuses to probe it.
     Inspect(inspect::InspectArgs),
+    /// Benchmark support (`cargo xtask bench`): attach an empty program at
+    /// the detector's sites in one process until SIGINT or SIGTERM.
+    #[command(hide = true)]
+    BenchFloor {
+        /// Process.
+        #[arg(long)]
+        pid: u32,
+    },
 }
 
 /// Fails with a clear message unless this process may load eBPF programs,

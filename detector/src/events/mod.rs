@@ -7,7 +7,7 @@ pub mod record;
 
 use std::collections::{BTreeMap, HashMap};
 
-use detector_common::TARGET_NONE;
+use detector_common::{CO_RESUMABLE, TARGET_NONE};
 use tracing::{debug, warn};
 
 use crate::{
@@ -67,20 +67,8 @@ impl EventProcessor {
         procs: &impl ProcessLookup,
     ) -> Option<Hit> {
         match rec {
-            Record::Code {
-                pid,
-                code,
-                filename,
-                lineno,
-            } => {
-                bounded_insert(
-                    &mut self.code_info,
-                    (pid, code),
-                    CodeInfo {
-                        filename,
-                        lineno: Some(lineno),
-                    },
-                );
+            Record::Code { pid, code, filename, lineno } => {
+                bounded_insert(&mut self.code_info, (pid, code), CodeInfo { filename, lineno: Some(lineno) });
                 None
             }
             Record::Hit(h) => {
@@ -97,16 +85,7 @@ impl EventProcessor {
             }
             Record::Candidate(c) => {
                 let pid = c.header.tgid;
-                let id = self.resolve(
-                    pid,
-                    c.generation,
-                    c.code,
-                    c.name,
-                    c.globals,
-                    probes,
-                    targets,
-                    procs,
-                )?;
+                let id = self.resolve(pid, c.generation, c.code, c.name, c.globals, probes, targets, procs)?;
                 let info = self.info(pid, c.code, procs);
                 Some(Hit {
                     pid,
@@ -138,7 +117,7 @@ impl EventProcessor {
             return *r;
         }
         let p = procs.process(pid)?;
-        let result = match resolve_in(p, code, name, globals, targets) {
+        let (result, resumable) = match resolve_in(p, code, name, globals, targets) {
             Ok(r) => r,
             Err(e) => {
                 // Most likely the process exited; its pending hits cannot be
@@ -149,8 +128,7 @@ impl EventProcessor {
         };
         bounded_insert(&mut self.resolutions, (pid, generation, code), result);
         if generation == probes.generation()
-            && let Err(e) =
-                probes.set_verdict(pid, code, name, generation, result.unwrap_or(TARGET_NONE))
+            && let Err(e) = probes.set_verdict(pid, code, generation, result.unwrap_or(TARGET_NONE), resumable)
         {
             warn!(pid, error = %e, "cannot store verdict");
         }
@@ -166,10 +144,7 @@ impl EventProcessor {
         let info = procs
             .process(pid)
             .and_then(|p| read_code_info(p, code).ok())
-            .unwrap_or(CodeInfo {
-                filename: None,
-                lineno: None,
-            });
+            .unwrap_or(CodeInfo { filename: None, lineno: None });
         bounded_insert(&mut self.code_info, (pid, code), info.clone());
         info
     }
@@ -183,21 +158,10 @@ impl EventProcessor {
         targets: &TargetSet,
         procs: &impl ProcessLookup,
     ) -> BTreeMap<u32, u64> {
-        let mut out: BTreeMap<u32, u64> = targets
-            .iter()
-            .map(|(_, id)| (id, probes.count(pid, id)))
-            .collect();
+        let mut out: BTreeMap<u32, u64> = targets.iter().map(|(_, id)| (id, probes.count(pid, id))).collect();
         for p in probes.pending(pid) {
-            if let Some(id) = self.resolve(
-                pid,
-                p.generation,
-                p.code,
-                p.name,
-                p.globals,
-                probes,
-                targets,
-                procs,
-            ) && let Some(n) = out.get_mut(&id)
+            if let Some(id) = self.resolve(pid, p.generation, p.code, p.name, p.globals, probes, targets, procs)
+                && let Some(n) = out.get_mut(&id)
             {
                 *n += p.hits;
             }
@@ -219,36 +183,29 @@ fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, k: K, v: 
     map.insert(k, v);
 }
 
+/// The target the candidate is, if any, and whether its code is resumable
+/// (a generator or coroutine).
 fn resolve_in(
     p: &PythonProcess,
     code: u64,
     name: u64,
     globals: u64,
     targets: &TargetSet,
-) -> Result<Option<u32>, crate::pyproc::ProcessError> {
+) -> Result<(Option<u32>, bool), crate::pyproc::ProcessError> {
     let mem = ProcessMemory::open(p.pid)?;
-    let objs = Objects {
-        mem: &mem,
-        o: &p.analysis.table.values,
-        minor: p.analysis.version.minor,
-    };
+    let objs = Objects { mem: &mem, o: &p.analysis.table.values, minor: p.analysis.version.minor };
     let co_name = objs.str(name)?;
-    let candidates: Vec<(u32, &Target)> = targets
-        .iter()
-        .filter(|(t, _)| t.name() == co_name)
-        .map(|(t, id)| (id, t))
-        .collect();
-    qualname::resolve(&objs, code, globals, &candidates)
+    let candidates: Vec<(u32, &Target)> =
+        targets.iter().filter(|(t, _)| t.name() == co_name).map(|(t, id)| (id, t)).collect();
+    let target = qualname::resolve(&objs, code, globals, &candidates)?;
+    let flags = mem.u32(code + p.analysis.table.values.code_flags as u64)?;
+    Ok((target, flags & CO_RESUMABLE != 0))
 }
 
 fn read_code_info(p: &PythonProcess, code: u64) -> Result<CodeInfo, crate::pyproc::ProcessError> {
     let mem = ProcessMemory::open(p.pid)?;
     let o = &p.analysis.table.values;
-    let objs = Objects {
-        mem: &mem,
-        o,
-        minor: p.analysis.version.minor,
-    };
+    let objs = Objects { mem: &mem, o, minor: p.analysis.version.minor };
     let filename = objs.str(mem.ptr(code, o.code_filename)?).ok();
     let lineno = mem.u32(code + o.code_firstlineno as u64).ok();
     Ok(CodeInfo { filename, lineno })

@@ -44,7 +44,9 @@ impl Printer {
         let sites: Vec<Value> = a
             .sites
             .iter()
-            .map(|s| json!({"handler": s.handler, "addr": s.addr, "instruction": s.instruction, "emulated": s.emulated}))
+            .map(
+                |s| json!({"handler": s.handler, "addr": s.addr, "instruction": s.instruction, "emulated": s.emulated}),
+            )
             .collect();
         let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
         self.emit(
@@ -99,21 +101,17 @@ impl Printer {
 
     /// The watched process exited.
     pub fn exited(&self, pid: u32, status: Option<&str>) {
-        self.emit(
-            json!({"type": "exited", "pid": pid, "status": status}),
-            || match status {
-                Some(s) => format!("pid {pid} exited ({s})"),
-                None => format!("pid {pid} exited"),
-            },
-        );
+        self.emit(json!({"type": "exited", "pid": pid, "status": status}), || match status {
+            Some(s) => format!("pid {pid} exited ({s})"),
+            None => format!("pid {pid} exited"),
+        });
     }
 
     /// Exact count for one target.
     pub fn summary(&self, pid: u32, target: &Target, hits: u64) {
-        self.emit(
-            json!({"type": "summary", "pid": pid, "target": target.to_string(), "hits": hits}),
-            || format!("summary pid={pid} {target} hits={hits}"),
-        );
+        self.emit(json!({"type": "summary", "pid": pid, "target": target.to_string(), "hits": hits}), || {
+            format!("summary pid={pid} {target} hits={hits}")
+        });
     }
 
     /// The kernel's counters.

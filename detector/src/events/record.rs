@@ -2,8 +2,7 @@
 //! guarantee: they are read with `read_unaligned`, never cast.
 
 use detector_common::{
-    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EventHeader, HitEvent,
-    name_bytes,
+    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EventHeader, HitEvent, name_bytes,
 };
 
 /// A decoded record.
@@ -27,8 +26,7 @@ pub enum Record {
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
-    (bytes.len() >= size_of::<T>())
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 /// Decodes one record; `None` for a short or unknown one.
@@ -61,25 +59,14 @@ mod tests {
 
     #[test]
     fn decodes_each_kind_even_misaligned() {
-        let hit = HitEvent {
-            header: EventHeader {
-                kind: EVENT_HIT,
-                tgid: 7,
-            },
-            tid: 8,
-            target: 2,
-            ts_ns: 99,
-            code: 0x1000,
-        };
+        let hit =
+            HitEvent { header: EventHeader { kind: EVENT_HIT, tgid: 7 }, tid: 8, target: 2, ts_ns: 99, code: 0x1000 };
         let mut buf = vec![0u8];
         buf.extend(bytes_of(&hit));
         assert_eq!(decode(&buf[1..]), Some(Record::Hit(hit)));
 
         let mut code = CodeEvent {
-            header: EventHeader {
-                kind: EVENT_CODE,
-                tgid: 7,
-            },
+            header: EventHeader { kind: EVENT_CODE, tgid: 7 },
             target: 2,
             firstlineno: 12,
             code: 0x1000,
@@ -88,12 +75,7 @@ mod tests {
         code.filename[..5].copy_from_slice(b"/a.py");
         assert_eq!(
             decode(&bytes_of(&code)),
-            Some(Record::Code {
-                pid: 7,
-                code: 0x1000,
-                filename: Some("/a.py".into()),
-                lineno: 12
-            })
+            Some(Record::Code { pid: 7, code: 0x1000, filename: Some("/a.py".into()), lineno: 12 })
         );
         assert_eq!(decode(&bytes_of(&hit)[..10]), None);
         let unknown = EventHeader { kind: 99, tgid: 1 };

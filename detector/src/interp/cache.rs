@@ -38,12 +38,7 @@ impl Cached {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Key {
-    Inode {
-        dev: u64,
-        inode: u64,
-        size: u64,
-        mtime: i64,
-    },
+    Inode { dev: u64, inode: u64, size: u64, mtime: i64 },
     BuildId(Vec<u8>),
 }
 
@@ -58,36 +53,25 @@ pub struct AnalysisCache {
 impl AnalysisCache {
     /// The analysis of `file`, computed at most once per binary.
     pub fn analyze(&self, file: &MappedFile) -> Result<Arc<Analysis>, AnalysisError> {
-        let io = |source| AnalysisError::Io {
-            path: file.open_path.clone(),
-            source,
-        };
+        let io = |source| AnalysisError::Io { path: file.open_path.clone(), source };
         let md = std::fs::metadata(&file.open_path).map_err(io)?;
-        let inode_key = Key::Inode {
-            dev: md.dev(),
-            inode: md.ino(),
-            size: md.size(),
-            mtime: md.mtime(),
-        };
+        let inode_key = Key::Inode { dev: md.dev(), inode: md.ino(), size: md.size(), mtime: md.mtime() };
         let build_key = build_id(&file.open_path).map(Key::BuildId);
         {
             let entries = self.entries.lock().unwrap();
-            let found = entries
-                .get(&inode_key)
-                .or_else(|| build_key.as_ref().and_then(|k| entries.get(k)));
+            let found = entries.get(&inode_key).or_else(|| build_key.as_ref().and_then(|k| entries.get(k)));
             if let Some(c) = found {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return c.result();
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let cached =
-            match ElfImage::open(&file.open_path).and_then(|elf| analyze(&elf, &file.path, None)) {
-                Ok(a) => Cached::Ok(Arc::new(a)),
-                Err(AnalysisError::NotPython(m) | AnalysisError::NotElf(m)) => Cached::NotPython(m),
-                Err(AnalysisError::Unsupported(m)) => Cached::Unsupported(m),
-                Err(e @ AnalysisError::Io { .. }) => return Err(e),
-            };
+        let cached = match ElfImage::open(&file.open_path).and_then(|elf| analyze(&elf, &file.path, None)) {
+            Ok(a) => Cached::Ok(Arc::new(a)),
+            Err(AnalysisError::NotPython(m) | AnalysisError::NotElf(m)) => Cached::NotPython(m),
+            Err(AnalysisError::Unsupported(m)) => Cached::Unsupported(m),
+            Err(e @ AnalysisError::Io { .. }) => return Err(e),
+        };
         let mut entries = self.entries.lock().unwrap();
         if entries.len() >= MAX_ENTRIES {
             entries.clear();
@@ -101,10 +85,7 @@ impl AnalysisCache {
 
     /// (hits, misses) so far.
     pub fn stats(&self) -> (u64, u64) {
-        (
-            self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed),
-        )
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
     }
 }
 

@@ -27,10 +27,7 @@ pub fn header(bytes: &[u8]) -> Option<Header> {
     if bytes.len() < 24 || &bytes[..8] != COOKIE {
         return None;
     }
-    Some(Header {
-        version: u64_at(bytes, 8)? as u32,
-        free_threaded: u64_at(bytes, 16)? != 0,
-    })
+    Some(Header { version: u64_at(bytes, 8)? as u32, free_threaded: u64_at(bytes, 16)? != 0 })
 }
 
 /// Position of each entry we use inside `_Py_DebugOffsets`, per minor version.

@@ -4,10 +4,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use object::{
-    Object, ObjectSection, ObjectSegment, ObjectSymbol, RelocationFlags, SectionKind, SymbolKind,
-    elf,
-};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, RelocationFlags, SectionKind, SymbolKind, elf};
 
 use super::AnalysisError;
 
@@ -79,10 +76,7 @@ pub struct ElfImage {
 impl ElfImage {
     /// Reads and parses `path`.
     pub fn open(path: &Path) -> Result<Self, AnalysisError> {
-        let data = std::fs::read(path).map_err(|source| AnalysisError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let data = std::fs::read(path).map_err(|source| AnalysisError::Io { path: path.to_owned(), source })?;
         Self::parse(data)
     }
 
@@ -100,11 +94,8 @@ impl ElfImage {
             _ => return Err(AnalysisError::NotElf("not a 64-bit ELF object".into())),
         };
         let build_id = file.build_id().ok().flatten().map(<[u8]>::to_vec);
-        let debuglink = file
-            .gnu_debuglink()
-            .ok()
-            .flatten()
-            .map(|(name, _crc)| String::from_utf8_lossy(name).into_owned());
+        let debuglink =
+            file.gnu_debuglink().ok().flatten().map(|(name, _crc)| String::from_utf8_lossy(name).into_owned());
 
         let sections = file
             .sections()
@@ -119,31 +110,19 @@ impl ElfImage {
             .segments()
             .map(|s| {
                 let (offset, filesz) = s.file_range();
-                Segment {
-                    vaddr: s.address(),
-                    offset,
-                    filesz,
-                }
+                Segment { vaddr: s.address(), offset, filesz }
             })
             .collect();
 
         let mut symbols = HashMap::new();
         let mut local_prefixed = Vec::new();
-        for (iter, table) in [
-            (file.dynamic_symbols(), SymbolTable::Dynsym),
-            (file.symbols(), SymbolTable::Symtab),
-        ] {
+        for (iter, table) in [(file.dynamic_symbols(), SymbolTable::Dynsym), (file.symbols(), SymbolTable::Symtab)] {
             for sym in iter {
-                if sym.is_undefined() || !matches!(sym.kind(), SymbolKind::Text | SymbolKind::Data)
-                {
+                if sym.is_undefined() || !matches!(sym.kind(), SymbolKind::Text | SymbolKind::Data) {
                     continue;
                 }
                 let Ok(name) = sym.name() else { continue };
-                let entry = Symbol {
-                    addr: sym.address(),
-                    size: sym.size(),
-                    table,
-                };
+                let entry = Symbol { addr: sym.address(), size: sym.size(), table };
                 // Compilers suffix function-local statics (`opcode_targets.3`).
                 if sym.is_local() && name.contains('.') {
                     local_prefixed.push((name.to_owned(), entry));
@@ -156,10 +135,7 @@ impl ElfImage {
         let mut relative = HashMap::new();
         if let Some(relocs) = file.dynamic_relocations() {
             for (offset, reloc) in relocs {
-                if let RelocationFlags::Elf {
-                    r_type: elf::R_X86_64_RELATIVE,
-                } = reloc.flags()
-                {
+                if let RelocationFlags::Elf { r_type: elf::R_X86_64_RELATIVE } = reloc.flags() {
                     relative.insert(offset, reloc.addend() as u64);
                 }
             }
@@ -198,9 +174,7 @@ impl ElfImage {
     pub fn local_symbols<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, Symbol)> {
         self.local_prefixed.iter().filter_map(move |(n, s)| {
             let rest = n.strip_prefix(prefix)?.strip_prefix('.')?;
-            rest.bytes()
-                .all(|b| b.is_ascii_digit())
-                .then_some((n.as_str(), *s))
+            rest.bytes().all(|b| b.is_ascii_digit()).then_some((n.as_str(), *s))
         })
     }
 
@@ -211,17 +185,12 @@ impl ElfImage {
 
     /// Whether `addr` lies in an executable section.
     pub fn is_code(&self, addr: u64) -> bool {
-        self.sections
-            .iter()
-            .any(|s| s.code && addr >= s.addr && addr < s.addr + s.size)
+        self.sections.iter().any(|s| s.code && addr >= s.addr && addr < s.addr + s.size)
     }
 
     /// File offset of the byte at virtual address `addr`.
     pub fn file_offset(&self, addr: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|s| addr >= s.vaddr && addr < s.vaddr + s.filesz)
-            .map(|s| s.offset + (addr - s.vaddr))
+        self.segments.iter().find(|s| addr >= s.vaddr && addr < s.vaddr + s.filesz).map(|s| s.offset + (addr - s.vaddr))
     }
 
     /// Virtual address of the byte at file offset `offset`.
@@ -269,10 +238,7 @@ fn dynamic_soname(f: &object::read::elf::ElfFile64<'_>) -> Option<String> {
         };
         for d in entries {
             if d.tag(endian) == elf::DT_SONAME {
-                return d
-                    .string(endian, strings)
-                    .ok()
-                    .map(|s| String::from_utf8_lossy(s).into_owned());
+                return d.string(endian, strings).ok().map(|s| String::from_utf8_lossy(s).into_owned());
             }
         }
     }

@@ -6,14 +6,15 @@ pub mod cache;
 pub mod debug_offsets;
 pub mod elf;
 pub mod offsets;
+pub mod registers;
 pub mod sites;
 pub mod version;
 
 use std::{collections::BTreeMap, path::PathBuf};
 
 use detector_common::{
-    FAMILY_FRAME_ARG, FAMILY_RESUME, LAYOUT_STACKREFS, LAYOUT_TRACING_GATES_INSTRUMENT,
-    LAYOUT_VERSION_IN_EVAL_BREAKER, Layout, NO_OFFSET,
+    FAMILY_FRAME_ARG, FAMILY_RESUME, LAYOUT_STACKREFS, LAYOUT_TRACING_GATES_INSTRUMENT, LAYOUT_VERSION_IN_EVAL_BREAKER,
+    Layout, NO_OFFSET,
 };
 use elf::{ElfImage, SymbolTable};
 use offsets::{Disagreement, OffsetSource, OffsetTable};
@@ -122,30 +123,18 @@ impl Analysis {
 /// Analyses the interpreter in `elf`. `object` is its path as the process
 /// sees it (for messages and version hints); `live_runtime` is the start of
 /// `_PyRuntime` read from a live process, if there is one.
-pub fn analyze(
-    elf: &ElfImage,
-    object: &str,
-    live_runtime: Option<&[u8]>,
-) -> Result<Analysis, AnalysisError> {
+pub fn analyze(elf: &ElfImage, object: &str, live_runtime: Option<&[u8]>) -> Result<Analysis, AnalysisError> {
     let lower = object.to_ascii_lowercase();
     if lower.contains("pypy") || elf.symbol("pypy_main_startup").is_some() {
         return Err(AnalysisError::NotPython("PyPy is not CPython".into()));
     }
-    let eval = elf.symbol("_PyEval_EvalFrameDefault").ok_or_else(|| {
-        AnalysisError::NotPython(format!("{object} defines no _PyEval_EvalFrameDefault"))
-    })?;
-    let mut symbols = vec![UsedSymbol {
-        name: "_PyEval_EvalFrameDefault",
-        addr: eval.addr,
-        source: eval.table,
-    }];
+    let eval = elf
+        .symbol("_PyEval_EvalFrameDefault")
+        .ok_or_else(|| AnalysisError::NotPython(format!("{object} defines no _PyEval_EvalFrameDefault")))?;
+    let mut symbols = vec![UsedSymbol { name: "_PyEval_EvalFrameDefault", addr: eval.addr, source: eval.table }];
     let runtime = elf.symbol("_PyRuntime");
     if let Some(r) = runtime {
-        symbols.push(UsedSymbol {
-            name: "_PyRuntime",
-            addr: r.addr,
-            source: r.table,
-        });
+        symbols.push(UsedSymbol { name: "_PyRuntime", addr: r.addr, source: r.table });
     }
 
     let file_runtime = runtime.and_then(|r| elf.bytes_at(r.addr, debug_offsets::READ_LEN));
@@ -184,28 +173,15 @@ pub fn analyze(
         disagreements.extend(debug_offsets::apply(bytes, minor, &mut table).unwrap_or_default());
     }
 
-    let mut sites = vec![sites::function_entry(
-        elf,
-        "_PyEval_EvalFrameDefault",
-        eval.addr,
-        SiteRole::EvalEntry,
-    )?];
+    let mut sites = vec![sites::function_entry(elf, "_PyEval_EvalFrameDefault", eval.addr, SiteRole::EvalEntry)?];
     if minor <= 10 {
-        let f = elf.symbol("PyFunction_NewWithQualName").ok_or_else(|| {
-            AnalysisError::Unsupported("no PyFunction_NewWithQualName symbol".into())
-        })?;
-        symbols.push(UsedSymbol {
-            name: "PyFunction_NewWithQualName",
-            addr: f.addr,
-            source: f.table,
-        });
-        sites.push(sites::function_entry(
-            elf,
-            "PyFunction_NewWithQualName",
-            f.addr,
-            SiteRole::FunctionNew,
-        )?);
+        let f = elf
+            .symbol("PyFunction_NewWithQualName")
+            .ok_or_else(|| AnalysisError::Unsupported("no PyFunction_NewWithQualName symbol".into()))?;
+        symbols.push(UsedSymbol { name: "PyFunction_NewWithQualName", addr: f.addr, source: f.table });
+        sites.push(sites::function_entry(elf, "PyFunction_NewWithQualName", f.addr, SiteRole::FunctionNew)?);
     }
+    sites.push(code_dealloc_site(elf, &mut symbols)?);
     let warnings: Vec<String> = sites
         .iter()
         .filter(|s| !s.emulated)
@@ -220,37 +196,23 @@ pub fn analyze(
     if minor >= 11 {
         let t = sites::handler_table(elf)?;
         sites.extend(resume_sites(elf, &t, minor, &table.values)?);
-        handler_table = Some(TableInfo {
-            addr: t.addr,
-            source: t.source,
-        });
+        handler_table = Some(TableInfo { addr: t.addr, source: t.source });
     }
 
     for site in &mut sites {
-        site.file_offset = elf.file_offset(site.addr).ok_or_else(|| {
-            AnalysisError::Unsupported(format!("site {:#x} is not backed by the file", site.addr))
-        })?;
+        site.file_offset = elf
+            .file_offset(site.addr)
+            .ok_or_else(|| AnalysisError::Unsupported(format!("site {:#x} is not backed by the file", site.addr)))?;
     }
     let layout = kernel_layout(minor, &table.values);
     let offsets = table
         .sources
         .iter()
-        .map(|(f, s)| {
-            (
-                *f,
-                OffsetInfo {
-                    value: table.values.get(f).unwrap_or(NO_OFFSET),
-                    source: *s,
-                },
-            )
-        })
+        .map(|(f, s)| (*f, OffsetInfo { value: table.values.get(f).unwrap_or(NO_OFFSET), source: *s }))
         .collect();
     Ok(Analysis {
         object: object.to_owned(),
-        build_id: elf
-            .build_id
-            .as_ref()
-            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect()),
+        build_id: elf.build_id.as_ref().map(|b| b.iter().map(|x| format!("{x:02x}")).collect()),
         position_independent: elf.position_independent,
         load_vaddr: elf.segments.iter().map(|s| s.vaddr).min().unwrap_or(0),
         version,
@@ -275,6 +237,7 @@ fn resume_sites(
 ) -> Result<Vec<Site>, AnalysisError> {
     let ctx = ResumeContext {
         minor,
+        frame_code: o.frame_code,
         frame_instr: o.frame_instr,
         code_instr_version: o.code_instr_version,
     };
@@ -295,6 +258,20 @@ fn resume_sites(
     Ok(out)
 }
 
+/// `code_dealloc`, found through `PyCode_Type.tp_dealloc` (both the type and
+/// its initialiser survive stripping; `code_dealloc` itself is static).
+fn code_dealloc_site(elf: &ElfImage, symbols: &mut Vec<UsedSymbol>) -> Result<Site, AnalysisError> {
+    /// `offsetof(PyTypeObject, tp_dealloc)`, the same in every version.
+    const TP_DEALLOC: u64 = 48;
+    let ty = elf.symbol("PyCode_Type").ok_or_else(|| AnalysisError::Unsupported("no PyCode_Type symbol".into()))?;
+    symbols.push(UsedSymbol { name: "PyCode_Type", addr: ty.addr, source: ty.table });
+    let dealloc = elf
+        .pointer_at(ty.addr + TP_DEALLOC)
+        .filter(|a| elf.is_code(*a))
+        .ok_or_else(|| AnalysisError::Unsupported("PyCode_Type.tp_dealloc is not a code address".into()))?;
+    sites::function_entry(elf, "code_dealloc", dealloc, SiteRole::CodeDealloc)
+}
+
 /// The kernel's view of the offsets.
 fn kernel_layout(minor: u8, o: &offsets::Offsets) -> Layout {
     let resume = minor >= 11;
@@ -306,11 +283,7 @@ fn kernel_layout(minor: u8, o: &offsets::Offsets) -> Layout {
         flags |= LAYOUT_STACKREFS;
     }
     Layout {
-        family: if resume {
-            FAMILY_RESUME
-        } else {
-            FAMILY_FRAME_ARG
-        },
+        family: if resume { FAMILY_RESUME } else { FAMILY_FRAME_ARG },
         // 3.8: (frame, throwflag); 3.9+: (tstate, frame, throwflag).
         frame_arg: if minor == 8 { 0 } else { 1 },
         throwflag_arg: if minor == 8 { 1 } else { 2 },

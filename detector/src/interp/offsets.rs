@@ -170,42 +170,22 @@ pub struct Disagreement {
 impl OffsetTable {
     /// A table whose every present value comes from `source`.
     pub fn from(values: Offsets, source: OffsetSource) -> Self {
-        let sources = Offsets::FIELDS
-            .iter()
-            .filter(|f| values.get(f) != Some(NO_OFFSET))
-            .map(|f| (*f, source))
-            .collect();
+        let sources =
+            Offsets::FIELDS.iter().filter(|f| values.get(f) != Some(NO_OFFSET)).map(|f| (*f, source)).collect();
         OffsetTable { values, sources }
     }
 
     /// Applies a value from `source`: it wins if `source` is more trusted
     /// than the current one. Returns the disagreement if the values differ.
-    pub fn apply(
-        &mut self,
-        field: &'static str,
-        value: u16,
-        source: OffsetSource,
-    ) -> Option<Disagreement> {
+    pub fn apply(&mut self, field: &'static str, value: u16, source: OffsetSource) -> Option<Disagreement> {
         let current = self.values.get(field)?;
         let current_src = self.sources.get(field).copied();
         let wins = current_src.is_none_or(|c| source <= c);
         let disagreement = match current_src {
             Some(cs) if current != value && current != NO_OFFSET => Some(if wins {
-                Disagreement {
-                    field,
-                    kept: value,
-                    kept_from: source,
-                    other: current,
-                    other_from: cs,
-                }
+                Disagreement { field, kept: value, kept_from: source, other: current, other_from: cs }
             } else {
-                Disagreement {
-                    field,
-                    kept: current,
-                    kept_from: cs,
-                    other: value,
-                    other_from: source,
-                }
+                Disagreement { field, kept: current, kept_from: cs, other: value, other_from: source }
             }),
             _ => None,
         };
@@ -365,13 +345,7 @@ mod tests {
     fn every_supported_minor_has_the_fields_its_family_needs() {
         for minor in 8..=14 {
             let o = builtin(minor).unwrap();
-            for f in [
-                "frame_code",
-                "code_name",
-                "code_flags",
-                "func_module",
-                "unicode_state",
-            ] {
+            for f in ["frame_code", "code_name", "code_flags", "func_module", "unicode_state"] {
                 assert_ne!(o.get(f), Some(NO_OFFSET), "3.{minor} {f}");
             }
             let resume = minor >= 11;
@@ -385,15 +359,11 @@ mod tests {
     fn more_trusted_sources_win_and_disagreements_are_reported() {
         let mut t = OffsetTable::from(builtin(13).unwrap(), OffsetSource::Builtin);
         assert_eq!(t.apply("code_name", 120, OffsetSource::DebugOffsets), None);
-        let d = t
-            .apply("code_qualname", 136, OffsetSource::DebugOffsets)
-            .unwrap();
+        let d = t.apply("code_qualname", 136, OffsetSource::DebugOffsets).unwrap();
         assert_eq!((d.kept, d.other), (136, 128));
         assert_eq!(t.values.code_qualname, 136);
         // A less trusted source does not override.
-        let d = t
-            .apply("code_qualname", 128, OffsetSource::Builtin)
-            .unwrap();
+        let d = t.apply("code_qualname", 128, OffsetSource::Builtin).unwrap();
         assert_eq!(d.kept, 136);
         assert_eq!(t.sources["code_qualname"], OffsetSource::DebugOffsets);
     }

@@ -7,11 +7,15 @@
 //! at its first relative branch, found by decoding its straight-line block.
 
 use iced_x86::{
-    Code, ConditionCode, Decoder, DecoderOptions, FlowControl, Formatter, Instruction,
-    IntelFormatter, Mnemonic, OpKind, Register,
+    Code, ConditionCode, Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic,
+    OpKind, Register,
 };
 
-use super::{AnalysisError, elf::ElfImage};
+use super::{
+    AnalysisError,
+    elf::ElfImage,
+    registers::{self, RegisterFacts},
+};
 use detector_common::{CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT};
 
 /// Instructions decoded from a handler before giving up on finding a branch.
@@ -56,6 +60,8 @@ pub enum SiteRole {
     Resume,
     /// `PyFunction_NewWithQualName` entry (3.8-3.10): records identities.
     FunctionNew,
+    /// `code_dealloc` entry: forgets a dying code object's verdict.
+    CodeDealloc,
 }
 
 /// A probe site.
@@ -81,6 +87,8 @@ pub struct Site {
     pub cond: u8,
     /// See `cond`.
     pub count_when: u8,
+    /// Registers known to hold the frame, code object and instruction pointer.
+    pub registers: RegisterFacts,
 }
 
 /// The RESUME-family opcodes of a minor version, by name.
@@ -88,16 +96,8 @@ pub fn resume_opcodes(minor: u8) -> &'static [(&'static str, u8)] {
     match minor {
         11 => &[("RESUME", 151), ("RESUME_QUICK", 150)],
         12 => &[("RESUME", 151), ("INSTRUMENTED_RESUME", 240)],
-        13 => &[
-            ("RESUME", 149),
-            ("RESUME_CHECK", 207),
-            ("INSTRUMENTED_RESUME", 236),
-        ],
-        14 => &[
-            ("RESUME", 128),
-            ("RESUME_CHECK", 196),
-            ("INSTRUMENTED_RESUME", 245),
-        ],
+        13 => &[("RESUME", 149), ("RESUME_CHECK", 207), ("INSTRUMENTED_RESUME", 236)],
+        14 => &[("RESUME", 128), ("RESUME_CHECK", 196), ("INSTRUMENTED_RESUME", 245)],
         _ => &[],
     }
 }
@@ -137,9 +137,9 @@ pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
         }
     }
     match best {
-        Some(_) if ambiguous => Err(AnalysisError::Unsupported(
-            "two candidate opcode dispatch tables in read-only data".into(),
-        )),
+        Some(_) if ambiguous => {
+            Err(AnalysisError::Unsupported("two candidate opcode dispatch tables in read-only data".into()))
+        }
         Some(t) => Ok(t),
         None => Err(AnalysisError::Unsupported(
             "no opcode dispatch table (no `opcode_targets` symbol and none found in read-only \
@@ -173,11 +173,7 @@ fn table_at(elf: &ElfImage, addr: u64, source: TableSource, shared: usize) -> Op
     sorted.sort_unstable();
     let (mut best, mut best_count, mut run) = (sorted[0], 0usize, 0usize);
     for (i, v) in sorted.iter().enumerate() {
-        run = if i > 0 && sorted[i - 1] == *v {
-            run + 1
-        } else {
-            1
-        };
+        run = if i > 0 && sorted[i - 1] == *v { run + 1 } else { 1 };
         if run > best_count {
             best_count = run;
             best = *v;
@@ -185,14 +181,12 @@ fn table_at(elf: &ElfImage, addr: u64, source: TableSource, shared: usize) -> Op
     }
     let distinct = distinct(&entries);
     let aliased = 256 - (distinct - 1 + best_count);
-    (distinct >= MIN_DISTINCT_HANDLERS && best_count >= 2 && aliased <= shared).then_some(
-        HandlerTable {
-            addr,
-            source,
-            entries,
-            unknown: best,
-        },
-    )
+    (distinct >= MIN_DISTINCT_HANDLERS && best_count >= 2 && aliased <= shared).then_some(HandlerTable {
+        addr,
+        source,
+        entries,
+        unknown: best,
+    })
 }
 
 /// The instructions of `elf` starting at `addr`.
@@ -222,12 +216,7 @@ fn emulated(insn: &Instruction) -> bool {
 /// A function-entry site: the function's first instruction the kernel
 /// emulates, as long as nothing before it touches the argument registers
 /// (only `endbr64` and `nop` are skipped).
-pub fn function_entry(
-    elf: &ElfImage,
-    name: &str,
-    addr: u64,
-    role: SiteRole,
-) -> Result<Site, AnalysisError> {
+pub fn function_entry(elf: &ElfImage, name: &str, addr: u64, role: SiteRole) -> Result<Site, AnalysisError> {
     let mut dec = decoder(elf, addr)?;
     let mut first: Option<Instruction> = None;
     for _ in 0..8 {
@@ -243,8 +232,7 @@ pub fn function_entry(
             break;
         }
     }
-    let insn = first
-        .ok_or_else(|| AnalysisError::Unsupported(format!("cannot decode {name} at {addr:#x}")))?;
+    let insn = first.ok_or_else(|| AnalysisError::Unsupported(format!("cannot decode {name} at {addr:#x}")))?;
     Ok(entry_site(name, role, addr, &insn, false))
 }
 
@@ -260,6 +248,7 @@ fn entry_site(name: &str, role: SiteRole, func: u64, insn: &Instruction, emulate
         check: CHECK_NONE,
         cond: 0,
         count_when: 0,
+        registers: RegisterFacts::NONE,
     }
 }
 
@@ -267,6 +256,8 @@ fn entry_site(name: &str, role: SiteRole, func: u64, insn: &Instruction, emulate
 pub struct ResumeContext {
     /// Minor version.
     pub minor: u8,
+    /// Frame field holding the code object.
+    pub frame_code: u16,
     /// Frame field holding the current instruction.
     pub frame_instr: u16,
     /// `_co_instrumentation_version` (3.12+).
@@ -276,24 +267,16 @@ pub struct ResumeContext {
 /// The site of the RESUME-family handler `name` at `handler`: its first
 /// relative branch, which must come after the handler stored the frame's
 /// instruction pointer (the eBPF program reads the oparg through it).
-pub fn resume_site(
-    elf: &ElfImage,
-    name: &str,
-    handler: u64,
-    ctx: &ResumeContext,
-) -> Result<Site, AnalysisError> {
-    let refuse =
-        |why: String| AnalysisError::Unsupported(format!("{name} handler at {handler:#x}: {why}"));
+pub fn resume_site(elf: &ElfImage, name: &str, handler: u64, ctx: &ResumeContext) -> Result<Site, AnalysisError> {
+    let refuse = |why: String| AnalysisError::Unsupported(format!("{name} handler at {handler:#x}: {why}"));
     let mut dec = decoder(elf, handler)?;
     let mut stored_instr = false;
     let mut flag_setter: Option<Instruction> = None;
+    let mut block = Vec::new();
     for _ in 0..MAX_STRAIGHT_LINE {
         let insn = dec.decode();
         if insn.is_invalid() {
-            return Err(refuse(format!(
-                "undecodable instruction at {:#x}",
-                insn.ip()
-            )));
+            return Err(refuse(format!("undecodable instruction at {:#x}", insn.ip())));
         }
         match insn.flow_control() {
             FlowControl::Next => {
@@ -303,10 +286,9 @@ pub fn resume_site(
                 if sets_flags(&insn) {
                     flag_setter = Some(insn);
                 }
+                block.push(insn);
             }
-            FlowControl::ConditionalBranch
-            | FlowControl::UnconditionalBranch
-            | FlowControl::Call
+            FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch | FlowControl::Call
                 if emulated(&insn) =>
             {
                 if !stored_instr {
@@ -317,8 +299,7 @@ pub fn resume_site(
                         ctx.frame_instr
                     )));
                 }
-                let (check, cond, count_when) =
-                    resume_check(name, &insn, flag_setter.as_ref(), ctx);
+                let (check, cond, count_when) = resume_check(name, &insn, flag_setter.as_ref(), ctx);
                 return Ok(Site {
                     role: SiteRole::Resume,
                     handler: name.to_owned(),
@@ -330,6 +311,7 @@ pub fn resume_site(
                     check,
                     cond,
                     count_when,
+                    registers: registers::at_site(&block, ctx.frame_instr, ctx.frame_code),
                 });
             }
             other => {
@@ -342,12 +324,18 @@ pub fn resume_site(
             }
         }
     }
-    Err(refuse(format!(
-        "no relative branch in its first {MAX_STRAIGHT_LINE} instructions"
-    )))
+    Err(refuse(format!("no relative branch in its first {MAX_STRAIGHT_LINE} instructions")))
 }
 
 /// How a RESUME site tells a real start from a pass the handler undoes.
+///
+/// 3.12+ handlers compare the code object's instrumentation version with the
+/// current one and, when they differ, re-instrument (RESUME, 3.12's
+/// INSTRUMENTED_RESUME) or de-optimise (RESUME_CHECK) and dispatch the same
+/// instruction again. When the site is that comparison's branch, the live
+/// flags say exactly which way it goes (no memory read, no race). 3.13+
+/// INSTRUMENTED_RESUME only re-instruments outside tracing, and other sites
+/// come before the comparison: those recompute it from memory.
 fn resume_check(
     name: &str,
     branch: &Instruction,
@@ -357,20 +345,17 @@ fn resume_check(
     if ctx.minor < 12 {
         return (CHECK_NONE, 0, 0);
     }
-    if name != "RESUME_CHECK" {
-        return (CHECK_REINSTRUMENT, 0, 0);
-    }
-    // RESUME_CHECK de-optimises to RESUME when `eval_breaker != version`. If
-    // this branch is that comparison, its live flags decide exactly.
     let compares_version = flag_setter.is_some_and(|f| {
         f.mnemonic() == Mnemonic::Cmp
             && (0..f.op_count()).any(|i| f.op_kind(i) == OpKind::Memory)
             && f.memory_displacement64() == ctx.code_instr_version as u64
     });
+    let flags_decide = compares_version && (name == "RESUME_CHECK" || ctx.minor == 12);
     match branch.condition_code() {
-        ConditionCode::e if compares_version => (CHECK_BRANCH, cc_index(ConditionCode::e), 1),
-        ConditionCode::ne if compares_version => (CHECK_BRANCH, cc_index(ConditionCode::ne), 0),
-        _ => (CHECK_DEOPT_MEMORY, 0, 0),
+        ConditionCode::e if flags_decide => (CHECK_BRANCH, cc_index(ConditionCode::e), 1),
+        ConditionCode::ne if flags_decide => (CHECK_BRANCH, cc_index(ConditionCode::ne), 0),
+        _ if name == "RESUME_CHECK" => (CHECK_DEOPT_MEMORY, 0, 0),
+        _ => (CHECK_REINSTRUMENT, 0, 0),
     }
 }
 
@@ -405,8 +390,7 @@ mod tests {
 
     #[test]
     fn emulation_classes() {
-        let decode =
-            |bytes: &[u8]| Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
+        let decode = |bytes: &[u8]| Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
         assert!(emulated(&decode(&[0x41, 0x57]))); // push r15
         assert!(emulated(&decode(&[0x74, 0x10]))); // je
         assert!(emulated(&decode(&[0x0f, 0x85, 0, 1, 0, 0]))); // jne rel32

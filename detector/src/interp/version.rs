@@ -60,13 +60,7 @@ impl PyVersion {
             };
             (level, n.parse().ok()?)
         };
-        (major == 3).then_some(PyVersion {
-            major,
-            minor,
-            micro,
-            level,
-            serial,
-        })
+        (major == 3).then_some(PyVersion { major, minor, micro, level, serial })
     }
 }
 
@@ -150,10 +144,7 @@ pub fn detect(
 pub fn minor_from_name(name: &str) -> Option<u8> {
     let base = name.rsplit('/').next()?;
     let at = base.find("python3.")? + "python3.".len();
-    let digits: String = base[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
+    let digits: String = base[at..].chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
 
@@ -168,8 +159,7 @@ fn version_strings(elf: &ElfImage) -> Vec<PyVersion> {
     for s in data.split(|&b| b == 0) {
         for start in memchr_all(s, b'3') {
             let tail = &s[start..];
-            let boundary =
-                start == 0 || !(s[start - 1].is_ascii_alphanumeric() || s[start - 1] == b'.');
+            let boundary = start == 0 || !(s[start - 1].is_ascii_alphanumeric() || s[start - 1] == b'.');
             if !boundary || tail.len() < 5 || tail.len() > 12 || tail[1] != b'.' {
                 continue;
             }
@@ -184,10 +174,7 @@ fn version_strings(elf: &ElfImage) -> Vec<PyVersion> {
 }
 
 fn memchr_all(s: &[u8], b: u8) -> impl Iterator<Item = usize> + '_ {
-    s.iter()
-        .enumerate()
-        .filter(move |(_, c)| **c == b)
-        .map(|(i, _)| i)
+    s.iter().enumerate().filter(move |(_, c)| **c == b).map(|(i, _)| i)
 }
 
 /// Detects debug and free-threaded builds. `free_threaded` is the
@@ -198,12 +185,10 @@ pub fn flavour(elf: &ElfImage, name: &str, free_threaded: Option<bool>) -> Flavo
         .find("python3.")
         .map(|at| {
             let rest = &base[at + "python3.".len()..];
-            rest.trim_start_matches(|c: char| c.is_ascii_digit())
-                .starts_with('t')
+            rest.trim_start_matches(|c: char| c.is_ascii_digit()).starts_with('t')
         })
         .unwrap_or(false);
-    if free_threaded == Some(true) || t_suffix || elf.symbol("_Py_MergeZeroLocalRefcount").is_some()
-    {
+    if free_threaded == Some(true) || t_suffix || elf.symbol("_Py_MergeZeroLocalRefcount").is_some() {
         return Flavour::FreeThreaded;
     }
     // Only builds with Py_REF_DEBUG (implied by Py_DEBUG) define these.
@@ -220,10 +205,7 @@ mod tests {
     #[test]
     fn parses_versions() {
         assert_eq!(PyVersion::parse("3.8.18").unwrap().to_string(), "3.8.18");
-        assert_eq!(
-            PyVersion::parse("3.14.0rc2").unwrap().to_string(),
-            "3.14.0rc2"
-        );
+        assert_eq!(PyVersion::parse("3.14.0rc2").unwrap().to_string(), "3.14.0rc2");
         assert_eq!(PyVersion::parse("3.12.1+").unwrap().minor, 12);
         assert!(PyVersion::parse("2.7.18").is_none());
         assert!(PyVersion::parse("3.x.1").is_none());

@@ -36,13 +36,8 @@ impl Mapping {
 /// Parses one line of `/proc/PID/maps`.
 pub fn parse_line(line: &str) -> Option<Mapping> {
     let mut it = line.splitn(6, ' ');
-    let (range, perms, offset, dev, inode) =
-        (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
-    let path = it
-        .next()
-        .map(str::trim_start)
-        .filter(|p| !p.is_empty())
-        .map(str::to_owned);
+    let (range, perms, offset, dev, inode) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    let path = it.next().map(str::trim_start).filter(|p| !p.is_empty()).map(str::to_owned);
     let (start, end) = range.split_once('-')?;
     Some(Mapping {
         start: u64::from_str_radix(start, 16).ok()?,
@@ -57,8 +52,7 @@ pub fn parse_line(line: &str) -> Option<Mapping> {
 
 /// The mappings of `pid`.
 pub fn read(pid: u32) -> Result<Vec<Mapping>, ProcessError> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| ProcessError::io(pid, e))?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| ProcessError::io(pid, e))?;
     Ok(text.lines().filter_map(parse_line).collect())
 }
 
@@ -83,11 +77,7 @@ pub struct MappedFile {
 pub fn interpreter_candidates(pid: u32, maps: &[Mapping]) -> Vec<MappedFile> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
-        .map(|p| {
-            p.to_string_lossy()
-                .trim_end_matches(" (deleted)")
-                .to_owned()
-        });
+        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned());
     let mut out: Vec<MappedFile> = Vec::new();
     let mut push = |path: &str| {
         if out.iter().any(|m| m.path == path) {
@@ -112,28 +102,16 @@ pub fn interpreter_candidates(pid: u32, maps: &[Mapping]) -> Vec<MappedFile> {
 
 /// Locates `path` in the process's mappings and finds a way to open it.
 pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile> {
-    let mine: Vec<&Mapping> = maps
-        .iter()
-        .filter(|m| m.path.as_deref() == Some(path))
-        .collect();
+    let mine: Vec<&Mapping> = maps.iter().filter(|m| m.path.as_deref() == Some(path)).collect();
     let first = mine.iter().find(|m| m.offset == 0).or(mine.first())?;
     let via_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
     let open_path = match std::fs::metadata(&via_root) {
         Ok(md) if md.ino() == first.inode => via_root,
         // Replaced on disk, or another namespace we cannot see into.
-        _ => PathBuf::from(format!(
-            "/proc/{pid}/map_files/{:x}-{:x}",
-            first.start, first.end
-        )),
+        _ => PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end)),
     };
     let dev = std::fs::metadata(&open_path).map(|m| m.dev()).unwrap_or(0);
-    Some(MappedFile {
-        path: path.to_owned(),
-        open_path,
-        dev,
-        inode: first.inode,
-        base: first.start - first.offset,
-    })
+    Some(MappedFile { path: path.to_owned(), open_path, dev, inode: first.inode, base: first.start - first.offset })
 }
 
 /// Where the file's first loadable segment (virtual address `first_vaddr`)
@@ -162,9 +140,7 @@ mod tests {
         assert_eq!(m.inode, 1234567);
         assert_eq!(m.path.as_deref(), Some("/usr/lib/libpython3.12.so.1.0"));
         assert!(m.is_file());
-        let anon =
-            parse_line("7ffd1000-7ffd2000 rw-p 00000000 00:00 0                          [stack]")
-                .unwrap();
+        let anon = parse_line("7ffd1000-7ffd2000 rw-p 00000000 00:00 0                          [stack]").unwrap();
         assert!(!anon.is_file());
         let spaced = parse_line("1000-2000 r--p 00000000 08:01 42 /opt/my app/python3").unwrap();
         assert_eq!(spaced.path.as_deref(), Some("/opt/my app/python3"));

@@ -25,17 +25,9 @@ impl ProcessMemory {
     /// Fills `buf` from `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProcessError> {
         if addr == 0 {
-            return Err(ProcessError::BadAddress {
-                pid: self.pid,
-                addr,
-            });
+            return Err(ProcessError::BadAddress { pid: self.pid, addr });
         }
-        self.file
-            .read_exact_at(buf, addr)
-            .map_err(|_| ProcessError::BadAddress {
-                pid: self.pid,
-                addr,
-            })
+        self.file.read_exact_at(buf, addr).map_err(|_| ProcessError::BadAddress { pid: self.pid, addr })
     }
 
     /// `len` bytes at `addr`.
@@ -74,10 +66,7 @@ impl ProcessMemory {
     /// The pointer in field `off` of the struct at `base`.
     pub fn ptr(&self, base: u64, off: u16) -> Result<u64, ProcessError> {
         if off == detector_common::NO_OFFSET {
-            return Err(ProcessError::BadAddress {
-                pid: self.pid,
-                addr: base,
-            });
+            return Err(ProcessError::BadAddress { pid: self.pid, addr: base });
         }
         self.u64(base + off as u64)
     }

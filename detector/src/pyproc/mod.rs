@@ -104,22 +104,13 @@ pub fn locate(pid: u32, cache: &AnalysisCache) -> Result<PythonProcess, ProcessE
         match cache.analyze(&object) {
             Ok(analysis) => {
                 let bias = maps::load_bias(&object, analysis.load_vaddr);
-                let p = PythonProcess {
-                    pid,
-                    object,
-                    bias,
-                    analysis,
-                };
+                let p = PythonProcess { pid, object, bias, analysis };
                 verify_live_runtime(&p)?;
                 return Ok(p);
             }
             Err(AnalysisError::NotPython(_) | AnalysisError::NotElf(_)) => looked.push(object.path),
             Err(source) => {
-                return Err(ProcessError::Analysis {
-                    pid,
-                    object: object.path,
-                    source,
-                });
+                return Err(ProcessError::Analysis { pid, object: object.path, source });
             }
         }
     }
@@ -142,15 +133,11 @@ fn verify_live_runtime(p: &PythonProcess) -> Result<(), ProcessError> {
     let mem = ProcessMemory::open(p.pid)?;
     let head = mem.bytes(runtime, 24)?;
     match crate::interp::debug_offsets::header(&head) {
-        Some(h) if crate::interp::version::PyVersion::from_hex(h.version) == p.analysis.version => {
-            Ok(())
-        }
+        Some(h) if crate::interp::version::PyVersion::from_hex(h.version) == p.analysis.version => Ok(()),
         _ => Err(ProcessError::Analysis {
             pid: p.pid,
             object: p.object.path.clone(),
-            source: AnalysisError::Unsupported(
-                "_Py_DebugOffsets in the live process differ from the binary's".into(),
-            ),
+            source: AnalysisError::Unsupported("_Py_DebugOffsets in the live process differ from the binary's".into()),
         }),
     }
 }

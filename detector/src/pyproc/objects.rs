@@ -25,53 +25,30 @@ pub struct Objects<'a> {
 
 impl Objects<'_> {
     fn bad(&self, addr: u64) -> ProcessError {
-        ProcessError::BadAddress {
-            pid: self.mem.pid(),
-            addr,
-        }
+        ProcessError::BadAddress { pid: self.mem.pid(), addr }
     }
 
     /// A `str` object's value (compact strings of any kind).
     pub fn str(&self, obj: u64) -> Result<String, ProcessError> {
         let state = self.mem.u32(obj + self.o.unicode_state as u64)?;
         let len = self.mem.i64(obj + self.o.unicode_length as u64)?;
-        let (kind, compact, ascii) = (
-            (state >> 2) & 7,
-            state & (1 << 5) != 0,
-            state & (1 << 6) != 0,
-        );
+        let (kind, compact, ascii) = ((state >> 2) & 7, state & (1 << 5) != 0, state & (1 << 6) != 0);
         if !compact || !(0..=MAX_STR).contains(&len) {
             return Err(self.bad(obj));
         }
-        let data = obj
-            + if ascii {
-                self.o.unicode_ascii_data
-            } else {
-                self.o.unicode_compact_data
-            } as u64;
+        let data = obj + if ascii { self.o.unicode_ascii_data } else { self.o.unicode_compact_data } as u64;
         let len = len as usize;
         match kind {
-            1 => Ok(self
-                .mem
-                .bytes(data, len)?
-                .into_iter()
-                .map(char::from)
-                .collect()),
+            1 => Ok(self.mem.bytes(data, len)?.into_iter().map(char::from).collect()),
             2 => {
                 let b = self.mem.bytes(data, len * 2)?;
-                let units: Vec<u16> = b
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect();
+                let units: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
                 Ok(String::from_utf16_lossy(&units))
             }
             4 => {
                 let b = self.mem.bytes(data, len * 4)?;
                 Ok(b.chunks_exact(4)
-                    .map(|c| {
-                        char::from_u32(u32::from_le_bytes(c.try_into().unwrap()))
-                            .unwrap_or('\u{fffd}')
-                    })
+                    .map(|c| char::from_u32(u32::from_le_bytes(c.try_into().unwrap())).unwrap_or('\u{fffd}'))
                     .collect())
             }
             _ => Err(self.bad(obj)),
@@ -108,13 +85,8 @@ impl Objects<'_> {
         if !(0..=MAX_ITEMS).contains(&n) {
             return Err(self.bad(tuple));
         }
-        let raw = self
-            .mem
-            .bytes(tuple + self.o.tuple_items as u64, n as usize * 8)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect())
+        let raw = self.mem.bytes(tuple + self.o.tuple_items as u64, n as usize * 8)?;
+        Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
     }
 
     /// A dict's live (key, value) pairs, in insertion order. Split tables
@@ -146,28 +118,17 @@ impl Objects<'_> {
             }
             let entries = keys + 32 + (1u64 << log2_index_bytes);
             // General keys hold (hash, key, value); unicode keys (key, value).
-            if kind == 0 {
-                (nentries, entries, 24, 8)
-            } else {
-                (nentries, entries, 16, 0)
-            }
+            if kind == 0 { (nentries, entries, 24, 8) } else { (nentries, entries, 16, 0) }
         };
         if !(0..=MAX_ITEMS).contains(&nentries) {
             return Err(self.bad(keys));
         }
-        let raw = self
-            .mem
-            .bytes(entries, (nentries as u64 * stride) as usize)?;
+        let raw = self.mem.bytes(entries, (nentries as u64 * stride) as usize)?;
         Ok(raw
             .chunks_exact(stride as usize)
             .filter_map(|e| {
-                let k =
-                    u64::from_le_bytes(e[key_at as usize..key_at as usize + 8].try_into().unwrap());
-                let v = u64::from_le_bytes(
-                    e[key_at as usize + 8..key_at as usize + 16]
-                        .try_into()
-                        .unwrap(),
-                );
+                let k = u64::from_le_bytes(e[key_at as usize..key_at as usize + 8].try_into().unwrap());
+                let v = u64::from_le_bytes(e[key_at as usize + 8..key_at as usize + 16].try_into().unwrap());
                 (k != 0 && v != 0).then_some((k, v))
             })
             .collect())

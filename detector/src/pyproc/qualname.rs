@@ -46,10 +46,7 @@ pub fn resolve(
     };
     let module = objs.str(name)?;
     for &(id, target) in candidates.iter().filter(|(_, t)| t.module() == module) {
-        if definitions(objs, globals, target)?
-            .iter()
-            .any(|d| d.code == code)
-        {
+        if definitions(objs, globals, target)?.iter().any(|d| d.code == code) {
             return Ok(Some(id));
         }
     }
@@ -57,21 +54,13 @@ pub fn resolve(
 }
 
 /// The definitions `target` names in the module whose globals are `globals`.
-pub fn definitions(
-    objs: &Objects<'_>,
-    globals: u64,
-    target: &Target,
-) -> Result<Vec<Definition>, ProcessError> {
+pub fn definitions(objs: &Objects<'_>, globals: u64, target: &Target) -> Result<Vec<Definition>, ProcessError> {
     let parts: Vec<&str> = target.qualname_parts().collect();
     walk(objs, Scope::Dict(globals), &parts)
 }
 
 /// The globals of module `name` if it is in `sys.modules`.
-pub fn module_globals(
-    objs: &Objects<'_>,
-    runtime: u64,
-    name: &str,
-) -> Result<Option<u64>, ProcessError> {
+pub fn module_globals(objs: &Objects<'_>, runtime: u64, name: &str) -> Result<Option<u64>, ProcessError> {
     let o = objs.o;
     // Before initialisation (a command stopped at its entry point) there is
     // no interpreter, or no `sys.modules`, yet.
@@ -114,9 +103,7 @@ fn walk(objs: &Objects<'_>, scope: Scope, parts: &[&str]) -> Result<Vec<Definiti
                 out.extend(walk(objs, Scope::Dict(objs.class_dict(obj)?), rest)?);
             }
             // A class defined inside a function: its body's code object.
-            Some(_) if objs.type_name(obj)? == "code" => {
-                out.extend(walk(objs, Scope::Code(obj), rest)?)
-            }
+            Some(_) if objs.type_name(obj)? == "code" => out.extend(walk(objs, Scope::Code(obj), rest)?),
             Some(_) => {}
         }
     }
@@ -144,15 +131,9 @@ fn codes_of(objs: &Objects<'_>, obj: u64, depth: u32) -> Result<Vec<Definition>,
     }
     let o = objs.o;
     Ok(match objs.type_name(obj)?.as_str() {
-        "code" => vec![Definition {
-            code: obj,
-            function: None,
-        }],
+        "code" => vec![Definition { code: obj, function: None }],
         "function" => {
-            let mut out = vec![Definition {
-                code: objs.mem.ptr(obj, o.func_code)?,
-                function: Some(obj),
-            }];
+            let mut out = vec![Definition { code: objs.mem.ptr(obj, o.func_code)?, function: Some(obj) }];
             let dict = objs.mem.ptr(obj, o.func_dict)?;
             if dict != 0
                 && let Some(w) = objs.dict_get(dict, "__wrapped__")?
@@ -170,11 +151,7 @@ fn codes_of(objs: &Objects<'_>, obj: u64, depth: u32) -> Result<Vec<Definition>,
             }
             out
         }
-        "staticmethod" | "classmethod" => codes_of(
-            objs,
-            objs.mem.ptr(obj, o.method_wrapper_callable)?,
-            depth + 1,
-        )?,
+        "staticmethod" | "classmethod" => codes_of(objs, objs.mem.ptr(obj, o.method_wrapper_callable)?, depth + 1)?,
         "property" => {
             // fget, fset, fdel follow the object header.
             let mut out = Vec::new();

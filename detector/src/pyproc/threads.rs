@@ -19,11 +19,7 @@ pub struct ThreadState {
 
 /// Every thread state of every interpreter (3.11+, which record the native
 /// thread id). `runtime` is the address of `_PyRuntime` in the process.
-pub fn thread_states(
-    mem: &ProcessMemory,
-    o: &Offsets,
-    runtime: u64,
-) -> Result<Vec<ThreadState>, ProcessError> {
+pub fn thread_states(mem: &ProcessMemory, o: &Offsets, runtime: u64) -> Result<Vec<ThreadState>, ProcessError> {
     let mut out = Vec::new();
     let mut interp = mem.ptr(runtime, o.runtime_interpreters_head)?;
     for _ in 0..MAX_INTERPRETERS {
@@ -37,10 +33,7 @@ pub fn thread_states(
             }
             let tid = mem.ptr(tstate, o.tstate_native_thread_id)?;
             if tid != 0 && tid <= u32::MAX as u64 {
-                out.push(ThreadState {
-                    tid: tid as u32,
-                    tstate,
-                });
+                out.push(ThreadState { tid: tid as u32, tstate });
             }
             tstate = mem.ptr(tstate, o.tstate_next)?;
         }
