@@ -92,8 +92,14 @@ fn dump_args(targets: &[&str]) -> Vec<String> {
 impl Dump {
     /// Attaches to `pid` and waits until probes are live.
     pub fn attach(pid: u32, targets: &[&str]) -> Self {
+        Self::attach_with(pid, targets, &[])
+    }
+
+    /// As [`Dump::attach`], with extra arguments.
+    pub fn attach_with(pid: u32, targets: &[&str], extra: &[&str]) -> Self {
         let mut args = dump_args(targets);
         args.extend(["--pid".into(), pid.to_string()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut d = spawn(&args);
         d.wait_for("attached");
         d
@@ -131,7 +137,12 @@ impl Dump {
 
     /// Stops the detector with SIGINT and collects its output.
     pub fn stop(self) -> Summary {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Stops the detector with `signal` and collects its output.
+    pub fn stop_with(self, signal: i32) -> Summary {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         self.collect()
     }
 

@@ -106,3 +106,25 @@ fn inspect_refuses_what_is_not_cpython() {
     let p = Sleeper::new(&["sleep", "60"]);
     assert_refused(&["inspect", &p.pid()], "is not a Python process");
 }
+
+/// An interpreter binary in the test root filesystem.
+fn rootfs_python(name: &str) -> (String, String) {
+    let root = interpreters().into_iter().find_map(|i| i.rootfs).expect("a chroot interpreter");
+    let bin = root.join("usr/bin").join(name);
+    assert!(bin.exists(), "{} is missing", bin.display());
+    (root.display().to_string(), bin.display().to_string())
+}
+
+#[test]
+fn too_new_and_debug_builds_are_refused() {
+    for (name, reason) in
+        [("python3.15", "supported versions are 3.8 to 3.14"), ("python3.14d", "is a debug build (Py_DEBUG)")]
+    {
+        let (root, bin) = rootfs_python(name);
+        assert_refused(&["inspect", &bin], reason);
+        // The same refusal for a running process in the chroot (a container).
+        let p = Sleeper::new(&["chroot", &root, &format!("/usr/bin/{name}"), "-c", "import sys; sys.stdin.read()"]);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert_refused(&["dump", "--pid", &p.pid(), "--target", "m:f"], reason);
+    }
+}

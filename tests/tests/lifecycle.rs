@@ -28,3 +28,31 @@ fn command_watched_from_its_first_call() {
         s.assert_counts(&[("wl.plain:f", 25), ("wl.plain:g", 3)]);
     });
 }
+
+#[test]
+fn stops_after_duration_with_exact_counts() {
+    for_each_interpreter(|i| {
+        let mut fixture = Fixture::start(i, "plain");
+        let dump = Dump::attach_with(fixture.pid(), &["wl.plain:f"], &["--duration", "3"]);
+        fixture.go();
+        fixture.wait_done();
+        // No signal: the detector ends by itself and the process lives on.
+        let s = dump.collect();
+        assert!(!s.exited);
+        s.assert_counts(&[("wl.plain:f", 25)]);
+        fixture.finish();
+    });
+}
+
+#[test]
+fn sigterm_detaches_with_exact_counts() {
+    for_each_interpreter(|i| {
+        let mut fixture = Fixture::start(i, "plain");
+        let dump = Dump::attach(fixture.pid(), &["wl.plain:g"]);
+        fixture.go();
+        fixture.wait_done();
+        dump.stop_with(libc::SIGTERM).assert_counts(&[("wl.plain:g", 3)]);
+        // Detached: the process goes on and exits normally.
+        fixture.finish();
+    });
+}

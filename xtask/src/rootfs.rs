@@ -15,12 +15,18 @@ pub struct Rootfs {
     pub name: &'static str,
     /// Debian suite.
     pub suite: &'static str,
-    /// Package providing the interpreter.
-    pub package: &'static str,
+    /// Packages to install: the interpreters.
+    pub packages: &'static [&'static str],
 }
 
-/// The root filesystems the tests use.
-pub const ROOTFS: &[Rootfs] = &[Rootfs { name: "sid-python3.14", suite: "sid", package: "python3.14-minimal" }];
+/// The root filesystems the tests use: Debian's 3.14 (stripped, static
+/// libpython, handlers outside `_PyEval_EvalFrameDefault`), and builds that
+/// must be refused: 3.15 (too new) and 3.14's debug build.
+pub const ROOTFS: &[Rootfs] = &[Rootfs {
+    name: "sid-python3.14",
+    suite: "sid",
+    packages: &["python3.14-minimal", "python3.15-minimal", "python3.14-dbg"],
+}];
 
 const MIRROR: &str = "http://deb.debian.org/debian";
 const STAMP: &str = ".detector-rootfs-complete";
@@ -30,23 +36,25 @@ pub fn ensure_all() -> Result<PathBuf> {
     let base = root().join("target").join("test-rootfs");
     for r in ROOTFS {
         let dir = base.join(r.name);
-        if dir.join(STAMP).exists() {
+        let include = r.packages.join(",");
+        // The stamp records what was installed: a changed list rebuilds.
+        if fs::read_to_string(dir.join(STAMP)).is_ok_and(|s| s == include) {
             continue;
         }
         if !is_root() {
             bail!("building the test root filesystem {} needs root (debootstrap)", dir.display());
         }
         ensure_debootstrap()?;
-        eprintln!("xtask: debootstrap {} with {} into {} (once, a few minutes)", r.suite, r.package, dir.display());
+        eprintln!("xtask: debootstrap {} with {include} into {} (once, a few minutes)", r.suite, dir.display());
         if dir.exists() {
             fs::remove_dir_all(&dir).with_context(|| format!("removing partial {}", dir.display()))?;
         }
         fs::create_dir_all(&base)?;
         sh(Command::new("debootstrap")
-            .args(["--variant=minbase", &format!("--include={}", r.package), r.suite])
+            .args(["--variant=minbase", &format!("--include={include}"), r.suite])
             .arg(&dir)
             .arg(MIRROR))?;
-        fs::write(dir.join(STAMP), "")?;
+        fs::write(dir.join(STAMP), &include)?;
     }
     Ok(base)
 }

@@ -127,7 +127,12 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
                 drain(guard.get_inner_mut(), &mut processor, &mut probes, &targets, &lookup, &printer);
                 guard.clear_ready();
             }
-            _ = tick.tick() => drain(ring.get_mut(), &mut processor, &mut probes, &targets, &lookup, &printer),
+            _ = tick.tick() => {
+                drain(ring.get_mut(), &mut processor, &mut probes, &targets, &lookup, &printer);
+                if printer.closed() {
+                    break false; // nobody reads the output any more
+                }
+            }
             _ = exit.readable() => break true,
             _ = sigint.recv() => break false,
             _ = sigterm.recv() => break false,

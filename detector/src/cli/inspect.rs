@@ -39,14 +39,29 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
                 v["load_bias"] = p.bias.into();
                 v["open_path"] = p.object.open_path.display().to_string().into();
             }
-            println!("{v}");
+            write_out(&format!("{v}\n"))
         }
-        Format::Text => print_text(&analysis, process.as_ref()),
+        Format::Text => write_out(&text(&analysis, process.as_ref())),
     }
-    Ok(())
 }
 
-fn print_text(a: &Analysis, p: Option<&pyproc::PythonProcess>) {
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn write_out(s: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(s.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn text(a: &Analysis, p: Option<&pyproc::PythonProcess>) -> String {
+    let mut out = String::new();
+    macro_rules! println {
+        ($($arg:tt)*) => {{
+            use std::fmt::Write as _;
+            let _ = writeln!(out, $($arg)*);
+        }};
+    }
     if let Some(p) = p {
         println!("process     {} (load bias {:#x}, opened as {})", p.pid, p.bias, p.object.open_path.display());
     }
@@ -82,4 +97,5 @@ fn print_text(a: &Analysis, p: Option<&pyproc::PythonProcess>) {
     for w in &a.warnings {
         println!("warning     {w}");
     }
+    out
 }

@@ -20,12 +20,18 @@ pub enum Format {
 /// Writes events to stdout.
 pub struct Printer {
     format: Format,
+    closed: std::cell::Cell<bool>,
 }
 
 impl Printer {
     /// A printer in `format`.
     pub fn new(format: Format) -> Self {
-        Printer { format }
+        Printer { format, closed: std::cell::Cell::new(false) }
+    }
+
+    /// Whether stdout was closed by its reader: there is no one to report to.
+    pub fn closed(&self) -> bool {
+        self.closed.get()
     }
 
     fn emit(&self, json: Value, text: impl FnOnce() -> String) {
@@ -34,8 +40,9 @@ impl Printer {
             Format::Text => text(),
         };
         let mut out = std::io::stdout().lock();
-        // A closed stdout (reader gone) is not the watched process's problem.
-        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            self.closed.set(true);
+        }
     }
 
     /// Probes are live on a process.
