@@ -4,6 +4,7 @@
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user_str_bytes},
+    maps::ring_buf::RingBufEntry,
 };
 use detector_common::{
     CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EventHeader, HitEvent, Layout,
@@ -56,15 +57,22 @@ fn submit_flags(size: u64) -> u64 {
     }
 }
 
+/// Space for one `T` in the ring buffer, or `None` with the drop counted.
+#[inline(always)]
+fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
+        bump(stats::RINGBUF_DROPS);
+    }
+    entry
+}
+
 /// Counts a hit of `target` and reports it.
 #[inline(always)]
 pub fn hit(tgid: u32, tid: u32, target: u32, code: u64) {
     increment!(COUNTS, CountKey { tgid, target }, 1u64, |p| p);
     bump(stats::HITS);
-    let Some(mut entry) = EVENTS.reserve::<HitEvent>(0) else {
-        bump(stats::RINGBUF_DROPS);
-        return;
-    };
+    let Some(mut entry) = reserve::<HitEvent>() else { return };
     entry.write(HitEvent {
         header: EventHeader { kind: EVENT_HIT, tgid },
         tid,
@@ -78,10 +86,7 @@ pub fn hit(tgid: u32, tid: u32, target: u32, code: u64) {
 /// Reports where a newly matched code object comes from.
 #[inline(always)]
 pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
-    let Some(mut entry) = EVENTS.reserve::<CodeEvent>(0) else {
-        bump(stats::RINGBUF_DROPS);
-        return;
-    };
+    let Some(mut entry) = reserve::<CodeEvent>() else { return };
     let ev = entry.as_mut_ptr();
     unsafe {
         (*ev).header = EventHeader { kind: EVENT_CODE, tgid };
@@ -110,10 +115,7 @@ pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
 pub fn candidate(tgid: u32, tid: u32, generation: u32, code: u64, name: u64, globals: u64) {
     let entry = PendingEntry { hits: 1, name, globals };
     increment!(PENDING, PendingKey { tgid, generation, code }, entry, |p| unsafe { &raw mut (*p).hits });
-    let Some(mut entry) = EVENTS.reserve::<CandidateEvent>(0) else {
-        bump(stats::RINGBUF_DROPS);
-        return;
-    };
+    let Some(mut entry) = reserve::<CandidateEvent>() else { return };
     entry.write(CandidateEvent {
         header: EventHeader { kind: EVENT_CANDIDATE, tgid },
         tid,

@@ -142,7 +142,7 @@ where
     let trace = |e: io::Error| (SpawnError::Trace(e), false);
     // The first stop is the SIGTRAP of the initial exec.
     let status = wait(pid).map_err(trace)?;
-    if !stopped(status) {
+    if !libc::WIFSTOPPED(status) {
         return Err((never_python(command, status), true));
     }
     let opts = libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_EXITKILL;
@@ -169,17 +169,38 @@ where
 fn run_to_exec(pid: i32) -> io::Result<Stop> {
     ptrace(libc::PTRACE_CONT, pid, 0, 0)?;
     loop {
-        let status = wait(pid)?;
-        if !stopped(status) {
-            return Ok(Stop::Gone(status));
-        }
-        let sig = libc::WSTOPSIG(status);
-        if sig == libc::SIGTRAP && (status >> 16) & 0xff == libc::PTRACE_EVENT_EXEC {
-            return Ok(Stop::Entry);
-        }
-        let deliver = if sig == libc::SIGTRAP { 0 } else { sig as u64 };
-        ptrace(libc::PTRACE_CONT, pid, 0, deliver)?;
+        match next_event(pid)? {
+            Event::Gone(status) => return Ok(Stop::Gone(status)),
+            Event::Exec => return Ok(Stop::Entry),
+            Event::Trap => ptrace(libc::PTRACE_CONT, pid, 0, 0)?,
+            Event::Signal(sig) => ptrace(libc::PTRACE_CONT, pid, 0, sig as u64)?,
+        };
     }
+}
+
+/// What stopped (or ended) the traced child.
+enum Event {
+    /// Exited or killed, with its wait status.
+    Gone(i32),
+    /// Executed a new image.
+    Exec,
+    /// A plain SIGTRAP (our breakpoint, or the child's own).
+    Trap,
+    /// Any other signal, to be delivered to the child.
+    Signal(i32),
+}
+
+fn next_event(pid: i32) -> io::Result<Event> {
+    let status = wait(pid)?;
+    if !libc::WIFSTOPPED(status) {
+        return Ok(Event::Gone(status));
+    }
+    let sig = libc::WSTOPSIG(status);
+    Ok(match (sig, (status >> 16) & 0xff) {
+        (libc::SIGTRAP, libc::PTRACE_EVENT_EXEC) => Event::Exec,
+        (libc::SIGTRAP, _) => Event::Trap,
+        (sig, _) => Event::Signal(sig),
+    })
 }
 
 fn never_python(command: &str, status: i32) -> SpawnError {
@@ -201,29 +222,26 @@ fn run_to_entry(pid: i32) -> io::Result<Stop> {
     ptrace(libc::PTRACE_POKETEXT, pid, entry, (word & !0xff) | 0xcc)?;
     ptrace(libc::PTRACE_CONT, pid, 0, 0)?;
     loop {
-        let status = wait(pid)?;
-        if !stopped(status) {
-            return Ok(Stop::Gone(status));
-        }
-        let sig = libc::WSTOPSIG(status);
-        let event = (status >> 16) & 0xff;
-        if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXEC {
+        match next_event(pid)? {
+            Event::Gone(status) => return Ok(Stop::Gone(status)),
             // A new image replaced the old one, breakpoint and all.
-            return run_to_entry(pid);
-        }
-        if sig == libc::SIGTRAP && event == 0 {
-            let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
-            ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs as *mut _ as u64)?;
-            if regs.rip == entry + 1 {
-                ptrace(libc::PTRACE_POKETEXT, pid, entry, word)?;
-                regs.rip = entry;
-                ptrace(libc::PTRACE_SETREGS, pid, 0, &regs as *const _ as u64)?;
-                return Ok(Stop::Entry);
+            Event::Exec => return run_to_entry(pid),
+            Event::Trap => {
+                let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+                ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs as *mut _ as u64)?;
+                if regs.rip == entry + 1 {
+                    ptrace(libc::PTRACE_POKETEXT, pid, entry, word)?;
+                    regs.rip = entry;
+                    ptrace(libc::PTRACE_SETREGS, pid, 0, &regs as *const _ as u64)?;
+                    return Ok(Stop::Entry);
+                }
+                ptrace(libc::PTRACE_CONT, pid, 0, 0)?;
+            }
+            // Signals belong to the child: deliver them.
+            Event::Signal(sig) => {
+                ptrace(libc::PTRACE_CONT, pid, 0, sig as u64)?;
             }
         }
-        // Any other signal belongs to the child: deliver it.
-        let deliver = if sig == libc::SIGTRAP { 0 } else { sig as u64 };
-        ptrace(libc::PTRACE_CONT, pid, 0, deliver)?;
     }
 }
 
@@ -261,8 +279,4 @@ fn wait(pid: i32) -> io::Result<i32> {
             return Err(e);
         }
     }
-}
-
-fn stopped(status: i32) -> bool {
-    libc::WIFSTOPPED(status)
 }

@@ -1,10 +1,15 @@
 //! Reading and writing the kernel's state: targets, counts, pending 3.8-3.10
 //! hits, verdicts, thread states and counters.
 
-use std::collections::HashMap as StdHashMap;
+use std::{collections::HashMap as StdHashMap, hash::Hash};
+
+use aya::{
+    Pod,
+    maps::{HashMap, MapData},
+};
 
 use detector_common::{
-    CodeIdentity, CodeKey, CountKey, NameKey, PendingKey, TargetKey, ThreadEntry, Verdict, fixed_name, maps, stats,
+    CodeIdentity, CodeKey, CountKey, NameKey, TargetKey, ThreadEntry, Verdict, fixed_name, maps, stats,
 };
 
 use super::{BpfError, Probes, map_err};
@@ -52,33 +57,8 @@ impl Probes {
         for (t, _) in set.iter() {
             *want_names.entry(name_key(t)).or_default() += 1;
         }
-        let mut changed = false;
-        let have: Vec<(TargetKey, u32)> = self.targets.iter().filter_map(Result::ok).collect();
-        for (k, id) in &have {
-            if want.get(k) != Some(id) {
-                self.targets.remove(k).map_err(map_err(maps::TARGETS))?;
-                changed = true;
-            }
-        }
-        for (k, id) in &want {
-            if !have.iter().any(|(hk, hid)| hk == k && hid == id) {
-                self.targets.insert(k, id, 0).map_err(map_err(maps::TARGETS))?;
-                changed = true;
-            }
-        }
-        let have_names: Vec<(NameKey, u32)> = self.names.iter().filter_map(Result::ok).collect();
-        for (k, _) in &have_names {
-            if !want_names.contains_key(k) {
-                self.names.remove(k).map_err(map_err(maps::NAMES))?;
-                changed = true;
-            }
-        }
-        for (k, n) in &want_names {
-            if !have_names.iter().any(|(hk, hn)| hk == k && hn == n) {
-                self.names.insert(k, n, 0).map_err(map_err(maps::NAMES))?;
-                changed = true;
-            }
-        }
+        let changed = sync_map(&mut self.targets, &want, maps::TARGETS)?;
+        let changed = sync_map(&mut self.names, &want_names, maps::NAMES)? || changed;
         if changed {
             self.bump_generation()?;
         }
@@ -146,27 +126,42 @@ impl Probes {
 
     /// Drops every entry that belongs to process `pid`.
     pub fn forget_process(&mut self, pid: u32) {
-        let counts: Vec<CountKey> = self.counts.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
-        for k in counts {
-            let _ = self.counts.remove(&k);
+        remove_where(&mut self.counts, |k, _| k.tgid == pid);
+        remove_where(&mut self.pending, |k, _| k.tgid == pid);
+        remove_where(&mut self.threads, |_, v| v.tgid == pid);
+        remove_where(&mut self.identities, |k, _| k.tgid == pid);
+        remove_where(&mut self.verdicts, |k, _| k.tgid == pid);
+    }
+}
+
+/// Makes `map` hold exactly `want`; returns whether anything changed.
+fn sync_map<K: Pod + Eq + Hash>(
+    map: &mut HashMap<MapData, K, u32>,
+    want: &StdHashMap<K, u32>,
+    name: &'static str,
+) -> Result<bool, BpfError> {
+    let have: StdHashMap<K, u32> = map.iter().filter_map(Result::ok).collect();
+    let mut changed = false;
+    for (k, v) in &have {
+        if want.get(k) != Some(v) {
+            map.remove(k).map_err(map_err(name))?;
+            changed = true;
         }
-        let pending: Vec<PendingKey> = self.pending.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
-        for k in pending {
-            let _ = self.pending.remove(&k);
+    }
+    for (k, v) in want {
+        if have.get(k) != Some(v) {
+            map.insert(k, v, 0).map_err(map_err(name))?;
+            changed = true;
         }
-        let threads: Vec<u32> =
-            self.threads.iter().filter_map(Result::ok).filter(|(_, v)| v.tgid == pid).map(|(k, _)| k).collect();
-        for k in threads {
-            let _ = self.threads.remove(&k);
-        }
-        let identities: Vec<CodeKey> =
-            self.identities.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
-        for k in identities {
-            let _ = self.identities.remove(&k);
-        }
-        let verdicts: Vec<CodeKey> = self.verdicts.keys().filter_map(Result::ok).filter(|k| k.tgid == pid).collect();
-        for k in verdicts {
-            let _ = self.verdicts.remove(&k);
-        }
+    }
+    Ok(changed)
+}
+
+/// Removes the entries of `map` for which `pred` holds (best effort: an
+/// entry another CPU removed first is already gone).
+fn remove_where<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>, pred: impl Fn(&K, &V) -> bool) {
+    let doomed: Vec<K> = map.iter().filter_map(Result::ok).filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
+    for k in doomed {
+        let _ = map.remove(&k);
     }
 }
