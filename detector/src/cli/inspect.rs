@@ -29,7 +29,8 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     } else {
         let path = Path::new(&args.what);
         let elf = ElfImage::open(path)?;
-        (Arc::new(analyze(&elf, &args.what, None).with_context(|| args.what.clone())?), None)
+        let analysis = analyze(&elf, &args.what, Path::new("/"), None).with_context(|| args.what.clone())?;
+        (Arc::new(analysis), None)
     };
     match args.format {
         Format::Json => {
@@ -72,8 +73,13 @@ fn text(a: &Analysis, p: Option<&pyproc::PythonProcess>) -> String {
     for s in &a.symbols {
         println!("symbol      {:<26} {:#x} ({:?})", s.name, s.addr, s.source);
     }
-    if let Some(t) = &a.handler_table {
-        println!("dispatch    {:#x} ({:?})", t.addr, t.source);
+    match &a.debug_info {
+        Some(d) => println!("DWARF       {d:?}"),
+        None => println!("DWARF       none found"),
+    }
+    if let Some(h) = &a.handlers {
+        let table = h.table.map(|t| format!(", dispatch table at {t:#x}")).unwrap_or_default();
+        println!("handlers    from {:?}{table}", h.source);
     }
     for s in &a.sites {
         println!(

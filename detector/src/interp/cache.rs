@@ -66,7 +66,7 @@ impl AnalysisCache {
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let cached = match ElfImage::open(&file.open_path).and_then(|elf| analyze(&elf, &file.path, None)) {
+        let cached = match ElfImage::open(&file.open_path).and_then(|elf| analyze(&elf, &file.path, &file.root, None)) {
             Ok(a) => Cached::Ok(Arc::new(a)),
             Err(AnalysisError::NotPython(m) | AnalysisError::NotElf(m)) => Cached::NotPython(m),
             Err(AnalysisError::Unsupported(m)) => Cached::Unsupported(m),

@@ -4,21 +4,26 @@
 
 pub mod cache;
 pub mod debug_offsets;
+pub mod dwarf;
 pub mod elf;
 pub mod offsets;
 pub mod registers;
 pub mod sites;
 pub mod version;
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
 
 use detector_common::{
     FAMILY_FRAME_ARG, FAMILY_RESUME, LAYOUT_STACKREFS, LAYOUT_TRACING_GATES_INSTRUMENT, LAYOUT_VERSION_IN_EVAL_BREAKER,
     Layout, NO_OFFSET,
 };
+use dwarf::DebugSource;
 use elf::{ElfImage, SymbolTable};
 use offsets::{Disagreement, OffsetSource, OffsetTable};
-use sites::{HandlerTable, ResumeContext, Site, SiteRole, TableSource};
+use sites::{HandlerSource, ResumeContext, Site, SiteRole};
 use version::{Flavour, PyVersion, VersionSource};
 
 /// Oldest and newest minor versions supported.
@@ -57,13 +62,13 @@ pub struct UsedSymbol {
     pub source: SymbolTable,
 }
 
-/// The dispatch table, as reported.
+/// How the RESUME handlers were found, as reported.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct TableInfo {
-    /// Virtual address.
-    pub addr: u64,
-    /// How it was found.
-    pub source: TableSource,
+pub struct HandlersInfo {
+    /// The source used.
+    pub source: HandlerSource,
+    /// Address of the opcode dispatch table, when one was found.
+    pub table: Option<u64>,
 }
 
 /// One offset, as reported.
@@ -95,8 +100,10 @@ pub struct Analysis {
     pub flavour: Flavour,
     /// Symbols used.
     pub symbols: Vec<UsedSymbol>,
-    /// Dispatch table (3.11+).
-    pub handler_table: Option<TableInfo>,
+    /// Where the DWARF came from, if any was found.
+    pub debug_info: Option<DebugSource>,
+    /// How the RESUME handlers were found (3.11+).
+    pub handlers: Option<HandlersInfo>,
     /// Every offset and its source.
     pub offsets: BTreeMap<&'static str, OffsetInfo>,
     /// Values where sources disagreed, and which won.
@@ -121,9 +128,15 @@ impl Analysis {
 }
 
 /// Analyses the interpreter in `elf`. `object` is its path as the process
-/// sees it (for messages and version hints); `live_runtime` is the start of
-/// `_PyRuntime` read from a live process, if there is one.
-pub fn analyze(elf: &ElfImage, object: &str, live_runtime: Option<&[u8]>) -> Result<Analysis, AnalysisError> {
+/// sees it (for messages, version hints and `.gnu_debuglink`); `root` is the
+/// process's root directory, where separate debug files are looked up;
+/// `live_runtime` is the start of `_PyRuntime` read from a live process.
+pub fn analyze(
+    elf: &ElfImage,
+    object: &str,
+    root: &Path,
+    live_runtime: Option<&[u8]>,
+) -> Result<Analysis, AnalysisError> {
     let lower = object.to_ascii_lowercase();
     if lower.contains("pypy") || elf.symbol("pypy_main_startup").is_some() {
         return Err(AnalysisError::NotPython("PyPy is not CPython".into()));
@@ -164,9 +177,19 @@ pub fn analyze(elf: &ElfImage, object: &str, live_runtime: Option<&[u8]>) -> Res
     }
 
     let minor = version.minor;
+    let dwarf = dwarf::find(elf, object, root)?;
     let builtin = offsets::builtin(minor).expect("every supported minor has a table");
     let mut table = OffsetTable::from(builtin, OffsetSource::Builtin);
     let mut disagreements = Vec::new();
+    if let Some((info, _)) = &dwarf {
+        // Only the fields this version has: the built-in table gives the
+        // shape (which fields exist), DWARF and _Py_DebugOffsets the values.
+        for (field, value) in offsets::from_dwarf(info) {
+            if table.values.get(field) != Some(NO_OFFSET) {
+                disagreements.extend(table.apply(field, value, OffsetSource::Dwarf));
+            }
+        }
+    }
     if let Some(bytes) = runtime_bytes
         && header.is_some()
     {
@@ -182,7 +205,7 @@ pub fn analyze(elf: &ElfImage, object: &str, live_runtime: Option<&[u8]>) -> Res
         sites.push(sites::function_entry(elf, "PyFunction_NewWithQualName", f.addr, SiteRole::FunctionNew)?);
     }
     sites.push(code_dealloc_site(elf, &mut symbols)?);
-    let warnings: Vec<String> = sites
+    let mut warnings: Vec<String> = sites
         .iter()
         .filter(|s| !s.emulated)
         .map(|s| {
@@ -192,11 +215,12 @@ pub fn analyze(elf: &ElfImage, object: &str, live_runtime: Option<&[u8]>) -> Res
             )
         })
         .collect();
-    let mut handler_table = None;
+    let mut handlers = None;
     if minor >= 11 {
-        let t = sites::handler_table(elf)?;
-        sites.extend(resume_sites(elf, &t, minor, &table.values)?);
-        handler_table = Some(TableInfo { addr: t.addr, source: t.source });
+        let labels = dwarf.as_ref().map(|(info, _)| &info.labels);
+        let (found, info) = resume_handlers(elf, labels, minor, &mut warnings)?;
+        sites.extend(resume_sites(elf, &found, minor, &table.values)?);
+        handlers = Some(info);
     }
 
     for site in &mut sites {
@@ -219,7 +243,8 @@ pub fn analyze(elf: &ElfImage, object: &str, live_runtime: Option<&[u8]>) -> Res
         version_source,
         flavour,
         symbols,
-        handler_table,
+        debug_info: dwarf.map(|(_, source)| source),
+        handlers,
         offsets,
         disagreements,
         sites,
@@ -229,9 +254,57 @@ pub fn analyze(elf: &ElfImage, object: &str, live_runtime: Option<&[u8]>) -> Res
     })
 }
 
+/// The RESUME-family handlers: from DWARF labels (`TARGET_RESUME`, ...)
+/// when there are any, else from the opcode dispatch table. When both exist
+/// they are cross-checked: the table's entry must be one of the label's
+/// addresses (a cloned evaluation loop has several), and any difference is
+/// reported.
+fn resume_handlers(
+    elf: &ElfImage,
+    labels: Option<&HashMap<String, Vec<u64>>>,
+    minor: u8,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<Handler>, HandlersInfo), AnalysisError> {
+    let opcodes = sites::resume_opcodes(minor);
+    let labelled = labels.filter(|l| opcodes.iter().all(|(name, _)| l.contains_key(&format!("TARGET_{name}"))));
+    let table = sites::handler_table(elf);
+    if let Some(l) = labelled {
+        let mut found = Vec::new();
+        for &(name, opcode) in opcodes {
+            let addrs = &l[&format!("TARGET_{name}")];
+            if let Ok(t) = &table
+                && !addrs.contains(&t.entries[opcode as usize])
+            {
+                warnings.push(format!(
+                    "{name}: DWARF labels at {addrs:#x?}, dispatch table entry at {:#x}; using the labels",
+                    t.entries[opcode as usize]
+                ));
+            }
+            found.extend(addrs.iter().map(|a| (name, *a)));
+        }
+        return Ok((found, HandlersInfo { source: HandlerSource::DwarfLabels, table: table.ok().map(|t| t.addr) }));
+    }
+    let t = table?;
+    let mut found = Vec::new();
+    for &(name, opcode) in opcodes {
+        let handler = t.entries[opcode as usize];
+        if handler == t.unknown {
+            return Err(AnalysisError::Unsupported(format!(
+                "opcode {opcode} ({name}) has no handler in the dispatch table at {:#x}",
+                t.addr
+            )));
+        }
+        found.push((name, handler));
+    }
+    Ok((found, HandlersInfo { source: t.source, table: Some(t.addr) }))
+}
+
+/// A RESUME-family handler: opcode name and address.
+type Handler = (&'static str, u64);
+
 fn resume_sites(
     elf: &ElfImage,
-    table: &HandlerTable,
+    handlers: &[Handler],
     minor: u8,
     o: &offsets::Offsets,
 ) -> Result<Vec<Site>, AnalysisError> {
@@ -242,14 +315,7 @@ fn resume_sites(
         code_instr_version: o.code_instr_version,
     };
     let mut out: Vec<Site> = Vec::new();
-    for &(name, opcode) in sites::resume_opcodes(minor) {
-        let handler = table.entries[opcode as usize];
-        if handler == table.unknown {
-            return Err(AnalysisError::Unsupported(format!(
-                "opcode {opcode} ({name}) has no handler in the dispatch table at {:#x}",
-                table.addr
-            )));
-        }
+    for &(name, handler) in handlers {
         if out.iter().any(|s| s.handler_addr == handler) {
             continue;
         }

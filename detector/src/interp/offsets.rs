@@ -197,6 +197,75 @@ impl OffsetTable {
     }
 }
 
+/// Where each offset lives in CPython's structs, as DWARF names them: the
+/// first alternative that resolves wins (names moved between versions).
+/// Sizes are written `sizeof(Type)`.
+const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
+    ("runtime_interpreters_head", &[("_PyRuntimeState", "interpreters.head")]),
+    ("interp_next", &[("PyInterpreterState", "next")]),
+    ("interp_threads_head", &[("PyInterpreterState", "threads.head"), ("PyInterpreterState", "tstate_head")]),
+    ("interp_monitoring_version", &[("PyInterpreterState", "monitoring_version")]),
+    ("interp_modules", &[("PyInterpreterState", "imports.modules"), ("PyInterpreterState", "modules")]),
+    ("tstate_next", &[("PyThreadState", "next")]),
+    ("tstate_interp", &[("PyThreadState", "interp")]),
+    ("tstate_native_thread_id", &[("PyThreadState", "native_thread_id")]),
+    ("tstate_cframe", &[("PyThreadState", "cframe")]),
+    ("current_frame", &[("PyThreadState", "current_frame"), ("_PyCFrame", "current_frame")]),
+    ("tstate_eval_breaker", &[("PyThreadState", "eval_breaker")]),
+    ("tstate_tracing", &[("PyThreadState", "tracing")]),
+    (
+        "frame_code",
+        &[("_PyInterpreterFrame", "f_executable"), ("_PyInterpreterFrame", "f_code"), ("PyFrameObject", "f_code")],
+    ),
+    ("frame_func", &[("_PyInterpreterFrame", "f_funcobj"), ("_PyInterpreterFrame", "f_func")]),
+    ("frame_instr", &[("_PyInterpreterFrame", "instr_ptr"), ("_PyInterpreterFrame", "prev_instr")]),
+    ("frame_lasti", &[("PyFrameObject", "f_lasti")]),
+    ("frame_globals", &[("_PyInterpreterFrame", "f_globals"), ("PyFrameObject", "f_globals")]),
+    ("code_flags", &[("PyCodeObject", "co_flags")]),
+    ("code_firstlineno", &[("PyCodeObject", "co_firstlineno")]),
+    ("code_consts", &[("PyCodeObject", "co_consts")]),
+    ("code_filename", &[("PyCodeObject", "co_filename")]),
+    ("code_name", &[("PyCodeObject", "co_name")]),
+    ("code_qualname", &[("PyCodeObject", "co_qualname")]),
+    ("code_instr_version", &[("PyCodeObject", "_co_instrumentation_version")]),
+    ("func_code", &[("PyFunctionObject", "func_code")]),
+    ("func_globals", &[("PyFunctionObject", "func_globals")]),
+    ("func_closure", &[("PyFunctionObject", "func_closure")]),
+    ("func_dict", &[("PyFunctionObject", "func_dict")]),
+    ("func_module", &[("PyFunctionObject", "func_module")]),
+    ("func_qualname", &[("PyFunctionObject", "func_qualname")]),
+    ("unicode_state", &[("PyASCIIObject", "state")]),
+    ("unicode_length", &[("PyASCIIObject", "length")]),
+    ("unicode_ascii_data", &[("sizeof", "PyASCIIObject")]),
+    ("unicode_compact_data", &[("sizeof", "PyCompactUnicodeObject")]),
+    ("object_type", &[("PyObject", "ob_type")]),
+    ("type_name", &[("PyTypeObject", "tp_name")]),
+    ("type_flags", &[("PyTypeObject", "tp_flags")]),
+    ("type_dict", &[("PyTypeObject", "tp_dict")]),
+    ("tuple_size", &[("PyTupleObject", "ob_base.ob_size")]),
+    ("tuple_items", &[("PyTupleObject", "ob_item")]),
+    ("dict_keys", &[("PyDictObject", "ma_keys")]),
+    ("dict_values", &[("PyDictObject", "ma_values")]),
+    ("dictkeys_size", &[("PyDictKeysObject", "dk_size")]),
+    ("dictkeys_indices", &[("PyDictKeysObject", "dk_indices")]),
+    ("module_dict", &[("PyModuleObject", "md_dict")]),
+    ("cell_ref", &[("PyCellObject", "ob_ref")]),
+    ("method_wrapper_callable", &[("staticmethod", "sm_callable")]),
+];
+
+/// Every offset DWARF gives, by field name.
+pub fn from_dwarf(info: &super::dwarf::DwarfInfo) -> Vec<(&'static str, u16)> {
+    DWARF_FIELDS
+        .iter()
+        .filter_map(|(field, alternatives)| {
+            alternatives.iter().find_map(|(ty, path)| {
+                let v = if *ty == "sizeof" { info.size_of(path) } else { info.offset_of(ty, path) };
+                v.and_then(|v| u16::try_from(v).ok()).map(|v| (*field, v))
+            })
+        })
+        .collect()
+}
+
 /// The built-in table for a minor version, for x86_64 release builds.
 pub fn builtin(minor: u8) -> Option<Offsets> {
     let mut o = common();
@@ -353,6 +422,16 @@ mod tests {
             assert_eq!(o.frame_lasti != NO_OFFSET, !resume, "3.{minor}");
         }
         assert!(builtin(7).is_none() && builtin(15).is_none());
+    }
+
+    #[test]
+    fn every_field_has_a_dwarf_spelling() {
+        for f in Offsets::FIELDS {
+            assert!(DWARF_FIELDS.iter().any(|(n, _)| n == f), "{f} has no DWARF spelling");
+        }
+        for (n, _) in DWARF_FIELDS {
+            assert!(Offsets::FIELDS.contains(n), "{n} is not a field");
+        }
     }
 
     #[test]

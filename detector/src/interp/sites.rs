@@ -26,13 +26,16 @@ const MIN_DISTINCT_HANDLERS: usize = 64;
 /// `JUMP_BACKWARD_NO_INTERRUPT`) in a table found by scanning.
 const MAX_SHARED_HANDLERS: usize = 8;
 
-/// How the computed-goto dispatch table was found.
+/// How opcode handlers were found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum TableSource {
-    /// The local symbol `opcode_targets.N` in `.symtab`.
+pub enum HandlerSource {
+    /// `TARGET_<OPCODE>` labels in DWARF.
+    DwarfLabels,
+    /// The dispatch table at the local symbol `opcode_targets.N` in `.symtab`.
     Symtab,
-    /// A scan of read-only data for 256 code pointers shaped like the table.
+    /// A dispatch table found by scanning read-only data for 256 code
+    /// pointers shaped like one.
     Scan,
 }
 
@@ -42,7 +45,7 @@ pub struct HandlerTable {
     /// Virtual address of the table.
     pub addr: u64,
     /// How it was found.
-    pub source: TableSource,
+    pub source: HandlerSource,
     /// Handler addresses by opcode.
     pub entries: Vec<u64>,
     /// The handler of unknown opcodes (the most common entry).
@@ -106,7 +109,7 @@ pub fn resume_opcodes(minor: u8) -> &'static [(&'static str, u8)] {
 pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
     for (_, sym) in elf.local_symbols("opcode_targets") {
         if sym.size == 256 * 8
-            && let Some(t) = table_at(elf, sym.addr, TableSource::Symtab, 256)
+            && let Some(t) = table_at(elf, sym.addr, HandlerSource::Symtab, 256)
         {
             return Ok(t);
         }
@@ -121,7 +124,7 @@ pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
         while addr + 256 * 8 <= section.addr + section.size {
             // Cheap rejection before reading the whole candidate.
             if elf.pointer_at(addr).is_some_and(|p| elf.is_code(p))
-                && let Some(t) = table_at(elf, addr, TableSource::Scan, MAX_SHARED_HANDLERS)
+                && let Some(t) = table_at(elf, addr, HandlerSource::Scan, MAX_SHARED_HANDLERS)
             {
                 let n = distinct(&t.entries);
                 match &best {
@@ -160,7 +163,7 @@ fn distinct(entries: &[u64]) -> usize {
 /// table: every entry in code, and every opcode without a handler sharing one
 /// "unknown opcode" target, so (distinct - 1) + (count of the most common) is
 /// 256 less the few opcodes that alias another's handler (at most `shared`).
-fn table_at(elf: &ElfImage, addr: u64, source: TableSource, shared: usize) -> Option<HandlerTable> {
+fn table_at(elf: &ElfImage, addr: u64, source: HandlerSource, shared: usize) -> Option<HandlerTable> {
     let mut entries = Vec::with_capacity(256);
     for i in 0..256 {
         let p = elf.pointer_at(addr + i * 8)?;

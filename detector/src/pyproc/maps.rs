@@ -70,6 +70,9 @@ pub struct MappedFile {
     pub inode: u64,
     /// Lowest address it is mapped at, with file offset 0.
     pub base: u64,
+    /// The process's root directory (`/proc/PID/root`), where files it names
+    /// (separate debug files) are looked up.
+    pub root: PathBuf,
 }
 
 /// Mapped files whose name suggests a Python interpreter, most specific
@@ -111,7 +114,14 @@ pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile>
         _ => PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end)),
     };
     let dev = std::fs::metadata(&open_path).map(|m| m.dev()).unwrap_or(0);
-    Some(MappedFile { path: path.to_owned(), open_path, dev, inode: first.inode, base: first.start - first.offset })
+    Some(MappedFile {
+        path: path.to_owned(),
+        open_path,
+        dev,
+        inode: first.inode,
+        base: first.start - first.offset,
+        root: PathBuf::from(format!("/proc/{pid}/root")),
+    })
 }
 
 /// Where the file's first loadable segment (virtual address `first_vaddr`)
