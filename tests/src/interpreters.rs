@@ -1,7 +1,8 @@
 //! The interpreters the tests run on: every pyenv build from 3.8 to 3.13,
-//! Debian's stripped `/usr/bin/python3.11`, and Debian's 3.14 in a
+//! Debian's stripped `/usr/bin/python3.11`, Debian's 3.14 in a
 //! debootstrapped root filesystem run under `chroot` (a process "in a
-//! container": its binary is only reachable through `/proc/PID/root`).
+//! container": its binary is only reachable through `/proc/PID/root`), and a
+//! 3.13 built without computed gotos (handlers reached through a `switch`).
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +62,17 @@ pub fn interpreters() -> Vec<Interpreter> {
     let root = rootfs_base.join("sid-python3.14");
     assert!(root.join("usr/bin/python3.14").exists(), "no python3.14 in {}", root.display());
     install_fixtures(&root);
+    let switch = std::env::var_os("DETECTOR_TEST_SWITCH_PYTHON")
+        .map(PathBuf::from)
+        .expect("DETECTOR_TEST_SWITCH_PYTHON is not set: run the integration tests with `cargo xtask test`");
+    assert!(switch.exists(), "{} is missing", switch.display());
+    out.push(Interpreter {
+        name: "switch-3.13".into(),
+        minor: 13,
+        argv: vec![switch.display().to_string()],
+        fixtures: fixtures.clone(),
+        rootfs: None,
+    });
     out.push(Interpreter {
         name: "sid-3.14-chroot".into(),
         minor: 14,

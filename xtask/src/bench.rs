@@ -8,7 +8,7 @@ use std::{fmt::Write as _, fs, process::Command};
 use anyhow::{Context, Result};
 use detector_tests::{Dump, Fixture, Interpreter, interpreters, pin, spawn_detector};
 
-use crate::{build, root, rootfs};
+use crate::{build, root, rootfs, testbuilds};
 
 /// Processes per condition (the median is reported).
 const RUNS: usize = 5;
@@ -37,10 +37,12 @@ struct Row {
 pub fn run() -> Result<()> {
     let bin = build::all()?;
     let rootfs = rootfs::ensure_all()?;
+    let switch = testbuilds::switch_build()?;
     // SAFETY: still single-threaded; the harness reads these.
     unsafe {
         std::env::set_var("DETECTOR_BIN", &bin);
         std::env::set_var("DETECTOR_TEST_ROOTFS", &rootfs);
+        std::env::set_var("DETECTOR_TEST_SWITCH_PYTHON", &switch.python);
     }
     // The workload gets a CPU of its own; this process and the detectors it
     // starts share another, so reading events does not slow the workload.

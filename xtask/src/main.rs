@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod rootfs;
 mod test;
+mod testbuilds;
 mod toolchain;
 
 use std::{

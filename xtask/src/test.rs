@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{build, root, rootfs, sh};
+use crate::{build, root, rootfs, sh, testbuilds};
 
 /// Runs every check and test. `filter` narrows the integration tests.
 pub fn run(filter: Option<&str>) -> Result<()> {
@@ -15,6 +15,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         .current_dir(&ws))?;
     let bin = build::all()?;
     let rootfs = rootfs::ensure_all()?;
+    let switch = testbuilds::switch_build()?;
     // Unit tests (no kernel needed), then the integration tests, which drive
     // the built binary against real interpreters and the real kernel.
     sh(Command::new("cargo").args(["test", "--workspace", "--exclude", "detector-tests"]).current_dir(&ws))?;
@@ -22,7 +23,9 @@ pub fn run(filter: Option<&str>) -> Result<()> {
     it.args(["test", "--release", "--package", "detector-tests", "--"])
         .current_dir(&ws)
         .env("DETECTOR_BIN", &bin)
-        .env("DETECTOR_TEST_ROOTFS", &rootfs);
+        .env("DETECTOR_TEST_ROOTFS", &rootfs)
+        .env("DETECTOR_TEST_SWITCH_PYTHON", &switch.python)
+        .env("DETECTOR_TEST_STRIPPED_SWITCH_PYTHON", &switch.stripped);
     if let Some(f) = filter {
         it.arg(f);
     }

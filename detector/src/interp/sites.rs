@@ -145,8 +145,9 @@ pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
         }
         Some(t) => Ok(t),
         None => Err(AnalysisError::Unsupported(
-            "no opcode dispatch table (no `opcode_targets` symbol and none found in read-only \
-             data): built without computed gotos?"
+            "cannot find the opcode handlers: no DWARF `TARGET_*` labels, no `opcode_targets` \
+             symbol, and no dispatch table in read-only data (a build without computed gotos has \
+             none); installing the interpreter's debug symbols would make it analysable"
                 .into(),
         )),
     }

@@ -1,0 +1,163 @@
+//! `detector inspect` on every interpreter: versions, probe sites, where
+//! each offset and handler came from; the built-in offset tables checked
+//! against DWARF; and bad input refused with one line, never a panic.
+
+use std::{collections::BTreeSet, process::Command};
+
+use detector_tests::{Fixture, Interpreter, detector_bin, for_each_interpreter, interpreters};
+use serde_json::Value;
+
+fn inspect(what: &str) -> Result<Value, String> {
+    let out = Command::new(detector_bin()).args(["inspect", "--format", "json", what]).output().unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn inspect_process(i: &Interpreter) -> Value {
+    let fixture = Fixture::start(i, "plain");
+    let a = inspect(&fixture.pid().to_string()).unwrap_or_else(|e| panic!("inspect: {e}"));
+    fixture.finish();
+    a
+}
+
+fn offset_sources(a: &Value) -> BTreeSet<String> {
+    a["offsets"].as_object().unwrap().values().map(|o| o["source"].as_str().unwrap().to_owned()).collect()
+}
+
+fn site_handlers(a: &Value) -> Vec<String> {
+    a["sites"].as_array().unwrap().iter().map(|s| s["handler"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn every_interpreter_is_analysed() {
+    for_each_interpreter(|i| {
+        let a = inspect_process(i);
+        let version = a["version"].as_str().unwrap();
+        assert!(version.starts_with(&format!("3.{}.", i.minor)), "{version}");
+        assert_eq!(a["flavour"], "release");
+        let mut expected = vec!["_PyEval_EvalFrameDefault"];
+        expected.extend(match i.minor {
+            8..=10 => vec!["PyFunction_NewWithQualName", "code_dealloc"],
+            11 => vec!["code_dealloc", "RESUME", "RESUME_QUICK"],
+            12 => vec!["code_dealloc", "RESUME", "INSTRUMENTED_RESUME"],
+            _ => vec!["code_dealloc", "RESUME", "RESUME_CHECK", "INSTRUMENTED_RESUME"],
+        });
+        assert_eq!(site_handlers(&a), expected);
+        for s in a["sites"].as_array().unwrap() {
+            assert_eq!(s["emulated"], true, "{s}");
+        }
+        assert_eq!(a["disagreements"], Value::Array(vec![]), "sources disagree");
+        let sources = offset_sources(&a);
+        let handlers = &a["handlers"]["source"];
+        match i.name.as_str() {
+            // Symbols and DWARF in the library (or the switch build's binary).
+            n if n.starts_with("pyenv") || n == "switch-3.13" => {
+                assert_eq!(a["debug_info"]["kind"], "embedded");
+                if i.minor >= 11 {
+                    assert_eq!(handlers, "dwarf_labels");
+                }
+            }
+            // Stripped, no debug file on the host: the dispatch table by scan.
+            "debian-3.11" => {
+                assert_eq!(a["debug_info"], Value::Null);
+                assert_eq!(handlers, "scan");
+                assert_eq!(sources, BTreeSet::from(["builtin".to_owned()]));
+            }
+            // Stripped, but the container has the debug file (python3.14-dbg),
+            // found by build id under /proc/PID/root.
+            "sid-3.14-chroot" => {
+                assert_eq!(a["debug_info"]["kind"], "build_id");
+                assert_eq!(handlers, "dwarf_labels");
+                assert_eq!(sources, BTreeSet::from(["debug_offsets".to_owned(), "dwarf".to_owned()]));
+            }
+            other => panic!("no expectations for {other}"),
+        }
+        if i.minor >= 13 {
+            assert_eq!(a["version_source"], "debug_offsets");
+        }
+    });
+}
+
+#[test]
+fn builtin_tables_equal_dwarf() {
+    // Every offset of every build with DWARF comes from DWARF (or the
+    // process's _Py_DebugOffsets) and no source disagrees with the built-in
+    // table it overrode: the tables cannot rot unnoticed.
+    for_each_interpreter(|i| {
+        if i.name == "debian-3.11" {
+            return; // no DWARF for it on this machine
+        }
+        let a = inspect_process(i);
+        assert_eq!(a["disagreements"], Value::Array(vec![]));
+        let sources = offset_sources(&a);
+        assert!(!sources.contains("builtin"), "offsets still from the built-in table: {:?}", a["offsets"]);
+    });
+}
+
+#[test]
+fn stripped_binary_in_a_root_filesystem_is_analysed_by_scan() {
+    let root = interpreters().into_iter().find_map(|i| i.rootfs).unwrap();
+    let a = inspect(&root.join("usr/bin/python3.14").display().to_string()).unwrap();
+    assert_eq!(a["debug_info"], Value::Null, "the host has no debug file for it");
+    assert_eq!(a["handlers"]["source"], "scan");
+    assert_eq!(a["position_independent"], false);
+    assert_eq!(site_handlers(&a).len(), 5);
+}
+
+fn assert_refused(what: &str, reason: &str) {
+    let out = Command::new(detector_bin()).args(["inspect", what]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{what}: {err}");
+    assert!(err.starts_with("detector: ") && err.contains(reason), "{what}: {err:?} lacks {reason:?}");
+}
+
+#[test]
+fn truncated_and_random_files_are_refused_without_panic() {
+    let dir = std::env::temp_dir().join(format!("detector-bad-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = interpreters()
+        .into_iter()
+        .find(|i| i.name.starts_with("pyenv") && i.minor == 12)
+        .map(|i| {
+            std::path::PathBuf::from(&i.argv[0]).parent().unwrap().parent().unwrap().join("lib/libpython3.12.so.1.0")
+        })
+        .unwrap();
+    let data = std::fs::read(&lib).unwrap();
+    for len in [16, 64, 4096, 1 << 20, data.len() / 2] {
+        let p = dir.join(format!("truncated-{len}"));
+        std::fs::write(&p, &data[..len]).unwrap();
+        assert_refused(&p.display().to_string(), ": ");
+    }
+    // Pseudo-random bytes (xorshift), and an ELF header followed by them.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let random: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let p = dir.join("random");
+    std::fs::write(&p, &random).unwrap();
+    assert_refused(&p.display().to_string(), "not an ELF object");
+    let mut elfish = data[..64].to_vec();
+    elfish.extend(&random);
+    let p = dir.join("elf-header-then-noise");
+    std::fs::write(&p, &elfish).unwrap();
+    assert_refused(&p.display().to_string(), ": ");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn stripped_python_without_computed_gotos_is_refused() {
+    // With DWARF it is analysed (labels name the handlers: it is one of the
+    // interpreters every count test runs on); stripped, nothing does.
+    let python = std::env::var("DETECTOR_TEST_STRIPPED_SWITCH_PYTHON")
+        .expect("DETECTOR_TEST_STRIPPED_SWITCH_PYTHON is not set: run the integration tests with `cargo xtask test`");
+    assert_refused(&python, "cannot find the opcode handlers");
+}
