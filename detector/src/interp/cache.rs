@@ -146,6 +146,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_binary_is_analysed_once() {
+        let exe = std::env::current_exe().unwrap();
+        let file = MappedFile {
+            path: exe.display().to_string(),
+            open_path: exe.clone(),
+            dev: 0,
+            inode: 0,
+            base: 0,
+            root: "/".into(),
+        };
+        let cache = AnalysisCache::default();
+        for _ in 0..3 {
+            // Not Python: the refusal is cached like an analysis.
+            assert!(matches!(cache.analyze(&file), Err(AnalysisError::NotPython(_))));
+        }
+        assert_eq!(cache.stats(), (2, 1));
+    }
+
+    #[test]
     fn build_id_matches_the_full_parser() {
         let exe = std::env::current_exe().unwrap();
         let full = ElfImage::open(&exe).unwrap().build_id;

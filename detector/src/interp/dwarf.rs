@@ -263,21 +263,28 @@ pub fn find(elf: &ElfImage, object: &str, root: &Path) -> Result<Option<(DwarfIn
     if let Some(info) = DwarfInfo::parse(elf.data())? {
         return Ok(Some((info, DebugSource::Embedded)));
     }
+    // Paths in /proc/PID/maps are relative to the process's root in another
+    // mount namespace, but to ours for a chroot: try both roots.
+    let roots: Vec<&Path> = if root == Path::new("/") { vec![root] } else { vec![root, Path::new("/")] };
     let mut candidates: Vec<(PathBuf, DebugSource)> = Vec::new();
-    if let Some(id) = &elf.build_id
-        && id.len() >= 2
-    {
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        let rel = format!("usr/lib/debug/.build-id/{}/{}.debug", &hex[..2], &hex[2..]);
-        candidates.push((root.join(&rel), DebugSource::BuildId(format!("/{rel}"))));
-    }
-    if let Some(link) = &elf.debuglink {
-        let dir = Path::new(object).parent().unwrap_or(Path::new("/"));
-        let rel_dir = dir.strip_prefix("/").unwrap_or(dir);
-        for p in
-            [rel_dir.join(link), rel_dir.join(".debug").join(link), Path::new("usr/lib/debug").join(rel_dir).join(link)]
+    for base in roots {
+        if let Some(id) = &elf.build_id
+            && id.len() >= 2
         {
-            candidates.push((root.join(&p), DebugSource::DebugLink(format!("/{}", p.display()))));
+            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            let rel = format!("usr/lib/debug/.build-id/{}/{}.debug", &hex[..2], &hex[2..]);
+            candidates.push((base.join(&rel), DebugSource::BuildId(format!("/{rel}"))));
+        }
+        if let Some(link) = &elf.debuglink {
+            let dir = Path::new(object).parent().unwrap_or(Path::new("/"));
+            let rel_dir = dir.strip_prefix("/").unwrap_or(dir);
+            for p in [
+                rel_dir.join(link),
+                rel_dir.join(".debug").join(link),
+                Path::new("usr/lib/debug").join(rel_dir).join(link),
+            ] {
+                candidates.push((base.join(&p), DebugSource::DebugLink(format!("/{}", p.display()))));
+            }
         }
     }
     for (path, source) in candidates {

@@ -255,10 +255,12 @@ pub fn analyze(
 }
 
 /// The RESUME-family handlers: from DWARF labels (`TARGET_RESUME`, ...)
-/// when there are any, else from the opcode dispatch table. When both exist
-/// they are cross-checked: the table's entry must be one of the label's
-/// addresses (a cloned evaluation loop has several), and any difference is
-/// reported.
+/// when there are any, else the tail-calling interpreter's handler functions
+/// (`_TAIL_CALL_RESUME`, ...), else the opcode dispatch table (found by
+/// symbol or by scan; a tail-calling interpreter's table of function
+/// pointers has the same shape). Labels and a table are cross-checked: the
+/// table's entry must be one of the label's addresses (a cloned evaluation
+/// loop has several), and any difference is reported.
 fn resume_handlers(
     elf: &ElfImage,
     labels: Option<&HashMap<String, Vec<u64>>>,
@@ -283,6 +285,14 @@ fn resume_handlers(
             found.extend(addrs.iter().map(|a| (name, *a)));
         }
         return Ok((found, HandlersInfo { source: HandlerSource::DwarfLabels, table: table.ok().map(|t| t.addr) }));
+    }
+    let tail_calls: Option<Vec<Handler>> =
+        opcodes.iter().map(|&(name, _)| elf.symbol(&format!("_TAIL_CALL_{name}")).map(|s| (name, s.addr))).collect();
+    if let Some(found) = tail_calls {
+        return Ok((
+            found,
+            HandlersInfo { source: HandlerSource::TailCallFunctions, table: table.ok().map(|t| t.addr) },
+        ));
     }
     let t = table?;
     let mut found = Vec::new();

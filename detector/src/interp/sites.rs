@@ -32,6 +32,9 @@ const MAX_SHARED_HANDLERS: usize = 8;
 pub enum HandlerSource {
     /// `TARGET_<OPCODE>` labels in DWARF.
     DwarfLabels,
+    /// `_TAIL_CALL_<OPCODE>` functions in `.symtab` (3.14's tail-calling
+    /// interpreter, where each handler is a function of its own).
+    TailCallFunctions,
     /// The dispatch table at the local symbol `opcode_targets.N` in `.symtab`.
     Symtab,
     /// A dispatch table found by scanning read-only data for 256 code
