@@ -6,6 +6,8 @@
 //! - [`interp`]: analysis of an interpreter binary (no process state);
 //! - [`pyproc`]: reading a live Python process (maps, memory, threads, objects);
 //! - [`targets`]: the target grammar;
+//! - [`rc`], [`sources`]: where targets come from (Remote Configuration,
+//!   payload files, flags);
 //! - [`bpf`]: the loaded eBPF object, its maps and probe links;
 //! - [`agent`]: attaching to processes;
 //! - [`events`]: turning ring-buffer records into hits;
@@ -17,4 +19,6 @@ pub mod cli;
 pub mod events;
 pub mod interp;
 pub mod pyproc;
+pub mod rc;
+pub mod sources;
 pub mod targets;

@@ -1,7 +1,10 @@
 //! Attaching to processes: per process, the probe sites of its interpreter,
 //! scoped to that process so others pay nothing.
 
+pub mod session;
 pub mod spawn;
+
+pub use session::Session;
 
 use detector_common::{FAMILY_FRAME_ARG, SiteCookie};
 use tracing::{debug, info};
@@ -10,7 +13,7 @@ use crate::{
     bpf::{BpfError, Link, ProbeKind, Probes},
     interp::sites::SiteRole,
     pyproc::{ProcessError, PythonProcess, mem::ProcessMemory, objects::Objects, qualname, threads},
-    targets::TargetSet,
+    targets::{Target, TargetSet},
 };
 
 /// Why attaching failed.
@@ -73,7 +76,7 @@ impl ProcessWatch {
             // Definitions first, then pre-fill, then calls: a function made
             // in between is recorded by the definition probe.
             self.attach_role(probes, layout, SiteRole::FunctionNew, ProbeKind::FuncNew)?;
-            self.prefilled_identities = self.prefill_identities(probes, targets)?;
+            self.prefilled_identities = self.prefill_identities(probes, targets.iter().map(|(t, _)| t))?;
             self.attach_role(probes, layout, SiteRole::EvalEntry, ProbeKind::EvalCall)?;
         } else {
             // Entry first, then pre-fill, then RESUME sites: a thread that
@@ -122,7 +125,11 @@ impl ProcessWatch {
     /// 3.8-3.10: records the identity of target functions that already
     /// exist (modules imported before the attach), so the kernel matches
     /// them exactly from their first call. Returns how many were found.
-    pub fn prefill_identities(&self, probes: &mut Probes, targets: &TargetSet) -> Result<usize, AttachError> {
+    pub fn prefill_identities<'a>(
+        &self,
+        probes: &mut Probes,
+        targets: impl IntoIterator<Item = &'a Target>,
+    ) -> Result<usize, AttachError> {
         let p = &self.process;
         let Some(runtime) = p.runtime() else {
             return Ok(0);
@@ -130,7 +137,7 @@ impl ProcessWatch {
         let mem = ProcessMemory::open(p.pid)?;
         let objs = Objects { mem: &mem, o: &p.analysis.table.values, minor: p.analysis.version.minor };
         let mut found = 0;
-        for (target, _) in targets.iter() {
+        for target in targets {
             let Some(globals) = qualname::module_globals(&objs, runtime, target.module())? else {
                 continue;
             };

@@ -50,6 +50,15 @@ pub enum BpfError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    /// A file-descriptor operation on the object failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A map is full.
     #[error("map {map} is full ({cap} entries)")]
     Full {

@@ -19,13 +19,13 @@ pub enum Format {
 
 /// Writes events to stdout.
 pub struct Printer {
-    format: Format,
+    format: Option<Format>,
     closed: std::cell::Cell<bool>,
 }
 
 impl Printer {
-    /// A printer in `format`.
-    pub fn new(format: Format) -> Self {
+    /// A printer in `format`; `None` prints nothing.
+    pub fn new(format: Option<Format>) -> Self {
         Printer { format, closed: std::cell::Cell::new(false) }
     }
 
@@ -36,8 +36,9 @@ impl Printer {
 
     fn emit(&self, json: Value, text: impl FnOnce() -> String) {
         let line = match self.format {
-            Format::Json => json.to_string(),
-            Format::Text => text(),
+            Some(Format::Json) => json.to_string(),
+            Some(Format::Text) => text(),
+            None => return,
         };
         let mut out = std::io::stdout().lock();
         if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {

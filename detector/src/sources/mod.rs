@@ -1,0 +1,135 @@
+//! Where targets come from: Remote Configuration, payload files (the
+//! embedded default among them) and `--target` flags. Each source publishes
+//! its configs; the active target set is the union of every config that
+//! parsed, and each target remembers which configs name it.
+
+pub mod file;
+pub mod payload;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::targets::Target;
+
+/// Where a config comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Datadog Remote Configuration, product `SCA_DETECTION`.
+    RemoteConfig,
+    /// A payload file (or the embedded default).
+    File,
+    /// `--target` flags.
+    Flags,
+}
+
+/// A config: a named set of targets, or why it was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Its source.
+    pub origin: Origin,
+    /// Its name: the RC path, the file path, or `--target`.
+    pub name: String,
+    /// Its version, where the source has one (RC `custom.v`).
+    pub version: Option<u64>,
+    /// Its targets, or the error that rejected it (it then adds nothing).
+    pub targets: Result<Vec<Target>, String>,
+}
+
+/// Every config of one origin, replacing what it had before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Update {
+    /// The origin.
+    pub origin: Origin,
+    /// All its configs now.
+    pub configs: Vec<Config>,
+}
+
+/// Every config from every source.
+#[derive(Debug, Default)]
+pub struct Sources {
+    configs: BTreeMap<(Origin, String), Config>,
+}
+
+impl Sources {
+    /// Replaces one origin's configs; returns whether anything changed.
+    pub fn apply(&mut self, update: Update) -> bool {
+        let before: Vec<&Config> = self.configs.values().filter(|c| c.origin == update.origin).collect();
+        let unchanged = before.len() == update.configs.len() && update.configs.iter().all(|c| before.contains(&c));
+        if unchanged {
+            return false;
+        }
+        self.configs.retain(|(o, _), _| *o != update.origin);
+        for c in update.configs {
+            self.configs.insert((c.origin, c.name.clone()), c);
+        }
+        true
+    }
+
+    /// Every config, ordered by origin and name.
+    pub fn configs(&self) -> impl Iterator<Item = &Config> {
+        self.configs.values()
+    }
+
+    /// The active targets, each with the names of the configs that name it.
+    pub fn effective(&self) -> BTreeMap<Target, BTreeSet<String>> {
+        let mut out: BTreeMap<Target, BTreeSet<String>> = BTreeMap::new();
+        for c in self.configs.values() {
+            for t in c.targets.iter().flatten() {
+                out.entry(t.clone()).or_default().insert(c.name.clone());
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(origin: Origin, name: &str, targets: &[&str]) -> Config {
+        Config {
+            origin,
+            name: name.into(),
+            version: None,
+            targets: Ok(targets.iter().map(|t| Target::parse(t).unwrap()).collect()),
+        }
+    }
+
+    #[test]
+    fn the_active_set_is_the_union_and_removal_keeps_shared_targets() {
+        let mut s = Sources::default();
+        assert!(s.apply(Update {
+            origin: Origin::RemoteConfig,
+            configs: vec![cfg(Origin::RemoteConfig, "a", &["m:f", "m:g"]), cfg(Origin::RemoteConfig, "b", &["m:g"])],
+        }));
+        assert!(s.apply(Update { origin: Origin::Flags, configs: vec![cfg(Origin::Flags, "--target", &["m:h"])] }));
+        let names: Vec<String> = s.effective().keys().map(ToString::to_string).collect();
+        assert_eq!(names, ["m:f", "m:g", "m:h"]);
+        // Config a goes: m:g stays (b names it), m:f goes.
+        assert!(
+            s.apply(Update { origin: Origin::RemoteConfig, configs: vec![cfg(Origin::RemoteConfig, "b", &["m:g"])] })
+        );
+        let e = s.effective();
+        let names: Vec<String> = e.keys().map(ToString::to_string).collect();
+        assert_eq!(names, ["m:g", "m:h"]);
+        assert_eq!(e[&Target::parse("m:g").unwrap()], BTreeSet::from(["b".to_owned()]));
+        // The same again: no change.
+        assert!(
+            !s.apply(Update { origin: Origin::RemoteConfig, configs: vec![cfg(Origin::RemoteConfig, "b", &["m:g"])] })
+        );
+    }
+
+    #[test]
+    fn a_rejected_config_adds_nothing_and_others_keep_working() {
+        let mut s = Sources::default();
+        let bad = Config {
+            origin: Origin::File,
+            name: "bad.json".into(),
+            version: None,
+            targets: Err("invalid JSON".into()),
+        };
+        s.apply(Update { origin: Origin::File, configs: vec![bad, cfg(Origin::File, "good.json", &["m:f"])] });
+        assert_eq!(s.effective().len(), 1);
+        assert_eq!(s.configs().count(), 2);
+    }
+}
