@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use detector::cli::{Cli, Command, LogFormat, dump, inspect};
+use detector::cli::{Cli, Command, LogFormat, dump, inspect, run, targets};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -21,6 +21,8 @@ fn main() -> ExitCode {
     let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from);
     let result = match cli.command {
         Command::Dump(args) => runtime().and_then(|rt| rt.block_on(dump::run(args))),
+        Command::Run(args) => runtime().and_then(|rt| rt.block_on(run::run(args))),
+        Command::Targets(args) => runtime().and_then(|rt| rt.block_on(targets::run(args))),
         Command::Inspect(args) => inspect::run(args),
         Command::BenchFloor { pid } => runtime().and_then(|rt| rt.block_on(dump::bench_floor(pid))),
     };

@@ -57,8 +57,14 @@ impl Summary {
 
 /// Starts the detector with `args` (its stdout parsed as JSON lines).
 pub fn spawn(args: &[String]) -> Dump {
+    spawn_with_env(args, &[])
+}
+
+/// As [`spawn`], with extra environment variables.
+pub fn spawn_with_env(args: &[String], env: &[(&str, &str)]) -> Dump {
     let mut child = Command::new(detector_bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -132,6 +138,28 @@ impl Dump {
                     panic!("detector printed no {kind:?} line; stderr: {err}");
                 }
             }
+        }
+    }
+
+    /// Takes every line printed so far without waiting.
+    pub fn poll(&mut self) {
+        while let Ok(v) = self.lines.try_recv() {
+            self.seen.push(v);
+        }
+    }
+
+    /// Hit lines for `target` so far.
+    pub fn hits(&mut self, target: &str) -> usize {
+        self.poll();
+        self.seen.iter().filter(|v| v["type"] == "hit" && v["target"] == target).count()
+    }
+
+    /// Waits until `target` has `n` hit lines (and returns), or panics.
+    pub fn wait_hits(&mut self, target: &str, n: usize) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while self.hits(target) < n {
+            assert!(Instant::now() < deadline, "{target}: {} hits, expected {n}", self.hits(target));
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 

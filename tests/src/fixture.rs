@@ -76,6 +76,12 @@ impl Fixture {
         self.send("go");
     }
 
+    /// `rounds` workload: calls `name` `n` times.
+    pub fn call(&mut self, name: &str, n: u32) {
+        self.send(&format!("{name} {n}"));
+        self.expect("ok");
+    }
+
     /// Waits until the workload has run.
     pub fn wait_done(&mut self) {
         self.expect("done");

@@ -6,12 +6,14 @@
 pub mod dump;
 pub mod fixture;
 pub mod interpreters;
+pub mod rc_agent;
 
 use std::{path::PathBuf, time::Duration};
 
-pub use dump::{Dump, Summary, spawn as spawn_detector};
+pub use dump::{Dump, Summary, spawn as spawn_detector, spawn_with_env};
 pub use fixture::{Fixture, pin};
 pub use interpreters::{Interpreter, interpreters};
+pub use rc_agent::TestAgent;
 
 /// How long any single step (start, attach, run, stop) may take.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);

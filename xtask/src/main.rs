@@ -4,6 +4,7 @@
 
 mod bench;
 mod build;
+mod peers;
 mod rootfs;
 mod test;
 mod testbuilds;

@@ -3,6 +3,9 @@
 
 pub mod dump;
 pub mod inspect;
+pub mod run;
+pub mod sources;
+pub mod targets;
 
 use clap::{Parser, Subcommand};
 
@@ -54,6 +57,18 @@ pub enum Command {
     ///
     /// Example: detector dump --target json.decoder:JSONDecoder.decode --format json -- python3 -c 'import json; json.loads("{}")'
     Dump(dump::DumpArgs),
+    /// Agent mode: take targets from Remote Configuration, payload files and
+    /// flags, follow them live, and report hits in the watched processes.
+    ///
+    /// Off unless DD_SCA_DETECTION_ENABLED is true (or 1): then it says so
+    /// and attaches nothing. Targets that stay keep their counts; new ones
+    /// match from the next call; removed ones stop.
+    ///
+    /// Example: DD_SCA_DETECTION_ENABLED=true detector run --targets builtin --events text --pid 1234
+    Run(run::RunArgs),
+    /// Print the effective targets and which config each comes from, with
+    /// every config's state, from the same sources as `run`.
+    Targets(targets::TargetsArgs),
     /// Print what the detector knows about an interpreter: version, build,
     /// symbols, struct offsets and probe sites with their sources, or the
     /// precise reason it refuses to probe it.

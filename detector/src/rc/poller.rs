@@ -105,6 +105,7 @@ pub async fn run(settings: Settings, tx: mpsc::Sender<Update>, stats: Arc<Stats>
     let mut client = RcClient::new(settings.identity.clone());
     let mut parsed: BTreeMap<String, Result<Vec<crate::targets::Target>, String>> = BTreeMap::new();
     let mut discovered = false;
+    let mut published = false;
     let mut failures: u32 = 0;
     loop {
         if !discovered {
@@ -132,7 +133,10 @@ pub async fn run(settings: Settings, tx: mpsc::Sender<Update>, stats: Arc<Stats>
                 failures = 0;
                 *stats.last_error.lock().unwrap() = None;
                 match client.update(resp) {
-                    Ok(changes) if !changes.is_empty() => {
+                    // The first answer is published even if empty: it tells
+                    // readers that the agent answered.
+                    Ok(changes) if !changes.is_empty() || !published => {
+                        published = true;
                         for change in changes {
                             match change {
                                 Change::Put { path, raw } => {
@@ -180,6 +184,19 @@ pub async fn run(settings: Settings, tx: mpsc::Sender<Update>, stats: Arc<Stats>
     }
 }
 
+/// An error and its causes on one line (`reqwest` keeps the useful part,
+/// such as "connection refused", in the sources).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn note_error(stats: &Stats, e: String) {
     stats.errors.fetch_add(1, Ordering::Relaxed);
     let mut last = stats.last_error.lock().unwrap();
@@ -200,29 +217,25 @@ fn backoff(interval: Duration, failures: u32) -> Duration {
 }
 
 async fn discover(http: &reqwest::Client, url: &str) -> Result<bool, String> {
-    let resp = http.get(format!("{url}/info")).send().await.map_err(|e| format!("{url}/info: {e}"))?;
+    let resp = http.get(format!("{url}/info")).send().await.map_err(|e| format!("{url}/info: {}", chain(&e)))?;
     if !resp.status().is_success() {
         return Err(format!("{url}/info: HTTP {}", resp.status()));
     }
-    let info: serde_json::Value = resp.json().await.map_err(|e| format!("{url}/info: {e}"))?;
+    let info: serde_json::Value = resp.json().await.map_err(|e| format!("{url}/info: {}", chain(&e)))?;
     Ok(info["endpoints"].as_array().is_some_and(|e| e.iter().any(|x| x == "/v0.7/config")))
 }
 
 async fn poll(http: &reqwest::Client, url: &str, client: &RcClient) -> Result<Response, PollError> {
     let fail = |e: String| PollError::Failed(format!("{url}/v0.7/config: {e}"));
-    let resp = http
-        .post(format!("{url}/v0.7/config"))
-        .json(&client.request())
-        .send()
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    let resp =
+        http.post(format!("{url}/v0.7/config")).json(&client.request()).send().await.map_err(|e| fail(chain(&e)))?;
     match resp.status().as_u16() {
         404 => return Err(PollError::NotFound),
         204 => return Ok(Response::default()),
         s if !(200..300).contains(&s) => return Err(fail(format!("HTTP {s}"))),
         _ => {}
     }
-    let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
+    let body = resp.bytes().await.map_err(|e| fail(chain(&e)))?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Response::default());
     }

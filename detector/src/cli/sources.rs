@@ -1,0 +1,90 @@
+//! The flags that say where targets come from, shared by `run` and
+//! `targets`, and starting those sources.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use crate::{
+    rc::poller::{self, Settings},
+    sources::{Config, Origin, Update, file},
+    targets::Target,
+};
+
+/// Where targets come from.
+#[derive(Debug, clap::Args)]
+pub struct SourceArgs {
+    /// A payload file, a directory of `*.json` payloads (each one config), or
+    /// `builtin` for the default compiled into the detector. Re-read when it
+    /// changes. Repeatable.
+    #[arg(long = "targets", value_name = "PATH|builtin")]
+    pub files: Vec<PathBuf>,
+    /// A function to watch, `package.module:Qual.name`. Repeatable.
+    #[arg(long = "target", value_name = "MODULE:QUALNAME")]
+    pub targets: Vec<String>,
+    /// The Datadog Agent to take targets from through Remote Configuration
+    /// (product SCA_DETECTION). Defaults to DD_TRACE_AGENT_URL, else
+    /// DD_AGENT_HOST and DD_TRACE_AGENT_PORT, else http://localhost:8126.
+    /// Remote Configuration is on when an agent is given this way or
+    /// through those variables, or when no other source is.
+    #[arg(long, value_name = "URL")]
+    pub rc_agent: Option<String>,
+    /// Do not use Remote Configuration.
+    #[arg(long, conflicts_with = "rc_agent")]
+    pub no_rc: bool,
+}
+
+impl SourceArgs {
+    /// The `--target` flags as one config (validated: an invalid one is an
+    /// error of the command line, not a rejected config).
+    pub fn flags(&self) -> anyhow::Result<Option<Config>> {
+        if self.targets.is_empty() {
+            return Ok(None);
+        }
+        let targets = self.targets.iter().map(|t| Target::parse(t)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(Config { origin: Origin::Flags, name: "--target".into(), version: None, targets: Ok(targets) }))
+    }
+
+    /// Remote Configuration settings, if it is on.
+    pub fn rc(&self) -> anyhow::Result<Option<Settings>> {
+        let configured = self.rc_agent.is_some()
+            || ["DD_TRACE_AGENT_URL", "DD_AGENT_HOST"]
+                .iter()
+                .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+        let other_sources = !self.files.is_empty() || !self.targets.is_empty();
+        if self.no_rc || (!configured && other_sources) {
+            return Ok(None);
+        }
+        Settings::from_env(self.rc_agent.as_deref())
+            .map(Some)
+            .map_err(anyhow::Error::msg)
+            .context("remote configuration")
+    }
+
+    /// Starts every source; each publishes its configs on the returned
+    /// channel (the flags at once). Returns the RC poller's counters if RC
+    /// is on.
+    pub async fn start(&self) -> anyhow::Result<(mpsc::Receiver<Update>, Option<std::sync::Arc<poller::Stats>>)> {
+        let (tx, rx) = mpsc::channel(16);
+        if let Some(flags) = self.flags()? {
+            tx.send(Update { origin: Origin::Flags, configs: vec![flags] }).await?;
+        }
+        if !self.files.is_empty() {
+            // Read now, so the files' targets are in place before anything
+            // is attached; the watcher then only reports changes.
+            tx.send(Update { origin: Origin::File, configs: file::read(&self.files) }).await?;
+            tokio::spawn(file::watch(self.files.clone(), tx.clone()));
+        }
+        let stats = match self.rc()? {
+            Some(settings) => {
+                tracing::info!(agent = %settings.url, interval = ?settings.interval, "polling remote configuration");
+                let stats = std::sync::Arc::new(poller::Stats::default());
+                tokio::spawn(poller::run(settings, tx.clone(), stats.clone()));
+                Some(stats)
+            }
+            None => None,
+        };
+        Ok((rx, stats))
+    }
+}
