@@ -13,6 +13,11 @@ pub const EVENT_CODE: u32 = 2;
 /// [`CandidateEvent`].
 pub const EVENT_CANDIDATE: u32 = 3;
 
+/// A process executed a new image: see [`ProcessEvent`].
+pub const EVENT_EXEC: u32 = 4;
+/// A watched process forked: see [`ProcessEvent`].
+pub const EVENT_FORK: u32 = 5;
+
 /// Common prefix of every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,4 +80,18 @@ pub struct CandidateEvent {
     pub name: u64,
     /// The frame's `f_globals`: the module the code was defined in.
     pub globals: u64,
+}
+
+/// A process to consider: one that executed a new image (`EVENT_EXEC`, for
+/// every process on the node) or the child of a watched process
+/// (`EVENT_FORK`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessEvent {
+    /// `kind` and the process concerned (the exec'ing one, or the child).
+    pub header: EventHeader,
+    /// The parent, for a fork.
+    pub parent: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }

@@ -36,6 +36,10 @@ pub mod programs {
     pub const FUNC_NEW: &str = "py_func_new";
     /// `code_dealloc` entry: forgets a code object's verdict and identity.
     pub const CODE_DEALLOC: &str = "py_code_dealloc";
+    /// Tracepoint `sched/sched_process_exec`: a process to consider.
+    pub const SCHED_EXEC: &str = "sched_exec";
+    /// Tracepoint `sched/sched_process_fork`: a watched process's child.
+    pub const SCHED_FORK: &str = "sched_fork";
     /// An empty program, for measuring the cost of the probe itself.
     pub const EMPTY: &str = "py_empty";
 }

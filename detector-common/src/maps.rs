@@ -20,6 +20,9 @@ pub const PENDING: &str = "PENDING";
 /// `LruHashMap<CodeKey, CodeIdentity>`: what a 3.8-3.10 code object is,
 /// recorded when a function is made from it (or pre-filled by user space).
 pub const IDENTITIES: &str = "IDENTITIES";
+/// `HashMap<u32 tgid, u8>`: processes being watched (forks of these are
+/// reported).
+pub const WATCHED: &str = "WATCHED";
 /// `Array<Config>` with one entry: the global generation and tunables.
 pub const CONFIG: &str = "CONFIG";
 /// `PerCpuArray<u64>`: counters indexed by [`crate::stats`].
@@ -45,6 +48,8 @@ pub mod capacity {
     pub const PENDING: u32 = 16_384;
     /// (process, code object) identities (3.8-3.10).
     pub const IDENTITIES: u32 = 131_072;
+    /// Processes watched at once.
+    pub const WATCHED: u32 = 4096;
     /// Ring buffer bytes (power-of-two multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
 }
@@ -172,6 +177,11 @@ pub struct Config {
     /// Wake the ring-buffer reader once this many bytes are waiting; below
     /// it the reader polls on a timer, so a hit does not pay for a wakeup.
     pub wakeup_bytes: u32,
+    /// Offset of `child_pid` in the `sched_process_fork` record (from its
+    /// tracefs format: it moved between kernels).
+    pub fork_child_pid: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
 /// Per-CPU scratch space for keys that do not fit on the eBPF stack.

@@ -17,6 +17,7 @@
 #![feature(core_intrinsics)]
 
 mod code_dealloc;
+mod discovery;
 mod emit;
 mod eval_call;
 mod eval_entry;
@@ -27,7 +28,10 @@ mod regs;
 mod resume;
 mod verdict;
 
-use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+use aya_ebpf::{
+    macros::{tracepoint, uprobe},
+    programs::{ProbeContext, TracePointContext},
+};
 
 /// See [`eval_entry`].
 #[uprobe]
@@ -61,6 +65,20 @@ pub fn py_resume(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn py_code_dealloc(ctx: ProbeContext) -> u32 {
     code_dealloc::run(&ctx);
+    0
+}
+
+/// See [`discovery`].
+#[tracepoint]
+pub fn sched_exec(ctx: TracePointContext) -> u32 {
+    discovery::exec(&ctx);
+    0
+}
+
+/// See [`discovery`].
+#[tracepoint]
+pub fn sched_fork(ctx: TracePointContext) -> u32 {
+    discovery::fork(&ctx);
     0
 }
 

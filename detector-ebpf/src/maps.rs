@@ -35,6 +35,9 @@ pub static PENDING: HashMap<PendingKey, PendingEntry> = HashMap::with_max_entrie
 pub static IDENTITIES: LruHashMap<CodeKey, CodeIdentity> = LruHashMap::with_max_entries(capacity::IDENTITIES, 0);
 
 #[map]
+pub static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(capacity::WATCHED, 0);
+
+#[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]

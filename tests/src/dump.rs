@@ -121,13 +121,22 @@ impl Dump {
 
     /// Waits for a line of `kind`, keeping everything seen.
     pub fn wait_for(&mut self, kind: &str) -> Value {
+        self.wait_match(&format!("{kind:?} line"), |v| v["type"] == kind)
+    }
+
+    /// Waits for a line (seen before or new) matching `pred`, keeping
+    /// everything seen.
+    pub fn wait_match(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(v) => {
                     self.seen.push(v.clone());
-                    if v["type"] == kind {
+                    if pred(&v) {
                         return v;
                     }
                 }
@@ -135,10 +144,15 @@ impl Dump {
                     let _ = self.child.kill();
                     let mut err = String::new();
                     let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
-                    panic!("detector printed no {kind:?} line; stderr: {err}");
+                    panic!("detector printed no {what}; stderr: {err}");
                 }
             }
         }
+    }
+
+    /// The detector's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Takes every line printed so far without waiting.
@@ -172,6 +186,12 @@ impl Dump {
     pub fn stop_with(self, signal: i32) -> Summary {
         unsafe { libc::kill(self.child.id() as i32, signal) };
         self.collect()
+    }
+
+    /// Kills the detector with SIGKILL and reaps it; nothing is collected.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits for the detector to finish by itself and collects its output.

@@ -19,12 +19,18 @@ pub struct Fixture {
 impl Fixture {
     /// Starts `workload` on `interp` and waits until it is set up.
     pub fn start(interp: &Interpreter, workload: &str) -> Self {
+        Self::start_with_env(interp, workload, &[])
+    }
+
+    /// As [`Fixture::start`], with extra environment variables.
+    pub fn start_with_env(interp: &Interpreter, workload: &str, env: &[(&str, &str)]) -> Self {
         let script = interp.fixtures.join("run.py");
         let mut child = Command::new(&interp.argv[0])
             .args(&interp.argv[1..])
             .arg(&script)
             .arg(workload)
             .env("PYTHONDONTWRITEBYTECODE", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

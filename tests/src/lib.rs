@@ -6,6 +6,7 @@
 pub mod dump;
 pub mod fixture;
 pub mod interpreters;
+pub mod node_agent;
 pub mod rc_agent;
 
 use std::{path::PathBuf, time::Duration};
@@ -13,6 +14,7 @@ use std::{path::PathBuf, time::Duration};
 pub use dump::{Dump, Summary, spawn as spawn_detector, spawn_with_env};
 pub use fixture::{Fixture, pin};
 pub use interpreters::{Interpreter, interpreters};
+pub use node_agent::NodeAgent;
 pub use rc_agent::TestAgent;
 
 /// How long any single step (start, attach, run, stop) may take.
@@ -25,6 +27,11 @@ pub fn detector_bin() -> PathBuf {
         .expect("DETECTOR_BIN is not set: run the integration tests with `cargo xtask test`");
     assert!(p.exists(), "DETECTOR_BIN {} does not exist", p.display());
     p
+}
+
+/// A TCP port nobody listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// This crate's fixtures directory on the host.

@@ -4,7 +4,6 @@
 //! reported state.
 
 use std::{
-    net::TcpListener,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -13,17 +12,13 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::STEP_TIMEOUT;
+use crate::{STEP_TIMEOUT, free_port};
 
 /// A running test agent on its own ports.
 pub struct TestAgent {
     port: u16,
     otlp_ports: (u16, u16),
     child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl TestAgent {

@@ -12,7 +12,7 @@ pub fn ebpf() -> Result<PathBuf> {
     let linker = toolchain::bpf_linker()?;
     let dir = root().join("detector-ebpf");
     sh(Command::new("cargo")
-        .arg(format!("+{}", toolchain::NIGHTLY))
+        .arg(format!("+{}", toolchain::nightly()))
         .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .current_dir(&dir)
         // Keep the caller's toolchain choice (`cargo +x xtask`) out of it.

@@ -12,17 +12,21 @@ use anyhow::{Context, Result, bail};
 
 use crate::{cache_dir, output, sh};
 
-/// The toolchain the eBPF crate builds with.
-pub const NIGHTLY: &str = "nightly";
+/// The toolchain the eBPF crate builds with: `nightly`, or a dated one named
+/// in `DETECTOR_NIGHTLY` (the container build pins one).
+pub fn nightly() -> String {
+    std::env::var("DETECTOR_NIGHTLY").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "nightly".into())
+}
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Installs `rust-src` for nightly if missing.
 pub fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
+    let nightly = nightly();
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &nightly]))
         .context("rustup is required")?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: installing rust-src for {NIGHTLY}");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+        eprintln!("xtask: installing rust-src for {nightly}");
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &nightly]))?;
     }
     Ok(())
 }
@@ -30,8 +34,9 @@ pub fn ensure_rust_src() -> Result<()> {
 /// Path of a bpf-linker matching nightly's LLVM, building it on first use
 /// (about a minute) into `target/xtask/`.
 pub fn bpf_linker() -> Result<PathBuf> {
-    let verbose = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))
-        .with_context(|| format!("the {NIGHTLY} toolchain is required (rustup toolchain install {NIGHTLY})"))?;
+    let nightly = nightly();
+    let verbose = output(Command::new("rustc").args([&format!("+{nightly}"), "-vV"]))
+        .with_context(|| format!("the {nightly} toolchain is required (rustup toolchain install {nightly})"))?;
     let llvm = verbose
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -46,7 +51,7 @@ pub fn bpf_linker() -> Result<PathBuf> {
     if bin.exists() {
         return Ok(bin);
     }
-    let sysroot = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    let sysroot = output(Command::new("rustc").args([&format!("+{nightly}"), "--print", "sysroot"]))?;
     let lib = Path::new(sysroot.trim()).join("lib");
     let libllvm = fs::read_dir(&lib)?
         .filter_map(|e| e.ok())

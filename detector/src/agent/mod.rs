@@ -1,6 +1,8 @@
 //! Attaching to processes: per process, the probe sites of its interpreter,
 //! scoped to that process so others pay nothing.
 
+pub mod discovery;
+pub mod node;
 pub mod session;
 pub mod spawn;
 
@@ -10,7 +12,7 @@ use detector_common::{FAMILY_FRAME_ARG, SiteCookie};
 use tracing::{debug, info};
 
 use crate::{
-    bpf::{BpfError, Link, ProbeKind, Probes},
+    bpf::{BpfError, Link, ProbeKind, Probes, reaper::Buried},
     interp::sites::SiteRole,
     pyproc::{ProcessError, PythonProcess, mem::ProcessMemory, objects::Objects, qualname, threads},
     targets::{Target, TargetSet},
@@ -36,13 +38,26 @@ pub struct ProcessWatch {
     pub prefilled_threads: usize,
     /// 3.8-3.10 target functions whose identity was pre-filled.
     pub prefilled_identities: usize,
+    /// The service its hits are reported for.
+    pub service: discovery::Service,
 }
 
 impl ProcessWatch {
+    fn new(process: PythonProcess) -> Self {
+        ProcessWatch {
+            process,
+            links: Vec::new(),
+            prefilled_threads: 0,
+            prefilled_identities: 0,
+            service: Default::default(),
+        }
+    }
+
     /// Attaches every probe site of the process's interpreter. On failure
     /// nothing stays attached.
     pub fn attach(probes: &mut Probes, process: PythonProcess, targets: &TargetSet) -> Result<Self, AttachError> {
-        let mut watch = ProcessWatch { process, links: Vec::new(), prefilled_threads: 0, prefilled_identities: 0 };
+        let _attaching = probes.attaching();
+        let mut watch = ProcessWatch::new(process);
         match watch.attach_all(probes, targets) {
             Ok(()) => Ok(watch),
             Err(e) => {
@@ -55,7 +70,8 @@ impl ProcessWatch {
     /// Attaches the empty program at every site the detector would use: the
     /// floor the detector's per-hit cost is measured against.
     pub fn attach_floor(probes: &mut Probes, process: PythonProcess) -> Result<Self, AttachError> {
-        let mut watch = ProcessWatch { process, links: Vec::new(), prefilled_threads: 0, prefilled_identities: 0 };
+        let _attaching = probes.attaching();
+        let mut watch = ProcessWatch::new(process);
         let roles = [SiteRole::CodeDealloc, SiteRole::FunctionNew, SiteRole::EvalEntry, SiteRole::Resume];
         let layout = probes.layout_id(&watch.process.analysis.layout)?;
         for role in roles {
@@ -172,10 +188,15 @@ impl ProcessWatch {
         self.links.len()
     }
 
-    /// Detaches every probe.
+    /// Detaches every probe (closed in the background).
     pub fn detach(&mut self, probes: &mut Probes) {
         for link in self.links.drain(..) {
             probes.detach(link);
         }
+    }
+
+    /// Takes every probe: they stay attached until the result is dropped.
+    pub fn take_links(&mut self, probes: &mut Probes) -> Vec<Buried> {
+        self.links.drain(..).filter_map(|l| probes.take(l)).collect()
     }
 }

@@ -3,7 +3,7 @@
 //! one process and fixed targets; `run` feeds it targets from its sources.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     os::fd::{FromRawFd, OwnedFd},
     sync::Arc,
     time::Duration,
@@ -17,10 +17,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{AttachError, ProcessWatch};
+use super::{AttachError, ProcessWatch, discovery::Service};
 use crate::{
-    bpf::{BpfError, Capacities, Probes},
-    events::{EventProcessor, ProcessLookup, output::Printer, record},
+    bpf::{BpfError, Capacities, Probes, reaper::Buried},
+    events::{EventProcessor, Outcome, ProcessLookup, output::Printer, record},
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
     targets::{Target, TargetSet},
@@ -30,11 +30,21 @@ use crate::{
 /// only wakes the reader for bursts, so a hit does not pay for a wakeup).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
+/// How long a stopping session waits for the kernel to unregister its probes
+/// (about 90 ms each here); past it, the kernel finishes after the exit.
+const SETTLE_AT_EXIT: Duration = Duration::from_secs(20);
+
 struct Watches(BTreeMap<u32, ProcessWatch>);
 
 impl ProcessLookup for Watches {
     fn process(&self, pid: u32) -> Option<&PythonProcess> {
         self.0.get(&pid).map(|w| &w.process)
+    }
+}
+
+impl Watches {
+    fn service(&self, pid: u32) -> Option<&Service> {
+        self.0.get(&pid).map(|w| &w.service)
     }
 }
 
@@ -45,6 +55,16 @@ pub enum Activity {
     Exited(u32),
     /// Standard output was closed by its reader.
     OutputClosed,
+    /// A process executed a new image (any process on the node, once
+    /// discovery is on).
+    Exec(u32),
+    /// A watched process forked.
+    Fork {
+        /// The watched process.
+        parent: u32,
+        /// Its child.
+        child: u32,
+    },
 }
 
 /// The session.
@@ -59,6 +79,7 @@ pub struct Session {
     exits_rx: mpsc::UnboundedReceiver<u32>,
     tick: tokio::time::Interval,
     cache: Arc<AnalysisCache>,
+    discovered: VecDeque<Activity>,
 }
 
 impl Session {
@@ -81,7 +102,14 @@ impl Session {
             exits_rx,
             tick: tokio::time::interval(DRAIN_INTERVAL),
             cache: Arc::new(AnalysisCache::default()),
+            discovered: VecDeque::new(),
         })
+    }
+
+    /// Uses `cache` for the analyses of everything this session attaches.
+    pub fn with_cache(mut self, cache: Arc<AnalysisCache>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// The analysis cache shared by everything this session attaches.
@@ -97,6 +125,39 @@ impl Session {
     /// The printer.
     pub fn printer(&self) -> &Printer {
         &self.printer
+    }
+
+    /// The watched processes.
+    pub fn watches(&self) -> impl Iterator<Item = &ProcessWatch> {
+        self.watches.0.values()
+    }
+
+    /// Whether `pid` is watched.
+    pub fn is_watched(&self, pid: u32) -> bool {
+        self.watches.0.contains_key(&pid)
+    }
+
+    /// Probes detached and not yet unregistered by the kernel.
+    pub fn detaching(&self) -> usize {
+        self.probes.detaching()
+    }
+
+    /// The kernel's counters, by name.
+    pub fn kernel_stats(&self) -> Vec<(&'static str, u64)> {
+        let stats = self.probes.stats();
+        detector_common::stats::NAMES.iter().copied().zip(stats.iter().copied()).collect()
+    }
+
+    /// Exact hits of every target in `pid` so far.
+    pub fn totals(&mut self, pid: u32) -> Vec<(Target, u64)> {
+        let totals = self.processor.totals(pid, &mut self.probes, &self.targets, &self.watches);
+        self.targets.iter().map(|(t, id)| (t.clone(), totals.get(&id).copied().unwrap_or(0))).collect()
+    }
+
+    /// Reports execs of any process and forks of watched ones as
+    /// [`Activity::Exec`] and [`Activity::Fork`] from now on.
+    pub fn discover(&mut self) -> Result<(), BpfError> {
+        self.probes.attach_discovery()
     }
 
     /// Makes `want` the active targets. Targets that stay keep their ids and
@@ -127,6 +188,11 @@ impl Session {
 
     /// Attaches to `process` and reports it.
     pub fn watch(&mut self, process: PythonProcess) -> Result<(), AttachError> {
+        self.watch_as(process, Service::default())
+    }
+
+    /// Attaches to `process`, whose hits carry `service`, and reports it.
+    pub fn watch_as(&mut self, process: PythonProcess, service: Service) -> Result<(), AttachError> {
         let pid = process.pid;
         // Before attaching, so an exit during the attach is seen.
         let exits = self.exits_tx.clone();
@@ -135,7 +201,12 @@ impl Session {
             let _ = fd.readable().await;
             let _ = exits.send(pid);
         });
-        let watch = ProcessWatch::attach(&mut self.probes, process, &self.targets)?;
+        let mut watch = ProcessWatch::attach(&mut self.probes, process, &self.targets)?;
+        watch.service = service;
+        if let Err(e) = self.probes.set_watched(pid, true) {
+            watch.detach(&mut self.probes);
+            return Err(e.into());
+        }
         let names: Vec<&Target> = self.targets.iter().map(|(t, _)| t).collect();
         self.printer.attached(&watch, &names);
         self.watches.0.insert(pid, watch);
@@ -146,10 +217,14 @@ impl Session {
     /// exited, or nobody reads the output any more.
     pub async fn next(&mut self) -> Activity {
         loop {
+            if let Some(a) = self.discovered.pop_front() {
+                return a;
+            }
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     if let Ok(mut guard) = guard {
-                        drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches, &self.printer);
+                        let found = drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches, &self.printer);
+                        self.discovered.extend(found);
                         guard.clear_ready();
                     }
                 }
@@ -170,26 +245,52 @@ impl Session {
 
     /// Handles everything waiting in the ring buffer.
     pub fn drain(&mut self) {
-        drain(self.ring.get_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches, &self.printer);
+        let found = drain(
+            self.ring.get_mut(),
+            &mut self.processor,
+            &mut self.probes,
+            &self.targets,
+            &self.watches,
+            &self.printer,
+        );
+        self.discovered.extend(found);
     }
 
     /// A watched process is gone: reports it and its counts, detaches, and
     /// forgets it.
     pub fn end(&mut self, pid: u32, status: Option<&str>) {
+        let links = self.end_taking(pid, status);
+        // Gone: its probes cannot fire any more, so closing them can wait.
+        self.forget(pid);
+        for link in links {
+            self.probes.bury(link);
+        }
+    }
+
+    /// As [`Session::end`] for a process that lives on with a new image: its
+    /// probes would fire for the new image too, so they are returned, to be
+    /// closed before the new image is attached, and what the kernel knows
+    /// about the process is kept until [`Session::forget`] (called once they
+    /// are closed, so nothing they record outlives them).
+    pub fn end_taking(&mut self, pid: u32, status: Option<&str>) -> Vec<Buried> {
         self.drain();
         self.printer.exited(pid, status);
         self.summarize(pid);
-        if let Some(mut w) = self.watches.0.remove(&pid) {
-            w.detach(&mut self.probes);
+        match self.watches.0.remove(&pid) {
+            Some(mut w) => w.take_links(&mut self.probes),
+            None => Vec::new(),
         }
+    }
+
+    /// Drops everything the kernel and the event processor hold for `pid`.
+    pub fn forget(&mut self, pid: u32) {
         self.probes.forget_process(pid);
         self.processor.forget(pid);
     }
 
     fn summarize(&mut self, pid: u32) {
-        let totals = self.processor.totals(pid, &mut self.probes, &self.targets, &self.watches);
-        for (t, id) in self.targets.iter() {
-            self.printer.summary(pid, t, totals.get(&id).copied().unwrap_or(0));
+        for (t, hits) in self.totals(pid) {
+            self.printer.summary(pid, &t, hits);
         }
     }
 
@@ -201,12 +302,15 @@ impl Session {
         for pid in pids {
             self.summarize(pid);
         }
-        let stats = self.probes.stats();
-        let named: Vec<(&str, u64)> =
-            detector_common::stats::NAMES.iter().copied().zip(stats.iter().copied()).collect();
-        self.printer.stats(&named);
+        self.printer.stats(&self.kernel_stats());
         for (_, mut w) in std::mem::take(&mut self.watches.0) {
             w.detach(&mut self.probes);
+        }
+        if !self.probes.settle(SETTLE_AT_EXIT) {
+            warn!(
+                left = self.probes.detaching(),
+                "the kernel is still unregistering probes; it finishes after this process exits"
+            );
         }
     }
 }
@@ -216,16 +320,21 @@ fn drain(
     processor: &mut EventProcessor,
     probes: &mut Probes,
     targets: &TargetSet,
-    lookup: &impl ProcessLookup,
+    watches: &Watches,
     printer: &Printer,
-) {
+) -> Vec<Activity> {
+    let mut found = Vec::new();
     while let Some(item) = ring.next() {
         let Some(rec) = record::decode(&item) else { continue };
         drop(item);
-        if let Some(hit) = processor.handle(rec, probes, targets, lookup) {
-            printer.hit(&hit);
+        match processor.handle(rec, probes, targets, watches) {
+            Some(Outcome::Hit(hit)) => printer.hit(&hit, watches.service(hit.pid)),
+            Some(Outcome::Exec(pid)) => found.push(Activity::Exec(pid)),
+            Some(Outcome::Fork { parent, child }) => found.push(Activity::Fork { parent, child }),
+            None => {}
         }
     }
+    found
 }
 
 /// A file descriptor that becomes readable when `pid` exits.

@@ -1,7 +1,9 @@
 //! The loaded eBPF object: programs, typed map handles and probe links. One
 //! instance serves every watched process; maps are keyed by process.
 
+pub mod reaper;
 mod state;
+pub mod tracefs;
 
 use std::{num::NonZeroU32, path::Path};
 
@@ -9,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        ProgramError, UProbe,
+        ProgramError, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
@@ -153,6 +155,8 @@ pub struct Probes {
     layouts: Vec<Layout>,
     generation: u32,
     wakeup_bytes: u32,
+    fork_child_pid: u32,
+    reaper: reaper::Reaper,
     caps: Capacities,
     pub(crate) targets: HashMap<MapData, TargetKey, u32>,
     pub(crate) names: HashMap<MapData, NameKey, u32>,
@@ -161,6 +165,7 @@ pub struct Probes {
     pub(crate) pending: HashMap<MapData, PendingKey, PendingEntry>,
     pub(crate) threads: HashMap<MapData, u32, ThreadEntry>,
     pub(crate) identities: HashMap<MapData, CodeKey, CodeIdentity>,
+    pub(crate) watched: HashMap<MapData, u32, u8>,
     layout_map: Array<MapData, Layout>,
     config: Array<MapData, Config>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
@@ -207,6 +212,7 @@ impl Probes {
             pending: take(&mut ebpf, maps::PENDING)?,
             threads: take(&mut ebpf, maps::THREADS)?,
             identities: take(&mut ebpf, maps::IDENTITIES)?,
+            watched: take(&mut ebpf, maps::WATCHED)?,
             layout_map: take(&mut ebpf, maps::LAYOUTS)?,
             config: take(&mut ebpf, maps::CONFIG)?,
             stats: take(&mut ebpf, maps::STATS)?,
@@ -214,6 +220,8 @@ impl Probes {
             ebpf,
             layouts: Vec::new(),
             generation: 1,
+            fork_child_pid: 0,
+            reaper: reaper::Reaper::start(),
             // A quarter full: the reader's timer drains long before that
             // unless hits arrive in a burst.
             wakeup_bytes: caps.events_bytes / 4,
@@ -259,8 +267,54 @@ impl Probes {
     }
 
     fn write_config(&mut self) -> Result<(), BpfError> {
-        let cfg = Config { generation: self.generation, wakeup_bytes: self.wakeup_bytes };
+        let cfg = Config {
+            generation: self.generation,
+            wakeup_bytes: self.wakeup_bytes,
+            fork_child_pid: self.fork_child_pid,
+            _pad: 0,
+        };
         self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    /// Loads and attaches the process-discovery tracepoints (exec of any
+    /// process, fork of a watched one), mounting tracefs if needed. They stay
+    /// attached for the object's lifetime.
+    pub fn attach_discovery(&mut self) -> Result<(), BpfError> {
+        let io = |what: &'static str| move |source: std::io::Error| BpfError::Io { what, source };
+        let root = tracefs::root().map_err(io("finding tracefs"))?;
+        self.fork_child_pid = tracefs::field_offset(root, "sched", "sched_process_fork", "child_pid")
+            .map_err(io("reading the sched_process_fork format"))?;
+        self.write_config()?;
+        for (name, event) in
+            [(programs::SCHED_EXEC, "sched_process_exec"), (programs::SCHED_FORK, "sched_process_fork")]
+        {
+            let failed = |source| BpfError::Program {
+                what: format!("attaching {name} to sched/{event}"),
+                source: Box::new(source),
+            };
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Program {
+                    what: format!("program {name}"),
+                    source: Box::new(ProgramError::UnexpectedProgramType),
+                })?
+                .try_into()
+                .map_err(failed)?;
+            prog.load().map_err(failed)?;
+            prog.attach("sched", event).map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    /// Marks a process as watched (its forks are reported) or not.
+    pub fn set_watched(&mut self, pid: u32, watched: bool) -> Result<(), BpfError> {
+        if watched {
+            self.watched.insert(pid, 1, 0).map_err(map_err(maps::WATCHED))
+        } else {
+            let _ = self.watched.remove(&pid);
+            Ok(())
+        }
     }
 
     /// Attaches `kind` at file offset `offset` of `path` for process `pid`.
@@ -283,12 +337,42 @@ impl Probes {
         Ok(Link { program: kind, id })
     }
 
-    /// Detaches a probe.
+    /// Detaches a probe: it is taken from its program at once and closed by
+    /// the reaper (see [`reaper`]). It may fire until then, but only for a
+    /// task that no longer exists (exit) or is no longer watched.
     pub fn detach(&mut self, link: Link) {
-        if let Ok(prog) = program(&mut self.ebpf, link.program) {
-            // Fails only if already detached, which is what we want.
-            let _ = prog.detach(link.id);
+        if let Some(owned) = self.take(link) {
+            self.bury(owned);
         }
+    }
+
+    /// Closes a taken probe in the background.
+    pub fn bury(&self, link: reaper::Buried) {
+        self.reaper.bury(link);
+    }
+
+    /// Takes a probe from its program: it stays attached until the returned
+    /// value is dropped.
+    pub fn take(&mut self, link: Link) -> Option<reaper::Buried> {
+        let prog = program(&mut self.ebpf, link.program).ok()?;
+        // Fails only if already detached, which is what we want.
+        prog.take_link(link.id).ok().map(|l| Box::new(l) as reaper::Buried)
+    }
+
+    /// Waits (at most `limit`) for the kernel to unregister every detached
+    /// probe, so a stopping agent leaves nothing behind when it exits.
+    pub fn settle(&self, limit: std::time::Duration) -> bool {
+        self.reaper.wait_empty(limit)
+    }
+
+    /// Holds back closing detached probes while a process is being attached.
+    pub fn attaching(&self) -> reaper::Attaching {
+        self.reaper.attaching()
+    }
+
+    /// Probes detached whose kernel unregistration has not run yet.
+    pub fn detaching(&self) -> usize {
+        self.reaper.pending()
     }
 }
 

@@ -1,6 +1,6 @@
 //! `detector dump`: watch one process, print its hits, then exact counts.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, io::Write, path::PathBuf, time::Duration};
 
 use anyhow::bail;
 use tokio::signal::unix::{SignalKind, signal};
@@ -9,9 +9,10 @@ use super::require_privileges;
 use crate::{
     agent::{ProcessWatch, Session, session::Activity, spawn},
     bpf::{Capacities, Probes},
-    events::output::{Format, Printer},
+    events::output::{Format, Printer, hit_text},
     interp::cache::AnalysisCache,
     pyproc::{self, ProcessError},
+    tap,
     targets::Target,
 };
 
@@ -22,8 +23,13 @@ pub struct DumpArgs {
     #[arg(long, value_name = "PID", conflicts_with = "command")]
     pub pid: Option<u32>,
     /// A function to watch, `package.module:Qual.name` (repeat for several).
-    #[arg(long = "target", value_name = "MODULE:QUALNAME", required = true)]
+    /// Without any, dump prints the live hits of the agent running here.
+    #[arg(long = "target", value_name = "MODULE:QUALNAME")]
     pub targets: Vec<String>,
+    /// The running agent's event tap (see `detector run --tap`), used when no
+    /// target is given.
+    #[arg(long, value_name = "PATH", default_value = tap::DEFAULT_PATH, env = "DETECTOR_TAP")]
+    pub tap: PathBuf,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -41,6 +47,12 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
     // clean detach and a summary, never in the default action.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    if args.targets.is_empty() {
+        if args.pid.is_some() || !args.command.is_empty() {
+            bail!("give the functions to watch: --target MODULE:QUALNAME (repeatable)");
+        }
+        return from_tap(&args).await;
+    }
     if args.pid.is_none() && args.command.is_empty() {
         bail!("give a process to watch: --pid PID, or -- COMMAND ARGS...");
     }
@@ -86,6 +98,41 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
         _ = &mut deadline => {}
     }
     session.shutdown();
+    Ok(())
+}
+
+/// Prints the hits a running agent serves on its tap, until it stops, the
+/// duration ends, or SIGINT/SIGTERM.
+async fn from_tap(args: &DumpArgs) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut lines = tap::connect(&args.tap).await?;
+    let deadline = tokio::time::sleep(Duration::from_secs_f64(args.duration.unwrap_or(1e9)));
+    tokio::pin!(deadline);
+    let mut out = std::io::stdout().lock();
+    loop {
+        let line = tokio::select! {
+            line = lines.next_line() => line?,
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+        };
+        let Some(line) = line else {
+            eprintln!("detector: the agent closed the tap");
+            break;
+        };
+        let printed = match args.format {
+            Format::Json => line,
+            Format::Text => match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) if v["type"] == "hit" => hit_text(&v),
+                Ok(v) if v["type"] == "dropped" => format!("dropped {} events (this reader was too slow)", v["events"]),
+                _ => continue,
+            },
+        };
+        if writeln!(out, "{printed}").and_then(|_| out.flush()).is_err() {
+            break;
+        }
+    }
     Ok(())
 }
 

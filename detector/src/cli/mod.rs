@@ -55,16 +55,28 @@ pub enum Command {
     /// target (zero included) and the kernel's counters, ring-buffer drops
     /// among them.
     ///
+    /// With no --target, dump connects to the agent running on this node
+    /// (`detector run`, through its tap socket) and prints its live hits, in
+    /// the same JSON; several dumps may read at once.
+    ///
     /// Example: detector dump --target json.decoder:JSONDecoder.decode --format json -- python3 -c 'import json; json.loads("{}")'
+    /// Example: kubectl exec -n datadog ds/detector -- detector dump --format json
     Dump(dump::DumpArgs),
-    /// Agent mode: take targets from Remote Configuration, payload files and
-    /// flags, follow them live, and report hits in the watched processes.
+    /// The node agent: discover the node's Python processes, watch those that
+    /// opted in, take targets from Remote Configuration, payload files and
+    /// flags, follow them live, and report hits.
     ///
     /// Off unless DD_SCA_DETECTION_ENABLED is true (or 1): then it says so
-    /// and attaches nothing. Targets that stay keep their counts; new ones
-    /// match from the next call; removed ones stop.
+    /// and attaches nothing. A process opts in with DD_APPSEC_SCA_ENABLED=true
+    /// in its environment (or --attach-all); its DD_SERVICE, DD_ENV and
+    /// DD_VERSION are carried on its hits. New processes are seen at exec
+    /// (and their forks); /proc is rescanned as a safety net. With --pid or a
+    /// command, only those are watched and run ends when they exit. Targets
+    /// that stay keep their counts; new ones match from the next call; removed
+    /// ones stop. Counts are per agent run. Every option can also be set
+    /// through the environment variable shown.
     ///
-    /// Example: DD_SCA_DETECTION_ENABLED=true detector run --targets builtin --events text --pid 1234
+    /// Example: DD_SCA_DETECTION_ENABLED=true detector run --targets builtin --metrics-addr 0.0.0.0:9187
     Run(run::RunArgs),
     /// Print the effective targets and which config each comes from, with
     /// every config's state, from the same sources as `run`.

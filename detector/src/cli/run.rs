@@ -2,19 +2,29 @@
 //! payload files and flags, and follow them live; hits are reported as they
 //! happen.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
+use detector_common::capacity;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{require_privileges, sources::SourceArgs};
 use crate::{
-    agent::{Session, session::Activity, spawn},
+    agent::{
+        Session,
+        discovery::{self, Environ},
+        node::{Node, NodeOptions},
+        session::Activity,
+        spawn,
+    },
     bpf::Capacities,
     events::output::{Format, Printer},
+    interp::cache::{AnalysisCache, MAX_ENTRIES},
+    metrics::{Metrics, SharedMetrics, server},
     pyproc::{self, ProcessError},
     sources::{Sources, Update},
+    tap::{self, Tap},
     targets::Target,
 };
 
@@ -34,12 +44,38 @@ pub enum Events {
 pub struct RunArgs {
     #[command(flatten)]
     pub sources: SourceArgs,
-    /// Watch this process. Repeatable.
+    /// Watch only this process (repeatable), whatever its environment, instead
+    /// of discovering processes; run ends when they have all exited.
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    /// Watch every CPython process, not only those whose environment sets
+    /// DD_APPSEC_SCA_ENABLED=true.
+    #[arg(long, env = "DETECTOR_ATTACH_ALL")]
+    pub attach_all: bool,
     /// How hits are printed on stdout.
-    #[arg(long, value_enum, default_value_t = Events::Json)]
+    #[arg(long, value_enum, default_value_t = Events::Json, env = "DETECTOR_EVENTS")]
     pub events: Events,
+    /// Serve /metrics (Prometheus), /healthz and /processes on this address.
+    #[arg(long, value_name = "ADDR:PORT", env = "DETECTOR_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve the live event stream on this unix socket, for `detector dump`
+    /// with no targets. `none` turns it off.
+    #[arg(long, value_name = "PATH|none", default_value = tap::DEFAULT_PATH, env = "DETECTOR_TAP")]
+    pub tap: PathBuf,
+    /// Most processes watched at once; more are refused (and counted under
+    /// detector_cap_reached_total{cap="processes"}).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=capacity::WATCHED as i64), env = "DETECTOR_MAX_PROCESSES")]
+    pub max_processes: u32,
+    /// Most active targets; beyond it the rest are ignored, in name order.
+    #[arg(long, default_value_t = capacity::TARGETS, value_parser = clap::value_parser!(u32).range(1..=capacity::TARGETS as i64), env = "DETECTOR_MAX_TARGETS")]
+    pub max_targets: u32,
+    /// Most interpreter builds whose analysis is cached.
+    #[arg(long, default_value_t = MAX_ENTRIES, env = "DETECTOR_MAX_CACHED_ANALYSES")]
+    pub max_cached_analyses: usize,
+    /// How often all of /proc is scanned for processes the exec tracepoint
+    /// did not report (started before the agent, or missed), in seconds.
+    #[arg(long, default_value_t = 30, value_name = "SECS", env = "DETECTOR_RESCAN_INTERVAL")]
+    pub rescan_interval: u64,
     /// Also start this command and watch it from its first Python call; run
     /// ends when it exits.
     #[arg(last = true, value_name = "COMMAND")]
@@ -48,9 +84,11 @@ pub struct RunArgs {
 
 /// `DD_SCA_DETECTION_ENABLED` is `true` or `1`.
 pub fn detection_enabled() -> bool {
-    std::env::var("DD_SCA_DETECTION_ENABLED")
-        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"))
+    std::env::var("DD_SCA_DETECTION_ENABLED").is_ok_and(|v| discovery::is_true(v.as_bytes()))
 }
+
+/// How often the metrics are refreshed (and the health heartbeat beats).
+const REFRESH: Duration = Duration::from_secs(1);
 
 /// Runs `detector run`.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -68,26 +106,44 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     args.sources.flags()?; // a bad --target is a usage error, before anything starts
-    if args.pids.is_empty() && args.command.is_empty() {
-        bail!("no process to watch: give --pid PID (repeatable) or -- COMMAND ARGS...");
-    }
     require_privileges()?;
-    let printer = Printer::new(match args.events {
+    let metrics: SharedMetrics = Arc::default();
+    if let Some(addr) = args.metrics_addr {
+        server::start(addr, metrics.clone()).await.with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    let tap = match args.tap.as_os_str() {
+        t if t == "none" => None,
+        _ => Some(Tap::bind(&args.tap).with_context(|| format!("serving the tap on {}", args.tap.display()))?),
+    };
+    let mut printer = Printer::new(match args.events {
         Events::Json => Some(Format::Json),
         Events::Text => Some(Format::Text),
         Events::None => None,
     });
-    let mut session = Session::new(Capacities::default(), printer)?;
+    if let Some(tap) = &tap {
+        printer = printer.with_tap(tap.sender());
+    }
+    let caps = Capacities { targets: args.max_targets, ..Capacities::default() };
+    let cache = Arc::new(AnalysisCache::new(args.max_cached_analyses));
+    let mut session = Session::new(caps, printer)?.with_cache(cache.clone());
+    let opts = NodeOptions { attach_all: args.attach_all, max_processes: args.max_processes as usize };
+    let mut node = Node::new(opts, metrics.clone(), cache);
     let mut sources = Sources::default();
-    let (mut updates, _rc_stats) = args.sources.start().await?;
+    let (mut updates, rc_stats) = args.sources.start().await?;
+    let max_targets = args.max_targets as usize;
     // What is known right away (flags, files) is in place before the first
     // attach, so the first calls already count.
     while let Ok(update) = updates.try_recv() {
-        apply(&mut sources, &mut session, update)?;
+        apply(&mut sources, &mut session, update, max_targets, &metrics)?;
     }
+    // Explicit processes (--pid, a command) end the run when they are gone;
+    // without them the agent discovers processes until it is stopped.
+    let explicit = !args.pids.is_empty() || !args.command.is_empty();
     for &pid in &args.pids {
-        if let Err(e) =
-            pyproc::locate(pid, &session.cache()).map_err(anyhow::Error::from).and_then(|p| Ok(session.watch(p)?))
+        let service = Environ::read(pid).map(|e| e.service).unwrap_or_default();
+        if let Err(e) = pyproc::locate(pid, &session.cache())
+            .map_err(anyhow::Error::from)
+            .and_then(|p| Ok(session.watch_as(p, service)?))
         {
             error!(pid, error = %format!("{e:#}"), "not watching process");
             eprintln!("detector: {e:#}");
@@ -107,22 +163,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut watched: BTreeSet<u32> = args.pids.iter().copied().collect();
     watched.extend(command.as_ref().map(|(p, _)| *p));
+    if explicit && watched.is_empty() {
+        bail!("none of the given processes can be watched");
+    }
+    if !explicit {
+        session.discover().context("starting process discovery")?;
+        info!(attach_all = args.attach_all, "discovering Python processes");
+        session.printer().discovering(args.attach_all);
+        node.rescan();
+    }
+    let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_interval.max(1)));
+    let mut refresh = tokio::time::interval(REFRESH);
     loop {
         tokio::select! {
-            Some(update) = updates.recv() => apply(&mut sources, &mut session, update)?,
+            Some(update) = updates.recv() => apply(&mut sources, &mut session, update, max_targets, &metrics)?,
+            decided = node.decided() => node.settle(&mut session, decided),
+            _ = rescan.tick(), if !explicit => node.rescan(),
+            _ = refresh.tick() => node.refresh(&mut session, rc_stats.as_deref()),
             activity = session.next() => match activity {
                 Activity::Exited(pid) => {
                     let status = match command.take_if(|(p, _)| *p == pid) {
                         Some((_, c)) => tokio::task::spawn_blocking(move || c.join()).await.ok().and_then(|r| r.ok()).and_then(|r| r.ok()),
                         None => None,
                     };
-                    session.end(pid, status.map(|s| s.to_string()).as_deref());
+                    node.end(&mut session, pid, status.map(|s| s.to_string()).as_deref());
                     watched.remove(&pid);
-                    if watched.is_empty() {
+                    if explicit && watched.is_empty() {
                         info!("every watched process has exited");
                         break;
                     }
                 }
+                Activity::Exec(pid) if !explicit => node.exec(&mut session, pid),
+                Activity::Fork { child, .. } if !explicit => node.consider(child, true),
+                Activity::Exec(_) | Activity::Fork { .. } => {}
                 Activity::OutputClosed => break,
             },
             _ = sigint.recv() => break,
@@ -130,13 +203,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     session.shutdown();
+    drop(tap);
     Ok(())
 }
 
-fn apply(sources: &mut Sources, session: &mut Session, update: Update) -> anyhow::Result<()> {
+fn apply(
+    sources: &mut Sources,
+    session: &mut Session,
+    update: Update,
+    max: usize,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
     if sources.apply(update) {
-        let want: BTreeSet<Target> = sources.effective().into_keys().collect();
+        let mut want: BTreeSet<Target> = sources.effective().into_keys().collect();
+        if want.len() > max {
+            warn!(active = want.len(), max, "more targets than --max-targets: ignoring the rest, in name order");
+            metrics.cap_reached("targets");
+            want = want.into_iter().take(max).collect();
+        }
         session.set_targets(&want)?;
+        metrics.targets.set(want.len() as i64);
     }
     Ok(())
 }

@@ -43,6 +43,22 @@ struct CodeInfo {
     lineno: Option<u32>,
 }
 
+/// What a record means for the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A hit to report.
+    Hit(Hit),
+    /// A process executed a new image: consider it.
+    Exec(u32),
+    /// A watched process forked: consider the child.
+    Fork {
+        /// The watched process.
+        parent: u32,
+        /// The child.
+        child: u32,
+    },
+}
+
 /// Turns records into hits for a set of watched processes.
 #[derive(Default)]
 pub struct EventProcessor {
@@ -57,9 +73,23 @@ pub trait ProcessLookup {
 }
 
 impl EventProcessor {
-    /// Handles one record, returning the hits it yields (several when a
-    /// candidate resolves, none for bookkeeping records).
+    /// Handles one record: a hit, a process to consider, or nothing (for
+    /// bookkeeping records).
     pub fn handle(
+        &mut self,
+        rec: Record,
+        probes: &mut Probes,
+        targets: &TargetSet,
+        procs: &impl ProcessLookup,
+    ) -> Option<Outcome> {
+        match rec {
+            Record::Exec { pid } => Some(Outcome::Exec(pid)),
+            Record::Fork { parent, child } => Some(Outcome::Fork { parent, child }),
+            other => self.hit(other, probes, targets, procs).map(Outcome::Hit),
+        }
+    }
+
+    fn hit(
         &mut self,
         rec: Record,
         probes: &mut Probes,
@@ -96,6 +126,7 @@ impl EventProcessor {
                     ts_ns: c.ts_ns,
                 })
             }
+            Record::Exec { .. } | Record::Fork { .. } => None,
         }
     }
 

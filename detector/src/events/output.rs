@@ -1,12 +1,16 @@
 //! Printing events as JSON lines or text, one line each, flushed at once so
 //! a pipe reader sees them as they happen.
 
-use std::io::Write;
+use std::{io::Write, sync::Arc};
 
 use serde_json::{Value, json};
+use tokio::sync::broadcast;
 
 use super::Hit;
-use crate::{agent::ProcessWatch, targets::Target};
+use crate::{
+    agent::{ProcessWatch, discovery::Service},
+    targets::Target,
+};
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -17,16 +21,23 @@ pub enum Format {
     Json,
 }
 
-/// Writes events to stdout.
+/// Writes events to stdout, and as JSON lines to the tap's clients.
 pub struct Printer {
     format: Option<Format>,
     closed: std::cell::Cell<bool>,
+    tap: Option<broadcast::Sender<Arc<str>>>,
 }
 
 impl Printer {
     /// A printer in `format`; `None` prints nothing.
     pub fn new(format: Option<Format>) -> Self {
-        Printer { format, closed: std::cell::Cell::new(false) }
+        Printer { format, closed: std::cell::Cell::new(false), tap: None }
+    }
+
+    /// Also sends every event, as a JSON line, to `tap`.
+    pub fn with_tap(mut self, tap: broadcast::Sender<Arc<str>>) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// Whether stdout was closed by its reader: there is no one to report to.
@@ -35,6 +46,9 @@ impl Printer {
     }
 
     fn emit(&self, json: Value, text: impl FnOnce() -> String) {
+        if let Some(tap) = self.tap.as_ref().filter(|t| t.receiver_count() > 0) {
+            let _ = tap.send(json.to_string().into());
+        }
         let line = match self.format {
             Some(Format::Json) => json.to_string(),
             Some(Format::Text) => text(),
@@ -52,9 +66,10 @@ impl Printer {
         let sites: Vec<Value> = a
             .sites
             .iter()
-            .map(
-                |s| json!({"handler": s.handler, "addr": s.addr, "instruction": s.instruction, "emulated": s.emulated}),
-            )
+            .map(|s| {
+                json!({"handler": s.handler, "addr": s.addr, "runtime_addr": w.process.bias.wrapping_add(s.addr),
+                           "instruction": s.instruction, "emulated": s.emulated})
+            })
             .collect();
         let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
         self.emit(
@@ -69,6 +84,7 @@ impl Printer {
                 "prefilled_threads": w.prefilled_threads,
                 "prefilled_identities": w.prefilled_identities,
                 "targets": names,
+                "service": w.service,
             }),
             || {
                 format!(
@@ -83,28 +99,31 @@ impl Printer {
         );
     }
 
-    /// A hit.
-    pub fn hit(&self, h: &Hit) {
-        self.emit(
-            json!({
-                "type": "hit",
-                "pid": h.pid,
-                "tid": h.tid,
-                "target": h.target.to_string(),
-                "qualname": h.target.qualname(),
-                "module": h.target.module(),
-                "filename": h.filename,
-                "lineno": h.lineno,
-                "ts_ns": h.ts_ns,
-            }),
-            || {
-                let at = match (&h.filename, h.lineno) {
-                    (Some(f), Some(l)) => format!(" ({f}:{l})"),
-                    _ => String::new(),
-                };
-                format!("hit pid={} tid={} {}{at}", h.pid, h.tid, h.target)
-            },
-        );
+    /// Process discovery is live: processes started from now on are seen.
+    pub fn discovering(&self, attach_all: bool) {
+        self.emit(json!({"type": "discovering", "attach_all": attach_all}), || {
+            format!("discovering Python processes ({})", if attach_all { "all" } else { "opted in" })
+        });
+    }
+
+    /// A hit, with the identity of the service it happened in.
+    pub fn hit(&self, h: &Hit, service: Option<&Service>) {
+        let mut json = json!({
+            "type": "hit",
+            "pid": h.pid,
+            "tid": h.tid,
+            "target": h.target.to_string(),
+            "qualname": h.target.qualname(),
+            "module": h.target.module(),
+            "filename": h.filename,
+            "lineno": h.lineno,
+            "ts_ns": h.ts_ns,
+        });
+        if let Some(s) = service.filter(|s| **s != Service::default()) {
+            json["service"] = json!(s);
+        }
+        let text = || hit_text(&json);
+        self.emit(json.clone(), text);
     }
 
     /// The watched process exited.
@@ -134,4 +153,20 @@ impl Printer {
             format!("stats {}", parts.join(" "))
         });
     }
+}
+
+/// The text form of a hit's JSON (also used by `dump` on the tap).
+pub fn hit_text(h: &Value) -> String {
+    let at = match (h["filename"].as_str(), h["lineno"].as_u64()) {
+        (Some(f), Some(l)) => format!(" ({f}:{l})"),
+        _ => String::new(),
+    };
+    let service = match h["service"].as_object() {
+        Some(s) => {
+            let parts: Vec<String> = s.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect();
+            format!(" [{}]", parts.join(" "))
+        }
+        None => String::new(),
+    };
+    format!("hit pid={} tid={} {}{at}{service}", h["pid"], h["tid"], h["target"].as_str().unwrap_or("?"))
 }

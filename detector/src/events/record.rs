@@ -2,7 +2,8 @@
 //! guarantee: they are read with `read_unaligned`, never cast.
 
 use detector_common::{
-    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EventHeader, HitEvent, name_bytes,
+    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC, EVENT_FORK, EVENT_HIT, EventHeader, HitEvent,
+    ProcessEvent, name_bytes,
 };
 
 /// A decoded record.
@@ -23,6 +24,18 @@ pub enum Record {
     },
     /// 3.8-3.10: a start awaiting resolution.
     Candidate(CandidateEvent),
+    /// A process executed a new image.
+    Exec {
+        /// The process.
+        pid: u32,
+    },
+    /// A watched process forked.
+    Fork {
+        /// The watched process.
+        parent: u32,
+        /// Its child.
+        child: u32,
+    },
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -45,6 +58,8 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
             })
         }
         EVENT_CANDIDATE => read(bytes).map(Record::Candidate),
+        EVENT_EXEC => read::<ProcessEvent>(bytes).map(|e| Record::Exec { pid: e.header.tgid }),
+        EVENT_FORK => read::<ProcessEvent>(bytes).map(|e| Record::Fork { parent: e.parent, child: e.header.tgid }),
         _ => None,
     }
 }

@@ -16,8 +16,8 @@ use std::{
 use super::{Analysis, AnalysisError, analyze, elf::ElfImage};
 use crate::pyproc::maps::MappedFile;
 
-/// Most binaries remembered; beyond it the cache starts over.
-const MAX_ENTRIES: usize = 256;
+/// Most binaries remembered by default; beyond the cap the cache starts over.
+pub const MAX_ENTRIES: usize = 256;
 
 #[derive(Clone)]
 enum Cached {
@@ -43,27 +43,61 @@ enum Key {
 }
 
 /// A cache of analyses, shared by every process watcher.
-#[derive(Default)]
 pub struct AnalysisCache {
     entries: Mutex<HashMap<Key, Cached>>,
+    /// Held while a binary is analysed: processes of one image started
+    /// together wait for the first analysis instead of repeating it.
+    analysing: Mutex<()>,
+    max_entries: usize,
     hits: AtomicU64,
     misses: AtomicU64,
+    resets: AtomicU64,
+}
+
+impl Default for AnalysisCache {
+    fn default() -> Self {
+        AnalysisCache::new(MAX_ENTRIES)
+    }
 }
 
 impl AnalysisCache {
+    /// An empty cache of at most `max_entries` keys.
+    pub fn new(max_entries: usize) -> Self {
+        AnalysisCache {
+            entries: Mutex::default(),
+            analysing: Mutex::default(),
+            max_entries: max_entries.max(2),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+        }
+    }
+
+    /// Times the cache was full and started over.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
+    }
+
     /// The analysis of `file`, computed at most once per binary.
     pub fn analyze(&self, file: &MappedFile) -> Result<Arc<Analysis>, AnalysisError> {
         let io = |source| AnalysisError::Io { path: file.open_path.clone(), source };
         let md = std::fs::metadata(&file.open_path).map_err(io)?;
         let inode_key = Key::Inode { dev: md.dev(), inode: md.ino(), size: md.size(), mtime: md.mtime() };
         let build_key = build_id(&file.open_path).map(Key::BuildId);
-        {
+        let lookup = || {
             let entries = self.entries.lock().unwrap();
             let found = entries.get(&inode_key).or_else(|| build_key.as_ref().and_then(|k| entries.get(k)));
-            if let Some(c) = found {
+            found.map(|c| {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                return c.result();
-            }
+                c.result()
+            })
+        };
+        if let Some(r) = lookup() {
+            return r;
+        }
+        let _turn = self.analysing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = lookup() {
+            return r;
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let cached = match ElfImage::open(&file.open_path).and_then(|elf| analyze(&elf, &file.path, &file.root, None)) {
@@ -73,8 +107,9 @@ impl AnalysisCache {
             Err(e @ AnalysisError::Io { .. }) => return Err(e),
         };
         let mut entries = self.entries.lock().unwrap();
-        if entries.len() >= MAX_ENTRIES {
+        if entries.len() + 2 > self.max_entries {
             entries.clear();
+            self.resets.fetch_add(1, Ordering::Relaxed);
         }
         entries.insert(inode_key, cached.clone());
         if let Some(k) = build_key {

@@ -1,0 +1,382 @@
+//! The node agent's process bookkeeping: which processes on the node were
+//! considered, which are watched and why others are not. Deciding about a
+//! process (its environment, its interpreter's analysis) runs on the
+//! blocking pool, so a slow analysis never delays events from processes
+//! already watched; only the attach itself happens on the agent loop.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde_json::json;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::{
+    discovery::{self, Environ, Service},
+    session::Session,
+};
+use crate::{
+    bpf::reaper::Buried,
+    interp::cache::AnalysisCache,
+    metrics::{SharedMetrics, raise},
+    pyproc::{self, ProcessError, PythonProcess},
+    rc::poller,
+};
+
+/// A new image may not have its libpython mapped yet when its exec is seen
+/// (the dynamic loader maps it a few milliseconds later): look again after
+/// these delays (about 10 s in all).
+const RETRY_DELAYS: [Duration; 10] = [
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(20),
+    Duration::from_millis(40),
+    Duration::from_millis(80),
+    Duration::from_millis(160),
+    Duration::from_millis(320),
+    Duration::from_millis(640),
+    Duration::from_millis(2560),
+    Duration::from_millis(5120),
+];
+
+/// What the operator decides about processes.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Watch Python processes that did not opt in too.
+    pub attach_all: bool,
+    /// Most processes watched at once.
+    pub max_processes: usize,
+}
+
+/// Why a process is not watched.
+#[derive(Debug)]
+enum Refusal {
+    /// It exited before a decision.
+    Gone,
+    /// Not an interpreter (most processes on a node): not reported.
+    NotPython { reason: String, looks_python: bool },
+    /// An interpreter whose environment does not opt in.
+    NotOptedIn,
+    /// Another reason, reported under `reason` in the metrics.
+    Other { reason: &'static str, message: String },
+}
+
+impl Refusal {
+    fn from_process(e: ProcessError) -> Self {
+        match e {
+            ProcessError::NoSuchProcess { .. } => Refusal::Gone,
+            ProcessError::NotPython { pid, reason } => {
+                Refusal::NotPython { reason, looks_python: discovery::looks_like_python(pid) }
+            }
+            e @ ProcessError::Analysis { .. } => {
+                Refusal::Other { reason: "unsupported_interpreter", message: format!("{:#}", anyhow::Error::from(e)) }
+            }
+            e @ ProcessError::PermissionDenied { .. } => {
+                Refusal::Other { reason: "permission", message: e.to_string() }
+            }
+            e => Refusal::Other { reason: "unreadable", message: format!("{:#}", anyhow::Error::from(e)) },
+        }
+    }
+}
+
+/// A decision reached on the blocking pool.
+pub struct Evaluated {
+    pid: u32,
+    start: Option<u64>,
+    attempt: usize,
+    /// The previous image's probes were closed first: forget its state.
+    new_image: bool,
+    result: Result<(PythonProcess, Service), Refusal>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// A decision is being made; `again` if the process executed a new
+    /// image meanwhile, so the decision may be about the old one.
+    Deciding {
+        again: bool,
+    },
+    Watched,
+    Refused,
+}
+
+/// The agent's view of the node's processes.
+pub struct Node {
+    opts: NodeOptions,
+    metrics: SharedMetrics,
+    cache: Arc<AnalysisCache>,
+    /// Every process considered, by pid, with its start time (a reused pid
+    /// is a new process).
+    known: HashMap<u32, (Option<u64>, State)>,
+    jobs: JoinSet<Evaluated>,
+    /// Hits of processes that have ended, per target, for the metrics.
+    ended_hits: BTreeMap<String, u64>,
+}
+
+impl Node {
+    /// Nothing considered yet.
+    pub fn new(opts: NodeOptions, metrics: SharedMetrics, cache: Arc<AnalysisCache>) -> Self {
+        Node { opts, metrics, cache, known: HashMap::new(), jobs: JoinSet::new(), ended_hits: BTreeMap::new() }
+    }
+
+    /// Considers every process not considered yet (at start, and as the
+    /// periodic safety net behind the exec tracepoint), and forgets those
+    /// that are gone.
+    pub fn rescan(&mut self) {
+        let pids = match discovery::all_pids() {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot list /proc");
+                return;
+            }
+        };
+        let alive: std::collections::HashSet<u32> = pids.iter().copied().collect();
+        self.known.retain(|pid, (_, state)| alive.contains(pid) || *state == State::Watched);
+        for pid in pids {
+            self.consider(pid, false);
+        }
+    }
+
+    /// Decides about `pid` unless that is already done for this process;
+    /// `fresh` forgets an earlier decision (the process executed a new image).
+    pub fn consider(&mut self, pid: u32, fresh: bool) {
+        if pid == std::process::id() {
+            return;
+        }
+        let start = discovery::start_time(pid);
+        tracing::trace!(pid, fresh, ?start, known = ?self.known.get(&pid), "considering");
+        if start.is_none() {
+            return; // already gone
+        }
+        match self.known.get_mut(&pid) {
+            Some((s, State::Deciding { again })) if *s == start => {
+                *again |= fresh;
+                return;
+            }
+            Some((s, State::Watched)) if *s == start => return,
+            Some((s, State::Refused)) if *s == start && !fresh => return,
+            _ => {}
+        }
+        self.known.insert(pid, (start, State::Deciding { again: false }));
+        self.spawn(pid, start, 0, Vec::new());
+    }
+
+    /// Decides about `pid` once `old` (its previous image's probes) are closed.
+    fn spawn(&mut self, pid: u32, start: Option<u64>, attempt: usize, old: Vec<Buried>) {
+        let (cache, attach_all) = (self.cache.clone(), self.opts.attach_all);
+        let delay = attempt.checked_sub(1).map(|i| RETRY_DELAYS[i]);
+        let new_image = !old.is_empty();
+        self.jobs.spawn(async move {
+            if new_image {
+                let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+            }
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            let result = tokio::task::spawn_blocking(move || evaluate(pid, attach_all, &cache))
+                .await
+                .unwrap_or_else(|e| Err(Refusal::Other { reason: "internal", message: e.to_string() }));
+            Evaluated { pid, start, attempt, new_image, result }
+        });
+    }
+
+    /// The next decision, once one is reached; pending forever when none
+    /// is being made.
+    pub async fn decided(&mut self) -> Evaluated {
+        loop {
+            match self.jobs.join_next().await {
+                Some(Ok(e)) => return e,
+                Some(Err(e)) => warn!(error = %e, "process decision task failed"),
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// Acts on a decision: attaches, retries, or records the refusal.
+    pub fn settle(&mut self, session: &mut Session, e: Evaluated) {
+        let Evaluated { pid, start, attempt, new_image, result } = e;
+        tracing::trace!(pid, attempt, ok = result.is_ok(), "decided");
+        if new_image {
+            session.forget(pid);
+        }
+        if let Some((_, State::Deciding { again: true })) = self.known.get(&pid) {
+            // It executed a new image while this was decided: decide again.
+            self.known.insert(pid, (start, State::Deciding { again: false }));
+            self.spawn(pid, start, 0, Vec::new());
+            return;
+        }
+        if discovery::start_time(pid) != start {
+            self.known.remove(&pid); // exited (or the pid was reused) meanwhile
+            if start.is_some() && discovery::start_time(pid).is_some() {
+                self.consider(pid, true);
+            }
+            return;
+        }
+        let refusal = match result {
+            Ok((process, service)) => match self.attach(session, process, service) {
+                Ok(()) => {
+                    self.known.insert(pid, (start, State::Watched));
+                    self.publish(session);
+                    return;
+                }
+                Err(r) => r,
+            },
+            Err(r) => r,
+        };
+        let binary = discovery::exe(pid);
+        match refusal {
+            Refusal::Gone => {
+                self.known.remove(&pid);
+                return;
+            }
+            Refusal::NotPython { reason, looks_python: true } if attempt < RETRY_DELAYS.len() => {
+                debug!(pid, binary, attempt, reason, "no interpreter mapped yet; looking again");
+                self.spawn(pid, start, attempt + 1, Vec::new());
+                return;
+            }
+            Refusal::NotPython { reason, looks_python } => {
+                if looks_python {
+                    self.metrics.refused("not_python");
+                    info!(pid, binary, reason, "not watching: no CPython interpreter found");
+                }
+            }
+            Refusal::NotOptedIn => {
+                self.metrics.refused("not_opted_in");
+                info!(pid, binary, "not watching: {} is not true in its environment", discovery::OPT_IN);
+            }
+            Refusal::Other { reason, message } => {
+                self.metrics.refused(reason);
+                warn!(pid, binary, reason, "not watching: {message}");
+            }
+        }
+        self.known.insert(pid, (start, State::Refused));
+    }
+
+    fn attach(&mut self, session: &mut Session, process: PythonProcess, service: Service) -> Result<(), Refusal> {
+        let watched = session.watches().count();
+        if watched >= self.opts.max_processes {
+            self.metrics.cap_reached("processes");
+            return Err(Refusal::Other {
+                reason: "cap_processes",
+                message: format!("already watching {watched} processes (--max-processes)"),
+            });
+        }
+        let (pid, binary) = (process.pid, process.object.path.clone());
+        session.watch_as(process, service.clone()).map_err(|e| match e {
+            super::AttachError::Process(p) => Refusal::from_process(p),
+            e => Refusal::Other { reason: "attach_failed", message: format!("{:#}", anyhow::Error::from(e)) },
+        })?;
+        info!(pid, binary, service = service.service.as_deref().unwrap_or(""), "watching");
+        Ok(())
+    }
+
+    /// A process executed a new image: whatever was decided about it no
+    /// longer holds.
+    pub fn exec(&mut self, session: &mut Session, pid: u32) {
+        if !session.is_watched(pid) {
+            self.consider(pid, true);
+            return;
+        }
+        // The old probes would count the new image too (same task): they
+        // are closed first, then the new image is decided about.
+        self.keep_counts(session, pid);
+        let old = session.end_taking(pid, Some("exec"));
+        info!(pid, "detached: executed a new image");
+        self.publish(session);
+        let start = discovery::start_time(pid);
+        self.known.insert(pid, (start, State::Deciding { again: false }));
+        self.spawn(pid, start, 0, old);
+    }
+
+    /// A watched process is gone: keeps its counts for the metrics, then
+    /// detaches.
+    pub fn end(&mut self, session: &mut Session, pid: u32, status: Option<&str>) {
+        self.keep_counts(session, pid);
+        session.end(pid, status);
+        self.known.remove(&pid);
+        info!(pid, status, "detached");
+        self.publish(session);
+    }
+
+    fn keep_counts(&mut self, session: &mut Session, pid: u32) {
+        for (target, hits) in session.totals(pid) {
+            *self.ended_hits.entry(target.to_string()).or_default() += hits;
+        }
+    }
+
+    /// Copies the agent's state into the metrics.
+    pub fn refresh(&mut self, session: &mut Session, rc: Option<&poller::Stats>) {
+        let m = &self.metrics;
+        let mut hits = self.ended_hits.clone();
+        let pids: Vec<u32> = session.watches().map(|w| w.process.pid).collect();
+        for pid in pids {
+            for (target, n) in session.totals(pid) {
+                *hits.entry(target.to_string()).or_default() += n;
+            }
+        }
+        for t in session.targets().iter().map(|(t, _)| t.to_string()) {
+            hits.entry(t).or_default();
+        }
+        for (target, n) in &hits {
+            m.hits(target, *n);
+        }
+        m.targets.set(session.targets().len() as i64);
+        self.publish(session);
+        m.kernel(&session.kernel_stats());
+        let (cache_hits, cache_misses) = self.cache.stats();
+        raise(&m.analysis_cache_hits, cache_hits);
+        raise(&m.analysis_cache_misses, cache_misses);
+        m.cap_reached_total("analysis_cache", self.cache.resets());
+        if let Some(rc) = rc {
+            use std::sync::atomic::Ordering::Relaxed;
+            raise(&m.rc_polls, rc.polls.load(Relaxed));
+            raise(&m.rc_errors, rc.errors.load(Relaxed));
+        }
+        m.beat();
+    }
+
+    /// Publishes what is watched: `/processes` and its gauges.
+    fn publish(&self, session: &Session) {
+        let m = &self.metrics;
+        m.processes_watched.set(session.watches().count() as i64);
+        m.probes.set(session.watches().map(|w| w.probes()).sum::<usize>() as i64);
+        m.detaching.set(session.detaching() as i64);
+        let processes: Vec<_> = session
+            .watches()
+            .map(|w| {
+                json!({
+                    "pid": w.process.pid,
+                    "binary": w.process.object.path,
+                    "version": w.process.analysis.version.to_string(),
+                    "probes": w.probes(),
+                    "service": w.service,
+                })
+            })
+            .collect();
+        m.set_processes(serde_json::Value::from(processes).to_string());
+    }
+}
+
+/// Decides about one process: its opt-in, then its interpreter.
+fn evaluate(pid: u32, attach_all: bool, cache: &AnalysisCache) -> Result<(PythonProcess, Service), Refusal> {
+    let env = match Environ::read(pid) {
+        Ok(env) => env,
+        // Kernel threads and foreign namespaces: only an interpreter is worth a report.
+        Err(e @ ProcessError::PermissionDenied { .. }) if !discovery::looks_like_python(pid) => {
+            return Err(Refusal::NotPython { reason: e.to_string(), looks_python: false });
+        }
+        Err(e) => return Err(Refusal::from_process(e)),
+    };
+    if !attach_all && !env.opted_in {
+        return Err(if discovery::looks_like_python(pid) {
+            Refusal::NotOptedIn
+        } else {
+            Refusal::NotPython { reason: "not opted in".into(), looks_python: false }
+        });
+    }
+    let process = pyproc::locate(pid, cache).map_err(Refusal::from_process)?;
+    Ok((process, env.service))
+}

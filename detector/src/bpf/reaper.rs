@@ -1,0 +1,122 @@
+//! Detaching in the background. Closing a perf-event uprobe makes the kernel
+//! unregister it under the global trace `event_mutex` and wait for an RCU
+//! grace period there: about 90 ms per uprobe on this kernel, one at a time,
+//! and every attach waits for that mutex too. Detached links are therefore
+//! buried by a thread of their own that gives way to attaches, so a burst of
+//! exits never stalls the event loop nor delays watching new processes.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    time::Duration,
+};
+
+/// A detached probe, closed when dropped.
+pub type Buried = Box<dyn Send>;
+
+/// The thread that closes detached links.
+pub struct Reaper {
+    tx: Option<mpsc::Sender<Buried>>,
+    pending: Arc<AtomicUsize>,
+    attaching: Arc<AtomicUsize>,
+}
+
+/// While alive, the reaper closes nothing (an attach is in progress).
+pub struct Attaching(Arc<AtomicUsize>);
+
+impl Drop for Attaching {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Reaper {
+    /// Starts the thread.
+    pub fn start() -> Self {
+        let (tx, rx) = mpsc::channel::<Buried>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let attaching = Arc::new(AtomicUsize::new(0));
+        let (p, a) = (pending.clone(), attaching.clone());
+        let spawned = std::thread::Builder::new().name("detector-reaper".into()).spawn(move || {
+            for link in rx {
+                while a.load(Ordering::SeqCst) > 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                drop(link);
+                p.fetch_sub(1, Ordering::SeqCst);
+            }
+        });
+        // Without the thread, links are closed inline (slower, still correct).
+        let tx = spawned.ok().map(|_| tx);
+        Reaper { tx, pending, attaching }
+    }
+
+    /// Closes `link` soon.
+    pub fn bury(&self, link: Buried) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let sent = match &self.tx {
+            Some(tx) => tx.send(link).map_err(|e| e.0),
+            None => Err(link),
+        };
+        if let Err(link) = sent {
+            drop(link);
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Holds closing back until the returned guard is dropped.
+    pub fn attaching(&self) -> Attaching {
+        self.attaching.fetch_add(1, Ordering::SeqCst);
+        Attaching(self.attaching.clone())
+    }
+
+    /// Waits until every buried link is closed, at most `limit`; returns
+    /// whether they all are.
+    pub fn wait_empty(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.pending() > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// Links detached and not closed yet.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Flag(Arc<AtomicUsize>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn closes_in_the_background_and_gives_way_to_attaches() {
+        let r = Reaper::start();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let guard = r.attaching();
+        r.bury(Box::new(Flag(closed.clone())));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!((closed.load(Ordering::SeqCst), r.pending()), (0, 1), "held back while attaching");
+        drop(guard);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while r.pending() > 0 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(closed.load(Ordering::SeqCst), 1);
+    }
+}

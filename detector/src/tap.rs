@@ -1,0 +1,99 @@
+//! The tap: a running agent's live event stream on a local unix socket, one
+//! JSON line per event, for `detector dump` run inside the agent's pod. Any
+//! number of clients; a slow one loses events (and is told how many) rather
+//! than slowing the agent.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::broadcast,
+};
+use tracing::{debug, info};
+
+/// Where the agent listens unless told otherwise, and where `dump` looks.
+pub const DEFAULT_PATH: &str = "/run/detector/tap.sock";
+
+/// Events buffered per client before the slowest starts losing them.
+const BACKLOG: usize = 4096;
+
+/// The agent's side of the tap.
+pub struct Tap {
+    sender: broadcast::Sender<Arc<str>>,
+    path: PathBuf,
+}
+
+impl Tap {
+    /// Listens on `path` (replacing a stale socket left by a killed agent);
+    /// only root may connect.
+    pub fn bind(path: &Path) -> io::Result<Tap> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let (sender, _) = broadcast::channel(BACKLOG);
+        let tx = sender.clone();
+        info!(path = %path.display(), "serving the event tap");
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                tokio::spawn(serve(stream, tx.subscribe()));
+            }
+        });
+        Ok(Tap { sender, path: path.to_owned() })
+    }
+
+    /// The sender the printer publishes on.
+    pub fn sender(&self) -> broadcast::Sender<Arc<str>> {
+        self.sender.clone()
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn serve(mut stream: UnixStream, mut events: broadcast::Receiver<Arc<str>>) {
+    loop {
+        let line = match events.recv().await {
+            Ok(line) => line,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                debug!(dropped = n, "tap client too slow");
+                format!("{{\"type\":\"dropped\",\"events\":{n}}}").into()
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        if stream.write_all(&buf).await.is_err() {
+            return; // the client went away
+        }
+    }
+}
+
+/// The client's side: each line the agent sends, until it closes.
+pub async fn connect(path: &Path) -> io::Result<tokio::io::Lines<BufReader<UnixStream>>> {
+    let stream = UnixStream::connect(path).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot connect to a running agent's tap at {}: {e} (is `detector run` running here?)",
+                path.display()
+            ),
+        )
+    })?;
+    Ok(BufReader::new(stream).lines())
+}

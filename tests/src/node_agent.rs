@@ -1,0 +1,187 @@
+//! `detector run` as the node agent, discovering processes by itself, and
+//! what it reports about itself: its event stream, `/metrics`,
+//! `/processes`, `/healthz`, and the kernel objects it holds.
+
+use std::{path::PathBuf, sync::Mutex, time::Instant};
+
+use serde_json::Value;
+
+use crate::{Dump, STEP_TIMEOUT, free_port, spawn_with_env};
+
+/// An opted-in process's environment, with `service` as its identity.
+pub fn opted_in(service: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("DD_APPSEC_SCA_ENABLED", "true".into()),
+        ("DD_SERVICE", service.into()),
+        ("DD_ENV", "test".into()),
+        ("DD_VERSION", "1.0".into()),
+    ]
+}
+
+/// Agents see every process on the machine: tests that run one take turns,
+/// so no agent attaches to another test's processes.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running node agent.
+pub struct NodeAgent {
+    /// Its event stream (JSON lines on stdout).
+    pub events: Dump,
+    metrics_port: u16,
+    /// Its tap socket.
+    pub tap: PathBuf,
+}
+
+impl NodeAgent {
+    /// Starts `detector run` discovering processes, with `targets` and extra
+    /// `args`, and waits until discovery is live.
+    pub fn start(targets: &[&str], args: &[&str]) -> Self {
+        let metrics_port = free_port();
+        let tap = std::env::temp_dir().join(format!("detector-tap-{}-{metrics_port}.sock", std::process::id()));
+        let mut argv: Vec<String> = vec!["run".into(), "--no-rc".into(), "--events".into(), "json".into()];
+        argv.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
+        argv.extend(["--tap".into(), tap.display().to_string(), "--log-format".into(), "json".into()]);
+        argv.extend(["--log-level".into(), "info".into()]);
+        for t in targets {
+            argv.extend(["--target".into(), (*t).into()]);
+        }
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let mut events = spawn_with_env(&argv, &[("DD_SCA_DETECTION_ENABLED", "true")]);
+        events.wait_for("discovering");
+        NodeAgent { events, metrics_port, tap }
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.events.pid()
+    }
+
+    /// Waits until the agent has attached to `pid`; returns its line.
+    pub fn wait_attached(&mut self, pid: u32) -> Value {
+        self.events.wait_match(&format!("attached line for {pid}"), |v| v["type"] == "attached" && v["pid"] == pid)
+    }
+
+    /// Waits until the agent reports `pid` gone (or changed image).
+    pub fn wait_exited(&mut self, pid: u32) -> Value {
+        self.events.wait_match(&format!("exited line for {pid}"), |v| v["type"] == "exited" && v["pid"] == pid)
+    }
+
+    /// Every line for `pid` of `kind` so far.
+    pub fn lines(&mut self, kind: &str, pid: u32) -> Vec<Value> {
+        self.events.poll();
+        self.events.seen.iter().filter(|v| v["type"] == kind && v["pid"] == pid).cloned().collect()
+    }
+
+    /// Waits until `pid` has `n` hit lines.
+    pub fn wait_hits(&mut self, pid: u32, n: usize) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while self.lines("hit", pid).len() < n {
+            assert!(Instant::now() < deadline, "{pid}: {} hits, expected {n}", self.lines("hit", pid).len());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(self.lines("hit", pid).len(), n, "{pid}: more hits than expected");
+    }
+
+    /// GET `path` on the metrics server: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        match ureq::get(&format!("http://127.0.0.1:{}{path}", self.metrics_port)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+
+    /// The value of the sample `name` (with its labels, as exposed), or 0.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until `sample` reads `want` (metrics refresh every second).
+    pub fn wait_metric(&self, sample: &str, want: f64) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while self.metric(sample) != want {
+            assert!(Instant::now() < deadline, "{sample} is {}, expected {want}", self.metric(sample));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `/processes` lists `pid`.
+    pub fn wait_watched(&self, pid: u32) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !self.watched().contains(&pid) {
+            assert!(Instant::now() < deadline, "{pid} not in /processes: {:?}", self.watched());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The pids the agent says it watches (`/processes`).
+    pub fn watched(&self) -> Vec<u32> {
+        let (_, body) = self.get("/processes");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v.as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap() as u32).collect()
+    }
+
+    /// (perf events, BPF links) the agent holds open: each probe is a BPF
+    /// link (or, on kernels without perf links, a perf event), so together
+    /// they count its attachments.
+    pub fn kernel_objects(&self) -> (usize, usize) {
+        kernel_objects(self.pid())
+    }
+
+    /// Waits until the agent holds exactly `want` perf events and links: the
+    /// kernel unregisters detached uprobes one at a time (~90 ms each here),
+    /// behind the agent's back.
+    pub fn wait_kernel_objects(&self, want: (usize, usize)) {
+        let deadline = Instant::now() + 3 * STEP_TIMEOUT;
+        while self.kernel_objects() != want {
+            assert!(Instant::now() < deadline, "agent holds {:?}, expected {want:?}", self.kernel_objects());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Its resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap()
+    }
+}
+
+/// (perf events, BPF links) open in process `pid`.
+pub fn kernel_objects(pid: u32) -> (usize, usize) {
+    let mut perf = 0;
+    let mut links = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().filter_map(|e| e.ok()) {
+        let Ok(target) = std::fs::read_link(e.path()) else { continue };
+        match target.to_string_lossy().as_ref() {
+            "anon_inode:[perf_event]" => perf += 1,
+            "anon_inode:bpf_link" => links += 1,
+            _ => {}
+        }
+    }
+    (perf, links)
+}
+
+/// The bytes at each probe site of an `attached` line, read from the watched
+/// process's memory: a live uprobe shows as an int3 (0xcc) there.
+pub fn site_bytes(attached: &Value) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let pid = attached["pid"].as_u64().unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    attached["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let mut b = [0u8];
+            mem.read_exact_at(&mut b, s["runtime_addr"].as_u64().unwrap()).unwrap();
+            b[0]
+        })
+        .collect()
+}
