@@ -97,3 +97,39 @@ pub async fn connect(path: &Path) -> io::Result<tokio::io::Lines<BufReader<UnixS
     })?;
     Ok(BufReader::new(stream).lines())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn clients_see_every_event_and_a_slow_one_is_told_what_it_lost() {
+        let path = std::env::temp_dir().join(format!("detector-tap-test-{}.sock", std::process::id()));
+        let tap = Tap::bind(&path).unwrap();
+        let mut fast = connect(&path).await.unwrap();
+        let slow = UnixStream::connect(&path).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await; // both subscribed
+        let tx = tap.sender();
+        // Far more than the backlog and the socket buffer: the sender never
+        // waits, the slow reader falls behind.
+        let line: Arc<str> = format!("{{\"type\":\"hit\",\"pad\":\"{}\"}}", "x".repeat(200)).into();
+        for i in 0..20_000 {
+            tx.send(line.clone()).unwrap();
+            if i < 100 {
+                // The fast reader gets each event as it is sent.
+                assert_eq!(fast.next_line().await.unwrap().as_deref(), Some(&*line));
+            }
+        }
+        let mut slow = BufReader::new(slow).lines();
+        let mut dropped = 0;
+        while let Ok(Ok(Some(l))) = tokio::time::timeout(std::time::Duration::from_millis(500), slow.next_line()).await
+        {
+            if let Some(n) = l.strip_prefix("{\"type\":\"dropped\",\"events\":") {
+                dropped += n.trim_end_matches('}').parse::<u64>().unwrap();
+            }
+        }
+        assert!(dropped > 0, "the slow client was told nothing");
+        drop(tap);
+        assert!(!path.exists(), "the socket is removed with the tap");
+    }
+}

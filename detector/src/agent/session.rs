@@ -328,7 +328,17 @@ fn drain(
         let Some(rec) = record::decode(&item) else { continue };
         drop(item);
         match processor.handle(rec, probes, targets, watches) {
-            Some(Outcome::Hit(hit)) => printer.hit(&hit, watches.service(hit.pid)),
+            Some(Outcome::Hit(hit)) => {
+                let service = watches.service(hit.pid);
+                tracing::debug!(
+                    pid = hit.pid,
+                    tid = hit.tid,
+                    target = %hit.target,
+                    service = service.and_then(|s| s.service.as_deref()).unwrap_or(""),
+                    "hit"
+                );
+                printer.hit(&hit, service);
+            }
             Some(Outcome::Exec(pid)) => found.push(Activity::Exec(pid)),
             Some(Outcome::Fork { parent, child }) => found.push(Activity::Fork { parent, child }),
             None => {}
