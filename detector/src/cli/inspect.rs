@@ -7,7 +7,8 @@ use anyhow::Context;
 use crate::{
     events::output::Format,
     interp::{Analysis, analyze, cache::AnalysisCache, elf::ElfImage},
-    pyproc,
+    pyproc::{self, body},
+    targets::Target,
 };
 
 /// Arguments of `detector inspect`.
@@ -19,19 +20,34 @@ pub struct InspectArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// With a PID: also find where this target's body starts (its code
+    /// objects and the code unit a watchpoint would watch), read-only.
+    /// Repeatable.
+    #[arg(long = "target", value_name = "MODULE:QUALNAME")]
+    pub targets: Vec<String>,
 }
 
 /// Runs `detector inspect`.
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    let targets: Vec<Target> = args.targets.iter().map(|t| Target::parse(t)).collect::<Result<_, _>>()?;
     let (analysis, process) = if let Ok(pid) = args.what.parse::<u32>() {
         let p = pyproc::locate(pid, &AnalysisCache::default())?;
         (p.analysis.clone(), Some(p))
     } else {
+        if !targets.is_empty() {
+            anyhow::bail!("--target needs a process: body starts are found in a live process's objects");
+        }
         let path = Path::new(&args.what);
         let elf = ElfImage::open(path)?;
         let analysis = analyze(&elf, &args.what, Path::new("/"), None).with_context(|| args.what.clone())?;
         (Arc::new(analysis), None)
     };
+    let mut bodies = Vec::new();
+    if let Some(p) = &process {
+        for t in &targets {
+            bodies.push((t.to_string(), body::find(p, t)?));
+        }
+    }
     match args.format {
         Format::Json => {
             let mut v = serde_json::to_value(&*analysis)?;
@@ -40,9 +56,37 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
                 v["load_bias"] = p.bias.into();
                 v["open_path"] = p.object.open_path.display().to_string().into();
             }
+            if !bodies.is_empty() {
+                let map: serde_json::Map<String, serde_json::Value> = bodies
+                    .iter()
+                    .map(|(t, f)| Ok((t.clone(), serde_json::to_value(f)?)))
+                    .collect::<serde_json::Result<_>>()?;
+                v["bodies"] = map.into();
+            }
             write_out(&format!("{v}\n"))
         }
-        Format::Text => write_out(&text(&analysis, process.as_ref())),
+        Format::Text => {
+            let mut out = text(&analysis, process.as_ref());
+            for (t, found) in &bodies {
+                out.push_str(&body_text(t, found));
+            }
+            write_out(&out)
+        }
+    }
+}
+
+fn body_text(target: &str, found: &body::Found) -> String {
+    match found {
+        body::Found::Code { starts } => starts
+            .iter()
+            .map(|s| {
+                format!(
+                    "body of {target}: code object {:#x}, starts at unit {} ({:#x}, {})\n",
+                    s.code, s.unit, s.unit_addr, s.opname
+                )
+            })
+            .collect(),
+        body::Found::Nothing { reason } => format!("body of {target}: not found ({reason})\n"),
     }
 }
 

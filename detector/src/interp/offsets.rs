@@ -95,6 +95,8 @@ offsets! {
     code_qualname,
     /// `_co_instrumentation_version` (3.12+).
     code_instr_version,
+    /// `co_code_adaptive`: the bytecode, inline in the code object (3.11+).
+    code_adaptive,
     /// `func_code`.
     func_code,
     /// `func_globals`.
@@ -228,6 +230,7 @@ const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
     ("code_name", &[("PyCodeObject", "co_name")]),
     ("code_qualname", &[("PyCodeObject", "co_qualname")]),
     ("code_instr_version", &[("PyCodeObject", "_co_instrumentation_version")]),
+    ("code_adaptive", &[("PyCodeObject", "co_code_adaptive")]),
     ("func_code", &[("PyFunctionObject", "func_code")]),
     ("func_globals", &[("PyFunctionObject", "func_globals")]),
     ("func_closure", &[("PyFunctionObject", "func_closure")]),
@@ -314,6 +317,7 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
             o.frame_code = 32;
             o.frame_instr = 56;
             set_code_311(&mut o, 72);
+            o.code_adaptive = 184;
             set_function_310(&mut o);
             o.unicode_ascii_data = 48;
             o.unicode_compact_data = 72;
@@ -332,6 +336,7 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
             set_frame_312(&mut o);
             set_code_311(&mut o, 68);
             o.code_instr_version = 160;
+            o.code_adaptive = 192;
             set_function_310(&mut o);
         }
         13 | 14 => {
@@ -348,6 +353,7 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
             set_frame_312(&mut o);
             set_code_311(&mut o, 68);
             o.code_instr_version = 168;
+            o.code_adaptive = if minor == 13 { 200 } else { 208 };
             set_function_310(&mut o);
             if minor == 14 {
                 o.tuple_items = 32; // 3.14 caches the hash in `ob_hash`

@@ -1,6 +1,7 @@
 //! A live Python process seen from outside: where its interpreter is mapped,
 //! its memory, its threads, and its objects. Read-only, always.
 
+pub mod body;
 pub mod maps;
 pub mod mem;
 pub mod objects;
