@@ -188,7 +188,8 @@ fn recovers_when_the_agent_restarts() {
         fixture.go();
         let mut det = run(&agent, fixture.pid());
         agent.set_config(A, &json!({"targets": [F, H]}));
-        agent.wait_for_request("cfg-a acknowledged", |r| acknowledged(r, "cfg-a"));
+        let r = agent.wait_for_request("cfg-a acknowledged", |r| acknowledged(r, "cfg-a"));
+        let first = cached_hash(&r, A).unwrap();
         round(&mut fixture, &mut det, &[("f", 1)], 1);
 
         agent.stop();
@@ -197,7 +198,11 @@ fn recovers_when_the_agent_restarts() {
         std::thread::sleep(std::time::Duration::from_secs(1));
         agent.restart();
         agent.set_config(A, &json!({"targets": [G, H]}));
-        agent.wait_for_request("the new config acknowledged", |r| acknowledged(r, "cfg-a"));
+        // The client's first requests to the restarted agent still report the
+        // old content as applied: wait for the new content.
+        agent.wait_for_request("the new config acknowledged", |r| {
+            acknowledged(r, "cfg-a") && cached_hash(r, A).is_some_and(|h| h != first)
+        });
         round(&mut fixture, &mut det, &[("g", 4), ("f", 1)], 3);
         assert_eq!((det.hits(F), det.hits(G)), (3, 4));
         det.stop();
