@@ -42,6 +42,8 @@ pub mod programs {
     pub const SCHED_FORK: &str = "sched_fork";
     /// An empty program, for measuring the cost of the probe itself.
     pub const EMPTY: &str = "py_empty";
+    /// A hardware watchpoint on the unit that starts a target's body.
+    pub const WATCH: &str = "py_watch";
 }
 
 #[cfg(feature = "user")]
@@ -55,6 +57,8 @@ mod pod {
         NameKey,
         ThreadEntry,
         CodeKey,
+        WatchKey,
+        WatchEntry,
         Verdict,
         CountKey,
         PendingKey,

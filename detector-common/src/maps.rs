@@ -23,6 +23,12 @@ pub const IDENTITIES: &str = "IDENTITIES";
 /// `HashMap<u32 tgid, u8>`: processes being watched (forks of these are
 /// reported).
 pub const WATCHED: &str = "WATCHED";
+/// `HashMap<WatchKey, WatchEntry>`: code units under a hardware watchpoint
+/// (the watch strategy), by process and address.
+pub const WATCHES: &str = "WATCHES";
+/// `HashMap<WatchKey, u8>`: per process, the runtime addresses just after
+/// each load that dispatches a code unit: only a trap there is a start.
+pub const DISPATCH_READS: &str = "DISPATCH_READS";
 /// `Array<Config>` with one entry: the global generation and tunables.
 pub const CONFIG: &str = "CONFIG";
 /// `PerCpuArray<u64>`: counters indexed by [`crate::stats`].
@@ -50,6 +56,10 @@ pub mod capacity {
     pub const IDENTITIES: u32 = 131_072;
     /// Processes watched at once.
     pub const WATCHED: u32 = 4096;
+    /// Code units under a watchpoint, across processes.
+    pub const WATCHES: u32 = 16_384;
+    /// Dispatch loads, across processes watched with watchpoints.
+    pub const DISPATCH_READS: u32 = 262_144;
     /// Ring buffer bytes (power-of-two multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
 }
@@ -182,6 +192,37 @@ pub struct Config {
     pub fork_child_pid: u32,
     /// Reserved, zero.
     pub _pad: u32,
+}
+
+/// A code unit under a watchpoint: the key of [`WATCHES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WatchKey {
+    /// Process.
+    pub tgid: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// Address of the unit (its opcode byte).
+    pub addr: u64,
+}
+
+/// What a watched unit starts, and the opcode last seen there: a trap that
+/// finds another opcode is a write (quickening, instrumentation), not a start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchEntry {
+    /// The code object.
+    pub code: u64,
+    /// The target it is.
+    pub target: u32,
+    /// Layout id, for reading the code object's file and line.
+    pub layout: u32,
+    /// Opcode last seen at the unit.
+    pub last_op: u8,
+    /// Whether the code object's file and line were reported.
+    pub reported: u8,
+    /// Reserved, zero.
+    pub _pad: [u8; 6],
 }
 
 /// Per-CPU scratch space for keys that do not fit on the eBPF stack.

@@ -7,6 +7,8 @@
 //!   call passes with the frame as an argument.
 //! - [`resume`]: RESUME-family handlers on 3.11+, where every call passes,
 //!   inlined Python-to-Python calls included.
+//! - [`watch`]: a hardware watchpoint on the unit that starts a target's
+//!   body (the watch strategy, 3.11+): only that function's starts pay.
 //! - [`func_new`]: `PyFunction_NewWithQualName` entry on 3.8-3.10, which
 //!   records each code object's qualified name and module as functions are
 //!   made, since 3.8-3.10 frames and code objects carry neither.
@@ -27,10 +29,11 @@ mod mem;
 mod regs;
 mod resume;
 mod verdict;
+mod watch;
 
 use aya_ebpf::{
-    macros::{tracepoint, uprobe},
-    programs::{ProbeContext, TracePointContext},
+    macros::{perf_event, tracepoint, uprobe},
+    programs::{PerfEventContext, ProbeContext, TracePointContext},
 };
 
 /// See [`eval_entry`].
@@ -65,6 +68,13 @@ pub fn py_resume(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn py_code_dealloc(ctx: ProbeContext) -> u32 {
     code_dealloc::run(&ctx);
+    0
+}
+
+/// See [`watch`].
+#[perf_event]
+pub fn py_watch(ctx: PerfEventContext) -> u32 {
+    watch::run(&ctx);
     0
 }
 

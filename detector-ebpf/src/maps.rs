@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use detector_common::{
     CodeIdentity, CodeKey, Config, CountKey, Layout, NameKey, PendingEntry, PendingKey, Scratch, TargetKey,
-    ThreadEntry, Verdict, capacity, stats,
+    ThreadEntry, Verdict, WatchEntry, WatchKey, capacity, stats,
 };
 
 #[map]
@@ -36,6 +36,12 @@ pub static IDENTITIES: LruHashMap<CodeKey, CodeIdentity> = LruHashMap::with_max_
 
 #[map]
 pub static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(capacity::WATCHED, 0);
+
+#[map]
+pub static WATCHES: HashMap<WatchKey, WatchEntry> = HashMap::with_max_entries(capacity::WATCHES, 0);
+
+#[map]
+pub static DISPATCH_READS: HashMap<WatchKey, u8> = HashMap::with_max_entries(capacity::DISPATCH_READS, 0);
 
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

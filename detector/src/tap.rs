@@ -29,11 +29,14 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Listens on `path` (replacing a stale socket left by a killed agent);
-    /// only root may connect.
+    /// Listens on `path`, replacing a stale socket left by a killed agent
+    /// but never one a live agent serves; only root may connect.
     pub fn bind(path: &Path) -> io::Result<Tap> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, "another agent is serving its tap there"));
         }
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -129,6 +132,8 @@ mod tests {
             }
         }
         assert!(dropped > 0, "the slow client was told nothing");
+        let err = Tap::bind(&path).err().expect("a live tap is not replaced");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         drop(tap);
         assert!(!path.exists(), "the socket is removed with the tap");
     }

@@ -5,6 +5,7 @@ pub mod discovery;
 pub mod node;
 pub mod session;
 pub mod spawn;
+pub mod watchpoints;
 
 pub use session::Session;
 
@@ -29,11 +30,37 @@ pub enum AttachError {
     Bpf(#[from] BpfError),
 }
 
+/// How a process's targets are watched.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    /// Uprobes at the interpreter's per-call sites: every Python call pays
+    /// about a microsecond; exact on every build.
+    #[default]
+    PerCall,
+    /// A hardware watchpoint on each target's body start (3.11+, up to four
+    /// body starts, modules imported): calls of other functions cost
+    /// nothing. Falls back to per-call, saying why, when it cannot apply.
+    Watch,
+}
+
+impl Strategy {
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::PerCall => "per-call",
+            Strategy::Watch => "watch",
+        }
+    }
+}
+
 /// A process being watched: its interpreter and its probes.
 pub struct ProcessWatch {
     /// The process.
     pub process: PythonProcess,
     links: Vec<Link>,
+    armed: Option<watchpoints::Armed>,
+    /// Why the watch strategy was asked for and not used.
+    pub fallback: Option<String>,
     /// Threads whose state was pre-filled at attach time.
     pub prefilled_threads: usize,
     /// 3.8-3.10 target functions whose identity was pre-filled.
@@ -47,10 +74,51 @@ impl ProcessWatch {
         ProcessWatch {
             process,
             links: Vec::new(),
+            armed: None,
+            fallback: None,
             prefilled_threads: 0,
             prefilled_identities: 0,
             service: Default::default(),
         }
+    }
+
+    /// Watches `process` with `strategy` (falling back from watchpoints to
+    /// per-call probes when they cannot apply). On failure nothing stays
+    /// attached.
+    pub fn attach_with(
+        probes: &mut Probes,
+        process: PythonProcess,
+        targets: &TargetSet,
+        strategy: Strategy,
+    ) -> Result<Self, AttachError> {
+        if strategy == Strategy::Watch {
+            match watchpoints::Armed::arm(probes, &process, targets) {
+                Ok(armed) => {
+                    info!(
+                        pid = process.pid,
+                        binary = %process.object.path,
+                        units = armed.units(),
+                        threads = armed.threads,
+                        "watching process with hardware watchpoints"
+                    );
+                    let mut w = ProcessWatch::new(process);
+                    w.armed = Some(armed);
+                    return Ok(w);
+                }
+                Err(e) => {
+                    info!(pid = process.pid, reason = %e, "watch strategy does not apply; probing every call");
+                    let mut w = ProcessWatch::attach(probes, process, targets)?;
+                    w.fallback = Some(e.to_string());
+                    return Ok(w);
+                }
+            }
+        }
+        ProcessWatch::attach(probes, process, targets)
+    }
+
+    /// The strategy in use.
+    pub fn strategy(&self) -> Strategy {
+        if self.armed.is_some() { Strategy::Watch } else { Strategy::PerCall }
     }
 
     /// Attaches every probe site of the process's interpreter. On failure
@@ -183,20 +251,34 @@ impl ProcessWatch {
         Ok(states.len())
     }
 
-    /// Number of probes attached.
+    /// Number of uprobes attached (watchpoints are counted apart).
     pub fn probes(&self) -> usize {
         self.links.len()
     }
 
-    /// Detaches every probe (closed in the background).
+    /// Units under a watchpoint.
+    pub fn watched_units(&self) -> usize {
+        self.armed.as_ref().map_or(0, |a| a.units())
+    }
+
+    /// Detaches every probe (uprobes closed in the background).
     pub fn detach(&mut self, probes: &mut Probes) {
+        self.disarm(probes);
         for link in self.links.drain(..) {
             probes.detach(link);
         }
     }
 
-    /// Takes every probe: they stay attached until the result is dropped.
+    /// Takes every uprobe (they stay attached until the result is dropped)
+    /// and disarms the watchpoints now.
     pub fn take_links(&mut self, probes: &mut Probes) -> Vec<Buried> {
+        self.disarm(probes);
         self.links.drain(..).filter_map(|l| probes.take(l)).collect()
+    }
+
+    fn disarm(&mut self, probes: &mut Probes) {
+        if let Some(mut a) = self.armed.take() {
+            a.disarm(probes);
+        }
     }
 }

@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{AttachError, ProcessWatch, discovery::Service};
+use super::{AttachError, ProcessWatch, Strategy, discovery::Service};
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
     events::{EventProcessor, Outcome, ProcessLookup, output::Printer, record},
@@ -80,6 +80,7 @@ pub struct Session {
     tick: tokio::time::Interval,
     cache: Arc<AnalysisCache>,
     discovered: VecDeque<Activity>,
+    strategy: Strategy,
 }
 
 impl Session {
@@ -103,7 +104,14 @@ impl Session {
             tick: tokio::time::interval(DRAIN_INTERVAL),
             cache: Arc::new(AnalysisCache::default()),
             discovered: VecDeque::new(),
+            strategy: Strategy::default(),
         })
+    }
+
+    /// Watches processes attached from now on with `strategy`.
+    pub fn with_strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
     }
 
     /// Uses `cache` for the analyses of everything this session attaches.
@@ -201,7 +209,7 @@ impl Session {
             let _ = fd.readable().await;
             let _ = exits.send(pid);
         });
-        let mut watch = ProcessWatch::attach(&mut self.probes, process, &self.targets)?;
+        let mut watch = ProcessWatch::attach_with(&mut self.probes, process, &self.targets, self.strategy)?;
         watch.service = service;
         if let Err(e) = self.probes.set_watched(pid, true) {
             watch.detach(&mut self.probes);

@@ -4,6 +4,7 @@
 pub mod reaper;
 mod state;
 pub mod tracefs;
+mod watch;
 
 use std::{num::NonZeroU32, path::Path};
 
@@ -17,7 +18,7 @@ use aya::{
 };
 use detector_common::{
     CodeIdentity, CodeKey, Config, CountKey, Layout, NameKey, PendingEntry, PendingKey, SiteCookie, TargetKey,
-    ThreadEntry, Verdict, capacity, maps, programs,
+    ThreadEntry, Verdict, WatchEntry, WatchKey, capacity, maps, programs,
 };
 
 pub use state::PendingHits;
@@ -166,6 +167,8 @@ pub struct Probes {
     pub(crate) threads: HashMap<MapData, u32, ThreadEntry>,
     pub(crate) identities: HashMap<MapData, CodeKey, CodeIdentity>,
     pub(crate) watched: HashMap<MapData, u32, u8>,
+    pub(crate) watches: HashMap<MapData, WatchKey, WatchEntry>,
+    pub(crate) dispatch_reads: HashMap<MapData, WatchKey, u8>,
     layout_map: Array<MapData, Layout>,
     config: Array<MapData, Config>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
@@ -213,6 +216,8 @@ impl Probes {
             threads: take(&mut ebpf, maps::THREADS)?,
             identities: take(&mut ebpf, maps::IDENTITIES)?,
             watched: take(&mut ebpf, maps::WATCHED)?,
+            watches: take(&mut ebpf, maps::WATCHES)?,
+            dispatch_reads: take(&mut ebpf, maps::DISPATCH_READS)?,
             layout_map: take(&mut ebpf, maps::LAYOUTS)?,
             config: take(&mut ebpf, maps::CONFIG)?,
             stats: take(&mut ebpf, maps::STATS)?,

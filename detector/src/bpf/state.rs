@@ -131,6 +131,8 @@ impl Probes {
         remove_where(&mut self.threads, |_, v| v.tgid == pid);
         remove_where(&mut self.identities, |k, _| k.tgid == pid);
         remove_where(&mut self.verdicts, |k, _| k.tgid == pid);
+        remove_where(&mut self.watches, |k, _| k.tgid == pid);
+        remove_where(&mut self.dispatch_reads, |k, _| k.tgid == pid);
         let _ = self.watched.remove(&pid);
     }
 }

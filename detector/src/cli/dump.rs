@@ -7,7 +7,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::require_privileges;
 use crate::{
-    agent::{ProcessWatch, Session, session::Activity, spawn},
+    agent::{ProcessWatch, Session, Strategy, session::Activity, spawn},
     bpf::{Capacities, Probes},
     events::output::{Format, Printer, hit_text},
     interp::cache::AnalysisCache,
@@ -33,6 +33,11 @@ pub struct DumpArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// How calls are observed: `per-call` probes (exact on every build) or
+    /// hardware watchpoints on each target's body start (`watch`: other calls
+    /// cost nothing; falls back to per-call when it cannot apply).
+    #[arg(long, value_enum, default_value_t = Strategy::PerCall)]
+    pub strategy: Strategy,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
@@ -63,7 +68,8 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
     }
     let targets: BTreeSet<Target> = args.targets.iter().map(|t| Target::parse(t)).collect::<Result<_, _>>()?;
     require_privileges()?;
-    let mut session = Session::new(Capacities::default(), Printer::new(Some(args.format)))?;
+    let mut session =
+        Session::new(Capacities::default(), Printer::new(Some(args.format)))?.with_strategy(args.strategy);
     session.set_targets(&targets)?;
 
     let (process, spawned) = match args.pid {

@@ -59,9 +59,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", env = "DETECTOR_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Serve the live event stream on this unix socket, for `detector dump`
-    /// with no targets. `none` turns it off.
-    #[arg(long, value_name = "PATH|none", default_value = tap::DEFAULT_PATH, env = "DETECTOR_TAP")]
-    pub tap: PathBuf,
+    /// with no targets; `none` turns it off. Default: /run/detector/tap.sock
+    /// for the node agent, none with --pid or a command (so an ad-hoc run
+    /// never competes with the node's agent).
+    #[arg(long, value_name = "PATH|none", env = "DETECTOR_TAP")]
+    pub tap: Option<PathBuf>,
     /// Most processes watched at once; more are refused (and counted under
     /// detector_cap_reached_total{cap="processes"}).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=capacity::WATCHED as i64), env = "DETECTOR_MAX_PROCESSES")]
@@ -111,9 +113,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         server::start(addr, metrics.clone()).await.with_context(|| format!("serving metrics on {addr}"))?;
     }
-    let tap = match args.tap.as_os_str() {
-        t if t == "none" => None,
-        _ => Some(Tap::bind(&args.tap).with_context(|| format!("serving the tap on {}", args.tap.display()))?),
+    // Explicit processes (--pid, a command) end the run when they are gone;
+    // without them the agent discovers processes until it is stopped.
+    let explicit = !args.pids.is_empty() || !args.command.is_empty();
+    let tap_path = match &args.tap {
+        Some(p) if p.as_os_str() == "none" => None,
+        Some(p) => Some(p.clone()),
+        None if explicit => None,
+        None => Some(PathBuf::from(tap::DEFAULT_PATH)),
+    };
+    let tap = match &tap_path {
+        Some(p) => Some(Tap::bind(p).with_context(|| format!("serving the tap on {}", p.display()))?),
+        None => None,
     };
     let mut printer = Printer::new(match args.events {
         Events::Json => Some(Format::Json),
@@ -136,9 +147,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     while let Ok(update) = updates.try_recv() {
         apply(&mut sources, &mut session, update, max_targets, &metrics)?;
     }
-    // Explicit processes (--pid, a command) end the run when they are gone;
-    // without them the agent discovers processes until it is stopped.
-    let explicit = !args.pids.is_empty() || !args.command.is_empty();
     for &pid in &args.pids {
         let service = Environ::read(pid).map(|e| e.service).unwrap_or_default();
         if let Err(e) = pyproc::locate(pid, &session.cache())

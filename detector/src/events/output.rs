@@ -78,8 +78,10 @@ impl Printer {
                 "pid": w.process.pid,
                 "version": a.version.to_string(),
                 "object": w.process.object.path,
-                "strategy": "per-call",
+                "strategy": w.strategy().name(),
+                "watch_fallback": w.fallback,
                 "probes": w.probes(),
+                "watched_units": w.watched_units(),
                 "sites": sites,
                 "prefilled_threads": w.prefilled_threads,
                 "prefilled_identities": w.prefilled_identities,
@@ -88,11 +90,13 @@ impl Printer {
             }),
             || {
                 format!(
-                    "attached to pid {} (CPython {}, {}): {} probes, watching {}",
+                    "attached to pid {} (CPython {}, {}): {}, {} probes, {} watchpoints, watching {}",
                     w.process.pid,
                     a.version,
                     w.process.object.path,
+                    w.strategy().name(),
                     w.probes(),
+                    w.watched_units(),
                     names.join(", ")
                 )
             },

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod debug_offsets;
+pub mod dispatch;
 pub mod dwarf;
 pub mod elf;
 pub mod offsets;
@@ -108,6 +109,9 @@ pub struct Analysis {
     pub offsets: BTreeMap<&'static str, OffsetInfo>,
     /// Values where sources disagreed, and which won.
     pub disagreements: Vec<Disagreement>,
+    /// The loads that dispatch a code unit (3.11+): what tells a body start
+    /// from other reads of its first unit, for the watch strategy.
+    pub dispatch: Option<dispatch::DispatchReads>,
     /// Probe sites.
     pub sites: Vec<Site>,
     /// Anything that works but costs more or is less certain than usual.
@@ -216,10 +220,15 @@ pub fn analyze(
         })
         .collect();
     let mut handlers = None;
+    let mut dispatch = None;
     if minor >= 11 {
         let labels = dwarf.as_ref().map(|(info, _)| &info.labels);
-        let (found, info) = resume_handlers(elf, labels, minor, &mut warnings)?;
+        let (found, info, all) = resume_handlers(elf, labels, minor, &mut warnings)?;
         sites.extend(resume_sites(elf, &found, minor, &table.values)?);
+        // 3.11's tracing handler is the dispatch table's last entry.
+        let tracing = if minor == 11 { table_entry(elf, labels, "TARGET_DO_TRACING", 255) } else { None };
+        let redispatchers: Vec<u64> = found.iter().map(|(_, a)| *a).chain(tracing).collect();
+        dispatch = dispatch::find(elf, eval.addr, eval.size, &all, &redispatchers);
         handlers = Some(info);
     }
 
@@ -247,6 +256,7 @@ pub fn analyze(
         handlers,
         offsets,
         disagreements,
+        dispatch,
         sites,
         warnings,
         layout,
@@ -266,7 +276,7 @@ fn resume_handlers(
     labels: Option<&HashMap<String, Vec<u64>>>,
     minor: u8,
     warnings: &mut Vec<String>,
-) -> Result<(Vec<Handler>, HandlersInfo), AnalysisError> {
+) -> Result<(Vec<Handler>, HandlersInfo, Vec<u64>), AnalysisError> {
     let opcodes = sites::resume_opcodes(minor);
     let labelled = labels.filter(|l| opcodes.iter().all(|(name, _)| l.contains_key(&format!("TARGET_{name}"))));
     let table = sites::handler_table(elf);
@@ -284,14 +294,18 @@ fn resume_handlers(
             }
             found.extend(addrs.iter().map(|a| (name, *a)));
         }
-        return Ok((found, HandlersInfo { source: HandlerSource::DwarfLabels, table: table.ok().map(|t| t.addr) }));
+        let all = l.iter().filter(|(k, _)| k.starts_with("TARGET_")).flat_map(|(_, v)| v.iter().copied()).collect();
+        let info = HandlersInfo { source: HandlerSource::DwarfLabels, table: table.ok().map(|t| t.addr) };
+        return Ok((found, info, all));
     }
     let tail_calls: Option<Vec<Handler>> =
         opcodes.iter().map(|&(name, _)| elf.symbol(&format!("_TAIL_CALL_{name}")).map(|s| (name, s.addr))).collect();
     if let Some(found) = tail_calls {
+        // Handlers are functions: their extents are not the gaps between them.
         return Ok((
             found,
             HandlersInfo { source: HandlerSource::TailCallFunctions, table: table.ok().map(|t| t.addr) },
+            Vec::new(),
         ));
     }
     let t = table?;
@@ -306,7 +320,16 @@ fn resume_handlers(
         }
         found.push((name, handler));
     }
-    Ok((found, HandlersInfo { source: t.source, table: Some(t.addr) }))
+    let all = t.entries.clone();
+    Ok((found, HandlersInfo { source: t.source, table: Some(t.addr) }, all))
+}
+
+/// A handler by DWARF label, else by its dispatch table entry.
+fn table_entry(elf: &ElfImage, labels: Option<&HashMap<String, Vec<u64>>>, label: &str, opcode: usize) -> Option<u64> {
+    labels
+        .and_then(|l| l.get(label))
+        .and_then(|a| a.first().copied())
+        .or_else(|| sites::handler_table(elf).ok().map(|t| t.entries[opcode]))
 }
 
 /// A RESUME-family handler: opcode name and address.

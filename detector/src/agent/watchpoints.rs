@@ -1,0 +1,149 @@
+//! The watch strategy for one process: a hardware watchpoint per target body
+//! start, on every thread, instead of per-call uprobes, so calls of every
+//! other function cost nothing. It applies when every target's body start is
+//! found (3.11+, module imported, definition present) and they fit the four
+//! debug registers x86 gives each thread; otherwise the caller falls back to
+//! the per-call strategy.
+
+use aya::programs::perf_event::PerfEventLinkId;
+use detector_common::{WatchEntry, WatchKey};
+
+use crate::{
+    bpf::{BpfError, Probes},
+    pyproc::{
+        PythonProcess,
+        body::{self, Found},
+        mem::ProcessMemory,
+    },
+    targets::TargetSet,
+};
+
+/// Debug registers per x86 thread.
+pub const DEBUG_REGISTERS: usize = 4;
+
+/// Rounds of "list the threads, arm the new ones": a thread made by one not
+/// armed yet is caught by the next round.
+const ARM_ROUNDS: usize = 5;
+
+/// Why a process cannot be watched with watchpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum CannotWatch {
+    /// A target's body start is unknown.
+    #[error("{target}: {reason}")]
+    NotFound {
+        /// The target.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// The loads that dispatch a code unit were not found in the binary.
+    #[error("no opcode dispatch found in the evaluation loop: reads cannot be told from starts")]
+    NoDispatch,
+    /// More body starts than debug registers.
+    #[error("{0} body starts to watch and {DEBUG_REGISTERS} debug registers per thread")]
+    TooMany(usize),
+    /// Reading the process failed.
+    #[error(transparent)]
+    Process(#[from] crate::pyproc::ProcessError),
+    /// The kernel refused (a thread without a free debug register among them).
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+}
+
+/// The armed watchpoints of one process.
+#[derive(Default)]
+pub struct Armed {
+    keys: Vec<WatchKey>,
+    reads: Vec<WatchKey>,
+    links: Vec<PerfEventLinkId>,
+    /// Threads armed.
+    pub threads: usize,
+}
+
+impl Armed {
+    /// Watches every target's body start in `process`, or arms nothing.
+    pub fn arm(probes: &mut Probes, process: &PythonProcess, targets: &TargetSet) -> Result<Armed, CannotWatch> {
+        let mut armed = Armed::default();
+        match armed.arm_all(probes, process, targets) {
+            Ok(()) => Ok(armed),
+            Err(e) => {
+                armed.disarm(probes);
+                Err(e)
+            }
+        }
+    }
+
+    fn arm_all(&mut self, probes: &mut Probes, p: &PythonProcess, targets: &TargetSet) -> Result<(), CannotWatch> {
+        let mut starts = Vec::new();
+        for (t, id) in targets.iter() {
+            match body::find(p, t)? {
+                Found::Code { starts: s } => starts.extend(s.into_iter().map(|s| (id, s))),
+                Found::Nothing { reason } => return Err(CannotWatch::NotFound { target: t.to_string(), reason }),
+            }
+        }
+        if starts.len() > DEBUG_REGISTERS {
+            return Err(CannotWatch::TooMany(starts.len()));
+        }
+        let Some(dispatch) = &p.analysis.dispatch else {
+            return Err(CannotWatch::NoDispatch);
+        };
+        for end in &dispatch.ends {
+            let key = WatchKey { tgid: p.pid, _pad: 0, addr: end + p.bias };
+            probes.set_dispatch_read(key)?;
+            self.reads.push(key);
+        }
+        let layout = probes.layout_id(&p.analysis.layout)?;
+        let mem = ProcessMemory::open(p.pid)?;
+        for (target, s) in &starts {
+            let key = WatchKey { tgid: p.pid, _pad: 0, addr: s.unit_addr };
+            // What is there now: a trap that finds it is a read, a start.
+            let last_op = mem.u8(s.unit_addr)?;
+            let entry = WatchEntry { code: s.code, target: *target, layout, last_op, reported: 0, _pad: [0; 6] };
+            probes.set_watch(key, entry)?;
+            self.keys.push(key);
+        }
+        let mut done = std::collections::BTreeSet::new();
+        for _ in 0..ARM_ROUNDS {
+            let threads: Vec<u32> = tasks(p.pid)?.into_iter().filter(|t| !done.contains(t)).collect();
+            if threads.is_empty() {
+                break;
+            }
+            for tid in threads {
+                for (_, s) in &starts {
+                    match probes.attach_watch(tid, s.unit_addr) {
+                        Ok(link) => self.links.push(link),
+                        // The thread exited meanwhile.
+                        Err(_) if !std::path::Path::new(&format!("/proc/{}/task/{tid}", p.pid)).exists() => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                done.insert(tid);
+            }
+        }
+        self.threads = done.len();
+        Ok(())
+    }
+
+    /// Watched units.
+    pub fn units(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Disarms everything.
+    pub fn disarm(&mut self, probes: &mut Probes) {
+        for link in self.links.drain(..) {
+            probes.detach_watch(link);
+        }
+        for key in self.keys.drain(..) {
+            probes.remove_watch(&key);
+        }
+        for key in self.reads.drain(..) {
+            probes.remove_dispatch_read(&key);
+        }
+    }
+}
+
+fn tasks(pid: u32) -> Result<Vec<u32>, crate::pyproc::ProcessError> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| crate::pyproc::ProcessError::io(pid, e))?;
+    Ok(dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+}

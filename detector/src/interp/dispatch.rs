@@ -1,0 +1,233 @@
+//! The instructions that read a code unit to dispatch it, for the watch
+//! strategy. A watchpoint on a body's first unit traps on every access, and
+//! not every read is a body start: the specialiser scans the bytecode, and a
+//! RESUME handler reads its own unit before quickening it. A start is the
+//! dispatch reading the unit's opcode to jump to its handler: a load whose
+//! result becomes the index (or base) of an indirect jump a few
+//! instructions later. Those loads are found here by decoding the
+//! evaluation loop; the kernel counts a trap only when the instruction just
+//! before it is one of them (a data breakpoint traps after the access, so
+//! the trap's instruction pointer is the end of the load).
+//!
+//! Two dispatches read a unit that was just dispatched, so they are left
+//! out: a RESUME handler's own, which re-dispatches its unit after
+//! instrumenting the code object (3.12+, when tracing or `sys.monitoring` is
+//! switched), and 3.11's tracing handler, which re-dispatches the real
+//! opcode of every instruction while a trace function is set.
+
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
+use serde::Serialize;
+
+use super::elf::ElfImage;
+
+/// Instructions followed from a load to its indirect jump.
+const MAX_DISTANCE: usize = 24;
+/// Bytes decoded after a handler that lies outside the evaluation function
+/// (another text section, as GCC 16 builds of 3.14 place them).
+const HANDLER_SPAN: u64 = 4096;
+/// More dispatch loads than this is not an evaluation loop.
+pub const MAX_READS: usize = 4096;
+
+/// Where dispatch loads end, as virtual addresses of the object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DispatchReads {
+    /// The end of every dispatch load (sorted).
+    #[serde(skip)]
+    pub ends: Vec<u64>,
+    /// How many there are (reported).
+    pub count: usize,
+    /// Re-dispatches left out (reported).
+    pub redispatches: usize,
+}
+
+/// Finds the dispatch loads in `[eval, eval + size)` and after each handler
+/// start outside it, less the re-dispatches of the handlers at `redispatchers`
+/// (see the module). `None` if there are none or implausibly many.
+pub fn find(elf: &ElfImage, eval: u64, size: u64, handlers: &[u64], redispatchers: &[u64]) -> Option<DispatchReads> {
+    let mut regions = vec![(eval, size)];
+    let mut outside: Vec<u64> = handlers.iter().copied().filter(|&h| h < eval || h >= eval + size).collect();
+    outside.sort_unstable();
+    outside.dedup();
+    regions.extend(outside.into_iter().map(|h| (h, HANDLER_SPAN)));
+    let mut ends = Vec::new();
+    for (start, len) in regions {
+        if len == 0 {
+            continue;
+        }
+        // Near the end of a segment, take what there is.
+        let Some(bytes) =
+            (0..12).map(|k| len >> k).take_while(|&l| l > 0).find_map(|l| elf.bytes_at(start, l as usize))
+        else {
+            continue;
+        };
+        let code: Vec<Instruction> = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE).into_iter().collect();
+        for ins in &code {
+            if let Some(dest) = opcode_load(ins)
+                && feeds_indirect_jump(|ip| decode_at(elf, ip), ins.next_ip(), dest)
+            {
+                ends.push(ins.next_ip());
+            }
+        }
+    }
+    ends.sort_unstable();
+    ends.dedup();
+    let redispatch: Vec<u64> = redispatchers.iter().flat_map(|&h| handler_dispatches(elf, h)).collect();
+    let before = ends.len();
+    ends.retain(|e| !redispatch.contains(e));
+    let reads = DispatchReads { count: ends.len(), redispatches: before - ends.len(), ends };
+    (reads.count > 0 && reads.count <= MAX_READS).then_some(reads)
+}
+
+/// Instructions looked at from a handler's start to its dispatches.
+const MAX_HANDLER_WALK: usize = 2000;
+
+/// The ends of the dispatch loads a handler reaches from its start, along
+/// every branch (but through no indirect jump, call target or return).
+fn handler_dispatches(elf: &ElfImage, handler: u64) -> Vec<u64> {
+    let mut found = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = vec![handler];
+    while let Some(ip) = todo.pop() {
+        if seen.len() >= MAX_HANDLER_WALK || !seen.insert(ip) {
+            continue;
+        }
+        let Some(ins) = decode_at(elf, ip) else { continue };
+        if let Some(dest) = opcode_load(&ins)
+            && feeds_indirect_jump(|a| decode_at(elf, a), ins.next_ip(), dest)
+        {
+            found.push(ins.next_ip());
+            continue;
+        }
+        match ins.flow_control() {
+            FlowControl::Next | FlowControl::Call => todo.push(ins.next_ip()),
+            FlowControl::ConditionalBranch => {
+                todo.push(ins.next_ip());
+                todo.push(ins.near_branch_target());
+            }
+            FlowControl::UnconditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
+                todo.push(ins.near_branch_target())
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+/// The register a one- or two-byte zero-extending load from memory writes.
+fn opcode_load(ins: &Instruction) -> Option<Register> {
+    matches!(ins.code(), Code::Movzx_r32_rm8 | Code::Movzx_r32_rm16 | Code::Movzx_r64_rm8 | Code::Movzx_r64_rm16)
+        .then_some(())
+        .filter(|_| ins.op1_kind() == OpKind::Memory)
+        .map(|_| ins.op0_register().full_register())
+}
+
+/// The instruction at `ip` in `elf`.
+fn decode_at(elf: &ElfImage, ip: u64) -> Option<Instruction> {
+    let bytes = (1..=15).rev().find_map(|l| elf.bytes_at(ip, l))?;
+    let ins = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE).decode();
+    (!ins.is_invalid()).then_some(ins)
+}
+
+/// Whether the value in `reg` reaches an indirect jump (as its index, base or
+/// target) within [`MAX_DISTANCE`] instructions from `ip`, following the
+/// fall-through of conditional branches and direct jumps (a switch build,
+/// and GCC's shared dispatch tails, jump to one dispatch block).
+fn feeds_indirect_jump(decode: impl Fn(u64) -> Option<Instruction>, mut ip: u64, reg: Register) -> bool {
+    let mut tainted = vec![reg];
+    for _ in 0..MAX_DISTANCE {
+        let Some(ins) = decode(ip) else { return false };
+        let reads_tainted = reads_any(&ins, &tainted);
+        ip = ins.next_ip();
+        match ins.flow_control() {
+            FlowControl::IndirectBranch => return reads_tainted,
+            FlowControl::Next | FlowControl::ConditionalBranch => {}
+            FlowControl::UnconditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
+                ip = ins.near_branch_target();
+                continue;
+            }
+            _ => return false,
+        }
+        for w in written(&ins) {
+            tainted.retain(|&t| t != w);
+            if reads_tainted {
+                tainted.push(w);
+            }
+        }
+        if tainted.is_empty() {
+            return false;
+        }
+    }
+    false
+}
+
+fn reads_any(ins: &Instruction, regs: &[Register]) -> bool {
+    let mem = ins.op_count() > 0
+        && (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory)
+        && (regs.contains(&ins.memory_base().full_register()) || regs.contains(&ins.memory_index().full_register()));
+    let operands = (0..ins.op_count()).any(|i| {
+        // The destination of a plain move is written, not read.
+        let dest_only = i == 0 && matches!(ins.mnemonic(), iced_x86::Mnemonic::Mov | iced_x86::Mnemonic::Movzx);
+        ins.op_kind(i) == OpKind::Register && !dest_only && regs.contains(&ins.op_register(i).full_register())
+    });
+    mem || operands
+}
+
+fn written(ins: &Instruction) -> Vec<Register> {
+    if ins.op_count() > 0
+        && ins.op0_kind() == OpKind::Register
+        && !matches!(ins.mnemonic(), iced_x86::Mnemonic::Cmp | iced_x86::Mnemonic::Test)
+    {
+        vec![ins.op0_register().full_register()]
+    } else {
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(bytes: &[u8]) -> Vec<Instruction> {
+        Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).into_iter().collect()
+    }
+
+    /// Whether the load ending at instruction `i` of `code` feeds a jump.
+    fn feeds(code: &[Instruction], i: usize, reg: Register) -> bool {
+        let at = |ip| code.iter().find(|c| c.ip() == ip).copied();
+        feeds_indirect_jump(at, code[i].next_ip(), reg)
+    }
+
+    #[test]
+    fn a_dispatch_load_feeds_the_indirect_jump() {
+        // movzx eax, byte [r13]; movzx ecx, byte [r13+1]; jmp [rdx+rax*8]
+        let code = decode(&[0x41, 0x0f, 0xb6, 0x45, 0x00, 0x41, 0x0f, 0xb6, 0x4d, 0x01, 0xff, 0x24, 0xc2]);
+        assert_eq!(opcode_load(&code[0]), Some(Register::RAX));
+        assert!(feeds(&code, 0, Register::RAX));
+        // The oparg load does not.
+        assert!(!feeds(&code, 1, Register::RCX));
+    }
+
+    #[test]
+    fn a_load_overwritten_before_the_jump_does_not() {
+        // movzx eax, word [rbx]; mov byte [rbx], 0xcf; movzx eax, byte [r13]; jmp [rdx+rax*8]
+        let code = decode(&[0x0f, 0xb7, 0x03, 0xc6, 0x03, 0xcf, 0x41, 0x0f, 0xb6, 0x45, 0x00, 0xff, 0x24, 0xc2]);
+        assert!(!feeds(&code, 0, Register::RAX));
+        assert!(feeds(&code, 2, Register::RAX));
+    }
+
+    #[test]
+    fn through_a_table_load_and_a_bounds_check() {
+        // movzx eax, byte [r13]; cmp eax, 0xff; ja +0; mov rax, [rdx+rax*8]; jmp rax
+        let code = decode(&[
+            0x41, 0x0f, 0xb6, 0x45, 0x00, 0x3d, 0xff, 0x00, 0x00, 0x00, 0x77, 0x00, 0x48, 0x8b, 0x04, 0xc2, 0xff, 0xe0,
+        ]);
+        assert!(feeds(&code, 0, Register::RAX));
+    }
+
+    #[test]
+    fn through_a_direct_jump_to_a_shared_dispatch_block() {
+        // movzx eax, byte [r13]; jmp +2; int3; int3; jmp [rdx+rax*8]
+        let code = decode(&[0x41, 0x0f, 0xb6, 0x45, 0x00, 0xeb, 0x02, 0xcc, 0xcc, 0xff, 0x24, 0xc2]);
+        assert!(feeds(&code, 0, Register::RAX));
+    }
+}

@@ -1,0 +1,104 @@
+//! The watch strategy (`dump --strategy watch`): hardware watchpoints on each
+//! target's body start instead of per-call probes. Exact counts for the
+//! foundation's workloads on every 3.11+ interpreter, with the strategy
+//! asserted from the `attached` line (no silent fallback), and a clear
+//! fallback to per-call where it cannot apply.
+
+use detector_tests::{Dump, Fixture, Interpreter, Summary, for_each_interpreter};
+
+/// Runs `workload` under `dump --strategy watch` attached after its setup.
+fn watched(i: &Interpreter, workload: &str, targets: &[&str]) -> Summary {
+    let mut fixture = Fixture::start(i, workload);
+    let dump = Dump::attach_with(fixture.pid(), targets, &["--strategy", "watch"]);
+    fixture.go();
+    fixture.wait_done();
+    let s = dump.stop();
+    fixture.finish();
+    s
+}
+
+/// Checks the strategy in use and the exact counts.
+fn check(i: &Interpreter, workload: &str, expected: &[(&str, u64)]) {
+    let targets: Vec<&str> = expected.iter().map(|(t, _)| *t).collect();
+    let s = watched(i, workload, &targets);
+    if i.minor >= 11 {
+        assert_eq!(s.attached["strategy"], "watch", "{}: {}", i.name, s.attached);
+        assert_eq!(s.attached["probes"], 0, "no per-call probe: {}", s.attached);
+    } else {
+        assert_eq!(s.attached["strategy"], "per-call");
+        assert!(s.attached["watch_fallback"].as_str().unwrap().contains("3.11+"), "{}", s.attached);
+    }
+    s.assert_counts(expected);
+}
+
+#[test]
+fn plain_functions_and_decoys() {
+    for_each_interpreter(|i| {
+        check(i, "plain", &[("wl.plain:f", 25), ("wl.plain:g", 3)]);
+        check(i, "methods", &[("wl.methods:A.f", 10), ("wl.methods:B.f", 5), ("wl.methods:f", 7), ("wl.decoy:A.f", 3)]);
+    });
+}
+
+#[test]
+fn static_and_class_methods_and_constructors() {
+    for_each_interpreter(|i| {
+        check(i, "methods", &[("wl.methods:A.s", 6), ("wl.methods:A.c", 6)]);
+        check(i, "init", &[("wl.init:Point.__init__", 12), ("wl.init:Other.__init__", 3)]);
+    });
+}
+
+#[test]
+fn nested_calls_and_recursion() {
+    for_each_interpreter(|i| {
+        check(i, "nested", &[("wl.nested:outer", 4), ("wl.nested:middle", 20), ("wl.nested:inner", 40)]);
+        check(i, "rec", &[("wl.rec:fib", 177)]);
+    });
+}
+
+#[test]
+fn generators_and_coroutines_count_starts_not_resumes() {
+    for_each_interpreter(|i| check(i, "gens", &[("wl.gens:gen", 5), ("wl.gens:coro", 4)]));
+}
+
+#[test]
+fn closures_found_before_they_exist() {
+    for_each_interpreter(|i| check(i, "closures", &[("wl.closures:make", 3), ("wl.closures:make.<locals>.inner", 12)]));
+}
+
+#[test]
+fn threads_started_after_arming_and_one_already_looping() {
+    for_each_interpreter(|i| {
+        check(i, "threads", &[("wl.threads:work", 1000), ("wl.threads:loop", 4)]);
+        check(i, "looping", &[("wl.looping:tick", 100)]);
+    });
+}
+
+#[test]
+fn more_body_starts_than_debug_registers_fall_back_to_per_call() {
+    for_each_interpreter(|i| {
+        let targets = ["wl.methods:A.f", "wl.methods:B.f", "wl.methods:f", "wl.decoy:A.f", "wl.methods:A.s"];
+        let s = watched(i, "methods", &targets);
+        assert_eq!(s.attached["strategy"], "per-call", "{}", s.attached);
+        if i.minor >= 11 {
+            assert!(s.attached["watch_fallback"].as_str().unwrap().contains("4 debug registers"), "{}", s.attached);
+        }
+        s.assert_counts(&[
+            ("wl.methods:A.f", 10),
+            ("wl.methods:B.f", 5),
+            ("wl.methods:f", 7),
+            ("wl.decoy:A.f", 3),
+            ("wl.methods:A.s", 6),
+        ]);
+    });
+}
+
+#[test]
+fn tracing_and_monitoring_switched_on_and_off() {
+    for_each_interpreter(|i| {
+        // Switching re-instruments the code object and re-dispatches its
+        // RESUME (3.12+); 3.11's tracing re-dispatches every instruction.
+        // Neither is a second start.
+        let calls = if i.minor >= 12 { 25 } else { 20 };
+        check(i, "traced", &[("wl.traced:target", calls)]);
+    });
+}
