@@ -102,3 +102,58 @@ fn tracing_and_monitoring_switched_on_and_off() {
         check(i, "traced", &[("wl.traced:target", calls)]);
     });
 }
+
+#[test]
+fn run_follows_target_changes_by_rearming() {
+    for_each_interpreter(|i| {
+        const F: &str = "wl.rounds:f";
+        const G: &str = "wl.rounds:g";
+        const H: &str = "wl.rounds:h";
+        let dir = std::env::temp_dir().join(format!("detector-watch-{}-{}", std::process::id(), i.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("targets.json");
+        std::fs::write(&file, serde_json::json!({"targets": [F, H]}).to_string()).unwrap();
+        let mut fixture = Fixture::start(i, "rounds");
+        fixture.go();
+        let args: Vec<String> = [
+            "run",
+            "--no-rc",
+            "--targets",
+            &file.display().to_string(),
+            "--strategy",
+            "watch",
+            "--events",
+            "json",
+            "--pid",
+            &fixture.pid().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut det = detector_tests::spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
+        let attached = det.wait_for("attached");
+        let want = if i.minor >= 11 { "watch" } else { "per-call" };
+        assert_eq!(attached["strategy"], want, "{attached}");
+        fixture.call("f", 5);
+        fixture.call("h", 1);
+        det.wait_hits(H, 1);
+        assert_eq!(det.hits(F), 5);
+
+        // Replaced: the watchpoints move to g and h (the file is re-read).
+        std::fs::write(&file, serde_json::json!({"targets": [G, H]}).to_string()).unwrap();
+        let deadline = std::time::Instant::now() + detector_tests::STEP_TIMEOUT;
+        while det.hits(G) == 0 {
+            assert!(std::time::Instant::now() < deadline, "g never matched");
+            fixture.call("g", 1);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        fixture.call("g", 4);
+        fixture.call("f", 3);
+        fixture.call("h", 1);
+        det.wait_hits(H, 2);
+        assert_eq!((det.hits(F), det.hits(G)), (5, 5));
+        det.stop();
+        fixture.finish();
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}

@@ -116,6 +116,28 @@ impl ProcessWatch {
         ProcessWatch::attach(probes, process, targets)
     }
 
+    /// Follows a change of targets: watchpoints are re-armed on the new body
+    /// starts, or, where that is no longer possible, the process is probed
+    /// per call from now on. Per-call probes need nothing (they read the
+    /// targets from the kernel's map).
+    pub fn retarget(&mut self, probes: &mut Probes, targets: &TargetSet) -> Result<(), AttachError> {
+        let Some(mut old) = self.armed.take() else { return Ok(()) };
+        old.disarm(probes);
+        match watchpoints::Armed::arm(probes, &self.process, targets) {
+            Ok(armed) => self.armed = Some(armed),
+            Err(e) => {
+                info!(pid = self.process.pid, reason = %e, "watch strategy no longer applies; probing every call");
+                self.fallback = Some(e.to_string());
+                let _attaching = probes.attaching();
+                if let Err(e) = self.attach_all(probes, targets) {
+                    self.detach(probes);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The strategy in use.
     pub fn strategy(&self) -> Strategy {
         if self.armed.is_some() { Strategy::Watch } else { Strategy::PerCall }

@@ -191,6 +191,11 @@ impl Session {
                 warn!(pid = w.process.pid, error = %e, "cannot look up new targets among existing functions");
             }
         }
+        for w in self.watches.0.values_mut().filter(|w| w.strategy() == Strategy::Watch) {
+            if let Err(e) = w.retarget(&mut self.probes, &self.targets) {
+                warn!(pid = w.process.pid, error = %e, "cannot follow the new targets");
+            }
+        }
         Ok(true)
     }
 

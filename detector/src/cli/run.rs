@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 use super::{require_privileges, sources::SourceArgs};
 use crate::{
     agent::{
-        Session,
+        Session, Strategy,
         discovery::{self, Environ},
         node::{Node, NodeOptions},
         session::Activity,
@@ -52,6 +52,12 @@ pub struct RunArgs {
     /// DD_APPSEC_SCA_ENABLED=true.
     #[arg(long, env = "DETECTOR_ATTACH_ALL")]
     pub attach_all: bool,
+    /// How calls are observed: `per-call` probes, or hardware watchpoints on
+    /// each target's body start (`watch`, 3.11+, up to four body starts per
+    /// process; other calls cost nothing), falling back to per-call per
+    /// process, with the reason, where it cannot apply.
+    #[arg(long, value_enum, default_value_t = Strategy::PerCall, env = "DETECTOR_STRATEGY")]
+    pub strategy: Strategy,
     /// How hits are printed on stdout.
     #[arg(long, value_enum, default_value_t = Events::Json, env = "DETECTOR_EVENTS")]
     pub events: Events,
@@ -136,7 +142,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let caps = Capacities { targets: args.max_targets, ..Capacities::default() };
     let cache = Arc::new(AnalysisCache::new(args.max_cached_analyses));
-    let mut session = Session::new(caps, printer)?.with_cache(cache.clone());
+    let mut session = Session::new(caps, printer)?.with_cache(cache.clone()).with_strategy(args.strategy);
     let opts = NodeOptions { attach_all: args.attach_all, max_processes: args.max_processes as usize };
     let mut node = Node::new(opts, metrics.clone(), cache);
     let mut sources = Sources::default();
