@@ -138,6 +138,12 @@ impl ProcessWatch {
         Ok(())
     }
 
+    /// Stops watching `target` if a watchpoint watches it; returns whether
+    /// one did.
+    pub fn stop_watching(&mut self, probes: &mut Probes, target: u32) -> bool {
+        self.armed.as_mut().is_some_and(|a| a.disarm_target(probes, target))
+    }
+
     /// The strategy in use.
     pub fn strategy(&self) -> Strategy {
         if self.armed.is_some() { Strategy::Watch } else { Strategy::PerCall }

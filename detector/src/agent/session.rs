@@ -3,7 +3,7 @@
 //! one process and fixed targets; `run` feeds it targets from its sources.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
     os::fd::{FromRawFd, OwnedFd},
     sync::Arc,
     time::Duration,
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::{AttachError, ProcessWatch, Strategy, discovery::Service};
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
-    events::{EventProcessor, Outcome, ProcessLookup, output::Printer, record},
+    events::{EventProcessor, Hit, Outcome, ProcessLookup, output::Printer, record},
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
     targets::{Target, TargetSet},
@@ -81,6 +81,8 @@ pub struct Session {
     cache: Arc<AnalysisCache>,
     discovered: VecDeque<Activity>,
     strategy: Strategy,
+    /// Reachability mode: the (process, target) pairs already reported.
+    reached: Option<HashSet<(u32, u32)>>,
 }
 
 impl Session {
@@ -105,12 +107,22 @@ impl Session {
             cache: Arc::new(AnalysisCache::default()),
             discovered: VecDeque::new(),
             strategy: Strategy::default(),
+            reached: None,
         })
     }
 
     /// Watches processes attached from now on with `strategy`.
     pub fn with_strategy(mut self, strategy: Strategy) -> Self {
         self.strategy = strategy;
+        self
+    }
+
+    /// Reachability mode: report each target once per process, and stop
+    /// paying for it where the strategy allows (watchpoints are disarmed).
+    /// Counts then say how often it was seen before that, not how often it
+    /// ran.
+    pub fn with_reachability(mut self, on: bool) -> Self {
+        self.reached = on.then(HashSet::new);
         self
     }
 
@@ -236,9 +248,11 @@ impl Session {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     if let Ok(mut guard) = guard {
-                        let found = drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches, &self.printer);
-                        self.discovered.extend(found);
+                        let (found, hits) = drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
                         guard.clear_ready();
+                        drop(guard);
+                        self.discovered.extend(found);
+                        self.report(hits);
                     }
                 }
                 _ = self.tick.tick() => {
@@ -258,15 +272,38 @@ impl Session {
 
     /// Handles everything waiting in the ring buffer.
     pub fn drain(&mut self) {
-        let found = drain(
-            self.ring.get_mut(),
-            &mut self.processor,
-            &mut self.probes,
-            &self.targets,
-            &self.watches,
-            &self.printer,
-        );
+        let (found, hits) =
+            drain(self.ring.get_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
         self.discovered.extend(found);
+        self.report(hits);
+    }
+
+    /// Prints hits. In reachability mode only a target's first hit in a
+    /// process is reported, and a watchpoint stops costing anything once its
+    /// target has been seen: it is disarmed.
+    fn report(&mut self, hits: Vec<Hit>) {
+        for hit in hits {
+            if let Some(seen) = &mut self.reached {
+                let Some(id) = self.targets.id(&hit.target) else { continue };
+                if !seen.insert((hit.pid, id)) {
+                    continue;
+                }
+                if let Some(w) = self.watches.0.get_mut(&hit.pid)
+                    && w.stop_watching(&mut self.probes, id)
+                {
+                    info!(pid = hit.pid, target = %hit.target, "reached: watchpoint disarmed");
+                }
+            }
+            let service = self.watches.service(hit.pid);
+            tracing::debug!(
+                pid = hit.pid,
+                tid = hit.tid,
+                target = %hit.target,
+                service = service.and_then(|s| s.service.as_deref()).unwrap_or(""),
+                "hit"
+            );
+            self.printer.hit(&hit, service);
+        }
     }
 
     /// A watched process is gone: reports it and its counts, detaches, and
@@ -299,6 +336,9 @@ impl Session {
     pub fn forget(&mut self, pid: u32) {
         self.probes.forget_process(pid);
         self.processor.forget(pid);
+        if let Some(seen) = &mut self.reached {
+            seen.retain(|(p, _)| *p != pid);
+        }
     }
 
     fn summarize(&mut self, pid: u32) {
@@ -328,36 +368,26 @@ impl Session {
     }
 }
 
+/// Reads every waiting record: the hits, and the processes to consider.
 fn drain(
     ring: &mut RingBuf<MapData>,
     processor: &mut EventProcessor,
     probes: &mut Probes,
     targets: &TargetSet,
     watches: &Watches,
-    printer: &Printer,
-) -> Vec<Activity> {
-    let mut found = Vec::new();
+) -> (Vec<Activity>, Vec<Hit>) {
+    let (mut found, mut hits) = (Vec::new(), Vec::new());
     while let Some(item) = ring.next() {
         let Some(rec) = record::decode(&item) else { continue };
         drop(item);
         match processor.handle(rec, probes, targets, watches) {
-            Some(Outcome::Hit(hit)) => {
-                let service = watches.service(hit.pid);
-                tracing::debug!(
-                    pid = hit.pid,
-                    tid = hit.tid,
-                    target = %hit.target,
-                    service = service.and_then(|s| s.service.as_deref()).unwrap_or(""),
-                    "hit"
-                );
-                printer.hit(&hit, service);
-            }
+            Some(Outcome::Hit(hit)) => hits.push(hit),
             Some(Outcome::Exec(pid)) => found.push(Activity::Exec(pid)),
             Some(Outcome::Fork { parent, child }) => found.push(Activity::Fork { parent, child }),
             None => {}
         }
     }
-    found
+    (found, hits)
 }
 
 /// A file descriptor that becomes readable when `pid` exits.

@@ -50,12 +50,18 @@ pub enum CannotWatch {
     Bpf(#[from] BpfError),
 }
 
+/// One watched body start: its target, its unit, a watchpoint per thread.
+struct Unit {
+    target: u32,
+    key: WatchKey,
+    links: Vec<PerfEventLinkId>,
+}
+
 /// The armed watchpoints of one process.
 #[derive(Default)]
 pub struct Armed {
-    keys: Vec<WatchKey>,
+    units: Vec<Unit>,
     reads: Vec<WatchKey>,
-    links: Vec<PerfEventLinkId>,
     /// Threads armed.
     pub threads: usize,
 }
@@ -100,7 +106,7 @@ impl Armed {
             let last_op = mem.u8(s.unit_addr)?;
             let entry = WatchEntry { code: s.code, target: *target, layout, last_op, reported: 0, _pad: [0; 6] };
             probes.set_watch(key, entry)?;
-            self.keys.push(key);
+            self.units.push(Unit { target: *target, key, links: Vec::new() });
         }
         let mut done = std::collections::BTreeSet::new();
         for _ in 0..ARM_ROUNDS {
@@ -109,9 +115,9 @@ impl Armed {
                 break;
             }
             for tid in threads {
-                for (_, s) in &starts {
-                    match probes.attach_watch(tid, s.unit_addr) {
-                        Ok(link) => self.links.push(link),
+                for unit in &mut self.units {
+                    match probes.attach_watch(tid, unit.key.addr) {
+                        Ok(link) => unit.links.push(link),
                         // The thread exited meanwhile.
                         Err(_) if !std::path::Path::new(&format!("/proc/{}/task/{tid}", p.pid)).exists() => {}
                         Err(e) => return Err(e.into()),
@@ -126,21 +132,39 @@ impl Armed {
 
     /// Watched units.
     pub fn units(&self) -> usize {
-        self.keys.len()
+        self.units.len()
+    }
+
+    /// Stops watching `target` (reachability: it was seen). Returns whether
+    /// anything was armed for it.
+    pub fn disarm_target(&mut self, probes: &mut Probes, target: u32) -> bool {
+        let before = self.units.len();
+        self.units.retain_mut(|u| {
+            if u.target != target {
+                return true;
+            }
+            disarm_unit(probes, u);
+            false
+        });
+        self.units.len() != before
     }
 
     /// Disarms everything.
     pub fn disarm(&mut self, probes: &mut Probes) {
-        for link in self.links.drain(..) {
-            probes.detach_watch(link);
-        }
-        for key in self.keys.drain(..) {
-            probes.remove_watch(&key);
+        for mut u in self.units.drain(..) {
+            disarm_unit(probes, &mut u);
         }
         for key in self.reads.drain(..) {
             probes.remove_dispatch_read(&key);
         }
     }
+}
+
+fn disarm_unit(probes: &mut Probes, u: &mut Unit) {
+    for link in u.links.drain(..) {
+        probes.detach_watch(link);
+    }
+    probes.remove_watch(&u.key);
 }
 
 fn tasks(pid: u32) -> Result<Vec<u32>, crate::pyproc::ProcessError> {

@@ -58,6 +58,11 @@ pub struct RunArgs {
     /// process, with the reason, where it cannot apply.
     #[arg(long, value_enum, default_value_t = Strategy::PerCall, env = "DETECTOR_STRATEGY")]
     pub strategy: Strategy,
+    /// Reachability mode: report each target once per process and stop
+    /// paying for it where the strategy allows (a watchpoint is disarmed once
+    /// its target is seen). Counts then say how often it was seen, not run.
+    #[arg(long, env = "DETECTOR_REACHABILITY")]
+    pub reachability: bool,
     /// How hits are printed on stdout.
     #[arg(long, value_enum, default_value_t = Events::Json, env = "DETECTOR_EVENTS")]
     pub events: Events,
@@ -142,7 +147,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let caps = Capacities { targets: args.max_targets, ..Capacities::default() };
     let cache = Arc::new(AnalysisCache::new(args.max_cached_analyses));
-    let mut session = Session::new(caps, printer)?.with_cache(cache.clone()).with_strategy(args.strategy);
+    let mut session = Session::new(caps, printer)?
+        .with_cache(cache.clone())
+        .with_strategy(args.strategy)
+        .with_reachability(args.reachability);
     let opts = NodeOptions { attach_all: args.attach_all, max_processes: args.max_processes as usize };
     let mut node = Node::new(opts, metrics.clone(), cache);
     let mut sources = Sources::default();
