@@ -96,6 +96,10 @@ fn processes_without_opt_in_are_never_probed() {
     agent.wait_metric(r#"detector_processes_refused_total{reason="not_opted_in"}"#, 1.0);
     agent.wait_watched(opted.pid());
     assert!(!agent.watched().contains(&plain.pid()));
+    // The strategy in use is in the agent's report and its metrics.
+    let (_, processes) = agent.get("/processes");
+    assert!(processes.contains(r#""strategy":"per-call""#), "{processes}");
+    agent.wait_metric(r#"detector_processes_by_strategy{strategy="per-call"}"#, 1.0);
     for f in [&mut plain, &mut opted] {
         f.go();
         f.wait_done();

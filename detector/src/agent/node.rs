@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::{
+    Strategy,
     discovery::{self, Environ, Service},
     session::Session,
 };
@@ -344,6 +345,9 @@ impl Node {
         m.processes_watched.set(session.watches().count() as i64);
         m.probes.set(session.watches().map(|w| w.probes()).sum::<usize>() as i64);
         m.detaching.set(session.detaching() as i64);
+        for strategy in [Strategy::PerCall, Strategy::Watch] {
+            m.strategy(strategy.name(), session.watches().filter(|w| w.strategy() == strategy).count() as i64);
+        }
         let processes: Vec<_> = session
             .watches()
             .map(|w| {
@@ -352,6 +356,9 @@ impl Node {
                     "binary": w.process.object.path,
                     "version": w.process.analysis.version.to_string(),
                     "probes": w.probes(),
+                    "strategy": w.strategy().name(),
+                    "watched_units": w.watched_units(),
+                    "watch_fallback": w.fallback,
                     "service": w.service,
                 })
             })

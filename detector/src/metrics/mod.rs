@@ -24,6 +24,8 @@ pub struct Metrics {
     pub targets: Gauge,
     /// Processes with probes attached.
     pub processes_watched: Gauge,
+    /// Watched processes by strategy.
+    strategies: Family<Labels, Gauge>,
     /// Processes considered and not watched, by reason.
     refused: Family<Labels, Counter>,
     /// Probes (uprobe links) attached.
@@ -58,6 +60,7 @@ impl Default for Metrics {
             registry: Registry::with_prefix("detector"),
             targets: Gauge::default(),
             processes_watched: Gauge::default(),
+            strategies: Family::default(),
             refused: Family::default(),
             probes: Gauge::default(),
             detaching: Gauge::default(),
@@ -75,6 +78,7 @@ impl Default for Metrics {
         let r = &mut m.registry;
         r.register("targets", "Active targets", m.targets.clone());
         r.register("processes_watched", "Python processes with probes attached", m.processes_watched.clone());
+        r.register("processes_by_strategy", "Watched processes by strategy", m.strategies.clone());
         r.register("processes_refused", "Processes considered and not watched, by reason", m.refused.clone());
         r.register("probes_attached", "Uprobes attached", m.probes.clone());
         r.register(
@@ -107,6 +111,11 @@ impl Metrics {
     /// A cap stopped something.
     pub fn cap_reached(&self, cap: &'static str) {
         self.caps.get_or_create(&vec![("cap", cap.to_owned())]).inc();
+    }
+
+    /// Sets how many watched processes use `strategy`.
+    pub fn strategy(&self, strategy: &'static str, processes: i64) {
+        self.strategies.get_or_create(&vec![("strategy", strategy.to_owned())]).set(processes);
     }
 
     /// Raises the count of `cap` to a total kept elsewhere.
