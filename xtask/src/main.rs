@@ -4,6 +4,8 @@
 
 mod bench;
 mod build;
+mod footprint;
+mod latency;
 mod peers;
 mod rootfs;
 mod test;

@@ -157,5 +157,7 @@ pub async fn bench_floor(pid: u32) -> anyhow::Result<()> {
         _ = sigterm.recv() => {}
     }
     watch.detach(&mut probes);
+    // As `dump` does: leave nothing for the kernel to finish after the exit.
+    probes.settle(Duration::from_secs(20));
     Ok(())
 }
