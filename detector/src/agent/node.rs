@@ -312,14 +312,8 @@ impl Node {
     pub fn refresh(&mut self, session: &mut Session, rc: Option<&poller::Stats>) {
         let m = &self.metrics;
         let mut hits = self.ended_hits.clone();
-        let pids: Vec<u32> = session.watches().map(|w| w.process.pid).collect();
-        for pid in pids {
-            for (target, n) in session.totals(pid) {
-                *hits.entry(target.to_string()).or_default() += n;
-            }
-        }
-        for t in session.targets().iter().map(|(t, _)| t.to_string()) {
-            hits.entry(t).or_default();
+        for (target, n) in session.all_totals() {
+            *hits.entry(target.to_string()).or_default() += n;
         }
         for (target, n) in &hits {
             m.hits(target, *n);

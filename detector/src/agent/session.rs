@@ -174,6 +174,12 @@ impl Session {
         self.targets.iter().map(|(t, id)| (t.clone(), totals.get(&id).copied().unwrap_or(0))).collect()
     }
 
+    /// Exact hits of every target summed over the watched processes.
+    pub fn all_totals(&mut self) -> Vec<(Target, u64)> {
+        let totals = self.processor.totals_all(&mut self.probes, &self.targets, &self.watches);
+        self.targets.iter().map(|(t, id)| (t.clone(), totals.get(&id).copied().unwrap_or(0))).collect()
+    }
+
     /// Reports execs of any process and forks of watched ones as
     /// [`Activity::Exec`] and [`Activity::Fork`] from now on.
     pub fn discover(&mut self) -> Result<(), BpfError> {

@@ -72,18 +72,31 @@ impl Probes {
 
     /// Pending hits of process `pid`.
     pub fn pending(&self, pid: u32) -> Vec<PendingHits> {
+        self.all_pending().into_iter().filter(|(p, _)| *p == pid).map(|(_, h)| h).collect()
+    }
+
+    /// Pending hits of every process, in one pass over the map.
+    pub fn all_pending(&self) -> Vec<(u32, PendingHits)> {
         self.pending
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, _)| k.tgid == pid)
-            .map(|(k, v)| PendingHits {
-                generation: k.generation,
-                code: k.code,
-                name: v.name,
-                globals: v.globals,
-                hits: v.hits,
+            .map(|(k, v)| {
+                let hits = PendingHits {
+                    generation: k.generation,
+                    code: k.code,
+                    name: v.name,
+                    globals: v.globals,
+                    hits: v.hits,
+                };
+                (k.tgid, hits)
             })
             .collect()
+    }
+
+    /// Every (process, target) count, in one pass over the map: a metrics
+    /// refresh reads the entries that exist, not processes times targets.
+    pub fn all_counts(&self) -> Vec<(CountKey, u64)> {
+        self.counts.iter().filter_map(Result::ok).collect()
     }
 
     /// Records user space's verdict on a 3.8-3.10 code object.

@@ -11,7 +11,7 @@ use detector_common::{CO_RESUMABLE, TARGET_NONE};
 use tracing::{debug, warn};
 
 use crate::{
-    bpf::Probes,
+    bpf::{PendingHits, Probes},
     pyproc::{PythonProcess, mem::ProcessMemory, objects::Objects, qualname},
     targets::{Target, TargetSet},
 };
@@ -190,14 +190,45 @@ impl EventProcessor {
         procs: &impl ProcessLookup,
     ) -> BTreeMap<u32, u64> {
         let mut out: BTreeMap<u32, u64> = targets.iter().map(|(_, id)| (id, probes.count(pid, id))).collect();
-        for p in probes.pending(pid) {
+        let pending = probes.pending(pid).into_iter().map(|p| (pid, p)).collect();
+        self.add_pending(&mut out, pending, probes, targets, procs);
+        out
+    }
+
+    /// Exact hits per target id summed over every process, reading each map
+    /// once (for the metrics).
+    pub fn totals_all(
+        &mut self,
+        probes: &mut Probes,
+        targets: &TargetSet,
+        procs: &impl ProcessLookup,
+    ) -> BTreeMap<u32, u64> {
+        let mut out: BTreeMap<u32, u64> = targets.iter().map(|(_, id)| (id, 0)).collect();
+        for (k, n) in probes.all_counts() {
+            if let Some(total) = out.get_mut(&k.target) {
+                *total += n;
+            }
+        }
+        let pending = probes.all_pending();
+        self.add_pending(&mut out, pending, probes, targets, procs);
+        out
+    }
+
+    fn add_pending(
+        &mut self,
+        out: &mut BTreeMap<u32, u64>,
+        pending: Vec<(u32, PendingHits)>,
+        probes: &mut Probes,
+        targets: &TargetSet,
+        procs: &impl ProcessLookup,
+    ) {
+        for (pid, p) in pending {
             if let Some(id) = self.resolve(pid, p.generation, p.code, p.name, p.globals, probes, targets, procs)
                 && let Some(n) = out.get_mut(&id)
             {
                 *n += p.hits;
             }
         }
-        out
     }
 
     /// Forgets everything about `pid`.
