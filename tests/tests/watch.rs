@@ -182,11 +182,15 @@ fn reachability_reports_once_and_then_stops_paying() {
         std::thread::sleep(std::time::Duration::from_millis(300));
         assert_eq!(det.hits(F), 1, "reported once");
         let s = det.stop();
-        // The first round ran before the report reached user space; after
-        // it, a disarmed watchpoint costs and counts nothing. Per-call
-        // probes (3.8-3.10) keep counting.
-        let want = if i.minor >= 11 { 5 } else { 10 };
-        assert_eq!(s.count(F), want, "{}", i.name);
+        // Some of the first round ran before the report reached user space
+        // (how many depends on when the reader woke); after it, a disarmed
+        // watchpoint counts nothing, so the second round adds nothing.
+        // Per-call probes (3.8-3.10) keep counting.
+        if i.minor >= 11 {
+            assert!((1..=5).contains(&s.count(F)), "{}: {} of 10 calls counted", i.name, s.count(F));
+        } else {
+            assert_eq!(s.count(F), 10, "{}", i.name);
+        }
         fixture.finish();
     });
 }
