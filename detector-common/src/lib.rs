@@ -66,5 +66,6 @@ mod pod {
         CodeIdentity,
         Config,
         Layout,
+        Slot,
     );
 }

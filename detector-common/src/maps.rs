@@ -29,6 +29,9 @@ pub const WATCHES: &str = "WATCHES";
 /// `HashMap<WatchKey, u8>`: per process, the runtime addresses just after
 /// each load that dispatches a code unit: only a trap there is a start.
 pub const DISPATCH_READS: &str = "DISPATCH_READS";
+/// `PerCpuArray<Slot>`: per watched process (its slot, carried in its site
+/// cookies and watch entries), probe passes and which strategy counts.
+pub const SLOTS: &str = "SLOTS";
 /// `Array<Config>` with one entry: the global generation and tunables.
 pub const CONFIG: &str = "CONFIG";
 /// `PerCpuArray<u64>`: counters indexed by [`crate::stats`].
@@ -60,6 +63,9 @@ pub mod capacity {
     pub const WATCHES: u32 = 16_384;
     /// Dispatch loads, across processes watched with watchpoints.
     pub const DISPATCH_READS: u32 = 262_144;
+    /// Per-process slots (pass counters and counting mode): one per process
+    /// watched at once.
+    pub const SLOTS: u32 = WATCHED;
     /// Ring buffer bytes (power-of-two multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
 }
@@ -221,8 +227,32 @@ pub struct WatchEntry {
     pub last_op: u8,
     /// Whether the code object's file and line were reported.
     pub reported: u8,
+    /// The process's slot in [`SLOTS`].
+    pub slot: u16,
     /// Reserved, zero.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 4],
+}
+
+/// No slot: the process's passes are not counted (more processes than slots).
+pub const NO_SLOT: u16 = u16::MAX;
+
+/// The per-call probes count hits (the slot's default, zero).
+pub const MODE_PER_CALL: u32 = 0;
+/// The watchpoints count hits; per-call probes still attached are passed
+/// through, so a switch between strategies counts every call once.
+pub const MODE_WATCH: u32 = 1;
+
+/// One process's slot, per CPU: how often its probes ran, and which of them
+/// count. User space sums the passes over CPUs and sets the mode on every CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// Per-call probe passes or watchpoint traps, whichever is attached.
+    pub passes: u64,
+    /// [`MODE_PER_CALL`] or [`MODE_WATCH`].
+    pub mode: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
 /// Per-CPU scratch space for keys that do not fit on the eBPF stack.

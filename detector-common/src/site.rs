@@ -1,6 +1,7 @@
 //! Probe-site cookies: what a site knows and must check before it counts.
 //!
-//! A uprobe's BPF cookie carries the layout id (high 32 bits); how to tell a
+//! A uprobe's BPF cookie carries the layout id (high 16 bits) and the
+//! process's slot (the next 16 bits, see [`crate::SLOTS`]); how to tell a
 //! real function start from a pass that the handler will undo by
 //! re-dispatching the same instruction; and which registers hold the frame,
 //! its code object and its instruction pointer at the site, so the program
@@ -28,8 +29,10 @@ pub const CHECK_DEOPT_MEMORY: u8 = 3;
 /// A decoded site cookie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SiteCookie {
-    /// Index into the layouts map.
+    /// Index into the layouts map (16 bits).
     pub layout: u32,
+    /// The process's slot, or [`crate::NO_SLOT`].
+    pub slot: u16,
     /// One of the `CHECK_*` constants.
     pub check: u8,
     /// [`CHECK_BRANCH`]: x86 condition code (the low nibble of `Jcc`'s opcode).
@@ -49,6 +52,7 @@ impl SiteCookie {
     pub const fn new(layout: u32, check: u8) -> SiteCookie {
         SiteCookie {
             layout,
+            slot: crate::NO_SLOT,
             check,
             cond: 0,
             count_when: 0,
@@ -60,7 +64,8 @@ impl SiteCookie {
 
     /// Packs the cookie into the 64-bit value attached to the uprobe.
     pub const fn encode(&self) -> u64 {
-        ((self.layout as u64) << 32)
+        ((self.layout as u64 & 0xffff) << 48)
+            | ((self.slot as u64) << 32)
             | ((self.instr_reg as u64 & 0x1f) << 23)
             | ((self.code_reg as u64 & 0x1f) << 18)
             | ((self.frame_reg as u64 & 0x1f) << 13)
@@ -72,7 +77,8 @@ impl SiteCookie {
     /// Unpacks a cookie.
     pub const fn decode(v: u64) -> SiteCookie {
         SiteCookie {
-            layout: (v >> 32) as u32,
+            layout: (v >> 48) as u32,
+            slot: (v >> 32) as u16,
             check: v as u8,
             cond: ((v >> 8) & 0xf) as u8,
             count_when: ((v >> 12) & 1) as u8,
@@ -128,6 +134,7 @@ mod tests {
     fn cookies_round_trip() {
         let c = SiteCookie {
             layout: 63,
+            slot: 4095,
             check: CHECK_BRANCH,
             cond: 5,
             count_when: 1,

@@ -10,17 +10,18 @@ use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
     programs::ProbeContext,
 };
-use detector_common::{CodeKey, SiteCookie, TARGET_NONE, TARGET_PENDING};
+use detector_common::{CodeKey, MODE_PER_CALL, SiteCookie, TARGET_NONE, TARGET_PENDING};
 
 use crate::{
     emit,
-    maps::{IDENTITIES, LAYOUTS},
+    maps::{IDENTITIES, LAYOUTS, pass},
     mem::{field, read},
     verdict,
 };
 
 pub fn run(ctx: &ProbeContext) -> Option<()> {
     let cookie = SiteCookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+    let counts = pass(cookie.slot, MODE_PER_CALL);
     let layout = LAYOUTS.get(cookie.layout)?;
     let (frame, throwflag) = frame_and_throwflag(ctx, layout.frame_arg);
     let code = field(frame, layout.frame_code)?;
@@ -40,7 +41,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
             verdict::store(layout, &key, generation, t)
         }
     };
-    if target == TARGET_NONE {
+    if target == TARGET_NONE || !counts {
         return None;
     }
     // A generator's frame is entered again on each resume (`f_lasti` is then

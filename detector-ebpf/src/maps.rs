@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{
-    CodeIdentity, CodeKey, Config, CountKey, Layout, NameKey, PendingEntry, PendingKey, Scratch, TargetKey,
+    CodeIdentity, CodeKey, Config, CountKey, Layout, NameKey, PendingEntry, PendingKey, Scratch, Slot, TargetKey,
     ThreadEntry, Verdict, WatchEntry, WatchKey, capacity, stats,
 };
 
@@ -44,6 +44,9 @@ pub static WATCHES: HashMap<WatchKey, WatchEntry> = HashMap::with_max_entries(ca
 pub static DISPATCH_READS: HashMap<WatchKey, u8> = HashMap::with_max_entries(capacity::DISPATCH_READS, 0);
 
 #[map]
+pub static SLOTS: PerCpuArray<Slot> = PerCpuArray::with_max_entries(capacity::SLOTS, 0);
+
+#[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]
@@ -61,5 +64,19 @@ pub fn bump(stat: u32) {
     if let Some(p) = STATS.get_ptr_mut(stat) {
         // Per-CPU slot, and a BPF program is not preempted on its CPU.
         unsafe { *p += 1 };
+    }
+}
+
+/// Counts a pass of process `slot`'s probes; returns whether `mode` is the
+/// one that counts hits for it (true for a process without a slot).
+#[inline(always)]
+pub fn pass(slot: u16, mode: u32) -> bool {
+    match SLOTS.get_ptr_mut(slot as u32) {
+        // Per-CPU, and a BPF program is not preempted on its CPU.
+        Some(p) => unsafe {
+            (*p).passes += 1;
+            (*p).mode == mode
+        },
+        None => true,
     }
 }

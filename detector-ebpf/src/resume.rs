@@ -15,13 +15,13 @@ use aya_ebpf::{
 };
 use detector_common::{
     CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT, CodeKey, LAYOUT_STACKREFS,
-    LAYOUT_TRACING_GATES_INSTRUMENT, LAYOUT_VERSION_IN_EVAL_BREAKER, Layout, NO_OFFSET, SiteCookie, TARGET_PENDING,
-    cond_holds, stats,
+    LAYOUT_TRACING_GATES_INSTRUMENT, LAYOUT_VERSION_IN_EVAL_BREAKER, Layout, MODE_PER_CALL, NO_OFFSET, SiteCookie,
+    TARGET_PENDING, cond_holds, stats,
 };
 
 use crate::{
     emit,
-    maps::{LAYOUTS, THREADS, bump},
+    maps::{LAYOUTS, THREADS, bump, pass},
     mem::{field, object_field, read},
     regs::Gprs,
     verdict,
@@ -29,6 +29,7 @@ use crate::{
 
 pub fn run(ctx: &ProbeContext) -> Option<()> {
     let cookie = SiteCookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+    let counts = pass(cookie.slot, MODE_PER_CALL);
     let layout = LAYOUTS.get(cookie.layout)?;
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
@@ -49,7 +50,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         Some(v) => v,
         None => verdict::store(layout, &key, generation, verdict::classify_resume(layout, tgid, frame, code)),
     };
-    if target >= TARGET_PENDING {
+    if target >= TARGET_PENDING || !counts {
         return None;
     }
 

@@ -12,11 +12,11 @@
 //!   loop in user space, and listed per process in `DISPATCH_READS`).
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::PerfEventContext};
-use detector_common::WatchKey;
+use detector_common::{MODE_WATCH, WatchKey};
 
 use crate::{
     emit,
-    maps::{DISPATCH_READS, LAYOUTS, WATCHES},
+    maps::{DISPATCH_READS, LAYOUTS, WATCHES, pass},
     mem::read,
 };
 
@@ -36,6 +36,7 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let ip = unsafe { (*data).regs.rip };
     let entry = WATCHES.get_ptr_mut(&WatchKey { tgid, _pad: 0, addr })?;
+    let counts = pass(unsafe { (*entry).slot }, MODE_WATCH);
     let op = read::<u8>(addr)?;
     let (code, target, layout) = unsafe {
         let e = &mut *entry;
@@ -44,7 +45,7 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
         if op != seen {
             return None;
         }
-        if DISPATCH_READS.get(&WatchKey { tgid, _pad: 0, addr: ip }).is_none() {
+        if !counts || DISPATCH_READS.get(&WatchKey { tgid, _pad: 0, addr: ip }).is_none() {
             return None;
         }
         let first = e.reported == 0;
@@ -57,4 +58,3 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
     emit::hit(tgid, tid, target, code);
     Some(())
 }
-

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Command::Targets(args) => runtime().and_then(|rt| rt.block_on(targets::run(args))),
         Command::Inspect(args) => inspect::run(args),
         Command::BenchFloor { pid } => runtime().and_then(|rt| rt.block_on(dump::bench_floor(pid))),
+        Command::Calibrate => dump::calibrate(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

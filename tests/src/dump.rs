@@ -61,9 +61,27 @@ pub fn spawn(args: &[String]) -> Dump {
 }
 
 /// As [`spawn`], with extra environment variables.
+///
+/// `run` and `dump` watch with the per-call strategy and `run` has no
+/// overhead budget unless the test says otherwise: the suites written for
+/// one strategy test that strategy, whatever the defaults (tests of the
+/// defaults and of the budget pass them explicitly).
 pub fn spawn_with_env(args: &[String], env: &[(&str, &str)]) -> Dump {
+    let mut args = args.to_vec();
+    let has = |flag: &str| args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    let mut defaults = Vec::new();
+    let watches = args.iter().any(|a| a == "--pid" || a == "--target" || a == "--");
+    if matches!(args.first().map(String::as_str), Some("run" | "dump")) && watches && !has("--strategy") {
+        defaults.extend(["--strategy", "per-call"]);
+    }
+    if args.first().is_some_and(|a| a == "run") && !has("--overhead-budget") {
+        defaults.extend(["--overhead-budget", "0"]);
+    }
+    for (i, a) in defaults.into_iter().enumerate() {
+        args.insert(1 + i, a.to_owned());
+    }
     let mut child = Command::new(detector_bin())
-        .args(args)
+        .args(&args)
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -194,3 +194,51 @@ fn reachability_reports_once_and_then_stops_paying() {
         fixture.finish();
     });
 }
+
+#[test]
+fn the_default_strategy_is_watch_where_it_applies() {
+    use std::io::{BufRead, BufReader};
+    for_each_interpreter(|i| {
+        let fixture = Fixture::start(i, "plain");
+        // Straight from the binary: the harness's spawn pins a strategy.
+        let mut child = std::process::Command::new(detector_tests::detector_bin())
+            .args(["dump", "--format", "json", "--target", "wl.plain:f", "--pid", &fixture.pid().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let first = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait().unwrap();
+        fixture.finish();
+        let attached: serde_json::Value = serde_json::from_str(&first).unwrap();
+        let want = if i.minor >= 11 { "watch" } else { "per-call" };
+        assert_eq!(attached["strategy"], want, "{}: {attached}", i.name);
+        assert_eq!(attached["target_strategies"]["wl.plain:f"], want, "{}: {attached}", i.name);
+        assert_eq!(attached["watch_fallback"].is_null(), i.minor >= 11, "{}: {attached}", i.name);
+    });
+}
+
+#[test]
+fn a_late_import_moves_the_process_to_watchpoints_exactly() {
+    for_each_interpreter(|i| {
+        if i.minor < 11 {
+            return;
+        }
+        let mut fixture = Fixture::start(i, "late_rounds");
+        fixture.go();
+        let mut d = Dump::attach_with(fixture.pid(), &["wl.late:f"], &["--strategy", "watch"]);
+        let attached = d.wait_for("attached");
+        assert_eq!(attached["strategy"], "per-call", "{}: {attached}", i.name);
+        assert!(attached["watch_fallback"].as_str().unwrap().contains("not imported"), "{attached}");
+        fixture.call("import", 0);
+        // Counted per call until the agent finds the module (within 2 s).
+        fixture.call("f", 3);
+        let moved = d.wait_for("strategy");
+        assert_eq!(moved["strategy"], "watch", "{}: {moved}", i.name);
+        fixture.call("f", 4);
+        let s = d.stop();
+        fixture.finish();
+        s.assert_counts(&[("wl.late:f", 7)]);
+    });
+}

@@ -8,7 +8,7 @@ use std::{fmt::Write as _, fs, process::Command};
 use anyhow::{Context, Result};
 use detector_tests::{Dump, Fixture, Interpreter, interpreters, pin, spawn_detector};
 
-use crate::{build, footprint, latency, root, rootfs, testbuilds};
+use crate::{build, footprint, latency, root, rootfs, suite, testbuilds};
 
 /// Processes per condition (the median is reported).
 const RUNS: usize = 5;
@@ -82,8 +82,9 @@ fn render_extras(extras: &[Extra]) -> String {
     s
 }
 
-/// Runs the benchmark and writes `docs/BENCHMARKS.md`.
-pub fn run() -> Result<()> {
+/// Runs the benchmark and writes `docs/BENCHMARKS.md` (or, `suite_only`,
+/// prints the workload suite's tables).
+pub fn run(suite_only: bool) -> Result<()> {
     let bin = build::all()?;
     let rootfs = rootfs::ensure_all()?;
     let switch = testbuilds::switch_build()?;
@@ -99,6 +100,13 @@ pub fn run() -> Result<()> {
     let tools_cpu = cpus.saturating_sub(1);
     if cpus > 1 {
         pin(0, tools_cpu);
+    }
+    // The suite on the two newest pyenv builds (sys.monitoring is 3.12+).
+    let suite_interps: Vec<Interpreter> =
+        interpreters().into_iter().filter(|i| i.name.starts_with("pyenv") && i.minor >= 12).collect();
+    if suite_only {
+        println!("{}{}", suite::sites()?, suite::run(&suite_interps)?);
+        return Ok(());
     }
     let mut rows = Vec::new();
     let mut failures = Vec::new();
@@ -136,6 +144,8 @@ pub fn run() -> Result<()> {
     }
     let mut table = render(&rows, &machine());
     table.push_str(&render_extras(&extras));
+    table.push_str(&suite::sites()?);
+    table.push_str(&suite::run(&suite_interps)?);
     if !failures.is_empty() {
         table.push_str("\n## Workloads that died during a measurement\n\n");
         for f in &failures {

@@ -8,6 +8,7 @@ mod footprint;
 mod latency;
 mod peers;
 mod rootfs;
+mod suite;
 mod test;
 mod testbuilds;
 mod toolchain;
@@ -48,9 +49,14 @@ enum Cmd {
         filter: Option<String>,
     },
     /// Measure the detector's per-hit cost against an empty probe at the
-    /// same sites and against no probe, on every interpreter; writes the
-    /// table to docs/BENCHMARKS.md.
-    Bench,
+    /// same sites and against no probe, on every interpreter, then the
+    /// workload suite (fib, richards, json) under each strategy; writes the
+    /// tables to docs/BENCHMARKS.md.
+    Bench {
+        /// Only the workload suite and the site costs, printed (nothing written).
+        #[arg(long)]
+        suite_only: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,7 +65,7 @@ fn main() -> ExitCode {
         Cmd::Build => build::all().map(|_| ()),
         Cmd::Run { args } => run(&args),
         Cmd::Test { filter } => test::run(filter.as_deref()),
-        Cmd::Bench => bench::run(),
+        Cmd::Bench { suite_only } => bench::run(suite_only),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Attaching to processes: per process, the probe sites of its interpreter,
 //! scoped to that process so others pay nothing.
 
+pub mod budget;
 pub mod discovery;
 pub mod node;
 pub mod session;
@@ -9,7 +10,9 @@ pub mod watchpoints;
 
 pub use session::Session;
 
-use detector_common::{FAMILY_FRAME_ARG, SiteCookie};
+use std::{collections::HashSet, time::Instant};
+
+use detector_common::{FAMILY_FRAME_ARG, MODE_PER_CALL, MODE_WATCH, SiteCookie};
 use tracing::{debug, info};
 
 use crate::{
@@ -33,13 +36,17 @@ pub enum AttachError {
 /// How a process's targets are watched.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Strategy {
+    /// The cheapest exact strategy for the process and targets at hand:
+    /// watch where it applies, per-call elsewhere.
+    #[default]
+    Auto,
     /// Uprobes at the interpreter's per-call sites: every Python call pays
     /// about a microsecond; exact on every build.
-    #[default]
     PerCall,
     /// A hardware watchpoint on each target's body start (3.11+, up to four
     /// body starts, modules imported): calls of other functions cost
-    /// nothing. Falls back to per-call, saying why, when it cannot apply.
+    /// nothing, a target's call costs tens of microseconds. Falls back to
+    /// per-call, saying why, when it cannot apply.
     Watch,
 }
 
@@ -47,6 +54,7 @@ impl Strategy {
     /// Its name in reports.
     pub fn name(self) -> &'static str {
         match self {
+            Strategy::Auto => "auto",
             Strategy::PerCall => "per-call",
             Strategy::Watch => "watch",
         }
@@ -67,6 +75,20 @@ pub struct ProcessWatch {
     pub prefilled_identities: usize,
     /// The service its hits are reported for.
     pub service: discovery::Service,
+    /// Reachability: the targets already seen (each reported once, and
+    /// disarmed where the strategy allows); `None` when counting exactly.
+    pub reached: Option<HashSet<u32>>,
+    /// Its probe passes, for the overhead budget.
+    pub meter: budget::Meter,
+    /// When it was first attached.
+    pub since: Instant,
+    /// Watchpoints were wanted and it is probed per call only because a
+    /// target was not found yet (a late import): worth trying again.
+    pub watch_later: bool,
+    /// Detached for being over budget: until when, and why.
+    pub suspended: Option<(Instant, String)>,
+    /// The last budget decision about it, with the load that caused it.
+    pub budget_note: Option<String>,
 }
 
 impl ProcessWatch {
@@ -79,6 +101,12 @@ impl ProcessWatch {
             prefilled_threads: 0,
             prefilled_identities: 0,
             service: Default::default(),
+            reached: None,
+            meter: Default::default(),
+            since: Instant::now(),
+            watch_later: false,
+            suspended: None,
+            budget_note: None,
         }
     }
 
@@ -91,29 +119,128 @@ impl ProcessWatch {
         targets: &TargetSet,
         strategy: Strategy,
     ) -> Result<Self, AttachError> {
-        if strategy == Strategy::Watch {
-            match watchpoints::Armed::arm(probes, &process, targets) {
-                Ok(armed) => {
-                    info!(
-                        pid = process.pid,
-                        binary = %process.object.path,
-                        units = armed.units(),
-                        threads = armed.threads,
-                        "watching process with hardware watchpoints"
-                    );
-                    let mut w = ProcessWatch::new(process);
-                    w.armed = Some(armed);
-                    return Ok(w);
-                }
-                Err(e) => {
-                    info!(pid = process.pid, reason = %e, "watch strategy does not apply; probing every call");
-                    let mut w = ProcessWatch::attach(probes, process, targets)?;
-                    w.fallback = Some(e.to_string());
-                    return Ok(w);
-                }
+        let mut w = ProcessWatch::new(process);
+        w.start(probes, targets, strategy)?;
+        Ok(w)
+    }
+
+    fn start(&mut self, probes: &mut Probes, targets: &TargetSet, strategy: Strategy) -> Result<(), AttachError> {
+        if strategy == Strategy::PerCall {
+            return self.attach_or_nothing(probes, targets);
+        }
+        let pid = self.process.pid;
+        match watchpoints::Armed::arm(probes, &self.process, targets) {
+            Ok(armed) => {
+                info!(
+                    pid,
+                    binary = %self.process.object.path,
+                    units = armed.units(),
+                    threads = armed.threads,
+                    "watching process with hardware watchpoints"
+                );
+                self.armed = Some(armed);
+                self.disarm_reached(probes);
+                probes.set_mode(pid, MODE_WATCH)?;
+                self.fallback = None;
+                Ok(())
+            }
+            Err(e) => {
+                info!(pid, reason = %e, "watch strategy does not apply; probing every call");
+                self.attach_or_nothing(probes, targets)?;
+                self.fallback = Some(e.to_string());
+                self.watch_later = e.later();
+                Ok(())
             }
         }
-        ProcessWatch::attach(probes, process, targets)
+    }
+
+    fn attach_or_nothing(&mut self, probes: &mut Probes, targets: &TargetSet) -> Result<(), AttachError> {
+        let _attaching = probes.attaching();
+        self.attach_all(probes, targets).inspect_err(|_| self.detach(probes))
+    }
+
+    /// Budget: moves a per-call process to watchpoints. The watchpoints are
+    /// armed before the kernel is told they count and the uprobes are
+    /// closed, so no call is missed or counted twice.
+    pub fn switch_to_watch(
+        &mut self,
+        probes: &mut Probes,
+        targets: &TargetSet,
+    ) -> Result<(), watchpoints::CannotWatch> {
+        let armed = watchpoints::Armed::arm(probes, &self.process, targets)?;
+        self.armed = Some(armed);
+        self.disarm_reached(probes);
+        probes.set_mode(self.process.pid, MODE_WATCH)?;
+        for link in self.links.drain(..) {
+            probes.detach(link);
+        }
+        self.meter.reset();
+        Ok(())
+    }
+
+    /// Watchpoints were wanted and only a target not found yet stood in the
+    /// way: looks again (the walk stops at the first target still missing,
+    /// a `sys.modules` lookup), and moves to watchpoints once every target
+    /// is found. Returns whether it did.
+    pub fn retry_watch(&mut self, probes: &mut Probes, targets: &TargetSet) -> bool {
+        if !self.watch_later || self.armed.is_some() || self.suspended.is_some() {
+            return false;
+        }
+        match self.switch_to_watch(probes, targets) {
+            Ok(()) => {
+                self.watch_later = false;
+                self.fallback = None;
+                true
+            }
+            Err(e) => {
+                self.watch_later = e.later();
+                self.fallback = Some(e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Budget: from now on each target is reported once and, where watched,
+    /// disarmed once seen; `seen` are the targets already hit.
+    pub fn reach(&mut self, probes: &mut Probes, seen: impl IntoIterator<Item = u32>) {
+        self.reached.get_or_insert_with(HashSet::new).extend(seen);
+        self.disarm_reached(probes);
+        self.meter.reset();
+    }
+
+    /// Records a hit of `target` in reachability mode: whether it is the
+    /// first (to be reported; its watchpoint is disarmed). Always true when
+    /// counting exactly.
+    pub fn first_reach(&mut self, probes: &mut Probes, target: u32) -> bool {
+        let Some(seen) = &mut self.reached else { return true };
+        if !seen.insert(target) {
+            return false;
+        }
+        if self.stop_watching(probes, target) {
+            info!(pid = self.process.pid, target, "reached: watchpoint disarmed");
+        }
+        true
+    }
+
+    fn disarm_reached(&mut self, probes: &mut Probes) {
+        let (Some(seen), Some(armed)) = (&self.reached, &mut self.armed) else { return };
+        for &t in seen {
+            armed.disarm_target(probes, t);
+        }
+    }
+
+    /// Budget: detaches everything until `until`; the process stays known.
+    pub fn suspend(&mut self, probes: &mut Probes, until: Instant, why: String) {
+        self.detach(probes);
+        self.suspended = Some((until, why));
+        self.meter.reset();
+    }
+
+    /// Attaches a suspended process again with `strategy`.
+    pub fn resume(&mut self, probes: &mut Probes, targets: &TargetSet, strategy: Strategy) -> Result<(), AttachError> {
+        self.suspended = None;
+        self.meter.reset();
+        self.start(probes, targets, strategy)
     }
 
     /// Follows a change of targets: watchpoints are re-armed on the new body
@@ -124,15 +251,15 @@ impl ProcessWatch {
         let Some(mut old) = self.armed.take() else { return Ok(()) };
         old.disarm(probes);
         match watchpoints::Armed::arm(probes, &self.process, targets) {
-            Ok(armed) => self.armed = Some(armed),
+            Ok(armed) => {
+                self.armed = Some(armed);
+                self.disarm_reached(probes);
+            }
             Err(e) => {
                 info!(pid = self.process.pid, reason = %e, "watch strategy no longer applies; probing every call");
                 self.fallback = Some(e.to_string());
-                let _attaching = probes.attaching();
-                if let Err(e) = self.attach_all(probes, targets) {
-                    self.detach(probes);
-                    return Err(e);
-                }
+                self.watch_later = e.later();
+                self.attach_or_nothing(probes, targets)?;
             }
         }
         Ok(())
@@ -149,18 +276,31 @@ impl ProcessWatch {
         if self.armed.is_some() { Strategy::Watch } else { Strategy::PerCall }
     }
 
+    /// How `target` is observed in this process: `watch`, `per-call`,
+    /// `reached` (seen, and no longer paid for) or `none` (suspended).
+    pub fn target_strategy(&self, target: u32) -> &'static str {
+        if self.armed.as_ref().is_some_and(|a| a.watches(target)) {
+            "watch"
+        } else if self.reached.as_ref().is_some_and(|r| r.contains(&target)) && self.links.is_empty() {
+            "reached"
+        } else if !self.links.is_empty() {
+            "per-call"
+        } else {
+            "none"
+        }
+    }
+
+    /// What it is watched with, as reported: the strategy, `suspended`,
+    /// and `+reachability` when targets are disarmed once seen.
+    pub fn mode(&self) -> String {
+        let base = if self.suspended.is_some() { "suspended" } else { self.strategy().name() };
+        if self.reached.is_some() { format!("{base}+reachability") } else { base.to_owned() }
+    }
+
     /// Attaches every probe site of the process's interpreter. On failure
     /// nothing stays attached.
     pub fn attach(probes: &mut Probes, process: PythonProcess, targets: &TargetSet) -> Result<Self, AttachError> {
-        let _attaching = probes.attaching();
-        let mut watch = ProcessWatch::new(process);
-        match watch.attach_all(probes, targets) {
-            Ok(()) => Ok(watch),
-            Err(e) => {
-                watch.detach(probes);
-                Err(e)
-            }
-        }
+        Self::attach_with(probes, process, targets, Strategy::PerCall)
     }
 
     /// Attaches the empty program at every site the detector would use: the
@@ -197,6 +337,7 @@ impl ProcessWatch {
             self.prefilled_threads = self.prefill_threads(probes)?;
             self.attach_role(probes, layout, SiteRole::Resume, ProbeKind::Resume)?;
         }
+        probes.set_mode(self.process.pid, MODE_PER_CALL)?;
         info!(
             pid = self.process.pid,
             binary = %self.process.object.path,
@@ -218,9 +359,11 @@ impl ProcessWatch {
     ) -> Result<(), AttachError> {
         let a = self.process.analysis.clone();
         let (pid, path) = (self.process.pid, self.process.object.open_path.clone());
+        let slot = probes.slot(pid);
         for site in a.sites.iter().filter(|s| s.role == role) {
             let cookie = SiteCookie {
                 layout,
+                slot,
                 check: site.check,
                 cond: site.cond,
                 count_when: site.count_when,

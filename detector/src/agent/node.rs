@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Strategy,
+    budget::{Action, Budget},
     discovery::{self, Environ, Service},
     session::Session,
 };
@@ -50,6 +51,8 @@ pub struct NodeOptions {
     pub attach_all: bool,
     /// Most processes watched at once.
     pub max_processes: usize,
+    /// The overhead budget per process, if any.
+    pub budget: Option<Budget>,
 }
 
 /// Why a process is not watched.
@@ -308,8 +311,34 @@ impl Node {
         }
     }
 
-    /// Copies the agent's state into the metrics.
+    /// Applies the overhead budget, then copies the agent's state into the
+    /// metrics.
     pub fn refresh(&mut self, session: &mut Session, rc: Option<&poller::Stats>) {
+        if let Some(budget) = &self.opts.budget {
+            for c in session.enforce(budget) {
+                self.metrics.budget_action(c.action.name());
+                let binary = session.watches().find(|w| w.process.pid == c.pid).map(|w| w.process.object.path.clone());
+                let (pid, from, to, why) = (c.pid, &c.from, &c.to, c.why.as_deref().unwrap_or(""));
+                let (percent, passes_per_sec) = (c.load.share * 100.0, c.load.passes_per_sec as u64);
+                if c.action == Action::Resume {
+                    info!(pid, binary, from, to, why, "overhead budget: attached again after a suspension");
+                } else {
+                    warn!(
+                        pid,
+                        binary,
+                        action = c.action.name(),
+                        percent_of_cpu = percent,
+                        budget_percent = budget.share * 100.0,
+                        passes_per_sec,
+                        target_hits_per_sec = c.load.hits_per_sec,
+                        from,
+                        to,
+                        why,
+                        "overhead budget exceeded: moved to a cheaper strategy"
+                    );
+                }
+            }
+        }
         let m = &self.metrics;
         let mut hits = self.ended_hits.clone();
         for (target, n) in session.all_totals() {
@@ -340,8 +369,11 @@ impl Node {
         m.probes.set(session.watches().map(|w| w.probes()).sum::<usize>() as i64);
         m.detaching.set(session.detaching() as i64);
         for strategy in [Strategy::PerCall, Strategy::Watch] {
-            m.strategy(strategy.name(), session.watches().filter(|w| w.strategy() == strategy).count() as i64);
+            let n = session.watches().filter(|w| w.suspended.is_none() && w.strategy() == strategy).count();
+            m.strategy(strategy.name(), n as i64);
         }
+        m.strategy("suspended", session.watches().filter(|w| w.suspended.is_some()).count() as i64);
+        m.probe_overhead.set(session.watches().filter_map(|w| w.meter.share).sum());
         let processes: Vec<_> = session
             .watches()
             .map(|w| {
@@ -350,9 +382,17 @@ impl Node {
                     "binary": w.process.object.path,
                     "version": w.process.analysis.version.to_string(),
                     "probes": w.probes(),
-                    "strategy": w.strategy().name(),
+                    "strategy": w.mode(),
+                    // Counts, not a map: a node may have thousands of targets.
+                    "targets_by_strategy": session.targets().iter().fold(BTreeMap::<&str, usize>::new(), |mut m, (_, id)| {
+                        *m.entry(w.target_strategy(id)).or_default() += 1;
+                        m
+                    }),
                     "watched_units": w.watched_units(),
                     "watch_fallback": w.fallback,
+                    "overhead_percent": w.meter.share.map(|s| s * 100.0),
+                    "budget": w.budget_note,
+                    "suspended_for_secs": w.suspended.as_ref().map(|(until, _)| until.saturating_duration_since(std::time::Instant::now()).as_secs()),
                     "service": w.service,
                 })
             })

@@ -3,10 +3,10 @@
 //! one process and fixed targets; `run` feeds it targets from its sources.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     os::fd::{FromRawFd, OwnedFd},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -17,7 +17,11 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{AttachError, ProcessWatch, Strategy, discovery::Service};
+use super::{
+    AttachError, ProcessWatch, Strategy,
+    budget::{self, Action, Budget, Load},
+    discovery::Service,
+};
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
     events::{EventProcessor, Hit, Outcome, ProcessLookup, output::Printer, record},
@@ -29,6 +33,10 @@ use crate::{
 /// How often the ring buffer is drained when no wakeup came (the kernel
 /// only wakes the reader for bursts, so a hit does not pay for a wakeup).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How often processes probed per call for want of a late import are
+/// looked at again (see [`ProcessWatch::retry_watch`]).
+const RETRY_WATCH: Duration = Duration::from_secs(2);
 
 /// How long a stopping session waits for the kernel to unregister its probes
 /// (about 90 ms each here); past it, the kernel finishes after the exit.
@@ -67,6 +75,23 @@ pub enum Activity {
     },
 }
 
+/// A budget decision taken about a process.
+#[derive(Debug)]
+pub struct BudgetChange {
+    /// The process.
+    pub pid: u32,
+    /// What was done.
+    pub action: Action,
+    /// What it was paying.
+    pub load: Load,
+    /// What it was watched with before, and after.
+    pub from: String,
+    /// See `from`.
+    pub to: String,
+    /// Why the cheaper strategy wanted did not apply, if it did not.
+    pub why: Option<String>,
+}
+
 /// The session.
 pub struct Session {
     probes: Probes,
@@ -81,8 +106,10 @@ pub struct Session {
     cache: Arc<AnalysisCache>,
     discovered: VecDeque<Activity>,
     strategy: Strategy,
-    /// Reachability mode: the (process, target) pairs already reported.
-    reached: Option<HashSet<(u32, u32)>>,
+    /// Reachability mode for every process attached.
+    reachability: bool,
+    /// When late imports were last looked for.
+    retried: Instant,
 }
 
 impl Session {
@@ -107,7 +134,8 @@ impl Session {
             cache: Arc::new(AnalysisCache::default()),
             discovered: VecDeque::new(),
             strategy: Strategy::default(),
-            reached: None,
+            reachability: false,
+            retried: Instant::now(),
         })
     }
 
@@ -122,7 +150,7 @@ impl Session {
     /// Counts then say how often it was seen before that, not how often it
     /// ran.
     pub fn with_reachability(mut self, on: bool) -> Self {
-        self.reached = on.then(HashSet::new);
+        self.reachability = on;
         self
     }
 
@@ -234,12 +262,15 @@ impl Session {
         });
         let mut watch = ProcessWatch::attach_with(&mut self.probes, process, &self.targets, self.strategy)?;
         watch.service = service;
+        if self.reachability {
+            watch.reach(&mut self.probes, []);
+        }
         if let Err(e) = self.probes.set_watched(pid, true) {
             watch.detach(&mut self.probes);
             return Err(e.into());
         }
-        let names: Vec<&Target> = self.targets.iter().map(|(t, _)| t).collect();
-        self.printer.attached(&watch, &names);
+        let targets: Vec<(&Target, u32)> = self.targets.iter().collect();
+        self.printer.attached(&watch, &targets);
         self.watches.0.insert(pid, watch);
         Ok(())
     }
@@ -263,6 +294,9 @@ impl Session {
                 }
                 _ = self.tick.tick() => {
                     self.drain();
+                    if self.retried.elapsed() >= RETRY_WATCH {
+                        self.retry_watch();
+                    }
                     if self.printer.closed() {
                         return Activity::OutputClosed;
                     }
@@ -274,6 +308,93 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Moves processes that were probed per call only because a target's
+    /// module was not imported yet to watchpoints, once it is.
+    fn retry_watch(&mut self) {
+        self.retried = Instant::now();
+        for (&pid, w) in self.watches.0.iter_mut() {
+            if w.retry_watch(&mut self.probes, &self.targets) {
+                info!(
+                    pid,
+                    units = w.watched_units(),
+                    "every target found (late import): now watching with watchpoints"
+                );
+                self.printer.strategy(pid, &w.mode(), "every target is found now (late import)");
+            }
+        }
+    }
+
+    /// Measures what a probe pass costs on this node (see
+    /// [`budget::Costs::calibrate`]); the bench's figures if it cannot.
+    pub fn calibrate(&mut self) -> budget::Costs {
+        budget::Costs::calibrate(&mut self.probes).unwrap_or_else(|e| {
+            warn!(error = %format!("{:#}", anyhow::Error::from(e)), "cannot measure the cost of a probe pass; using the bench's");
+            budget::Costs::FALLBACK
+        })
+    }
+
+    /// Applies the overhead budget: measures each process's probe passes
+    /// and moves those over budget to a cheaper strategy; attaches suspended
+    /// ones again once their wait is over. Called about once a second.
+    pub fn enforce(&mut self, budget: &Budget) -> Vec<BudgetChange> {
+        let now = Instant::now();
+        let mut over = Vec::new();
+        let mut changes = Vec::new();
+        for (&pid, w) in self.watches.0.iter_mut() {
+            if let Some((until, _)) = &w.suspended {
+                if now >= *until {
+                    let from = w.mode();
+                    let why = w.resume(&mut self.probes, &self.targets, self.strategy).err().map(|e| format!("{e:#}"));
+                    let load = Load { passes_per_sec: 0.0, hits_per_sec: 0.0, share: 0.0 };
+                    changes.push(BudgetChange { pid, action: Action::Resume, load, from, to: w.mode(), why });
+                }
+                continue;
+            }
+            let Some(passes) = self.probes.passes(pid) else { continue };
+            let Some(rate) = w.meter.sample(now, passes) else { continue };
+            let share = rate * budget.costs.of(w.strategy()) * 1e-9;
+            w.meter.share = Some(share);
+            if share > budget.share {
+                over.push((pid, rate, share));
+            }
+        }
+        for (pid, passes_per_sec, share) in over {
+            let totals = self.totals(pid);
+            let Some(w) = self.watches.0.get_mut(&pid) else { continue };
+            let seen: Vec<u32> =
+                totals.iter().filter(|(_, n)| *n > 0).filter_map(|(t, _)| self.targets.id(t)).collect();
+            let hits: u64 = totals.iter().map(|(_, n)| n).sum();
+            let hits_per_sec = hits as f64 / w.since.elapsed().as_secs_f64().max(1.0);
+            let load = Load { passes_per_sec, hits_per_sec, share };
+            let action = budget::decide(budget, w.strategy(), w.reached.is_some(), &load);
+            let from = w.mode();
+            let mut why = None;
+            match action {
+                Action::Keep | Action::Resume => continue,
+                Action::Reach => w.reach(&mut self.probes, seen),
+                Action::Watch | Action::WatchReach => {
+                    if action == Action::WatchReach {
+                        w.reach(&mut self.probes, seen);
+                    }
+                    if let Err(e) = w.switch_to_watch(&mut self.probes, &self.targets) {
+                        why = Some(e.to_string());
+                        w.suspend(&mut self.probes, now + budget.retry, format!("over budget; watch: {e}"));
+                    }
+                }
+                Action::Suspend => w.suspend(&mut self.probes, now + budget.retry, "over budget".into()),
+            }
+            let action = if w.suspended.is_some() { Action::Suspend } else { action };
+            w.budget_note = Some(format!(
+                "{}: {:.2}% of a CPU ({passes_per_sec:.0} probe passes/s) under {from}",
+                action.name(),
+                share * 100.0
+            ));
+            self.printer.strategy(pid, &w.mode(), w.budget_note.as_deref().unwrap_or(""));
+            changes.push(BudgetChange { pid, action, load, from, to: w.mode(), why });
+        }
+        changes
     }
 
     /// Handles everything waiting in the ring buffer.
@@ -289,16 +410,10 @@ impl Session {
     /// target has been seen: it is disarmed.
     fn report(&mut self, hits: Vec<Hit>) {
         for hit in hits {
-            if let Some(seen) = &mut self.reached {
-                let Some(id) = self.targets.id(&hit.target) else { continue };
-                if !seen.insert((hit.pid, id)) {
-                    continue;
-                }
-                if let Some(w) = self.watches.0.get_mut(&hit.pid)
-                    && w.stop_watching(&mut self.probes, id)
-                {
-                    info!(pid = hit.pid, target = %hit.target, "reached: watchpoint disarmed");
-                }
+            if let (Some(w), Some(id)) = (self.watches.0.get_mut(&hit.pid), self.targets.id(&hit.target))
+                && !w.first_reach(&mut self.probes, id)
+            {
+                continue;
             }
             let service = self.watches.service(hit.pid);
             tracing::debug!(
@@ -342,9 +457,6 @@ impl Session {
     pub fn forget(&mut self, pid: u32) {
         self.probes.forget_process(pid);
         self.processor.forget(pid);
-        if let Some(seen) = &mut self.reached {
-            seen.retain(|(p, _)| *p != pid);
-        }
     }
 
     fn summarize(&mut self, pid: u32) {

@@ -12,10 +12,10 @@ use crate::{
     bpf::{BpfError, Probes},
     pyproc::{
         PythonProcess,
-        body::{self, Found},
+        body::{self, BodyStart, Found},
         mem::ProcessMemory,
     },
-    targets::TargetSet,
+    targets::{Target, TargetSet},
 };
 
 /// Debug registers per x86 thread.
@@ -24,6 +24,14 @@ pub const DEBUG_REGISTERS: usize = 4;
 /// Rounds of "list the threads, arm the new ones": a thread made by one not
 /// armed yet is caught by the next round.
 const ARM_ROUNDS: usize = 5;
+
+impl CannotWatch {
+    /// Whether trying again later may succeed (a target's module is not
+    /// imported yet, or its definition not made yet).
+    pub fn later(&self) -> bool {
+        matches!(self, CannotWatch::NotFound { later: true, .. })
+    }
+}
 
 /// Why a process cannot be watched with watchpoints.
 #[derive(Debug, thiserror::Error)]
@@ -35,12 +43,14 @@ pub enum CannotWatch {
         target: String,
         /// Why.
         reason: String,
+        /// Whether it may be found later (a late import).
+        later: bool,
     },
     /// The loads that dispatch a code unit were not found in the binary.
     #[error("no opcode dispatch found in the evaluation loop: reads cannot be told from starts")]
     NoDispatch,
     /// More body starts than debug registers.
-    #[error("{0} body starts to watch and {DEBUG_REGISTERS} debug registers per thread")]
+    #[error("at least {0} body starts to watch and {DEBUG_REGISTERS} debug registers per thread")]
     TooMany(usize),
     /// Reading the process failed.
     #[error(transparent)]
@@ -80,16 +90,7 @@ impl Armed {
     }
 
     fn arm_all(&mut self, probes: &mut Probes, p: &PythonProcess, targets: &TargetSet) -> Result<(), CannotWatch> {
-        let mut starts = Vec::new();
-        for (t, id) in targets.iter() {
-            match body::find(p, t)? {
-                Found::Code { starts: s } => starts.extend(s.into_iter().map(|s| (id, s))),
-                Found::Nothing { reason } => return Err(CannotWatch::NotFound { target: t.to_string(), reason }),
-            }
-        }
-        if starts.len() > DEBUG_REGISTERS {
-            return Err(CannotWatch::TooMany(starts.len()));
-        }
+        let starts = plan(p, targets.iter())?;
         let Some(dispatch) = &p.analysis.dispatch else {
             return Err(CannotWatch::NoDispatch);
         };
@@ -99,12 +100,13 @@ impl Armed {
             self.reads.push(key);
         }
         let layout = probes.layout_id(&p.analysis.layout)?;
+        let slot = probes.slot(p.pid);
         let mem = ProcessMemory::open(p.pid)?;
         for (target, s) in &starts {
             let key = WatchKey { tgid: p.pid, _pad: 0, addr: s.unit_addr };
             // What is there now: a trap that finds it is a read, a start.
             let last_op = mem.u8(s.unit_addr)?;
-            let entry = WatchEntry { code: s.code, target: *target, layout, last_op, reported: 0, _pad: [0; 6] };
+            let entry = WatchEntry { code: s.code, target: *target, layout, last_op, reported: 0, slot, _pad: [0; 4] };
             probes.set_watch(key, entry)?;
             self.units.push(Unit { target: *target, key, links: Vec::new() });
         }
@@ -135,6 +137,11 @@ impl Armed {
         self.units.len()
     }
 
+    /// Whether `target` is under a watchpoint.
+    pub fn watches(&self, target: u32) -> bool {
+        self.units.iter().any(|u| u.target == target)
+    }
+
     /// Stops watching `target` (reachability: it was seen). Returns whether
     /// anything was armed for it.
     pub fn disarm_target(&mut self, probes: &mut Probes, target: u32) -> bool {
@@ -158,6 +165,37 @@ impl Armed {
             probes.remove_dispatch_read(&key);
         }
     }
+}
+
+/// What watching `targets` in `p` would take: each target's body starts,
+/// with the target's id; or why watchpoints cannot apply (the per-call
+/// strategy is then used for all of them).
+pub fn plan<'a, Id: Copy>(
+    p: &PythonProcess,
+    targets: impl IntoIterator<Item = (&'a Target, Id)>,
+) -> Result<Vec<(Id, BodyStart)>, CannotWatch> {
+    let targets: Vec<_> = targets.into_iter().collect();
+    // Every target has a body start at least: more targets than registers
+    // never fit, and need no walk to say so.
+    if targets.len() > DEBUG_REGISTERS {
+        return Err(CannotWatch::TooMany(targets.len()));
+    }
+    let mut starts = Vec::new();
+    for (t, id) in targets {
+        match body::find(p, t)? {
+            Found::Code { starts: s } => starts.extend(s.into_iter().map(|s| (id, s))),
+            Found::Nothing { reason, later } => {
+                return Err(CannotWatch::NotFound { target: t.to_string(), reason, later });
+            }
+        }
+    }
+    if starts.len() > DEBUG_REGISTERS {
+        return Err(CannotWatch::TooMany(starts.len()));
+    }
+    if p.analysis.dispatch.is_none() {
+        return Err(CannotWatch::NoDispatch);
+    }
+    Ok(starts)
 }
 
 fn disarm_unit(probes: &mut Probes, u: &mut Unit) {

@@ -2,6 +2,7 @@
 //! instance serves every watched process; maps are keyed by process.
 
 pub mod reaper;
+mod slots;
 mod state;
 pub mod tracefs;
 mod watch;
@@ -172,6 +173,8 @@ pub struct Probes {
     layout_map: Array<MapData, Layout>,
     config: Array<MapData, Config>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
+    slots: slots::SlotMap,
+    slot_table: slots::SlotTable,
     events: Option<RingBuf<MapData>>,
 }
 
@@ -221,6 +224,8 @@ impl Probes {
             layout_map: take(&mut ebpf, maps::LAYOUTS)?,
             config: take(&mut ebpf, maps::CONFIG)?,
             stats: take(&mut ebpf, maps::STATS)?,
+            slots: take(&mut ebpf, maps::SLOTS)?,
+            slot_table: Default::default(),
             events: Some(take(&mut ebpf, maps::EVENTS)?),
             ebpf,
             layouts: Vec::new(),

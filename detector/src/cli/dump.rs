@@ -36,7 +36,7 @@ pub struct DumpArgs {
     /// How calls are observed: `per-call` probes (exact on every build) or
     /// hardware watchpoints on each target's body start (`watch`: other calls
     /// cost nothing; falls back to per-call when it cannot apply).
-    #[arg(long, value_enum, default_value_t = Strategy::PerCall)]
+    #[arg(long, value_enum, default_value_t = Strategy::Auto)]
     pub strategy: Strategy,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS")]
@@ -159,5 +159,15 @@ pub async fn bench_floor(pid: u32) -> anyhow::Result<()> {
     watch.detach(&mut probes);
     // As `dump` does: leave nothing for the kernel to finish after the exit.
     probes.settle(Duration::from_secs(20));
+    Ok(())
+}
+
+/// `detector calibrate`: the per-pass costs the overhead budget uses.
+pub fn calibrate() -> anyhow::Result<()> {
+    require_privileges()?;
+    let mut probes = Probes::load(Capacities::default())?;
+    let costs = crate::agent::budget::Costs::calibrate(&mut probes)?;
+    probes.settle(Duration::from_secs(20));
+    println!("{}", serde_json::to_string(&costs)?);
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::{path::Path, sync::Arc};
 use anyhow::Context;
 
 use crate::{
+    agent::{Strategy, watchpoints},
     events::output::Format,
     interp::{Analysis, analyze, cache::AnalysisCache, elf::ElfImage},
     pyproc::{self, body},
@@ -43,9 +44,17 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         (Arc::new(analysis), None)
     };
     let mut bodies = Vec::new();
+    let mut strategy = None;
     if let Some(p) = &process {
         for t in &targets {
             bodies.push((t.to_string(), body::find(p, t)?));
+        }
+        if !targets.is_empty() {
+            // What `--strategy auto` would do with these targets.
+            strategy = Some(match watchpoints::plan(p, targets.iter().map(|t| (t, ()))) {
+                Ok(starts) => (Strategy::Watch, format!("{} body starts under watchpoints", starts.len())),
+                Err(e) => (Strategy::PerCall, e.to_string()),
+            });
         }
     }
     match args.format {
@@ -63,12 +72,18 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
                     .collect::<serde_json::Result<_>>()?;
                 v["bodies"] = map.into();
             }
+            if let Some((s, why)) = &strategy {
+                v["strategy"] = serde_json::json!({"strategy": s.name(), "why": why});
+            }
             write_out(&format!("{v}\n"))
         }
         Format::Text => {
             let mut out = text(&analysis, process.as_ref());
             for (t, found) in &bodies {
                 out.push_str(&body_text(t, found));
+            }
+            if let Some((s, why)) = &strategy {
+                out.push_str(&format!("strategy (auto) for these targets: {} ({why})\n", s.name()));
             }
             write_out(&out)
         }
@@ -86,7 +101,7 @@ fn body_text(target: &str, found: &body::Found) -> String {
                 )
             })
             .collect(),
-        body::Found::Nothing { reason } => format!("body of {target}: not found ({reason})\n"),
+        body::Found::Nothing { reason, .. } => format!("body of {target}: not found ({reason})\n"),
     }
 }
 

@@ -93,6 +93,10 @@ pub enum Command {
         #[arg(long)]
         pid: u32,
     },
+    /// Benchmark support: measure what a probe pass costs on this machine
+    /// (as `run` does for its overhead budget) and print it as JSON.
+    #[command(hide = true)]
+    Calibrate,
 }
 
 /// Fails with a clear message unless this process may load eBPF programs,

@@ -13,6 +13,7 @@ use super::{require_privileges, sources::SourceArgs};
 use crate::{
     agent::{
         Session, Strategy,
+        budget::Budget,
         discovery::{self, Environ},
         node::{Node, NodeOptions},
         session::Activity,
@@ -52,12 +53,27 @@ pub struct RunArgs {
     /// DD_APPSEC_SCA_ENABLED=true.
     #[arg(long, env = "DETECTOR_ATTACH_ALL")]
     pub attach_all: bool,
-    /// How calls are observed: `per-call` probes, or hardware watchpoints on
+    /// How calls are observed: `per-call` probes (every Python call of a
+    /// watched process pays about a microsecond), or hardware watchpoints on
     /// each target's body start (`watch`, 3.11+, up to four body starts per
-    /// process; other calls cost nothing), falling back to per-call per
-    /// process, with the reason, where it cannot apply.
-    #[arg(long, value_enum, default_value_t = Strategy::PerCall, env = "DETECTOR_STRATEGY")]
+    /// process: other calls cost nothing, a target's call tens of
+    /// microseconds), falling back to per-call per process, with the reason,
+    /// where it cannot apply. `auto` is watch where it applies: the cheapest
+    /// exact strategy for targets that are rarely called.
+    #[arg(long, value_enum, default_value_t = Strategy::Auto, env = "DETECTOR_STRATEGY")]
     pub strategy: Strategy,
+    /// Most CPU a watched process may spend in probes, in percent of one CPU:
+    /// its probe passes per second times the cost of one (measured when the
+    /// agent starts). A process over it moves to a cheaper strategy, logged
+    /// and counted in detector_budget_actions_total: per-call -> watch ->
+    /// watch with reachability -> suspended for --budget-retry. 0 turns the
+    /// budget off.
+    #[arg(long, default_value_t = 1.0, value_name = "PERCENT", env = "DETECTOR_OVERHEAD_BUDGET")]
+    pub overhead_budget: f64,
+    /// How long a process suspended by the overhead budget waits before it is
+    /// probed again (and measured again), in seconds.
+    #[arg(long, default_value_t = 300, value_name = "SECS", env = "DETECTOR_BUDGET_RETRY")]
+    pub budget_retry: u64,
     /// Reachability mode: report each target once per process and stop
     /// paying for it where the strategy allows (a watchpoint is disarmed once
     /// its target is seen). Counts then say how often it was seen, not run.
@@ -151,7 +167,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_cache(cache.clone())
         .with_strategy(args.strategy)
         .with_reachability(args.reachability);
-    let opts = NodeOptions { attach_all: args.attach_all, max_processes: args.max_processes as usize };
+    let budget = (args.overhead_budget > 0.0).then(|| Budget {
+        share: args.overhead_budget / 100.0,
+        costs: session.calibrate(),
+        retry: Duration::from_secs(args.budget_retry),
+    });
+    let opts = NodeOptions { attach_all: args.attach_all, max_processes: args.max_processes as usize, budget };
     let mut node = Node::new(opts, metrics.clone(), cache);
     let mut sources = Sources::default();
     let (mut updates, rc_stats) = args.sources.start().await?;

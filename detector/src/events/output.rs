@@ -61,7 +61,7 @@ impl Printer {
     }
 
     /// Probes are live on a process.
-    pub fn attached(&self, w: &ProcessWatch, targets: &[&Target]) {
+    pub fn attached(&self, w: &ProcessWatch, targets: &[(&Target, u32)]) {
         let a = &w.process.analysis;
         let sites: Vec<Value> = a
             .sites
@@ -71,14 +71,17 @@ impl Printer {
                            "instruction": s.instruction, "emulated": s.emulated})
             })
             .collect();
-        let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
+        let names: Vec<String> = targets.iter().map(|(t, _)| t.to_string()).collect();
+        let by_target: serde_json::Map<String, Value> =
+            targets.iter().map(|(t, id)| (t.to_string(), w.target_strategy(*id).into())).collect();
         self.emit(
             json!({
                 "type": "attached",
                 "pid": w.process.pid,
                 "version": a.version.to_string(),
                 "object": w.process.object.path,
-                "strategy": w.strategy().name(),
+                "strategy": w.mode(),
+                "target_strategies": by_target,
                 "watch_fallback": w.fallback,
                 "probes": w.probes(),
                 "watched_units": w.watched_units(),
@@ -94,7 +97,7 @@ impl Printer {
                     w.process.pid,
                     a.version,
                     w.process.object.path,
-                    w.strategy().name(),
+                    w.mode(),
                     w.probes(),
                     w.watched_units(),
                     names.join(", ")
@@ -128,6 +131,13 @@ impl Printer {
         }
         let text = || hit_text(&json);
         self.emit(json.clone(), text);
+    }
+
+    /// A watched process moved to another strategy, and why.
+    pub fn strategy(&self, pid: u32, strategy: &str, why: &str) {
+        self.emit(json!({"type": "strategy", "pid": pid, "strategy": strategy, "why": why}), || {
+            format!("pid {pid} now watched with {strategy}: {why}")
+        });
     }
 
     /// The watched process exited.

@@ -48,6 +48,10 @@ pub struct Metrics {
     pub analysis_cache_misses: Counter,
     /// Times a configured cap stopped something, by cap.
     caps: Family<Labels, Counter>,
+    /// Overhead-budget decisions, by action.
+    budget_actions: Family<Labels, Counter>,
+    /// Estimated CPU (in cores) the watched processes spend in probes.
+    pub probe_overhead: Gauge<f64, AtomicU64>,
     /// What `/processes` serves: the watched processes, as JSON.
     processes: Mutex<String>,
     /// Last time (seconds since the epoch) the agent loop went round.
@@ -72,6 +76,8 @@ impl Default for Metrics {
             analysis_cache_hits: Counter::default(),
             analysis_cache_misses: Counter::default(),
             caps: Family::default(),
+            budget_actions: Family::default(),
+            probe_overhead: Gauge::default(),
             processes: Mutex::new("[]".into()),
             heartbeat: AtomicU64::new(now()),
         };
@@ -98,6 +104,16 @@ impl Default for Metrics {
         );
         r.register("analysis_cache_misses", "Interpreter analyses computed", m.analysis_cache_misses.clone());
         r.register("cap_reached", "Times a configured cap refused something, by cap", m.caps.clone());
+        r.register(
+            "budget_actions",
+            "Processes moved to a cheaper strategy (or suspended, or resumed) by the overhead budget, by action",
+            m.budget_actions.clone(),
+        );
+        r.register(
+            "probe_overhead_cpus",
+            "Estimated CPU, in cores, that the watched processes spend in probes (passes/s x measured cost)",
+            m.probe_overhead.clone(),
+        );
         m
     }
 }
@@ -111,6 +127,11 @@ impl Metrics {
     /// A cap stopped something.
     pub fn cap_reached(&self, cap: &'static str) {
         self.caps.get_or_create(&vec![("cap", cap.to_owned())]).inc();
+    }
+
+    /// The overhead budget acted on a process.
+    pub fn budget_action(&self, action: &'static str) {
+        self.budget_actions.get_or_create(&vec![("action", action.to_owned())]).inc();
     }
 
     /// Sets how many watched processes use `strategy`.

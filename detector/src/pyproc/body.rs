@@ -41,6 +41,9 @@ pub enum Found {
     Nothing {
         /// Why.
         reason: String,
+        /// Whether it may be found later: its module is not imported yet,
+        /// or the definition not made yet.
+        later: bool,
     },
 }
 
@@ -48,7 +51,8 @@ pub enum Found {
 pub fn find(process: &PythonProcess, target: &Target) -> Result<Found, ProcessError> {
     let a = &process.analysis;
     let minor = a.version.minor;
-    let nothing = |reason: &str| Ok(Found::Nothing { reason: reason.to_owned() });
+    let nothing = |reason: &str| Ok(Found::Nothing { reason: reason.to_owned(), later: false });
+    let not_yet = |reason: &str| Ok(Found::Nothing { reason: reason.to_owned(), later: true });
     if minor < 11 {
         return nothing("3.8-3.10: body starts are only located on 3.11+ so far");
     }
@@ -58,11 +62,11 @@ pub fn find(process: &PythonProcess, target: &Target) -> Result<Found, ProcessEr
     let mem = ProcessMemory::open(process.pid)?;
     let objs = Objects { mem: &mem, o: &a.table.values, minor };
     let Some(globals) = qualname::module_globals(&objs, runtime, target.module())? else {
-        return nothing("module not imported (yet)");
+        return not_yet("module not imported (yet)");
     };
     let defs = qualname::definitions(&objs, globals, target)?;
     if defs.is_empty() {
-        return nothing("no such definition in the module (made at run time, or not at all)");
+        return not_yet("no such definition in the module (made at run time, or not at all)");
     }
     let resumes = resume_opcodes(minor);
     let mut starts = Vec::new();

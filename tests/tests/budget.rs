@@ -1,0 +1,105 @@
+//! The overhead budget: `run` measures what each watched process pays for
+//! its probes (passes per second times the cost of a pass, measured at
+//! start) and moves a process over budget to a cheaper strategy, saying so in
+//! its logs, `/processes` and `/metrics`; counts stay exact across a switch
+//! from per-call probes to watchpoints. The workload (`wl/hot.py`) calls a
+//! function in bursts of 20,000 and the target once a burst: per-call probes
+//! cost it far more than the budget, watchpoints far less.
+
+use detector_tests::{
+    Fixture, NodeAgent, interpreters,
+    node_agent::{one_at_a_time, opted_in},
+};
+use serde_json::Value;
+
+const TARGET: &str = "wl.hot:target";
+
+fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn process(agent: &NodeAgent, pid: u32) -> Value {
+    let (_, body) = agent.get("/processes");
+    let all: Value = serde_json::from_str(&body).unwrap();
+    all.as_array().unwrap().iter().find(|p| p["pid"] == pid).cloned().unwrap_or(Value::Null)
+}
+
+/// Runs `hot` under an agent with `args`; returns (agent, fixture) once the
+/// fixture is attached and running.
+fn start(i: &detector_tests::Interpreter, args: &[&str]) -> (NodeAgent, Fixture) {
+    let mut agent = NodeAgent::start(&[TARGET], args);
+    let mut fixture = Fixture::start_with_env(i, "hot", &env(&opted_in("hot")));
+    agent.wait_attached(fixture.pid());
+    fixture.go();
+    (agent, fixture)
+}
+
+#[test]
+fn per_call_over_budget_moves_to_watch_and_counts_stay_exact() {
+    let _turn = one_at_a_time();
+    for i in interpreters().iter().filter(|i| i.minor >= 11 && i.rootfs.is_none()) {
+        let (mut agent, mut fixture) = start(i, &["--strategy", "per-call", "--overhead-budget", "0.5"]);
+        let pid = fixture.pid();
+        agent.wait_metric(r#"detector_budget_actions_total{action="watch"}"#, 1.0);
+        let p = process(&agent, pid);
+        assert_eq!(p["strategy"], "watch", "{}: {p}", i.name);
+        assert_eq!(p["probes"], 0, "{}: the uprobes are closed: {p}", i.name);
+        let note = p["budget"].as_str().unwrap_or_default();
+        assert!(note.starts_with("watch: ") && note.ends_with("under per-call"), "{}: {note}", i.name);
+        // It keeps the watch strategy: a target call per burst is cheap.
+        let line = fixture.read_line();
+        let calls: u64 = line.strip_prefix("target_calls ").unwrap().parse().unwrap();
+        fixture.wait_done();
+        fixture.finish();
+        let summary = agent.events.wait_match("summary", |v| v["type"] == "summary" && v["pid"] == pid);
+        assert_eq!(summary["hits"], calls, "{}: every call counted once across the switch", i.name);
+        assert_eq!(agent.metric(r#"detector_budget_actions_total{action="watch"}"#), 1.0, "{}", i.name);
+        assert_eq!(agent.metric(r#"detector_budget_actions_total{action="suspend"}"#), 0.0, "{}", i.name);
+        agent.events.stop();
+    }
+}
+
+#[test]
+fn within_budget_nothing_changes() {
+    let _turn = one_at_a_time();
+    let i = interpreters().into_iter().find(|i| i.name.starts_with("pyenv") && i.minor == 12).unwrap();
+    // 100% of a CPU: the per-call probes of this loop cost less.
+    let (mut agent, mut fixture) = start(&i, &["--strategy", "per-call", "--overhead-budget", "100"]);
+    let pid = fixture.pid();
+    let line = fixture.read_line();
+    let p = process(&agent, pid);
+    assert_eq!(p["strategy"], "per-call", "{p}");
+    let share = p["overhead_percent"].as_f64().expect("measured");
+    assert!(share > 0.5 && share < 100.0, "per-call probes on a call-heavy loop: {share}% of a CPU");
+    assert!(p["budget"].is_null(), "{p}");
+    fixture.wait_done();
+    fixture.finish();
+    let calls: u64 = line.strip_prefix("target_calls ").unwrap().parse().unwrap();
+    let summary = agent.events.wait_match("summary", |v| v["type"] == "summary" && v["pid"] == pid);
+    assert_eq!(summary["hits"], calls);
+    agent.events.stop();
+}
+
+#[test]
+fn over_budget_without_a_cheaper_strategy_suspends_then_tries_again() {
+    let _turn = one_at_a_time();
+    // 3.10: watchpoints do not apply, so nothing is cheaper than per-call.
+    let i = interpreters().into_iter().find(|i| i.name.starts_with("pyenv") && i.minor == 10).unwrap();
+    let (agent, mut fixture) =
+        start(&i, &["--strategy", "per-call", "--overhead-budget", "0.5", "--budget-retry", "2"]);
+    let pid = fixture.pid();
+    agent.wait_metric(r#"detector_budget_actions_total{action="suspend"}"#, 1.0);
+    let p = process(&agent, pid);
+    assert_eq!(p["strategy"], "suspended", "{p}");
+    assert_eq!(p["probes"], 0, "{p}");
+    agent.wait_metric(r#"detector_processes_by_strategy{strategy="suspended"}"#, 1.0);
+    // After --budget-retry it is probed (and measured) again.
+    agent.wait_metric(r#"detector_budget_actions_total{action="resume"}"#, 1.0);
+    agent.wait_metric(r#"detector_budget_actions_total{action="suspend"}"#, 2.0);
+    // The process never noticed.
+    let line = fixture.read_line();
+    assert!(line.starts_with("target_calls "), "{line}");
+    fixture.wait_done();
+    fixture.finish();
+    agent.events.stop();
+}
