@@ -18,6 +18,9 @@ pub const EVENT_EXEC: u32 = 4;
 /// A watched process forked: see [`ProcessEvent`].
 pub const EVENT_FORK: u32 = 5;
 
+/// A code object under a watchpoint was deallocated: see [`FreedEvent`].
+pub const EVENT_WATCH_FREED: u32 = 6;
+
 /// Common prefix of every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,4 +97,16 @@ pub struct ProcessEvent {
     pub parent: u32,
     /// Reserved, zero.
     pub _pad: u32,
+}
+
+/// A watched code object is being deallocated: the kernel has stopped
+/// counting its unit (whatever is allocated there next is not the target);
+/// user space disarms it and looks for the target again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreedEvent {
+    /// `kind == EVENT_WATCH_FREED`, and the process.
+    pub header: EventHeader,
+    /// The code object.
+    pub code: u64,
 }

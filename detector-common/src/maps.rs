@@ -26,6 +26,9 @@ pub const WATCHED: &str = "WATCHED";
 /// `HashMap<WatchKey, WatchEntry>`: code units under a hardware watchpoint
 /// (the watch strategy), by process and address.
 pub const WATCHES: &str = "WATCHES";
+/// `HashMap<CodeKey, u64>`: the code objects under a watchpoint and their
+/// watched unit's address, so their deallocation stops the counting.
+pub const WATCHED_CODES: &str = "WATCHED_CODES";
 /// `HashMap<WatchKey, u8>`: per process, the runtime addresses just after
 /// each load that dispatches a code unit: only a trap there is a start.
 pub const DISPATCH_READS: &str = "DISPATCH_READS";

@@ -1,15 +1,25 @@
 //! `code_dealloc(PyCodeObject *)` entry: a code object is going away, so its
 //! verdict and identity must not outlive it and be inherited by whatever is
-//! allocated at the same address next.
+//! allocated at the same address next; nor may a watchpoint on one of its
+//! units keep counting whatever bytecode is put there next.
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
-use detector_common::CodeKey;
+use detector_common::{CodeKey, WatchKey};
 
-use crate::maps::{IDENTITIES, VERDICTS};
+use crate::{
+    emit,
+    maps::{IDENTITIES, VERDICTS, WATCHED_CODES, WATCHES},
+};
 
 pub fn run(ctx: &ProbeContext) {
     let Some(code) = ctx.arg::<u64>(0) else { return };
-    let key = CodeKey { tgid: (bpf_get_current_pid_tgid() >> 32) as u32, _pad: 0, code };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let key = CodeKey { tgid, _pad: 0, code };
     let _ = VERDICTS.remove(&key);
     let _ = IDENTITIES.remove(&key);
+    if let Some(&addr) = unsafe { WATCHED_CODES.get(&key) } {
+        let _ = WATCHES.remove(&WatchKey { tgid, _pad: 0, addr });
+        let _ = WATCHED_CODES.remove(&key);
+        emit::freed(tgid, code);
+    }
 }

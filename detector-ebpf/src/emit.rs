@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::ring_buf::RingBufEntry,
 };
 use detector_common::{
-    CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EventHeader, HitEvent, Layout,
-    PendingEntry, PendingKey, stats, unicode_state,
+    CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EVENT_WATCH_FREED, EventHeader,
+    FreedEvent, HitEvent, Layout, PendingEntry, PendingKey, stats, unicode_state,
 };
 
 use crate::{
@@ -126,5 +126,14 @@ pub fn candidate(tgid: u32, tid: u32, generation: u32, code: u64, name: u64, glo
         globals,
     });
     // Resolution waits on this event: wake the reader now.
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+}
+
+/// A watched code object is being deallocated.
+#[inline(always)]
+pub fn freed(tgid: u32, code: u64) {
+    let Some(mut entry) = reserve::<FreedEvent>() else { return };
+    entry.write(FreedEvent { header: EventHeader { kind: EVENT_WATCH_FREED, tgid }, code });
+    // Rare, and the target is unwatched until user space acts: wake it now.
     entry.submit(BPF_RB_FORCE_WAKEUP as u64);
 }

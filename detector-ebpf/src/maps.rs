@@ -41,6 +41,9 @@ pub static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(capacity::WATCH
 pub static WATCHES: HashMap<WatchKey, WatchEntry> = HashMap::with_max_entries(capacity::WATCHES, 0);
 
 #[map]
+pub static WATCHED_CODES: HashMap<CodeKey, u64> = HashMap::with_max_entries(capacity::WATCHES, 0);
+
+#[map]
 pub static DISPATCH_READS: HashMap<WatchKey, u8> = HashMap::with_max_entries(capacity::DISPATCH_READS, 0);
 
 #[map]

@@ -23,7 +23,8 @@ fn check(i: &Interpreter, workload: &str, expected: &[(&str, u64)]) {
     let s = watched(i, workload, &targets);
     if i.minor >= 11 {
         assert_eq!(s.attached["strategy"], "watch", "{}: {}", i.name, s.attached);
-        assert_eq!(s.attached["probes"], 0, "no per-call probe: {}", s.attached);
+        // The deallocation probe only: no per-call probe.
+        assert_eq!(s.attached["probes"], 1, "{}: {}", i.name, s.attached);
     } else {
         assert_eq!(s.attached["strategy"], "per-call");
         assert!(s.attached["watch_fallback"].as_str().unwrap().contains("3.11+"), "{}", s.attached);
@@ -240,5 +241,30 @@ fn a_late_import_moves_the_process_to_watchpoints_exactly() {
         let s = d.stop();
         fixture.finish();
         s.assert_counts(&[("wl.late:f", 7)]);
+    });
+}
+
+#[test]
+fn a_watched_function_redefined_is_watched_anew() {
+    for_each_interpreter(|i| {
+        if i.minor < 11 {
+            return;
+        }
+        let mut fixture = Fixture::start(i, "redefine");
+        fixture.go();
+        let mut d = Dump::attach_with(fixture.pid(), &["wl.redefine:f"], &["--strategy", "watch"]);
+        assert_eq!(d.wait_for("attached")["strategy"], "watch", "{}", i.name);
+        fixture.call("f", 3);
+        // The old code object goes away: the kernel stops counting its unit
+        // (whatever is allocated there next is not f) and the agent re-arms
+        // on the new definition.
+        fixture.call("redefine", 1);
+        let moved = d.wait_for("strategy");
+        assert_eq!(moved["strategy"], "watch", "{}: {moved}", i.name);
+        assert!(moved["why"].as_str().unwrap().contains("deallocated"), "{moved}");
+        fixture.call("f", 4);
+        let s = d.stop();
+        fixture.finish();
+        s.assert_counts(&[("wl.redefine:f", 7)]);
     });
 }

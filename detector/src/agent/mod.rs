@@ -131,6 +131,12 @@ impl ProcessWatch {
         let pid = self.process.pid;
         match watchpoints::Armed::arm(probes, &self.process, targets) {
             Ok(armed) => {
+                self.armed = Some(armed);
+                if let Err(e) = self.watch_deallocations(probes) {
+                    self.detach(probes);
+                    return Err(e);
+                }
+                let armed = self.armed.as_ref().expect("just armed");
                 info!(
                     pid,
                     binary = %self.process.object.path,
@@ -138,7 +144,6 @@ impl ProcessWatch {
                     threads = armed.threads,
                     "watching process with hardware watchpoints"
                 );
-                self.armed = Some(armed);
                 self.disarm_reached(probes);
                 probes.set_mode(pid, MODE_WATCH)?;
                 self.fallback = None;
@@ -171,11 +176,41 @@ impl ProcessWatch {
         self.armed = Some(armed);
         self.disarm_reached(probes);
         probes.set_mode(self.process.pid, MODE_WATCH)?;
-        for link in self.links.drain(..) {
+        let (keep, close): (Vec<_>, Vec<_>) = self.links.drain(..).partition(|l| l.kind() == ProbeKind::CodeDealloc);
+        self.links = keep;
+        for link in close {
             probes.detach(link);
         }
         self.meter.reset();
-        Ok(())
+        self.watch_deallocations(probes).map_err(|e| match e {
+            AttachError::Bpf(b) => watchpoints::CannotWatch::Bpf(b),
+            AttachError::Process(p) => watchpoints::CannotWatch::Process(p),
+        })
+    }
+
+    /// Under watchpoints, the deallocation probe alone: a watched code
+    /// object that goes away stops being counted in the kernel at once, and
+    /// its target is looked for again (see [`ProcessWatch::code_freed`]).
+    /// Deallocations are rare next to calls.
+    fn watch_deallocations(&mut self, probes: &mut Probes) -> Result<(), AttachError> {
+        if self.links.iter().any(|l| l.kind() == ProbeKind::CodeDealloc) {
+            return Ok(());
+        }
+        let _attaching = probes.attaching();
+        let layout = probes.layout_id(&self.process.analysis.layout)?;
+        self.attach_role(probes, layout, SiteRole::CodeDealloc, ProbeKind::CodeDealloc)
+    }
+
+    /// A code object was deallocated while one of its units was watched
+    /// (a module reloaded, a function redefined): re-arms on what the
+    /// targets name now, or probes per call until they are found again.
+    /// Returns whether the code was watched here.
+    pub fn code_freed(&mut self, probes: &mut Probes, targets: &TargetSet, code: u64) -> Result<bool, AttachError> {
+        if !self.armed.as_ref().is_some_and(|a| a.watches_code(code)) {
+            return Ok(false);
+        }
+        self.retarget(probes, targets)?;
+        Ok(true)
     }
 
     /// Watchpoints were wanted and only a target not found yet stood in the
@@ -323,7 +358,7 @@ impl ProcessWatch {
         let a = self.process.analysis.clone();
         let layout = probes.layout_id(&a.layout)?;
         // Deallocations first: no verdict may outlive its code object.
-        self.attach_role(probes, layout, SiteRole::CodeDealloc, ProbeKind::CodeDealloc)?;
+        self.watch_deallocations(probes)?;
         if a.layout.family == FAMILY_FRAME_ARG {
             // Definitions first, then pre-fill, then calls: a function made
             // in between is recorded by the definition probe.

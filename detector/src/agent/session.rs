@@ -285,11 +285,10 @@ impl Session {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     if let Ok(mut guard) = guard {
-                        let (found, hits) = drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
+                        let drained = drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
                         guard.clear_ready();
                         drop(guard);
-                        self.discovered.extend(found);
-                        self.report(hits);
+                        self.handle(drained);
                     }
                 }
                 _ = self.tick.tick() => {
@@ -399,10 +398,25 @@ impl Session {
 
     /// Handles everything waiting in the ring buffer.
     pub fn drain(&mut self) {
-        let (found, hits) =
-            drain(self.ring.get_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
-        self.discovered.extend(found);
-        self.report(hits);
+        let drained = drain(self.ring.get_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
+        self.handle(drained);
+    }
+
+    fn handle(&mut self, drained: Drained) {
+        self.discovered.extend(drained.found);
+        for (pid, code) in drained.freed {
+            let Some(w) = self.watches.0.get_mut(&pid) else { continue };
+            match w.code_freed(&mut self.probes, &self.targets, code) {
+                Ok(false) => {}
+                Ok(true) => {
+                    info!(pid, code, strategy = w.mode(), "a watched code object was deallocated: watching anew");
+                    let why = format!("watched code object {code:#x} deallocated");
+                    self.printer.strategy(pid, &w.mode(), &why);
+                }
+                Err(e) => warn!(pid, error = %format!("{e:#}"), "cannot follow a deallocated code object"),
+            }
+        }
+        self.report(drained.hits);
     }
 
     /// Prints hits. In reachability mode only a target's first hit in a
@@ -486,26 +500,38 @@ impl Session {
     }
 }
 
-/// Reads every waiting record: the hits, and the processes to consider.
+/// What the ring buffer held.
+#[derive(Default)]
+struct Drained {
+    /// Processes to consider.
+    found: Vec<Activity>,
+    /// Hits to report.
+    hits: Vec<Hit>,
+    /// Watched code objects deallocated: (process, code).
+    freed: Vec<(u32, u64)>,
+}
+
+/// Reads every waiting record.
 fn drain(
     ring: &mut RingBuf<MapData>,
     processor: &mut EventProcessor,
     probes: &mut Probes,
     targets: &TargetSet,
     watches: &Watches,
-) -> (Vec<Activity>, Vec<Hit>) {
-    let (mut found, mut hits) = (Vec::new(), Vec::new());
+) -> Drained {
+    let mut d = Drained::default();
     while let Some(item) = ring.next() {
         let Some(rec) = record::decode(&item) else { continue };
         drop(item);
         match processor.handle(rec, probes, targets, watches) {
-            Some(Outcome::Hit(hit)) => hits.push(hit),
-            Some(Outcome::Exec(pid)) => found.push(Activity::Exec(pid)),
-            Some(Outcome::Fork { parent, child }) => found.push(Activity::Fork { parent, child }),
+            Some(Outcome::Hit(hit)) => d.hits.push(hit),
+            Some(Outcome::Exec(pid)) => d.found.push(Activity::Exec(pid)),
+            Some(Outcome::Fork { parent, child }) => d.found.push(Activity::Fork { parent, child }),
+            Some(Outcome::WatchFreed { pid, code }) => d.freed.push((pid, code)),
             None => {}
         }
     }
-    (found, hits)
+    d
 }
 
 /// A file descriptor that becomes readable when `pid` exits.

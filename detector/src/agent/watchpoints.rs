@@ -60,9 +60,11 @@ pub enum CannotWatch {
     Bpf(#[from] BpfError),
 }
 
-/// One watched body start: its target, its unit, a watchpoint per thread.
+/// One watched body start: its target, its code object and unit, a
+/// watchpoint per thread.
 struct Unit {
     target: u32,
+    code: u64,
     key: WatchKey,
     links: Vec<PerfEventLinkId>,
 }
@@ -108,7 +110,7 @@ impl Armed {
             let last_op = mem.u8(s.unit_addr)?;
             let entry = WatchEntry { code: s.code, target: *target, layout, last_op, reported: 0, slot, _pad: [0; 4] };
             probes.set_watch(key, entry)?;
-            self.units.push(Unit { target: *target, key, links: Vec::new() });
+            self.units.push(Unit { target: *target, code: s.code, key, links: Vec::new() });
         }
         let mut done = std::collections::BTreeSet::new();
         for _ in 0..ARM_ROUNDS {
@@ -135,6 +137,11 @@ impl Armed {
     /// Watched units.
     pub fn units(&self) -> usize {
         self.units.len()
+    }
+
+    /// Whether `code`'s unit is under a watchpoint.
+    pub fn watches_code(&self, code: u64) -> bool {
+        self.units.iter().any(|u| u.code == code)
     }
 
     /// Whether `target` is under a watchpoint.
@@ -202,7 +209,7 @@ fn disarm_unit(probes: &mut Probes, u: &mut Unit) {
     for link in u.links.drain(..) {
         probes.detach_watch(link);
     }
-    probes.remove_watch(&u.key);
+    probes.remove_watch(&u.key, u.code);
 }
 
 fn tasks(pid: u32) -> Result<Vec<u32>, crate::pyproc::ProcessError> {

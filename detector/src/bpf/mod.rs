@@ -151,6 +151,13 @@ pub struct Link {
     id: UProbeLinkId,
 }
 
+impl Link {
+    /// The program it runs.
+    pub fn kind(&self) -> ProbeKind {
+        self.program
+    }
+}
+
 /// The loaded programs and maps.
 pub struct Probes {
     ebpf: Ebpf,
@@ -170,6 +177,7 @@ pub struct Probes {
     pub(crate) watched: HashMap<MapData, u32, u8>,
     pub(crate) watches: HashMap<MapData, WatchKey, WatchEntry>,
     pub(crate) dispatch_reads: HashMap<MapData, WatchKey, u8>,
+    pub(crate) watched_codes: HashMap<MapData, CodeKey, u64>,
     layout_map: Array<MapData, Layout>,
     config: Array<MapData, Config>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
@@ -221,6 +229,7 @@ impl Probes {
             watched: take(&mut ebpf, maps::WATCHED)?,
             watches: take(&mut ebpf, maps::WATCHES)?,
             dispatch_reads: take(&mut ebpf, maps::DISPATCH_READS)?,
+            watched_codes: take(&mut ebpf, maps::WATCHED_CODES)?,
             layout_map: take(&mut ebpf, maps::LAYOUTS)?,
             config: take(&mut ebpf, maps::CONFIG)?,
             stats: take(&mut ebpf, maps::STATS)?,

@@ -146,6 +146,7 @@ impl Probes {
         remove_where(&mut self.verdicts, |k, _| k.tgid == pid);
         remove_where(&mut self.watches, |k, _| k.tgid == pid);
         remove_where(&mut self.dispatch_reads, |k, _| k.tgid == pid);
+        remove_where(&mut self.watched_codes, |k, _| k.tgid == pid);
         let _ = self.watched.remove(&pid);
         self.release_slot(pid);
     }

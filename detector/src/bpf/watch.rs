@@ -10,7 +10,7 @@ use aya::programs::{
         SamplePolicy,
     },
 };
-use detector_common::{WatchEntry, WatchKey, maps, programs};
+use detector_common::{CodeKey, WatchEntry, WatchKey, maps, programs};
 
 use super::{BpfError, Probes, map_err};
 
@@ -43,8 +43,11 @@ impl Probes {
         }
     }
 
-    /// Tells the kernel what the unit at `key` starts.
+    /// Tells the kernel what the unit at `key` starts (and to stop counting
+    /// it when its code object is deallocated).
     pub fn set_watch(&mut self, key: WatchKey, entry: WatchEntry) -> Result<(), BpfError> {
+        let code = CodeKey { tgid: key.tgid, _pad: 0, code: entry.code };
+        self.watched_codes.insert(code, key.addr, 0).map_err(map_err(maps::WATCHED_CODES))?;
         self.watches.insert(key, entry, 0).map_err(map_err(maps::WATCHES))
     }
 
@@ -59,8 +62,9 @@ impl Probes {
     }
 
     /// Forgets a watched unit.
-    pub fn remove_watch(&mut self, key: &WatchKey) {
+    pub fn remove_watch(&mut self, key: &WatchKey, code: u64) {
         let _ = self.watches.remove(key);
+        let _ = self.watched_codes.remove(&CodeKey { tgid: key.tgid, _pad: 0, code });
     }
 
     fn watch_program(&mut self) -> Result<&mut PerfEvent, BpfError> {

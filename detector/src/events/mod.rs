@@ -57,6 +57,13 @@ pub enum Outcome {
         /// The child.
         child: u32,
     },
+    /// A code object under a watchpoint in `pid` was deallocated.
+    WatchFreed {
+        /// The process.
+        pid: u32,
+        /// The code object.
+        code: u64,
+    },
 }
 
 /// Turns records into hits for a set of watched processes.
@@ -85,6 +92,7 @@ impl EventProcessor {
         match rec {
             Record::Exec { pid } => Some(Outcome::Exec(pid)),
             Record::Fork { parent, child } => Some(Outcome::Fork { parent, child }),
+            Record::WatchFreed { pid, code } => Some(Outcome::WatchFreed { pid, code }),
             other => self.hit(other, probes, targets, procs).map(Outcome::Hit),
         }
     }
@@ -126,7 +134,7 @@ impl EventProcessor {
                     ts_ns: c.ts_ns,
                 })
             }
-            Record::Exec { .. } | Record::Fork { .. } => None,
+            Record::Exec { .. } | Record::Fork { .. } | Record::WatchFreed { .. } => None,
         }
     }
 

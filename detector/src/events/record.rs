@@ -2,8 +2,8 @@
 //! guarantee: they are read with `read_unaligned`, never cast.
 
 use detector_common::{
-    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC, EVENT_FORK, EVENT_HIT, EventHeader, HitEvent,
-    ProcessEvent, name_bytes,
+    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC, EVENT_FORK, EVENT_HIT, EVENT_WATCH_FREED,
+    EventHeader, FreedEvent, HitEvent, ProcessEvent, name_bytes,
 };
 
 /// A decoded record.
@@ -36,6 +36,13 @@ pub enum Record {
         /// Its child.
         child: u32,
     },
+    /// A code object under a watchpoint was deallocated.
+    WatchFreed {
+        /// The process.
+        pid: u32,
+        /// The code object.
+        code: u64,
+    },
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -60,6 +67,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
         EVENT_CANDIDATE => read(bytes).map(Record::Candidate),
         EVENT_EXEC => read::<ProcessEvent>(bytes).map(|e| Record::Exec { pid: e.header.tgid }),
         EVENT_FORK => read::<ProcessEvent>(bytes).map(|e| Record::Fork { parent: e.parent, child: e.header.tgid }),
+        EVENT_WATCH_FREED => read::<FreedEvent>(bytes).map(|e| Record::WatchFreed { pid: e.header.tgid, code: e.code }),
         _ => None,
     }
 }
