@@ -1,10 +1,16 @@
 //! The watch strategy (`dump --strategy watch`): hardware watchpoints on each
 //! target's body start instead of per-call probes. Exact counts for the
-//! foundation's workloads on every 3.11+ interpreter, with the strategy
+//! foundation's workloads on every interpreter, with the strategy
 //! asserted from the `attached` line (no silent fallback), and a clear
 //! fallback to per-call where it cannot apply.
 
 use detector_tests::{Dump, Fixture, Interpreter, Summary, for_each_interpreter};
+
+/// Whether the watch strategy applies to `i` (3.10 is probed per call, see
+/// `pyproc/body.rs`).
+fn watchable(i: &Interpreter) -> bool {
+    i.minor != 10
+}
 
 /// Runs `workload` under `dump --strategy watch` attached after its setup.
 fn watched(i: &Interpreter, workload: &str, targets: &[&str]) -> Summary {
@@ -21,13 +27,13 @@ fn watched(i: &Interpreter, workload: &str, targets: &[&str]) -> Summary {
 fn check(i: &Interpreter, workload: &str, expected: &[(&str, u64)]) {
     let targets: Vec<&str> = expected.iter().map(|(t, _)| *t).collect();
     let s = watched(i, workload, &targets);
-    if i.minor >= 11 {
+    if !watchable(i) {
+        // Probed per call, and says why.
+        assert!(s.attached["watch_fallback"].as_str().unwrap().contains("3.10"), "{}", s.attached);
+    } else {
         assert_eq!(s.attached["strategy"], "watch", "{}: {}", i.name, s.attached);
         // The deallocation probe only: no per-call probe.
         assert_eq!(s.attached["probes"], 1, "{}: {}", i.name, s.attached);
-    } else {
-        assert_eq!(s.attached["strategy"], "per-call");
-        assert!(s.attached["watch_fallback"].as_str().unwrap().contains("3.11+"), "{}", s.attached);
     }
     s.assert_counts(expected);
 }
@@ -80,9 +86,7 @@ fn more_body_starts_than_debug_registers_fall_back_to_per_call() {
         let targets = ["wl.methods:A.f", "wl.methods:B.f", "wl.methods:f", "wl.decoy:A.f", "wl.methods:A.s"];
         let s = watched(i, "methods", &targets);
         assert_eq!(s.attached["strategy"], "per-call", "{}", s.attached);
-        if i.minor >= 11 {
-            assert!(s.attached["watch_fallback"].as_str().unwrap().contains("4 debug registers"), "{}", s.attached);
-        }
+        assert!(s.attached["watch_fallback"].as_str().unwrap().contains("4 debug registers"), "{}", s.attached);
         s.assert_counts(&[
             ("wl.methods:A.f", 10),
             ("wl.methods:B.f", 5),
@@ -133,7 +137,7 @@ fn run_follows_target_changes_by_rearming() {
         .collect();
         let mut det = detector_tests::spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
         let attached = det.wait_for("attached");
-        let want = if i.minor >= 11 { "watch" } else { "per-call" };
+        let want = if watchable(i) { "watch" } else { "per-call" };
         assert_eq!(attached["strategy"], want, "{attached}");
         fixture.call("f", 5);
         fixture.call("h", 1);
@@ -186,8 +190,8 @@ fn reachability_reports_once_and_then_stops_paying() {
         // Some of the first round ran before the report reached user space
         // (how many depends on when the reader woke); after it, a disarmed
         // watchpoint counts nothing, so the second round adds nothing.
-        // Per-call probes (3.8-3.10) keep counting.
-        if i.minor >= 11 {
+        // Per-call probes (3.10) keep counting.
+        if watchable(i) {
             assert!((1..=5).contains(&s.count(F)), "{}: {} of 10 calls counted", i.name, s.count(F));
         } else {
             assert_eq!(s.count(F), 10, "{}", i.name);
@@ -213,17 +217,17 @@ fn the_default_strategy_is_watch_where_it_applies() {
         child.wait().unwrap();
         fixture.finish();
         let attached: serde_json::Value = serde_json::from_str(&first).unwrap();
-        let want = if i.minor >= 11 { "watch" } else { "per-call" };
+        let want = if watchable(i) { "watch" } else { "per-call" };
         assert_eq!(attached["strategy"], want, "{}: {attached}", i.name);
         assert_eq!(attached["target_strategies"]["wl.plain:f"], want, "{}: {attached}", i.name);
-        assert_eq!(attached["watch_fallback"].is_null(), i.minor >= 11, "{}: {attached}", i.name);
+        assert_eq!(attached["watch_fallback"].is_null(), watchable(i), "{}: {attached}", i.name);
     });
 }
 
 #[test]
 fn a_late_import_moves_the_process_to_watchpoints_exactly() {
     for_each_interpreter(|i| {
-        if i.minor < 11 {
+        if !watchable(i) {
             return;
         }
         let mut fixture = Fixture::start(i, "late_rounds");
@@ -247,7 +251,7 @@ fn a_late_import_moves_the_process_to_watchpoints_exactly() {
 #[test]
 fn a_watched_function_redefined_is_watched_anew() {
     for_each_interpreter(|i| {
-        if i.minor < 11 {
+        if !watchable(i) {
             return;
         }
         let mut fixture = Fixture::start(i, "redefine");

@@ -18,7 +18,7 @@ const RICHARDS_IN_WHEEL: &str = "pyperformance/data-files/benchmarks/bm_richards
 const WORKLOADS: [&str; 3] = ["fib", "richards", "json"];
 const TARGET: &str = "wl.suite:rare";
 /// Processes per (workload, condition); the median is reported.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Condition {

@@ -40,10 +40,32 @@ pub struct DispatchReads {
     pub redispatches: usize,
 }
 
+/// How the value of a load is followed to an indirect jump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Follow {
+    /// Along fall-throughs and direct jumps only (3.11+: each handler ends
+    /// in its own dispatch, and a handler's other loads of its unit must
+    /// not qualify).
+    FallThrough,
+    /// Along every branch (3.8-3.10: a frame's first instruction is loaded
+    /// at the loop head and dispatched after the eval-breaker and tracing
+    /// checks have branched around their slow paths). Only a start reads a
+    /// body's first instruction through `next_instr` there, so a wider net
+    /// cannot count anything else.
+    AnyBranch,
+}
+
 /// Finds the dispatch loads in `[eval, eval + size)` and after each handler
 /// start outside it, less the re-dispatches of the handlers at `redispatchers`
 /// (see the module). `None` if there are none or implausibly many.
-pub fn find(elf: &ElfImage, eval: u64, size: u64, handlers: &[u64], redispatchers: &[u64]) -> Option<DispatchReads> {
+pub fn find(
+    elf: &ElfImage,
+    eval: u64,
+    size: u64,
+    handlers: &[u64],
+    redispatchers: &[u64],
+    follow: Follow,
+) -> Option<DispatchReads> {
     let mut regions = vec![(eval, size)];
     let mut outside: Vec<u64> = handlers.iter().copied().filter(|&h| h < eval || h >= eval + size).collect();
     outside.sort_unstable();
@@ -62,9 +84,12 @@ pub fn find(elf: &ElfImage, eval: u64, size: u64, handlers: &[u64], redispatcher
         };
         let code: Vec<Instruction> = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE).into_iter().collect();
         for ins in &code {
-            if let Some(dest) = opcode_load(ins)
-                && feeds_indirect_jump(|ip| decode_at(elf, ip), ins.next_ip(), dest)
-            {
+            let Some(dest) = opcode_load(ins) else { continue };
+            let feeds = match follow {
+                Follow::FallThrough => feeds_indirect_jump(|ip| decode_at(elf, ip), ins.next_ip(), dest),
+                Follow::AnyBranch => feeds_on_some_path(|ip| decode_at(elf, ip), ins.next_ip(), dest),
+            };
+            if feeds {
                 ends.push(ins.next_ip());
             }
         }
@@ -160,6 +185,57 @@ fn feeds_indirect_jump(decode: impl Fn(u64) -> Option<Instruction>, mut ip: u64,
     false
 }
 
+/// Instructions looked at, over all paths, from one load.
+const MAX_PATH_WORK: usize = 1024;
+
+/// As [`feeds_indirect_jump`], along both sides of conditional branches
+/// (each path at most [`MAX_DISTANCE`] long, all of them together at most
+/// [`MAX_PATH_WORK`] instructions).
+fn feeds_on_some_path(decode: impl Fn(u64) -> Option<Instruction>, ip: u64, reg: Register) -> bool {
+    // Breadth first: the branches nearest the load are the likely ones.
+    let mut todo = std::collections::VecDeque::from([(ip, vec![reg], 0usize)]);
+    // The shallowest depth each (instruction, taint) was reached at: a
+    // deeper arrival has less budget left and finds nothing new.
+    let mut seen = std::collections::HashMap::new();
+    let mut work = 0;
+    while let Some((mut ip, mut tainted, mut depth)) = todo.pop_front() {
+        while depth < MAX_DISTANCE && work < MAX_PATH_WORK {
+            tainted.sort_unstable();
+            match seen.entry((ip, tainted.clone())) {
+                std::collections::hash_map::Entry::Occupied(e) if *e.get() <= depth => break,
+                e => {
+                    e.insert_entry(depth);
+                }
+            }
+            work += 1;
+            depth += 1;
+            let Some(ins) = decode(ip) else { break };
+            let reads_tainted = reads_any(&ins, &tainted);
+            ip = ins.next_ip();
+            match ins.flow_control() {
+                FlowControl::IndirectBranch if reads_tainted => return true,
+                FlowControl::Next => {}
+                FlowControl::ConditionalBranch => todo.push_back((ins.near_branch_target(), tainted.clone(), depth)),
+                FlowControl::UnconditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
+                    ip = ins.near_branch_target();
+                    continue;
+                }
+                _ => break,
+            }
+            for w in written(&ins) {
+                tainted.retain(|&t| t != w);
+                if reads_tainted {
+                    tainted.push(w);
+                }
+            }
+            if tainted.is_empty() {
+                break;
+            }
+        }
+    }
+    false
+}
+
 fn reads_any(ins: &Instruction, regs: &[Register]) -> bool {
     let mem = ins.op_count() > 0
         && (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory)
@@ -229,5 +305,15 @@ mod tests {
         // movzx eax, byte [r13]; jmp +2; int3; int3; jmp [rdx+rax*8]
         let code = decode(&[0x41, 0x0f, 0xb6, 0x45, 0x00, 0xeb, 0x02, 0xcc, 0xcc, 0xff, 0x24, 0xc2]);
         assert!(feeds(&code, 0, Register::RAX));
+    }
+
+    #[test]
+    fn past_a_taken_branch_around_a_slow_path() {
+        // movzx eax, word [r15]; test edx, edx; jne +5; call +0; jmp rax:
+        // the 3.8-3.10 loop head, dispatching once the checks branch away.
+        let code = decode(&[0x41, 0x0f, 0xb7, 0x07, 0x85, 0xd2, 0x75, 0x05, 0xe8, 0, 0, 0, 0, 0xff, 0xe0]);
+        assert!(!feeds(&code, 0, Register::RAX));
+        let at = |ip| code.iter().find(|c| c.ip() == ip).copied();
+        assert!(feeds_on_some_path(at, code[0].next_ip(), Register::RAX));
     }
 }

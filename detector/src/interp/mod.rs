@@ -220,7 +220,7 @@ pub fn analyze(
         })
         .collect();
     let mut handlers = None;
-    let mut dispatch = None;
+    let dispatch;
     if minor >= 11 {
         let labels = dwarf.as_ref().map(|(info, _)| &info.labels);
         let (found, info, all) = resume_handlers(elf, labels, minor, &mut warnings)?;
@@ -228,8 +228,12 @@ pub fn analyze(
         // 3.11's tracing handler is the dispatch table's last entry.
         let tracing = if minor == 11 { table_entry(elf, labels, "TARGET_DO_TRACING", 255) } else { None };
         let redispatchers: Vec<u64> = found.iter().map(|(_, a)| *a).chain(tracing).collect();
-        dispatch = dispatch::find(elf, eval.addr, eval.size, &all, &redispatchers);
+        dispatch = dispatch::find(elf, eval.addr, eval.size, &all, &redispatchers, dispatch::Follow::FallThrough);
         handlers = Some(info);
+    } else {
+        // 3.8-3.10 dispatch from the evaluation function alone, and never
+        // re-dispatch a unit.
+        dispatch = dispatch::find(elf, eval.addr, eval.size, &[], &[], dispatch::Follow::AnyBranch);
     }
 
     for site in &mut sites {

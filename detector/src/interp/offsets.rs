@@ -97,6 +97,10 @@ offsets! {
     code_instr_version,
     /// `co_code_adaptive`: the bytecode, inline in the code object (3.11+).
     code_adaptive,
+    /// `co_code`: the bytecode, a `bytes` object (3.8-3.10).
+    code_code,
+    /// `PyBytesObject.ob_sval`.
+    bytes_sval,
     /// `func_code`.
     func_code,
     /// `func_globals`.
@@ -231,6 +235,8 @@ const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
     ("code_qualname", &[("PyCodeObject", "co_qualname")]),
     ("code_instr_version", &[("PyCodeObject", "_co_instrumentation_version")]),
     ("code_adaptive", &[("PyCodeObject", "co_code_adaptive")]),
+    ("code_code", &[("PyCodeObject", "co_code")]),
+    ("bytes_sval", &[("PyBytesObject", "ob_sval")]),
     ("func_code", &[("PyFunctionObject", "func_code")]),
     ("func_globals", &[("PyFunctionObject", "func_globals")]),
     ("func_closure", &[("PyFunctionObject", "func_closure")]),
@@ -286,6 +292,7 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
             o.frame_lasti = if minor == 10 { 96 } else { 104 };
             o.code_flags = 36;
             o.code_firstlineno = 40;
+            o.code_code = 48;
             o.code_consts = 56;
             o.code_filename = 104;
             o.code_name = 112;
@@ -378,6 +385,7 @@ fn common() -> Offsets {
         type_dict: 264,
         tuple_size: 16,
         tuple_items: 24,
+        bytes_sval: 32,
         dict_keys: 32,
         dict_values: 40,
         cell_ref: 16,

@@ -4,7 +4,9 @@
 //! code unit that executes exactly once when the body starts. On 3.11+ that
 //! is the `RESUME` with oparg 0, which is not always unit 0: generators
 //! start with `RETURN_GENERATOR`, closures with `COPY_FREE_VARS`, cells with
-//! `MAKE_CELL`. This is what a hardware watchpoint would watch.
+//! `MAKE_CELL`. On 3.8-3.10 it is the first instruction of `co_code`, unless
+//! a jump leads back there (a loop at the top of the function): its reads
+//! are then not all starts. This is what a hardware watchpoint watches.
 
 use serde::Serialize;
 
@@ -14,6 +16,41 @@ use crate::{interp::sites::resume_opcodes, targets::Target};
 /// How many code units are looked at for the body's `RESUME`: the prologue
 /// before it is a few instructions at most.
 const PROLOGUE_UNITS: usize = 32;
+
+/// Most `co_code` bytes scanned for jumps back to the start (3.8-3.10); a
+/// longer function is not watched.
+const MAX_CO_CODE: usize = 1 << 16;
+
+/// 3.8-3.10 opcodes whose argument is an absolute jump target:
+/// JUMP_IF_FALSE_OR_POP, JUMP_IF_TRUE_OR_POP, JUMP_ABSOLUTE,
+/// POP_JUMP_IF_FALSE, POP_JUMP_IF_TRUE, and JUMP_IF_NOT_EXC_MATCH (3.9+).
+/// Relative jumps only go forward, so never to the first instruction.
+const ABSOLUTE_JUMPS: [u8; 6] = [111, 112, 113, 114, 115, 121];
+/// EXTENDED_ARG.
+const EXTENDED_ARG: u8 = 144;
+
+/// Whether an instruction of `code` (3.8-3.10 `co_code`) jumps to its
+/// first one. Arguments are byte offsets on 3.8 and 3.9, unit indices on
+/// 3.10; zero is zero either way.
+fn jumps_to_start(minor: u8, code: &[u8]) -> bool {
+    let mut ext: u32 = 0;
+    // Code is `co_code` truncated to MAX_CO_CODE: unknown means "may".
+    if code.len() >= MAX_CO_CODE {
+        return true;
+    }
+    for unit in code.chunks_exact(2) {
+        let (op, arg) = (unit[0], (ext << 8) | u32::from(unit[1]));
+        if op == EXTENDED_ARG {
+            ext = arg;
+            continue;
+        }
+        ext = 0;
+        if ABSOLUTE_JUMPS.contains(&op) && (op != 121 || minor >= 9) && arg == 0 {
+            return true;
+        }
+    }
+    false
+}
 
 /// The start of one definition's body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -53,9 +90,6 @@ pub fn find(process: &PythonProcess, target: &Target) -> Result<Found, ProcessEr
     let minor = a.version.minor;
     let nothing = |reason: &str| Ok(Found::Nothing { reason: reason.to_owned(), later: false });
     let not_yet = |reason: &str| Ok(Found::Nothing { reason: reason.to_owned(), later: true });
-    if minor < 11 {
-        return nothing("3.8-3.10: body starts are only located on 3.11+ so far");
-    }
     let Some(runtime) = process.runtime() else {
         return nothing("no _PyRuntime symbol");
     };
@@ -67,6 +101,37 @@ pub fn find(process: &PythonProcess, target: &Target) -> Result<Found, ProcessEr
     let defs = qualname::definitions(&objs, globals, target)?;
     if defs.is_empty() {
         return not_yet("no such definition in the module (made at run time, or not at all)");
+    }
+    if minor == 10 {
+        // Its loop head loads the first instruction before the line-trace
+        // check and, while a trace function is set, again after it: a
+        // traced start would be two reads from two dispatch loads.
+        return nothing("3.10 reads a body's first instruction twice while tracing: not watched");
+    }
+    if minor < 11 {
+        let mut starts = Vec::new();
+        for d in defs {
+            let bytes = mem.ptr(d.code, objs.o.code_code)?;
+            // 3.10 shares one `co_code` between code objects whose bytecode
+            // is identical (a module's `return 1` functions): a read of it
+            // may be any of them.
+            let refs = mem.i64(bytes)?;
+            if refs != 1 {
+                return nothing(&format!(
+                    "its bytecode object is shared with {} other reference(s) (identical bytecode elsewhere): \
+                     a read there is not always its start",
+                    refs - 1
+                ));
+            }
+            let len = mem.i64(bytes + u64::from(objs.o.tuple_size))?.clamp(0, MAX_CO_CODE as i64) as usize;
+            let base = bytes + u64::from(objs.o.bytes_sval);
+            if jumps_to_start(minor, &mem.bytes(base, len)?) {
+                return nothing("a jump leads back to its first instruction (a loop at the top of the function)");
+            }
+            starts.push(BodyStart { code: d.code, unit_addr: base, unit: 0, opname: "co_code[0]" });
+        }
+        starts.dedup_by_key(|s| s.code);
+        return Ok(Found::Code { starts });
     }
     let resumes = resume_opcodes(minor);
     let mut starts = Vec::new();
@@ -89,4 +154,23 @@ pub fn find(process: &PythonProcess, target: &Target) -> Result<Found, ProcessEr
     }
     starts.dedup_by_key(|s| s.code);
     Ok(Found::Code { starts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_back_to_the_first_instruction_is_seen() {
+        // 3.8 `def f():\n while True:\n  g()`: LOAD_GLOBAL, CALL_FUNCTION,
+        // POP_TOP, JUMP_ABSOLUTE 0.
+        assert!(jumps_to_start(8, &[116, 0, 131, 0, 1, 0, 113, 0]));
+        // `return 1`.
+        assert!(!jumps_to_start(8, &[100, 1, 83, 0]));
+        // JUMP_ABSOLUTE 256 (EXTENDED_ARG 1): not the start.
+        assert!(!jumps_to_start(10, &[144, 1, 113, 0]));
+        // 121 is JUMP_IF_NOT_EXC_MATCH from 3.9 on only.
+        assert!(jumps_to_start(9, &[121, 0]));
+        assert!(!jumps_to_start(8, &[121, 0]));
+    }
 }
