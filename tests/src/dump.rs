@@ -62,10 +62,11 @@ pub fn spawn(args: &[String]) -> Dump {
 
 /// As [`spawn`], with extra environment variables.
 ///
-/// `run` and `dump` watch with the per-call strategy and `run` has no
-/// overhead budget unless the test says otherwise: the suites written for
-/// one strategy test that strategy, whatever the defaults (tests of the
-/// defaults and of the budget pass them explicitly).
+/// `run` and `dump` watch with the per-call strategy, and `run` counts
+/// exactly (no reachability) with no overhead budget, unless the test says
+/// otherwise: the suites written for one strategy test that strategy,
+/// whatever the defaults (tests of the defaults, of reachability and of the
+/// budget pass them explicitly).
 pub fn spawn_with_env(args: &[String], env: &[(&str, &str)]) -> Dump {
     let mut args = args.to_vec();
     let has = |flag: &str| args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
@@ -76,6 +77,9 @@ pub fn spawn_with_env(args: &[String], env: &[(&str, &str)]) -> Dump {
     }
     if args.first().is_some_and(|a| a == "run") && !has("--overhead-budget") {
         defaults.extend(["--overhead-budget", "0"]);
+    }
+    if args.first().is_some_and(|a| a == "run") && !has("--reachability") {
+        defaults.extend(["--reachability", "false"]);
     }
     for (i, a) in defaults.into_iter().enumerate() {
         args.insert(1 + i, a.to_owned());

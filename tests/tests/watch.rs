@@ -172,7 +172,7 @@ fn reachability_reports_once_and_then_stops_paying() {
         fixture.go();
         let pid = fixture.pid().to_string();
         let args: Vec<String> =
-            ["run", "--no-rc", "--target", F, "--target", H, "--strategy", "watch", "--reachability", "--pid", &pid]
+            ["run", "--no-rc", "--target", F, "--target", H, "--strategy", "watch", "--reachability", "true", "--pid", &pid]
                 .iter()
                 .map(|s| s.to_string())
                 .collect();

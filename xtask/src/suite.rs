@@ -80,7 +80,7 @@ fn measure(interp: &Interpreter, workload: &str, cond: Condition, richards: &str
         Condition::PerCall => Some(Dump::attach_with(pid, &[TARGET], &["--strategy", "per-call"])),
         Condition::Watch => Some(Dump::attach_with(pid, &[TARGET], &["--strategy", "watch"])),
         Condition::Reachability => {
-            let args: Vec<String> = ["run", "--no-rc", "--events", "json", "--strategy", "watch", "--reachability"]
+            let args: Vec<String> = ["run", "--no-rc", "--events", "json", "--strategy", "watch", "--reachability", "true"]
                 .into_iter()
                 .chain(["--target", TARGET, "--pid", &pid.to_string()])
                 .map(String::from)
@@ -119,7 +119,7 @@ pub fn run(interps: &[Interpreter]) -> Result<String> {
          ({PYPERFORMANCE}, 3 iterations) and 100 json round-trips of a nested document (mostly C). Each \
          round calls the target, `rare`, once, as a vulnerable function rarely called would. Median \
          ms per round of {RUNS} processes (7 rounds each); the other columns are ratios to *none*, \
-         measured in the same run. *reachability*: `run --strategy watch --reachability` (the target's \
+         measured in the same run. *reachability*: `run --strategy watch --reachability true` (the target's \
          watchpoint is disarmed once seen). *sys.monitoring*: the same detection done in the process \
          (3.12+): PY_START on `rare`'s code only (*local*), or on every code object with the callback \
          filtering (*global*, what an in-process tracer that cannot name code objects in advance does).\n"

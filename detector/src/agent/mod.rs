@@ -131,21 +131,15 @@ impl ProcessWatch {
         let pid = self.process.pid;
         match watchpoints::Armed::arm(probes, &self.process, targets) {
             Ok(armed) => {
+                let (units, threads) = (armed.units(), armed.threads);
                 self.armed = Some(armed);
-                if let Err(e) = self.watch_deallocations(probes) {
+                let counting = self.watch_deallocations(probes).and_then(|()| Ok(probes.set_mode(pid, MODE_WATCH)?));
+                if let Err(e) = counting {
                     self.detach(probes);
                     return Err(e);
                 }
-                let armed = self.armed.as_ref().expect("just armed");
-                info!(
-                    pid,
-                    binary = %self.process.object.path,
-                    units = armed.units(),
-                    threads = armed.threads,
-                    "watching process with hardware watchpoints"
-                );
+                info!(pid, binary = %self.process.object.path, units, threads, "watching process with hardware watchpoints");
                 self.disarm_reached(probes);
-                probes.set_mode(pid, MODE_WATCH)?;
                 self.fallback = None;
                 Ok(())
             }

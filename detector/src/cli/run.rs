@@ -74,10 +74,12 @@ pub struct RunArgs {
     /// probed again (and measured again), in seconds.
     #[arg(long, default_value_t = 300, value_name = "SECS", env = "DETECTOR_BUDGET_RETRY")]
     pub budget_retry: u64,
-    /// Reachability mode: report each target once per process and stop
-    /// paying for it where the strategy allows (a watchpoint is disarmed once
-    /// its target is seen). Counts then say how often it was seen, not run.
-    #[arg(long, env = "DETECTOR_REACHABILITY")]
+    /// Reachability mode, the default for SCA: report each target once per
+    /// process and stop paying for it where the strategy allows (a
+    /// watchpoint is disarmed once its target is seen); counts then say how
+    /// often it was seen, not run. `--reachability false` reports and counts
+    /// every call exactly.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", env = "DETECTOR_REACHABILITY")]
     pub reachability: bool,
     /// How hits are printed on stdout.
     #[arg(long, value_enum, default_value_t = Events::Json, env = "DETECTOR_EVENTS")]
