@@ -171,11 +171,23 @@ fn reachability_reports_once_and_then_stops_paying() {
         let mut fixture = Fixture::start(i, "rounds");
         fixture.go();
         let pid = fixture.pid().to_string();
-        let args: Vec<String> =
-            ["run", "--no-rc", "--target", F, "--target", H, "--strategy", "watch", "--reachability", "true", "--pid", &pid]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+        let args: Vec<String> = [
+            "run",
+            "--no-rc",
+            "--target",
+            F,
+            "--target",
+            H,
+            "--strategy",
+            "watch",
+            "--reachability",
+            "true",
+            "--pid",
+            &pid,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let mut det = detector_tests::spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
         det.wait_for("attached");
         fixture.call("f", 5);

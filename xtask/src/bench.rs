@@ -266,7 +266,7 @@ fn render(rows: &[Row], machine: &str) -> String {
     let _ = writeln!(
         s,
         "Reading it: the probe itself (the *empty* column, a trap into the kernel) costs \
-         0.5-0.7 us per call here. On top of it the detector's common path (*miss*) is one \
+         about 0.4 us per call here. On top of it the detector's common path (*miss*) is one \
          verdict-cache lookup, with the frame and code object taken from registers the \
          analysis proved hold them (3.12-3.14). 3.8-3.11 also read the frame's code object \
          from memory (`bpf_probe_read_user` costs ~80 ns on this kernel): no register holds \
