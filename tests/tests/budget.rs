@@ -38,7 +38,7 @@ fn start(i: &detector_tests::Interpreter, args: &[&str]) -> (NodeAgent, Fixture)
 fn per_call_over_budget_moves_to_watch_and_counts_stay_exact() {
     let _turn = one_at_a_time();
     for i in interpreters().iter().filter(|i| i.minor != 10 && i.rootfs.is_none()) {
-        let (mut agent, mut fixture) = start(i, &["--strategy", "per-call", "--overhead-budget", "0.5"]);
+        let (mut agent, mut fixture) = start(i, &["--strategy", "per-call", "--overhead-budget", "1"]);
         let pid = fixture.pid();
         agent.wait_metric(r#"detector_budget_actions_total{action="watch"}"#, 1.0);
         let p = process(&agent, pid);
@@ -64,14 +64,16 @@ fn per_call_over_budget_moves_to_watch_and_counts_stay_exact() {
 fn within_budget_nothing_changes() {
     let _turn = one_at_a_time();
     let i = interpreters().into_iter().find(|i| i.name.starts_with("pyenv") && i.minor == 12).unwrap();
-    // 100% of a CPU: the per-call probes of this loop cost less.
-    let (mut agent, mut fixture) = start(&i, &["--strategy", "per-call", "--overhead-budget", "100"]);
+    // Ten CPUs: more than any process can spend.
+    let (mut agent, mut fixture) = start(&i, &["--strategy", "per-call", "--overhead-budget", "1000"]);
     let pid = fixture.pid();
     let line = fixture.read_line();
     let p = process(&agent, pid);
     assert_eq!(p["strategy"], "per-call", "{p}");
     let share = p["overhead_percent"].as_f64().expect("measured");
-    assert!(share > 0.5 && share < 100.0, "per-call probes on a call-heavy loop: {share}% of a CPU");
+    // Measured, and far from free (a loaded machine may inflate the cost
+    // measured at start, so no upper bound is asserted).
+    assert!(share > 0.5, "per-call probes on a call-heavy loop: {share}% of a CPU");
     assert!(p["budget"].is_null(), "{p}");
     fixture.wait_done();
     fixture.finish();

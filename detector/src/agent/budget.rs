@@ -22,7 +22,8 @@ const WINDOW: usize = 6;
 const MIN_SPAN: Duration = Duration::from_secs(3);
 
 /// The detector's per-pass cost above the empty probe's: the bench measures
-/// 1.05-1.12x for a miss and up to 1.26x for a hit (docs/BENCHMARKS.md).
+/// 1.06-1.15x for a miss (nearly every pass) and up to 1.27x for a hit
+/// (docs/BENCHMARKS.md).
 const PER_CALL_OVER_FLOOR: f64 = 1.15;
 
 /// Calls made per calibration: enough for a stable mean, tens of ms each.
@@ -49,7 +50,7 @@ impl Costs {
     /// Measured on the machine of docs/BENCHMARKS.md, for when calibration
     /// cannot run.
     pub const FALLBACK: Costs =
-        Costs { per_call_ns: 700.0, watch_ns: 30_000.0, uprobe_emulated_ns: 600.0, uprobe_stepped_ns: 18_000.0 };
+        Costs { per_call_ns: 450.0, watch_ns: 14_000.0, uprobe_emulated_ns: 390.0, uprobe_stepped_ns: 14_000.0 };
 
     /// Measures them on this node: uprobes running the empty program on two
     /// functions of the agent itself (one the kernel emulates, one it

@@ -35,7 +35,8 @@ pub struct DumpArgs {
     pub format: Format,
     /// How calls are observed: `per-call` probes (exact on every build) or
     /// hardware watchpoints on each target's body start (`watch`: other calls
-    /// cost nothing; falls back to per-call when it cannot apply).
+    /// pass no probe; falls back to per-call when it cannot apply). `auto`
+    /// is watch where it applies.
     #[arg(long, value_enum, default_value_t = Strategy::Auto)]
     pub strategy: Strategy,
     /// Stop after this many seconds.
