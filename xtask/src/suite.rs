@@ -167,10 +167,11 @@ pub fn run(interps: &[Interpreter]) -> Result<String> {
         "\nReading it: an armed watchpoint is not free even when it never fires. *watch* and \
          *reachability* differ only in that the latter disarms the watchpoint after the first \
          call; a watchpoint on a byte nothing reads slows richards by a few percent here too, \
-         fib hardly, so the cost is not the traps. A plain `perf stat -e mem:ADDR:rw` \
-         breakpoint costs richards 1-2%; the detector's (a sampling event with a BPF program, \
-         inherited by new threads) more, for reasons not found yet. Reachability mode, which \
-         keeps nothing armed once every target is seen, is what reaches 1.00x."
+         fib hardly, so the cost is not the traps; and a plain `perf stat -e mem:ADDR:rw:u` \
+         breakpoint on an unused heap byte (no BPF, no sampling) costs richards the same 3-7% \
+         here: an enabled debug register slows this workload in this VM, whoever arms it. \
+         Reachability mode, which keeps nothing armed once every target is seen, is what \
+         reaches 1.00x."
     );
     Ok(s)
 }
