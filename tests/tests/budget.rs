@@ -43,6 +43,7 @@ fn per_call_over_budget_moves_to_watch_and_counts_stay_exact() {
         agent.wait_metric(r#"detector_budget_actions_total{action="watch"}"#, 1.0);
         let p = process(&agent, pid);
         assert_eq!(p["strategy"], "watch", "{}: {p}", i.name);
+        assert_eq!(p["targets_by_strategy"], serde_json::json!({"watch": 1}), "{}: {p}", i.name);
         // The per-call uprobes are closed; the deallocation probe stays.
         assert_eq!(p["probes"], 1, "{}: {p}", i.name);
         let note = p["budget"].as_str().unwrap_or_default();
@@ -70,6 +71,7 @@ fn within_budget_nothing_changes() {
     let line = fixture.read_line();
     let p = process(&agent, pid);
     assert_eq!(p["strategy"], "per-call", "{p}");
+    assert_eq!(p["targets_by_strategy"], serde_json::json!({"per-call": 1}), "{p}");
     let share = p["overhead_percent"].as_f64().expect("measured");
     // Measured, and far from free (a loaded machine may inflate the cost
     // measured at start, so no upper bound is asserted).
@@ -94,6 +96,7 @@ fn over_budget_without_a_cheaper_strategy_suspends_then_tries_again() {
     agent.wait_metric(r#"detector_budget_actions_total{action="suspend"}"#, 1.0);
     let p = process(&agent, pid);
     assert_eq!(p["strategy"], "suspended", "{p}");
+    assert_eq!(p["targets_by_strategy"], serde_json::json!({"none": 1}), "{p}");
     assert_eq!(p["probes"], 0, "{p}");
     agent.wait_metric(r#"detector_processes_by_strategy{strategy="suspended"}"#, 1.0);
     // After --budget-retry it is probed (and measured) again.

@@ -160,7 +160,7 @@ pub fn run(suite_only: bool) -> Result<()> {
 
 /// Median ns per call of the call-heavy loop under `cond`.
 fn measure(interp: &Interpreter, cond: Condition) -> f64 {
-    let mut fixture = Fixture::start(interp, "bench_calls");
+    let fixture = Fixture::start(interp, "bench_calls");
     fixture.pin(0);
     let pid = fixture.pid().to_string();
     let detector = match cond {
@@ -183,6 +183,12 @@ fn measure(interp: &Interpreter, cond: Condition) -> f64 {
             Some(d)
         }
     };
+    timed(fixture, detector, "ns_per_call ")
+}
+
+/// Lets `fixture` run (under `detector`, if any), stops both, and returns
+/// the number its output line gives after `prefix` (NaN if none).
+pub fn timed(mut fixture: Fixture, detector: Option<Dump>, prefix: &str) -> f64 {
     fixture.go();
     let line = fixture.read_line();
     fixture.wait_done();
@@ -190,7 +196,7 @@ fn measure(interp: &Interpreter, cond: Condition) -> f64 {
         d.stop();
     }
     fixture.finish();
-    line.strip_prefix("ns_per_call ").and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
+    line.strip_prefix(prefix).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
 }
 
 fn machine() -> String {

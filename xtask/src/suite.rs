@@ -73,7 +73,7 @@ fn measure(interp: &Interpreter, workload: &str, cond: Condition, richards: &str
         ("DETECTOR_BENCH_RICHARDS", richards),
         ("DETECTOR_BENCH_MONITOR", monitor),
     ];
-    let mut fixture = Fixture::start_with_env(interp, "suite", &env);
+    let fixture = Fixture::start_with_env(interp, "suite", &env);
     fixture.pin(0);
     let pid = fixture.pid();
     let detector = match cond {
@@ -94,18 +94,12 @@ fn measure(interp: &Interpreter, workload: &str, cond: Condition, richards: &str
     };
     let watching =
         detector.as_ref().map(|d| d.seen.iter().any(|v| v["type"] == "attached" && v["strategy"] != "per-call"));
-    fixture.go();
-    let line = fixture.read_line();
-    fixture.wait_done();
-    if let Some(d) = detector {
-        d.stop();
-    }
-    fixture.finish();
-    // 3.8-3.10 fall back to per-call: not what these columns measure.
+    let ns = crate::bench::timed(fixture, detector, "ns_per_round ");
+    // Where watch falls back to per-call, it is not what these columns measure.
     if matches!(cond, Condition::Watch | Condition::Reachability) && watching != Some(true) {
         return f64::NAN;
     }
-    line.strip_prefix("ns_per_round ").and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
+    ns
 }
 
 /// The suite's table for `interps`.

@@ -10,7 +10,10 @@ pub mod watchpoints;
 
 pub use session::Session;
 
-use std::{collections::HashSet, time::Instant};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Instant,
+};
 
 use detector_common::{FAMILY_FRAME_ARG, MODE_PER_CALL, MODE_WATCH, SiteCookie};
 use tracing::{debug, info};
@@ -310,13 +313,34 @@ impl ProcessWatch {
     pub fn target_strategy(&self, target: u32) -> &'static str {
         if self.armed.as_ref().is_some_and(|a| a.watches(target)) {
             "watch"
-        } else if self.reached.as_ref().is_some_and(|r| r.contains(&target)) && self.links.is_empty() {
-            "reached"
-        } else if !self.links.is_empty() {
+        } else if self.probed_per_call() {
             "per-call"
+        } else if self.reached.as_ref().is_some_and(|r| r.contains(&target)) {
+            "reached"
         } else {
             "none"
         }
+    }
+
+    /// How many of its `targets` are observed each way (as
+    /// [`ProcessWatch::target_strategy`] says), without a pass over them:
+    /// a node may have thousands of targets and processes.
+    pub fn targets_by_strategy(&self, targets: usize) -> BTreeMap<&'static str, usize> {
+        let watched = self.armed.as_ref().map_or(0, |a| a.targets());
+        let rest = targets.saturating_sub(watched);
+        // Reached targets are disarmed, so none of them is among the watched.
+        let reached = if self.probed_per_call() { 0 } else { self.reached.as_ref().map_or(0, |r| r.len().min(rest)) };
+        let other = if self.probed_per_call() { "per-call" } else { "none" };
+        [("watch", watched), ("reached", reached), (other, rest - reached)]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Whether per-call probes are attached (under watch only the
+    /// deallocation probe is).
+    fn probed_per_call(&self) -> bool {
+        self.links.iter().any(|l| l.kind() != ProbeKind::CodeDealloc)
     }
 
     /// What it is watched with, as reported: the strategy, `suspended`,

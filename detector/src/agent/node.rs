@@ -383,11 +383,7 @@ impl Node {
                     "version": w.process.analysis.version.to_string(),
                     "probes": w.probes(),
                     "strategy": w.mode(),
-                    // Counts, not a map: a node may have thousands of targets.
-                    "targets_by_strategy": session.targets().iter().fold(BTreeMap::<&str, usize>::new(), |mut m, (_, id)| {
-                        *m.entry(w.target_strategy(id)).or_default() += 1;
-                        m
-                    }),
+                    "targets_by_strategy": w.targets_by_strategy(session.targets().len()),
                     "watched_units": w.watched_units(),
                     "watch_fallback": w.fallback,
                     "overhead_percent": w.meter.share.map(|s| s * 100.0),

@@ -144,6 +144,14 @@ impl Armed {
         self.units.iter().any(|u| u.code == code)
     }
 
+    /// How many targets are under a watchpoint.
+    pub fn targets(&self) -> usize {
+        let mut ids: Vec<u32> = self.units.iter().map(|u| u.target).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+
     /// Whether `target` is under a watchpoint.
     pub fn watches(&self, target: u32) -> bool {
         self.units.iter().any(|u| u.target == target)

@@ -85,11 +85,7 @@ pub fn find(
         let code: Vec<Instruction> = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE).into_iter().collect();
         for ins in &code {
             let Some(dest) = opcode_load(ins) else { continue };
-            let feeds = match follow {
-                Follow::FallThrough => feeds_indirect_jump(|ip| decode_at(elf, ip), ins.next_ip(), dest),
-                Follow::AnyBranch => feeds_on_some_path(|ip| decode_at(elf, ip), ins.next_ip(), dest),
-            };
-            if feeds {
+            if feeds_indirect_jump(|ip| decode_at(elf, ip), ins.next_ip(), dest, follow) {
                 ends.push(ins.next_ip());
             }
         }
@@ -118,7 +114,7 @@ fn handler_dispatches(elf: &ElfImage, handler: u64) -> Vec<u64> {
         }
         let Some(ins) = decode_at(elf, ip) else { continue };
         if let Some(dest) = opcode_load(&ins)
-            && feeds_indirect_jump(|a| decode_at(elf, a), ins.next_ip(), dest)
+            && feeds_indirect_jump(|a| decode_at(elf, a), ins.next_ip(), dest, Follow::FallThrough)
         {
             found.push(ins.next_ip());
             continue;
@@ -153,45 +149,16 @@ fn decode_at(elf: &ElfImage, ip: u64) -> Option<Instruction> {
     (!ins.is_invalid()).then_some(ins)
 }
 
-/// Whether the value in `reg` reaches an indirect jump (as its index, base or
-/// target) within [`MAX_DISTANCE`] instructions from `ip`, following the
-/// fall-through of conditional branches and direct jumps (a switch build,
-/// and GCC's shared dispatch tails, jump to one dispatch block).
-fn feeds_indirect_jump(decode: impl Fn(u64) -> Option<Instruction>, mut ip: u64, reg: Register) -> bool {
-    let mut tainted = vec![reg];
-    for _ in 0..MAX_DISTANCE {
-        let Some(ins) = decode(ip) else { return false };
-        let reads_tainted = reads_any(&ins, &tainted);
-        ip = ins.next_ip();
-        match ins.flow_control() {
-            FlowControl::IndirectBranch => return reads_tainted,
-            FlowControl::Next | FlowControl::ConditionalBranch => {}
-            FlowControl::UnconditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
-                ip = ins.near_branch_target();
-                continue;
-            }
-            _ => return false,
-        }
-        for w in written(&ins) {
-            tainted.retain(|&t| t != w);
-            if reads_tainted {
-                tainted.push(w);
-            }
-        }
-        if tainted.is_empty() {
-            return false;
-        }
-    }
-    false
-}
-
 /// Instructions looked at, over all paths, from one load.
 const MAX_PATH_WORK: usize = 1024;
 
-/// As [`feeds_indirect_jump`], along both sides of conditional branches
-/// (each path at most [`MAX_DISTANCE`] long, all of them together at most
+/// Whether the value in `reg` reaches an indirect jump (as its index, base or
+/// target) within [`MAX_DISTANCE`] instructions from `ip`, following direct
+/// jumps (a switch build, and GCC's shared dispatch tails, jump to one
+/// dispatch block) and the fall-through of conditional branches, or with
+/// [`Follow::AnyBranch`] both of their sides (all paths together at most
 /// [`MAX_PATH_WORK`] instructions).
-fn feeds_on_some_path(decode: impl Fn(u64) -> Option<Instruction>, ip: u64, reg: Register) -> bool {
+fn feeds_indirect_jump(decode: impl Fn(u64) -> Option<Instruction>, ip: u64, reg: Register, follow: Follow) -> bool {
     // Breadth first: the branches nearest the load are the likely ones.
     let mut todo = std::collections::VecDeque::from([(ip, vec![reg], 0usize)]);
     // The shallowest depth each (instruction, taint) was reached at: a
@@ -215,7 +182,11 @@ fn feeds_on_some_path(decode: impl Fn(u64) -> Option<Instruction>, ip: u64, reg:
             match ins.flow_control() {
                 FlowControl::IndirectBranch if reads_tainted => return true,
                 FlowControl::Next => {}
-                FlowControl::ConditionalBranch => todo.push_back((ins.near_branch_target(), tainted.clone(), depth)),
+                FlowControl::ConditionalBranch => {
+                    if follow == Follow::AnyBranch {
+                        todo.push_back((ins.near_branch_target(), tainted.clone(), depth));
+                    }
+                }
                 FlowControl::UnconditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
                     ip = ins.near_branch_target();
                     continue;
@@ -270,7 +241,7 @@ mod tests {
     /// Whether the load ending at instruction `i` of `code` feeds a jump.
     fn feeds(code: &[Instruction], i: usize, reg: Register) -> bool {
         let at = |ip| code.iter().find(|c| c.ip() == ip).copied();
-        feeds_indirect_jump(at, code[i].next_ip(), reg)
+        feeds_indirect_jump(at, code[i].next_ip(), reg, Follow::FallThrough)
     }
 
     #[test]
@@ -314,6 +285,6 @@ mod tests {
         let code = decode(&[0x41, 0x0f, 0xb7, 0x07, 0x85, 0xd2, 0x75, 0x05, 0xe8, 0, 0, 0, 0, 0xff, 0xe0]);
         assert!(!feeds(&code, 0, Register::RAX));
         let at = |ip| code.iter().find(|c| c.ip() == ip).copied();
-        assert!(feeds_on_some_path(at, code[0].next_ip(), Register::RAX));
+        assert!(feeds_indirect_jump(at, code[0].next_ip(), Register::RAX, Follow::AnyBranch));
     }
 }
