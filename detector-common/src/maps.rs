@@ -245,8 +245,16 @@ pub const MODE_PER_CALL: u32 = 0;
 /// through, so a switch between strategies counts every call once.
 pub const MODE_WATCH: u32 = 1;
 
+/// Every hit is an event (the slot's default, zero): each call is reported.
+pub const EVENTS_EVERY: u32 = 0;
+/// Reachability: a hit is an event only when its exact count becomes a power
+/// of two (1, 2, 4, ...). The first reports the target; the rest are cheap
+/// signs of life, and a dropped first record is made good by the next.
+pub const EVENTS_SPARSE: u32 = 1;
+
 /// One process's slot, per CPU: how often its probes ran, and which of them
-/// count. User space sums the passes over CPUs and sets the mode on every CPU.
+/// count, and how hits are reported. User space sums the passes over CPUs and
+/// sets the rest on every CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slot {
@@ -254,8 +262,8 @@ pub struct Slot {
     pub passes: u64,
     /// [`MODE_PER_CALL`] or [`MODE_WATCH`].
     pub mode: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// [`EVENTS_EVERY`] or [`EVENTS_SPARSE`].
+    pub events: u32,
 }
 
 /// Per-CPU scratch space for keys that do not fit on the eBPF stack.

@@ -14,9 +14,20 @@ pub const HITS: u32 = 4;
 pub const MAP_FULL: u32 = 5;
 /// Passes not counted because the handler re-dispatches (see `site`).
 pub const REDISPATCH_SKIPS: u32 = 6;
+/// Hits written to the ring buffer as records: every hit, or under
+/// reachability only those whose count reached a power of two.
+pub const HIT_RECORDS: u32 = 7;
 /// Number of counters.
-pub const COUNT: u32 = 7;
+pub const COUNT: u32 = 8;
 
 /// Counter names, by index, for metrics and summaries.
-pub const NAMES: [&str; COUNT as usize] =
-    ["ringbuf_drops", "unknown_thread", "read_errors", "verdict_misses", "hits", "map_full", "redispatch_skips"];
+pub const NAMES: [&str; COUNT as usize] = [
+    "ringbuf_drops",
+    "unknown_thread",
+    "read_errors",
+    "verdict_misses",
+    "hits",
+    "map_full",
+    "redispatch_skips",
+    "hit_records",
+];

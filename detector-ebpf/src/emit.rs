@@ -17,28 +17,37 @@ use crate::{
 };
 
 /// Adds one to the counter `map[key]` (reached through `$counter`), creating
-/// the entry as `$new` (which counts one) if needed.
+/// the entry as `$new` (which counts one) if needed. Evaluates to the count
+/// after it (read back: CPUs adding at once may both see the larger one), or
+/// 0 if the map is full.
 macro_rules! increment {
     ($map:expr, $key:expr, $new:expr, |$p:ident| $counter:expr) => {{
         let key = $key;
         match $map.get_ptr_mut(&key) {
             Some($p) => atomic_add($counter),
             None => match $map.insert(&key, &$new, BPF_NOEXIST as u64) {
-                Ok(()) => {}
+                Ok(()) => 1,
                 // Lost a race with another CPU creating it: add to theirs.
                 Err(_) => match $map.get_ptr_mut(&key) {
                     Some($p) => atomic_add($counter),
-                    None => bump(stats::MAP_FULL),
+                    None => {
+                        bump(stats::MAP_FULL);
+                        0
+                    }
                 },
             },
         }
     }};
 }
 
-/// `*p += 1` as one atomic instruction (the BPF target has no `AtomicU64`).
+/// `*p += 1` as one atomic instruction (the BPF target has no `AtomicU64`);
+/// returns `*p` as read just after.
 #[inline(always)]
-fn atomic_add(p: *mut u64) {
-    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, 1) };
+fn atomic_add(p: *mut u64) -> u64 {
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, 1);
+        core::ptr::read_volatile(p)
+    }
 }
 
 /// Flags for submitting a record of `size` bytes: wake the reader only when
@@ -67,12 +76,18 @@ fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
     entry
 }
 
-/// Counts a hit of `target` and reports it.
+/// Counts a hit of `target` and reports it: always, or if `sparse` only when
+/// the count becomes a power of two (the ring-buffer record is most of a
+/// hit's cost, and reachability needs the first).
 #[inline(always)]
-pub fn hit(tgid: u32, tid: u32, target: u32, code: u64) {
-    increment!(COUNTS, CountKey { tgid, target }, 1u64, |p| p);
+pub fn hit(tgid: u32, tid: u32, target: u32, code: u64, sparse: bool) {
+    let count = increment!(COUNTS, CountKey { tgid, target }, 1u64, |p| p);
     bump(stats::HITS);
+    if sparse && count & count.wrapping_sub(1) != 0 {
+        return;
+    }
     let Some(mut entry) = reserve::<HitEvent>() else { return };
+    bump(stats::HIT_RECORDS);
     entry.write(HitEvent {
         header: EventHeader { kind: EVENT_HIT, tgid },
         tid,
@@ -114,7 +129,7 @@ pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
 #[inline(always)]
 pub fn candidate(tgid: u32, tid: u32, generation: u32, code: u64, name: u64, globals: u64) {
     let entry = PendingEntry { hits: 1, name, globals };
-    increment!(PENDING, PendingKey { tgid, generation, code }, entry, |p| unsafe { &raw mut (*p).hits });
+    let _ = increment!(PENDING, PendingKey { tgid, generation, code }, entry, |p| unsafe { &raw mut (*p).hits });
     let Some(mut entry) = reserve::<CandidateEvent>() else { return };
     entry.write(CandidateEvent {
         header: EventHeader { kind: EVENT_CANDIDATE, tgid },

@@ -21,7 +21,7 @@ use crate::{
 
 pub fn run(ctx: &ProbeContext) -> Option<()> {
     let cookie = SiteCookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
-    let counts = pass(cookie.slot, MODE_PER_CALL);
+    let pass = pass(cookie.slot, MODE_PER_CALL);
     let layout = LAYOUTS.get(cookie.layout)?;
     let (frame, throwflag) = frame_and_throwflag(ctx, layout.frame_arg);
     let code = field(frame, layout.frame_code)?;
@@ -41,7 +41,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
             verdict::store(layout, &key, generation, t)
         }
     };
-    if target == TARGET_NONE || !counts {
+    if target == TARGET_NONE || !pass.counts {
         return None;
     }
     // A generator's frame is entered again on each resume (`f_lasti` is then
@@ -54,7 +54,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         let globals = field(frame, layout.frame_globals).unwrap_or(0);
         emit::candidate(tgid, tid, generation, code, name, globals);
     } else {
-        emit::hit(tgid, tid, target, code);
+        emit::hit(tgid, tid, target, code, pass.sparse);
     }
     Some(())
 }

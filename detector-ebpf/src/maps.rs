@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{
-    CodeIdentity, CodeKey, Config, CountKey, Layout, NameKey, PendingEntry, PendingKey, Scratch, Slot, TargetKey,
+    CodeIdentity, CodeKey, Config, CountKey, EVENTS_SPARSE, Layout, NameKey, PendingEntry, PendingKey, Scratch, Slot, TargetKey,
     ThreadEntry, Verdict, WatchEntry, WatchKey, capacity, stats,
 };
 
@@ -70,16 +70,25 @@ pub fn bump(stat: u32) {
     }
 }
 
-/// Counts a pass of process `slot`'s probes; returns whether `mode` is the
-/// one that counts hits for it (true for a process without a slot).
+/// What a process's slot says about one pass of its probes.
+#[derive(Clone, Copy)]
+pub struct Pass {
+    /// The passing probe's strategy is the one that counts hits.
+    pub counts: bool,
+    /// Hits are reported sparsely ([`EVENTS_SPARSE`]).
+    pub sparse: bool,
+}
+
+/// Counts a pass of process `slot`'s probes, made by a probe of strategy
+/// `mode`. A process without a slot counts every hit and reports it.
 #[inline(always)]
-pub fn pass(slot: u16, mode: u32) -> bool {
+pub fn pass(slot: u16, mode: u32) -> Pass {
     match SLOTS.get_ptr_mut(slot as u32) {
         // Per-CPU, and a BPF program is not preempted on its CPU.
         Some(p) => unsafe {
             (*p).passes += 1;
-            (*p).mode == mode
+            Pass { counts: (*p).mode == mode, sparse: (*p).events == EVENTS_SPARSE }
         },
-        None => true,
+        None => Pass { counts: true, sparse: false },
     }
 }

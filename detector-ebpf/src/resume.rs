@@ -29,7 +29,7 @@ use crate::{
 
 pub fn run(ctx: &ProbeContext) -> Option<()> {
     let cookie = SiteCookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
-    let counts = pass(cookie.slot, MODE_PER_CALL);
+    let pass = pass(cookie.slot, MODE_PER_CALL);
     let layout = LAYOUTS.get(cookie.layout)?;
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
@@ -50,7 +50,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         Some(v) => v,
         None => verdict::store(layout, &key, generation, verdict::classify_resume(layout, tgid, frame, code)),
     };
-    if target >= TARGET_PENDING || !counts {
+    if target >= TARGET_PENDING || !pass.counts {
         return None;
     }
 
@@ -68,7 +68,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         bump(stats::REDISPATCH_SKIPS);
         return None;
     }
-    emit::hit(tgid, tid, target, code);
+    emit::hit(tgid, tid, target, code, pass.sparse);
     Some(())
 }
 

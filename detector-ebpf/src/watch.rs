@@ -36,7 +36,7 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let ip = unsafe { (*data).regs.rip };
     let entry = WATCHES.get_ptr_mut(&WatchKey { tgid, _pad: 0, addr })?;
-    let counts = pass(unsafe { (*entry).slot }, MODE_WATCH);
+    let pass = pass(unsafe { (*entry).slot }, MODE_WATCH);
     let op = read::<u8>(addr)?;
     let (code, target, layout) = unsafe {
         let e = &mut *entry;
@@ -45,7 +45,7 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
         if op != seen {
             return None;
         }
-        if !counts || DISPATCH_READS.get(&WatchKey { tgid, _pad: 0, addr: ip }).is_none() {
+        if !pass.counts || DISPATCH_READS.get(&WatchKey { tgid, _pad: 0, addr: ip }).is_none() {
             return None;
         }
         let first = e.reported == 0;
@@ -55,6 +55,6 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
     if let Some(l) = layout.and_then(|l| LAYOUTS.get(l)) {
         emit::code(l, tgid, target, code);
     }
-    emit::hit(tgid, tid, target, code);
+    emit::hit(tgid, tid, target, code, pass.sparse);
     Some(())
 }

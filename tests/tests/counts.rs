@@ -1,7 +1,7 @@
 //! Exact hit counts for known workloads on every interpreter, and zero for
 //! decoys: same name in another class, at module level, in another module.
 
-use detector_tests::{for_each_interpreter, run_attached};
+use detector_tests::{Fixture, for_each_interpreter, run_attached, spawn_with_env};
 
 #[test]
 fn plain_functions() {
@@ -112,6 +112,8 @@ fn hits_carry_file_and_line() {
     for_each_interpreter(|i| {
         let s = run_attached(i, "plain", &["wl.plain:g"]);
         s.assert_counts(&[("wl.plain:g", 3)]);
+        // `dump` reports every hit.
+        assert_eq!((s.hits.len(), &s.stats["hit_records"]), (3, &serde_json::json!(3)), "{}", i.name);
         for h in &s.hits {
             assert_eq!(h["qualname"], "g");
             assert_eq!(h["module"], "wl.plain");
@@ -136,5 +138,29 @@ fn tracing_and_monitoring_switched_on_and_off() {
         }
         // The tracer is called for each traced call event (at least once per call).
         assert!(s.count("wl.traced:tracer") >= 5, "tracer: {}", s.count("wl.traced:tracer"));
+    });
+}
+
+#[test]
+fn reachability_counts_every_call_and_records_few() {
+    for_each_interpreter(|i| {
+        const F: &str = "wl.rounds:f";
+        let mut fixture = Fixture::start(i, "rounds");
+        fixture.go();
+        let pid = fixture.pid().to_string();
+        let args = ["run", "--no-rc", "--target", F, "--strategy", "per-call", "--reachability", "true", "--pid", &pid];
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let mut det = spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
+        det.wait_for("attached");
+        fixture.call("f", 100);
+        det.wait_hits(F, 1);
+        let s = det.stop();
+        fixture.finish();
+        // Per-call probes keep counting exactly; the kernel writes a record
+        // only when the count reaches 1, 2, 4, ..., 64 (fewer if 3.8-3.10
+        // counted the first calls as pending), and one hit line is printed.
+        assert_eq!((s.count(F), s.hits.len()), (100, 1), "{}", i.name);
+        let records = s.stats["hit_records"].as_u64().unwrap();
+        assert!((1..=7).contains(&records), "{}: {records} records for 100 hits", i.name);
     });
 }

@@ -6,7 +6,7 @@
 use std::{fmt::Write as _, fs, process::Command};
 
 use anyhow::{Context, Result};
-use detector_tests::{Dump, Fixture, Interpreter, interpreters, pin, spawn_detector};
+use detector_tests::{Dump, Fixture, Interpreter, interpreters, pin, spawn_detector, spawn_with_env};
 
 use crate::{build, footprint, latency, root, rootfs, suite, testbuilds};
 
@@ -23,6 +23,9 @@ enum Condition {
     Miss,
     /// The detector, the called function a target (count + event per call).
     Hit,
+    /// `run`'s default, reachability: the count per call, an event only when
+    /// it reaches a power of two.
+    HitReach,
     /// The watch strategy, the target another function: the loop's calls
     /// should cost nothing.
     WatchMiss,
@@ -31,14 +34,21 @@ enum Condition {
     WatchHit,
 }
 
-const CONDITIONS: [Condition; 6] =
-    [Condition::None, Condition::Empty, Condition::Miss, Condition::Hit, Condition::WatchMiss, Condition::WatchHit];
+const CONDITIONS: [Condition; 7] = [
+    Condition::None,
+    Condition::Empty,
+    Condition::Miss,
+    Condition::Hit,
+    Condition::HitReach,
+    Condition::WatchMiss,
+    Condition::WatchHit,
+];
 
 /// One interpreter's medians, ns per call (NaN where the watch strategy does
 /// not apply).
 struct Row {
     name: String,
-    ns: [f64; 6],
+    ns: [f64; 7],
 }
 
 /// Detection latency (p50, p99 ms) per strategy and the agent's footprint.
@@ -111,7 +121,7 @@ pub fn run(suite_only: bool) -> Result<()> {
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for interp in interpreters() {
-        let mut samples: [Vec<f64>; 6] = Default::default();
+        let mut samples: [Vec<f64>; 7] = Default::default();
         // Interleaved, so drift in the machine's speed hits every condition.
         for _ in 0..RUNS {
             for (i, c) in CONDITIONS.iter().enumerate() {
@@ -172,6 +182,7 @@ fn measure(interp: &Interpreter, cond: Condition) -> f64 {
         }
         Condition::Miss => Some(Dump::attach(fixture.pid(), &["wl.bench_calls:other"])),
         Condition::Hit => Some(Dump::attach(fixture.pid(), &["wl.bench_calls:target"])),
+        Condition::HitReach => Some(reachability(fixture.pid(), "wl.bench_calls:target", "per-call")),
         Condition::WatchMiss | Condition::WatchHit => {
             let target = if cond == Condition::WatchHit { "wl.bench_calls:target" } else { "wl.bench_calls:other" };
             let d = Dump::attach_with(fixture.pid(), &[target], &["--strategy", "watch"]);
@@ -184,6 +195,20 @@ fn measure(interp: &Interpreter, cond: Condition) -> f64 {
         }
     };
     timed(fixture, detector, "ns_per_call ")
+}
+
+/// `detector run` in reachability mode (its default) on `pid` alone, once
+/// attached.
+pub fn reachability(pid: u32, target: &str, strategy: &str) -> Dump {
+    let pid = pid.to_string();
+    let args = ["run", "--no-rc", "--events", "json", "--strategy", strategy, "--reachability", "true"]
+        .into_iter()
+        .chain(["--target", target, "--pid", &pid])
+        .map(String::from)
+        .collect::<Vec<_>>();
+    let mut d = spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
+    d.wait_for("attached");
+    d
 }
 
 /// Lets `fixture` run (under `detector`, if any), stops both, and returns
@@ -237,7 +262,9 @@ fn render(rows: &[Row], machine: &str) -> String {
          - **miss**: the detector, with a target that is not the called function (the common \
          case: a cached verdict says \"not a target\").\n\
          - **hit**: the detector, the called function being the target (exact count in a map \
-         and an event in the ring buffer on every call).\n\
+         and an event in the ring buffer on every call: `dump`).\n\
+         - **hit, reachability**: the same under `run`'s default, reachability (the exact \
+         count on every call, an event only when it reaches a power of two).\n\
          - **watch other**: the watch strategy (`--strategy watch`, 3.11+), the target another \
          function: the loop's calls pay nothing, shown as time per call against no probe.\n\
          - **watch hit**: the watch strategy, the called function being the target: a \
@@ -245,11 +272,11 @@ fn render(rows: &[Row], machine: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| interpreter | no probe ns/call | empty ns/hit | detector miss ns/hit | miss / empty | detector hit ns/hit | hit / empty | watch other: ns/call (vs no probe) | watch hit ns/hit | watch hit / empty |"
+        "| interpreter | no probe ns/call | empty ns/hit | detector miss ns/hit | miss / empty | detector hit ns/hit | hit / empty | hit, reachability / empty | watch other: ns/call (vs no probe) | watch hit ns/hit | watch hit / empty |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
-        let [none, empty, miss, hit, wmiss, whit] = r.ns;
+        let [none, empty, miss, hit, reach, wmiss, whit] = r.ns;
         let (e, m, h) = (empty - none, miss - none, hit - none);
         let watch = if wmiss.is_nan() || whit.is_nan() {
             "per-call (3.8-3.10) | - | -".to_owned()
@@ -258,10 +285,11 @@ fn render(rows: &[Row], machine: &str) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {none:.1} | {e:.0} | {m:.0} | {:.2}x | {h:.0} | {:.2}x | {watch} |",
+            "| {} | {none:.1} | {e:.0} | {m:.0} | {:.2}x | {h:.0} | {:.2}x | {:.2}x | {watch} |",
             r.name,
             m / e,
-            h / e
+            h / e,
+            (reach - none) / e
         );
     }
     let _ = writeln!(
@@ -277,7 +305,9 @@ fn render(rows: &[Row], machine: &str) -> String {
          analysis proved hold them (3.12-3.14). 3.8-3.11 also read the frame's code object \
          from memory (`bpf_probe_read_user` costs ~80 ns on this kernel): no register holds \
          it at an always-executed site the kernel emulates. A *hit* adds the exact count (an \
-         atomic add in a map), a timestamp and a ring-buffer record. Per-call probing makes \
+         atomic add in a map), a timestamp and a ring-buffer record; the record is about half \
+         of that, which reachability mode (`run`'s default) skips on all but a target's 1st, \
+         2nd, 4th, ... hit. Per-call probing makes \
          every call of a watched process pay the floor: the watch strategy (hardware \
          watchpoints on the targets' body starts) removes it for every other call, as the \
          *watch other* column shows. A watched call pays far more than a uprobe, though: a \

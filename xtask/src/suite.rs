@@ -7,7 +7,7 @@
 use std::{fmt::Write as _, fs, path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
-use detector_tests::{Dump, Fixture, Interpreter, detector_bin, spawn_with_env};
+use detector_tests::{Dump, Fixture, Interpreter, detector_bin};
 
 use crate::root;
 
@@ -79,17 +79,7 @@ fn measure(interp: &Interpreter, workload: &str, cond: Condition, richards: &str
     let detector = match cond {
         Condition::PerCall => Some(Dump::attach_with(pid, &[TARGET], &["--strategy", "per-call"])),
         Condition::Watch => Some(Dump::attach_with(pid, &[TARGET], &["--strategy", "watch"])),
-        Condition::Reachability => {
-            let args: Vec<String> =
-                ["run", "--no-rc", "--events", "json", "--strategy", "watch", "--reachability", "true"]
-                    .into_iter()
-                    .chain(["--target", TARGET, "--pid", &pid.to_string()])
-                    .map(String::from)
-                    .collect();
-            let mut d = spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
-            d.wait_for("attached");
-            Some(d)
-        }
+        Condition::Reachability => Some(crate::bench::reachability(pid, TARGET, "watch")),
         _ => None,
     };
     let watching =

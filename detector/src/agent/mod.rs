@@ -16,7 +16,7 @@ use std::{
 };
 
 use detector_common::{FAMILY_FRAME_ARG, MODE_PER_CALL, MODE_WATCH, SiteCookie};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{BpfError, Link, ProbeKind, Probes, reaper::Buried},
@@ -237,6 +237,12 @@ impl ProcessWatch {
     pub fn reach(&mut self, probes: &mut Probes, seen: impl IntoIterator<Item = u32>) {
         self.reached.get_or_insert_with(HashSet::new).extend(seen);
         self.disarm_reached(probes);
+        // Only first hits are reported now: the kernel can skip the records.
+        let pid = self.process.pid;
+        probes.slot(pid);
+        if let Err(e) = probes.report_sparsely(pid) {
+            warn!(pid, error = %e, "cannot make hit events sparse: every hit stays an event");
+        }
         self.meter.reset();
     }
 
