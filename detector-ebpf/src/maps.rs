@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{
-    CodeIdentity, CodeKey, Config, CountKey, EVENTS_SPARSE, Layout, NameKey, PendingEntry, PendingKey, Scratch, Slot, TargetKey,
-    ThreadEntry, Verdict, WatchEntry, WatchKey, capacity, stats,
+    CodeIdentity, CodeKey, Config, CountKey, EVENTS_SPARSE, Layout, NameKey, PendingEntry, PendingKey, Scratch, Slot,
+    TargetKey, ThreadEntry, Verdict, WatchEntry, WatchKey, capacity, stats,
 };
 
 #[map]

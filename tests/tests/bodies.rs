@@ -45,13 +45,7 @@ fn one(b: &Value, target: &str) -> (u64, u64, String) {
 #[test]
 fn body_starts_are_found_before_the_first_call() {
     for_each_interpreter(|i| {
-        if i.minor == 10 {
-            let b = bodies(i, "plain", &["wl.plain:f"]);
-            assert_eq!(b["wl.plain:f"]["found"], "nothing");
-            assert!(b["wl.plain:f"]["reason"].as_str().unwrap().contains("3.10"));
-            return;
-        }
-        // 3.8 and 3.9: the first instruction of `co_code`, whatever the function.
+        // 3.8-3.10: the first instruction of `co_code`, whatever the function.
         let old = i.minor < 11;
         let b = bodies(i, "plain", &["wl.plain:f", "wl.plain:g"]);
         let (f, unit, op) = one(&b, "wl.plain:f");

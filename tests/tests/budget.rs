@@ -24,10 +24,10 @@ fn process(agent: &NodeAgent, pid: u32) -> Value {
     all.as_array().unwrap().iter().find(|p| p["pid"] == pid).cloned().unwrap_or(Value::Null)
 }
 
-/// Runs `hot` under an agent with `args`; returns (agent, fixture) once the
-/// fixture is attached and running.
-fn start(i: &detector_tests::Interpreter, args: &[&str]) -> (NodeAgent, Fixture) {
-    let mut agent = NodeAgent::start(&[TARGET], args);
+/// Runs `hot` under an agent watching `targets` with `args`; returns (agent,
+/// fixture) once the fixture is attached and running.
+fn start(i: &detector_tests::Interpreter, targets: &[&str], args: &[&str]) -> (NodeAgent, Fixture) {
+    let mut agent = NodeAgent::start(targets, args);
     let mut fixture = Fixture::start_with_env(i, "hot", &env(&opted_in("hot")));
     agent.wait_attached(fixture.pid());
     fixture.go();
@@ -37,8 +37,8 @@ fn start(i: &detector_tests::Interpreter, args: &[&str]) -> (NodeAgent, Fixture)
 #[test]
 fn per_call_over_budget_moves_to_watch_and_counts_stay_exact() {
     let _turn = one_at_a_time();
-    for i in interpreters().iter().filter(|i| i.minor != 10 && i.rootfs.is_none()) {
-        let (mut agent, mut fixture) = start(i, &["--strategy", "per-call", "--overhead-budget", "1"]);
+    for i in interpreters().iter().filter(|i| i.rootfs.is_none()) {
+        let (mut agent, mut fixture) = start(i, &[TARGET], &["--strategy", "per-call", "--overhead-budget", "1"]);
         let pid = fixture.pid();
         agent.wait_metric(r#"detector_budget_actions_total{action="watch"}"#, 1.0);
         let p = process(&agent, pid);
@@ -66,7 +66,7 @@ fn within_budget_nothing_changes() {
     let _turn = one_at_a_time();
     let i = interpreters().into_iter().find(|i| i.name.starts_with("pyenv") && i.minor == 12).unwrap();
     // Ten CPUs: more than any process can spend.
-    let (mut agent, mut fixture) = start(&i, &["--strategy", "per-call", "--overhead-budget", "1000"]);
+    let (mut agent, mut fixture) = start(&i, &[TARGET], &["--strategy", "per-call", "--overhead-budget", "1000"]);
     let pid = fixture.pid();
     let line = fixture.read_line();
     let p = process(&agent, pid);
@@ -88,15 +88,16 @@ fn within_budget_nothing_changes() {
 #[test]
 fn over_budget_without_a_cheaper_strategy_suspends_then_tries_again() {
     let _turn = one_at_a_time();
-    // 3.10: watchpoints do not apply, so nothing is cheaper than per-call.
-    let i = interpreters().into_iter().find(|i| i.name.starts_with("pyenv") && i.minor == 10).unwrap();
-    let (agent, mut fixture) =
-        start(&i, &["--strategy", "per-call", "--overhead-budget", "0.5", "--budget-retry", "2"]);
+    // A target the module never defines: watchpoints cannot apply, so
+    // nothing is cheaper than per-call.
+    let i = interpreters().into_iter().find(|i| i.name.starts_with("pyenv") && i.minor == 12).unwrap();
+    let args = ["--strategy", "per-call", "--overhead-budget", "0.5", "--budget-retry", "2"];
+    let (agent, mut fixture) = start(&i, &[TARGET, "wl.hot:never_defined"], &args);
     let pid = fixture.pid();
     agent.wait_metric(r#"detector_budget_actions_total{action="suspend"}"#, 1.0);
     let p = process(&agent, pid);
     assert_eq!(p["strategy"], "suspended", "{p}");
-    assert_eq!(p["targets_by_strategy"], serde_json::json!({"none": 1}), "{p}");
+    assert_eq!(p["targets_by_strategy"], serde_json::json!({"none": 2}), "{p}");
     assert_eq!(p["probes"], 0, "{p}");
     agent.wait_metric(r#"detector_processes_by_strategy{strategy="suspended"}"#, 1.0);
     // After --budget-retry it is probed (and measured) again.

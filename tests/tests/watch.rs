@@ -6,12 +6,6 @@
 
 use detector_tests::{Dump, Fixture, Interpreter, Summary, for_each_interpreter};
 
-/// Whether the watch strategy applies to `i` (3.10 is probed per call, see
-/// `pyproc/body.rs`).
-fn watchable(i: &Interpreter) -> bool {
-    i.minor != 10
-}
-
 /// Runs `workload` under `dump --strategy watch` attached after its setup.
 fn watched(i: &Interpreter, workload: &str, targets: &[&str]) -> Summary {
     let mut fixture = Fixture::start(i, workload);
@@ -27,14 +21,9 @@ fn watched(i: &Interpreter, workload: &str, targets: &[&str]) -> Summary {
 fn check(i: &Interpreter, workload: &str, expected: &[(&str, u64)]) {
     let targets: Vec<&str> = expected.iter().map(|(t, _)| *t).collect();
     let s = watched(i, workload, &targets);
-    if !watchable(i) {
-        // Probed per call, and says why.
-        assert!(s.attached["watch_fallback"].as_str().unwrap().contains("3.10"), "{}", s.attached);
-    } else {
-        assert_eq!(s.attached["strategy"], "watch", "{}: {}", i.name, s.attached);
-        // The deallocation probe only: no per-call probe.
-        assert_eq!(s.attached["probes"], 1, "{}: {}", i.name, s.attached);
-    }
+    assert_eq!(s.attached["strategy"], "watch", "{}: {}", i.name, s.attached);
+    // The deallocation probe only: no per-call probe.
+    assert_eq!(s.attached["probes"], 1, "{}: {}", i.name, s.attached);
     s.assert_counts(expected);
 }
 
@@ -137,8 +126,7 @@ fn run_follows_target_changes_by_rearming() {
         .collect();
         let mut det = detector_tests::spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
         let attached = det.wait_for("attached");
-        let want = if watchable(i) { "watch" } else { "per-call" };
-        assert_eq!(attached["strategy"], want, "{attached}");
+        assert_eq!(attached["strategy"], "watch", "{attached}");
         fixture.call("f", 5);
         fixture.call("h", 1);
         det.wait_hits(H, 1);
@@ -202,12 +190,7 @@ fn reachability_reports_once_and_then_stops_paying() {
         // Some of the first round ran before the report reached user space
         // (how many depends on when the reader woke); after it, a disarmed
         // watchpoint counts nothing, so the second round adds nothing.
-        // Per-call probes (3.10) keep counting.
-        if watchable(i) {
-            assert!((1..=5).contains(&s.count(F)), "{}: {} of 10 calls counted", i.name, s.count(F));
-        } else {
-            assert_eq!(s.count(F), 10, "{}", i.name);
-        }
+        assert!((1..=5).contains(&s.count(F)), "{}: {} of 10 calls counted", i.name, s.count(F));
         fixture.finish();
     });
 }
@@ -229,19 +212,15 @@ fn the_default_strategy_is_watch_where_it_applies() {
         child.wait().unwrap();
         fixture.finish();
         let attached: serde_json::Value = serde_json::from_str(&first).unwrap();
-        let want = if watchable(i) { "watch" } else { "per-call" };
-        assert_eq!(attached["strategy"], want, "{}: {attached}", i.name);
-        assert_eq!(attached["target_strategies"]["wl.plain:f"], want, "{}: {attached}", i.name);
-        assert_eq!(attached["watch_fallback"].is_null(), watchable(i), "{}: {attached}", i.name);
+        assert_eq!(attached["strategy"], "watch", "{}: {attached}", i.name);
+        assert_eq!(attached["target_strategies"]["wl.plain:f"], "watch", "{}: {attached}", i.name);
+        assert!(attached["watch_fallback"].is_null(), "{}: {attached}", i.name);
     });
 }
 
 #[test]
 fn a_late_import_moves_the_process_to_watchpoints_exactly() {
     for_each_interpreter(|i| {
-        if !watchable(i) {
-            return;
-        }
         let mut fixture = Fixture::start(i, "late_rounds");
         fixture.go();
         let mut d = Dump::attach_with(fixture.pid(), &["wl.late:f"], &["--strategy", "watch"]);
@@ -263,9 +242,6 @@ fn a_late_import_moves_the_process_to_watchpoints_exactly() {
 #[test]
 fn a_watched_function_redefined_is_watched_anew() {
     for_each_interpreter(|i| {
-        if !watchable(i) {
-            return;
-        }
         let mut fixture = Fixture::start(i, "redefine");
         fixture.go();
         let mut d = Dump::attach_with(fixture.pid(), &["wl.redefine:f"], &["--strategy", "watch"]);

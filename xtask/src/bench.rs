@@ -87,7 +87,7 @@ fn render_extras(extras: &[Extra]) -> String {
     }
     let _ = writeln!(
         s,
-        "\nGoal (issue 6): detection latency p99 at most 50 ms. On 3.8-3.10 `watch` falls back to per-call."
+        "\nGoal (issue 6): detection latency p99 at most 50 ms."
     );
     s
 }
@@ -265,7 +265,7 @@ fn render(rows: &[Row], machine: &str) -> String {
          and an event in the ring buffer on every call: `dump`).\n\
          - **hit, reachability**: the same under `run`'s default, reachability (the exact \
          count on every call, an event only when it reaches a power of two).\n\
-         - **watch other**: the watch strategy (`--strategy watch`, 3.11+), the target another \
+         - **watch other**: the watch strategy (`--strategy watch`), the target another \
          function: the loop's calls pay nothing, shown as time per call against no probe.\n\
          - **watch hit**: the watch strategy, the called function being the target: a \
          watchpoint trap, the count and an event per call.\n"
@@ -279,7 +279,7 @@ fn render(rows: &[Row], machine: &str) -> String {
         let [none, empty, miss, hit, reach, wmiss, whit] = r.ns;
         let (e, m, h) = (empty - none, miss - none, hit - none);
         let watch = if wmiss.is_nan() || whit.is_nan() {
-            "per-call (3.8-3.10) | - | -".to_owned()
+            "not watched | - | -".to_owned()
         } else {
             format!("{wmiss:.1} ({:.2}x) | {:.0} | {:.2}x", wmiss / none, whit - none, (whit - none) / e)
         };

@@ -46,8 +46,8 @@ pub enum Strategy {
     /// Uprobes at the interpreter's per-call sites: every Python call pays
     /// about a microsecond; exact on every build.
     PerCall,
-    /// A hardware watchpoint on each target's body start (all but 3.10, up to four
-    /// body starts, modules imported): calls of other functions pass no
+    /// A hardware watchpoint on each target's body start (up to four body
+    /// starts, modules imported): calls of other functions pass no
     /// probe, a target's call costs tens of microseconds. Falls back to
     /// per-call, saying why, when it cannot apply.
     Watch,

@@ -1,7 +1,7 @@
 //! The watch strategy for one process: a hardware watchpoint per target body
 //! start, on every thread, instead of per-call uprobes, so calls of every
 //! other function pass no probe. It applies when every target's body start is
-//! found (not 3.10, module imported, definition present) and they fit the four
+//! found (module imported, definition present) and they fit the four
 //! debug registers x86 gives each thread; otherwise the caller falls back to
 //! the per-call strategy.
 

@@ -55,8 +55,8 @@ pub struct RunArgs {
     pub attach_all: bool,
     /// How calls are observed: `per-call` probes (every Python call of a
     /// watched process pays about a microsecond), or hardware watchpoints on
-    /// each target's body start (`watch`, all but 3.10, up to four body starts per
-    /// process: other calls pass no probe, a target's call tens of
+    /// each target's body start (`watch`, up to four body starts per process:
+    /// other calls pass no probe, a target's call tens of
     /// microseconds), falling back to per-call per process, with the reason,
     /// where it cannot apply. `auto` is watch where it applies: the cheapest
     /// exact strategy for targets that are rarely called.

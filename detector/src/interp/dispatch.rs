@@ -14,6 +14,12 @@
 //! instrumenting the code object (3.12+, when tracing or `sys.monitoring` is
 //! switched), and 3.11's tracing handler, which re-dispatches the real
 //! opcode of every instruction while a trace function is set.
+//!
+//! On 3.8-3.10 one loop dispatches every instruction, so the loads that
+//! count are those a new frame reaches first from the function's entry:
+//! 3.10 loads the next instruction at its loop head, and again after the
+//! eval-breaker or line-trace slow paths, so the first instruction of a
+//! body can be read twice by a single start.
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
 use serde::Serialize;
@@ -49,23 +55,14 @@ pub enum Follow {
     FallThrough,
     /// Along every branch (3.8-3.10: a frame's first instruction is loaded
     /// at the loop head and dispatched after the eval-breaker and tracing
-    /// checks have branched around their slow paths). Only a start reads a
-    /// body's first instruction through `next_instr` there, so a wider net
-    /// cannot count anything else.
+    /// checks have branched around their slow paths).
     AnyBranch,
 }
 
 /// Finds the dispatch loads in `[eval, eval + size)` and after each handler
 /// start outside it, less the re-dispatches of the handlers at `redispatchers`
 /// (see the module). `None` if there are none or implausibly many.
-pub fn find(
-    elf: &ElfImage,
-    eval: u64,
-    size: u64,
-    handlers: &[u64],
-    redispatchers: &[u64],
-    follow: Follow,
-) -> Option<DispatchReads> {
+pub fn find(elf: &ElfImage, eval: u64, size: u64, handlers: &[u64], redispatchers: &[u64]) -> Option<DispatchReads> {
     let mut regions = vec![(eval, size)];
     let mut outside: Vec<u64> = handlers.iter().copied().filter(|&h| h < eval || h >= eval + size).collect();
     outside.sort_unstable();
@@ -85,7 +82,7 @@ pub fn find(
         let code: Vec<Instruction> = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE).into_iter().collect();
         for ins in &code {
             let Some(dest) = opcode_load(ins) else { continue };
-            if feeds_indirect_jump(|ip| decode_at(elf, ip), ins.next_ip(), dest, follow) {
+            if feeds_indirect_jump(|ip| decode_at(elf, ip), ins.next_ip(), dest, Follow::FallThrough) {
                 ends.push(ins.next_ip());
             }
         }
@@ -99,39 +96,69 @@ pub fn find(
     (reads.count > 0 && reads.count <= MAX_READS).then_some(reads)
 }
 
-/// Instructions looked at from a handler's start to its dispatches.
-const MAX_HANDLER_WALK: usize = 2000;
+/// Instructions looked at from a handler's or the evaluation function's
+/// start to the first dispatches.
+const MAX_WALK: usize = 2000;
 
-/// The ends of the dispatch loads a handler reaches from its start, along
-/// every branch (but through no indirect jump, call target or return).
-fn handler_dispatches(elf: &ElfImage, handler: u64) -> Vec<u64> {
+/// The ends of the first dispatch loads reached from `start` along every
+/// branch (but through no indirect jump, call target or return), nearest
+/// first; and whether the walk stopped short of some paths.
+fn first_dispatches(
+    decode: impl Fn(u64) -> Option<Instruction> + Copy,
+    start: u64,
+    follow: Follow,
+) -> (Vec<u64>, bool) {
     let mut found = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let mut todo = vec![handler];
-    while let Some(ip) = todo.pop() {
-        if seen.len() >= MAX_HANDLER_WALK || !seen.insert(ip) {
+    let mut todo = std::collections::VecDeque::from([start]);
+    while let Some(ip) = todo.pop_front() {
+        if !seen.insert(ip) {
             continue;
         }
-        let Some(ins) = decode_at(elf, ip) else { continue };
+        if seen.len() > MAX_WALK {
+            return (found, true);
+        }
+        let Some(ins) = decode(ip) else { continue };
         if let Some(dest) = opcode_load(&ins)
-            && feeds_indirect_jump(|a| decode_at(elf, a), ins.next_ip(), dest, Follow::FallThrough)
+            && feeds_indirect_jump(decode, ins.next_ip(), dest, follow)
         {
             found.push(ins.next_ip());
             continue;
         }
         match ins.flow_control() {
-            FlowControl::Next | FlowControl::Call => todo.push(ins.next_ip()),
+            FlowControl::Next | FlowControl::Call => todo.push_back(ins.next_ip()),
             FlowControl::ConditionalBranch => {
-                todo.push(ins.next_ip());
-                todo.push(ins.near_branch_target());
+                todo.push_back(ins.next_ip());
+                todo.push_back(ins.near_branch_target());
             }
             FlowControl::UnconditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
-                todo.push(ins.near_branch_target())
+                todo.push_back(ins.near_branch_target())
             }
             _ => {}
         }
     }
-    found
+    (found, false)
+}
+
+/// The ends of the dispatch loads a handler reaches from its start.
+fn handler_dispatches(elf: &ElfImage, handler: u64) -> Vec<u64> {
+    first_dispatches(|a| decode_at(elf, a), handler, Follow::FallThrough).0
+}
+
+/// 3.8-3.10: the dispatch loads that read a new frame's first instruction,
+/// the first reached from the evaluation function's entry. 3.10 reads an
+/// instruction again after the loop head calls out (to handle the eval
+/// breaker, to call a line-trace function), from other loads: only these
+/// mean a body starts. `None` if there are none, or the walk was cut short
+/// (a load it did not reach could be a start's).
+pub fn find_from_entry(elf: &ElfImage, eval: u64) -> Option<DispatchReads> {
+    let (mut ends, cut) = first_dispatches(|a| decode_at(elf, a), eval, Follow::AnyBranch);
+    if cut || ends.is_empty() {
+        return None;
+    }
+    ends.sort_unstable();
+    ends.dedup();
+    Some(DispatchReads { count: ends.len(), redispatches: 0, ends })
 }
 
 /// The register a one- or two-byte zero-extending load from memory writes.
@@ -286,5 +313,20 @@ mod tests {
         assert!(!feeds(&code, 0, Register::RAX));
         let at = |ip| code.iter().find(|c| c.ip() == ip).copied();
         assert!(feeds_indirect_jump(at, code[0].next_ip(), Register::RAX, Follow::AnyBranch));
+    }
+
+    #[test]
+    fn a_new_frame_dispatches_from_the_first_load_after_the_entry() {
+        // movzx r9d, word [r15]; test eax, eax; jne slow; jmp r9;
+        // slow: call +0; movzx r9d, word [r11]; jmp r9
+        // (the 3.10 loop head, and its reload after the eval-breaker call).
+        let code = decode(&[
+            0x45, 0x0f, 0xb7, 0x0f, 0x85, 0xc0, 0x75, 0x03, 0x41, 0xff, 0xe1, 0xe8, 0, 0, 0, 0, 0x45, 0x0f, 0xb7, 0x0b,
+            0x41, 0xff, 0xe1,
+        ]);
+        let at = |ip| code.iter().find(|c| c.ip() == ip).copied();
+        // Both are dispatch loads; only the head is where a frame starts.
+        assert!(feeds_indirect_jump(at, code[5].next_ip(), Register::R9, Follow::FallThrough));
+        assert_eq!(first_dispatches(at, 0x1000, Follow::AnyBranch), (vec![code[0].next_ip()], false));
     }
 }

@@ -228,12 +228,12 @@ pub fn analyze(
         // 3.11's tracing handler is the dispatch table's last entry.
         let tracing = if minor == 11 { table_entry(elf, labels, "TARGET_DO_TRACING", 255) } else { None };
         let redispatchers: Vec<u64> = found.iter().map(|(_, a)| *a).chain(tracing).collect();
-        dispatch = dispatch::find(elf, eval.addr, eval.size, &all, &redispatchers, dispatch::Follow::FallThrough);
+        dispatch = dispatch::find(elf, eval.addr, eval.size, &all, &redispatchers);
         handlers = Some(info);
     } else {
-        // 3.8-3.10 dispatch from the evaluation function alone, and never
-        // re-dispatch a unit.
-        dispatch = dispatch::find(elf, eval.addr, eval.size, &[], &[], dispatch::Follow::AnyBranch);
+        // 3.8-3.10 dispatch from the evaluation function alone; a body
+        // starts when a new frame dispatches its first instruction.
+        dispatch = dispatch::find_from_entry(elf, eval.addr);
     }
 
     for site in &mut sites {

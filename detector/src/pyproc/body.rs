@@ -102,12 +102,6 @@ pub fn find(process: &PythonProcess, target: &Target) -> Result<Found, ProcessEr
     if defs.is_empty() {
         return not_yet("no such definition in the module (made at run time, or not at all)");
     }
-    if minor == 10 {
-        // Its loop head loads the first instruction before the line-trace
-        // check and, while a trace function is set, again after it: a
-        // traced start would be two reads from two dispatch loads.
-        return nothing("3.10 reads a body's first instruction twice while tracing: not watched");
-    }
     if minor < 11 {
         let mut starts = Vec::new();
         for d in defs {
