@@ -67,9 +67,10 @@ fn render_extras(extras: &[Extra]) -> String {
         "\n## Detection latency and the agent's footprint\n\n\
          Latency: from a target's call (the kernel's timestamp in the hit) to its hit line read \
          from `dump`'s output, over {} calls a few ms apart. The reader drains the ring buffer every \
-         10 ms, or at once when a burst fills a quarter of it. Footprint: `detector run` watching {} \
-         processes that each call a target 100 times a second (2,000 hits a second in all), CPU \
-         time of the agent over 10 s as a share of one core, and its resident memory.\n",
+         10 ms, or at once when a burst fills a quarter of it. Footprint: `detector run` with its \
+         defaults (`auto` strategy, reachability) watching {} processes that each call a target \
+         100 times a second (2,000 calls a second in all), CPU time of the agent over 10 s as a \
+         share of one core, and its resident memory.\n",
         200,
         footprint::PROCESSES
     );
@@ -85,10 +86,7 @@ fn render_extras(extras: &[Extra]) -> String {
             e.name, e.per_call.0, e.per_call.1, e.watch.0, e.watch.1, e.cpu, e.rss
         );
     }
-    let _ = writeln!(
-        s,
-        "\nGoal (issue 6): detection latency p99 at most 50 ms."
-    );
+    let _ = writeln!(s, "\nGoal (issue 6): detection latency p99 at most 50 ms.");
     s
 }
 
