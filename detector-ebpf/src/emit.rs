@@ -77,8 +77,8 @@ fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
 }
 
 /// Counts a hit of `target` and reports it: always, or if `sparse` only when
-/// the count becomes a power of two (the ring-buffer record is most of a
-/// hit's cost, and reachability needs the first).
+/// the count becomes a power of two (the record is about half of what a hit
+/// adds to a probe pass, and reachability needs only the first).
 #[inline(always)]
 pub fn hit(tgid: u32, tid: u32, target: u32, code: u64, sparse: bool) {
     let count = increment!(COUNTS, CountKey { tgid, target }, 1u64, |p| p);
