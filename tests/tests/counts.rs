@@ -73,6 +73,13 @@ fn recursion() {
 }
 
 #[test]
+fn signals_handled_at_a_start_count_it_once() {
+    for_each_interpreter(|i| {
+        run_attached(i, "signals", &["wl.signals:f"]).assert_counts(&[("wl.signals:f", 20_000)]);
+    });
+}
+
+#[test]
 fn closures() {
     for_each_interpreter(|i| {
         let s = run_attached(i, "closures", &["wl.closures:make", "wl.closures:make.<locals>.inner"]);

@@ -70,6 +70,11 @@ fn threads_started_after_arming_and_one_already_looping() {
 }
 
 #[test]
+fn signals_handled_at_a_start_count_it_once() {
+    for_each_interpreter(|i| check(i, "signals", &[("wl.signals:f", 20_000)]));
+}
+
+#[test]
 fn more_body_starts_than_debug_registers_fall_back_to_per_call() {
     for_each_interpreter(|i| {
         let targets = ["wl.methods:A.f", "wl.methods:B.f", "wl.methods:f", "wl.decoy:A.f", "wl.methods:A.s"];
