@@ -60,6 +60,23 @@ pub fn spawn(args: &[String]) -> Dump {
     spawn_with_env(args, &[])
 }
 
+/// `detector run` on `pid` alone, opted in, in reachability mode with
+/// `extra` flags (a strategy, say), once attached.
+pub fn run_reaching(pid: u32, targets: &[&str], extra: &[&str]) -> Dump {
+    let mut args: Vec<String> = ["run", "--no-rc", "--events", "json", "--reachability", "true", "--pid"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    args.push(pid.to_string());
+    for t in targets {
+        args.extend(["--target".to_owned(), t.to_string()]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut d = spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
+    d.wait_for("attached");
+    d
+}
+
 /// As [`spawn`], with extra environment variables.
 ///
 /// `run` and `dump` watch with the per-call strategy, and `run` counts

@@ -11,7 +11,7 @@ pub mod rc_agent;
 
 use std::{path::PathBuf, time::Duration};
 
-pub use dump::{Dump, Summary, spawn as spawn_detector, spawn_with_env};
+pub use dump::{Dump, Summary, run_reaching, spawn as spawn_detector, spawn_with_env};
 pub use fixture::{Fixture, pin};
 pub use interpreters::{Interpreter, interpreters};
 pub use node_agent::NodeAgent;

@@ -1,7 +1,7 @@
 //! Exact hit counts for known workloads on every interpreter, and zero for
 //! decoys: same name in another class, at module level, in another module.
 
-use detector_tests::{Fixture, for_each_interpreter, run_attached, spawn_with_env};
+use detector_tests::{Fixture, for_each_interpreter, run_attached, run_reaching};
 
 #[test]
 fn plain_functions() {
@@ -154,11 +154,7 @@ fn reachability_counts_every_call_and_records_few() {
         const F: &str = "wl.rounds:f";
         let mut fixture = Fixture::start(i, "rounds");
         fixture.go();
-        let pid = fixture.pid().to_string();
-        let args = ["run", "--no-rc", "--target", F, "--strategy", "per-call", "--reachability", "true", "--pid", &pid];
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let mut det = spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
-        det.wait_for("attached");
+        let mut det = run_reaching(fixture.pid(), &[F], &["--strategy", "per-call"]);
         fixture.call("f", 100);
         det.wait_hits(F, 1);
         let s = det.stop();

@@ -4,7 +4,7 @@
 //! asserted from the `attached` line (no silent fallback), and a clear
 //! fallback to per-call where it cannot apply.
 
-use detector_tests::{Dump, Fixture, Interpreter, Summary, for_each_interpreter};
+use detector_tests::{Dump, Fixture, Interpreter, Summary, for_each_interpreter, run_reaching};
 
 /// Runs `workload` under `dump --strategy watch` attached after its setup.
 fn watched(i: &Interpreter, workload: &str, targets: &[&str]) -> Summary {
@@ -163,26 +163,7 @@ fn reachability_reports_once_and_then_stops_paying() {
         const H: &str = "wl.rounds:h";
         let mut fixture = Fixture::start(i, "rounds");
         fixture.go();
-        let pid = fixture.pid().to_string();
-        let args: Vec<String> = [
-            "run",
-            "--no-rc",
-            "--target",
-            F,
-            "--target",
-            H,
-            "--strategy",
-            "watch",
-            "--reachability",
-            "true",
-            "--pid",
-            &pid,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut det = detector_tests::spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
-        det.wait_for("attached");
+        let mut det = run_reaching(fixture.pid(), &[F, H], &["--strategy", "watch"]);
         fixture.call("f", 5);
         fixture.call("h", 1);
         // Once h's only report is in, f's first round has been read (and its
@@ -197,6 +178,27 @@ fn reachability_reports_once_and_then_stops_paying() {
         // watchpoint counts nothing, so the second round adds nothing.
         assert!((1..=5).contains(&s.count(F)), "{}: {} of 10 calls counted", i.name, s.count(F));
         fixture.finish();
+    });
+}
+
+#[test]
+fn reachability_samples_a_reached_target_now_and_then() {
+    for_each_interpreter(|i| {
+        const T: &str = "wl.hot:target";
+        // About 90 calls a second for 9 s.
+        let mut fixture = Fixture::start(i, "hot");
+        fixture.go();
+        let mut det = run_reaching(fixture.pid(), &[T], &["--strategy", "watch", "--reachability-sample", "1"]);
+        det.wait_hits(T, 1);
+        // Disarmed once seen, armed again a second later for a second.
+        let sample = det.wait_match("a sample with calls", |v| v["type"] == "sample" && v["calls"].as_u64() > Some(0));
+        let rate = sample["calls_per_sec"].as_f64().unwrap();
+        assert!((10.0..=200.0).contains(&rate), "{}: {sample}", i.name);
+        let s = det.stop();
+        fixture.finish();
+        // Reported once; counted at the first call and in the windows.
+        assert_eq!(s.hits.len(), 1, "{}", i.name);
+        assert!(s.count(T) > sample["calls"].as_u64().unwrap(), "{}: {}", i.name, s.count(T));
     });
 }
 

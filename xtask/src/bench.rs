@@ -6,7 +6,7 @@
 use std::{fmt::Write as _, fs, process::Command};
 
 use anyhow::{Context, Result};
-use detector_tests::{Dump, Fixture, Interpreter, interpreters, pin, spawn_detector, spawn_with_env};
+use detector_tests::{Dump, Fixture, Interpreter, interpreters, pin, run_reaching, spawn_detector};
 
 use crate::{build, footprint, latency, root, rootfs, suite, testbuilds};
 
@@ -180,7 +180,9 @@ fn measure(interp: &Interpreter, cond: Condition) -> f64 {
         }
         Condition::Miss => Some(Dump::attach(fixture.pid(), &["wl.bench_calls:other"])),
         Condition::Hit => Some(Dump::attach(fixture.pid(), &["wl.bench_calls:target"])),
-        Condition::HitReach => Some(reachability(fixture.pid(), "wl.bench_calls:target", "per-call")),
+        Condition::HitReach => {
+            Some(run_reaching(fixture.pid(), &["wl.bench_calls:target"], &["--strategy", "per-call"]))
+        }
         Condition::WatchMiss | Condition::WatchHit => {
             let target = if cond == Condition::WatchHit { "wl.bench_calls:target" } else { "wl.bench_calls:other" };
             let d = Dump::attach_with(fixture.pid(), &[target], &["--strategy", "watch"]);
@@ -193,20 +195,6 @@ fn measure(interp: &Interpreter, cond: Condition) -> f64 {
         }
     };
     timed(fixture, detector, "ns_per_call ")
-}
-
-/// `detector run` in reachability mode (its default) on `pid` alone, once
-/// attached.
-pub fn reachability(pid: u32, target: &str, strategy: &str) -> Dump {
-    let pid = pid.to_string();
-    let args = ["run", "--no-rc", "--events", "json", "--strategy", strategy, "--reachability", "true"]
-        .into_iter()
-        .chain(["--target", target, "--pid", &pid])
-        .map(String::from)
-        .collect::<Vec<_>>();
-    let mut d = spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
-    d.wait_for("attached");
-    d
 }
 
 /// Lets `fixture` run (under `detector`, if any), stops both, and returns

@@ -79,7 +79,7 @@ fn measure(interp: &Interpreter, workload: &str, cond: Condition, richards: &str
     let detector = match cond {
         Condition::PerCall => Some(Dump::attach_with(pid, &[TARGET], &["--strategy", "per-call"])),
         Condition::Watch => Some(Dump::attach_with(pid, &[TARGET], &["--strategy", "watch"])),
-        Condition::Reachability => Some(crate::bench::reachability(pid, TARGET, "watch")),
+        Condition::Reachability => Some(detector_tests::run_reaching(pid, &[TARGET], &["--strategy", "watch"])),
         _ => None,
     };
     let watching =

@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod discovery;
 pub mod node;
+pub mod sampling;
 pub mod session;
 pub mod spawn;
 pub mod watchpoints;
@@ -92,6 +93,8 @@ pub struct ProcessWatch {
     pub suspended: Option<(Instant, String)>,
     /// The last budget decision about it, with the load that caused it.
     pub budget_note: Option<String>,
+    /// Reachability's sampled counts of reached targets.
+    pub samples: sampling::Samples,
 }
 
 impl ProcessWatch {
@@ -110,6 +113,7 @@ impl ProcessWatch {
             watch_later: false,
             suspended: None,
             budget_note: None,
+            samples: Default::default(),
         }
     }
 

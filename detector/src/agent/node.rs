@@ -388,6 +388,9 @@ impl Node {
                     "watch_fallback": w.fallback,
                     "overhead_percent": w.meter.share.map(|s| s * 100.0),
                     "budget": w.budget_note,
+                    "sampled_calls_per_sec": w.samples.rates().into_iter()
+                        .filter_map(|(t, r)| Some((session.targets().get(t)?.to_string(), r)))
+                        .collect::<BTreeMap<_, _>>(),
                     "suspended_for_secs": w.suspended.as_ref().map(|(until, _)| until.saturating_duration_since(std::time::Instant::now()).as_secs()),
                     "service": w.service,
                 })

@@ -108,6 +108,8 @@ pub struct Session {
     strategy: Strategy,
     /// Reachability mode for every process attached.
     reachability: bool,
+    /// Reachability: how often reached targets are sampled, if at all.
+    sample_every: Option<Duration>,
     /// When late imports were last looked for.
     retried: Instant,
 }
@@ -135,6 +137,7 @@ impl Session {
             discovered: VecDeque::new(),
             strategy: Strategy::default(),
             reachability: false,
+            sample_every: None,
             retried: Instant::now(),
         })
     }
@@ -151,6 +154,13 @@ impl Session {
     /// ran.
     pub fn with_reachability(mut self, on: bool) -> Self {
         self.reachability = on;
+        self
+    }
+
+    /// Reachability: arms each reached watched target again for a short
+    /// window every `every` and reports how often it ran then.
+    pub fn with_reachability_sample(mut self, every: Option<Duration>) -> Self {
+        self.sample_every = every;
         self
     }
 
@@ -296,6 +306,9 @@ impl Session {
                     if self.retried.elapsed() >= RETRY_WATCH {
                         self.retry_watch();
                     }
+                    if let Some(every) = self.sample_every {
+                        self.sample(every);
+                    }
                     if self.printer.closed() {
                         return Activity::OutputClosed;
                     }
@@ -321,6 +334,18 @@ impl Session {
                     "every target found (late import): now watching with watchpoints"
                 );
                 self.printer.strategy(pid, &w.mode(), "every target is found now (late import)");
+            }
+        }
+    }
+
+    /// Opens and closes reachability's sampling windows; prints what closed.
+    fn sample(&mut self, every: Duration) {
+        let now = Instant::now();
+        for (&pid, w) in self.watches.0.iter_mut() {
+            for s in w.sample(&mut self.probes, &self.targets, now, every) {
+                if let Some(target) = self.targets.get(s.target) {
+                    self.printer.sample(pid, target, s.calls, s.secs);
+                }
             }
         }
     }

@@ -93,13 +93,25 @@ impl Armed {
 
     fn arm_all(&mut self, probes: &mut Probes, p: &PythonProcess, targets: &TargetSet) -> Result<(), CannotWatch> {
         let starts = plan(p, targets.iter())?;
+        self.arm_starts(probes, p, starts)
+    }
+
+    fn arm_starts(
+        &mut self,
+        probes: &mut Probes,
+        p: &PythonProcess,
+        starts: Vec<(u32, BodyStart)>,
+    ) -> Result<(), CannotWatch> {
         let Some(dispatch) = &p.analysis.dispatch else {
             return Err(CannotWatch::NoDispatch);
         };
-        for end in &dispatch.ends {
-            let key = WatchKey { tgid: p.pid, _pad: 0, addr: end + p.bias };
-            probes.set_dispatch_read(key)?;
-            self.reads.push(key);
+        // Once: more targets may be armed later (reachability's samples).
+        if self.reads.is_empty() {
+            for end in &dispatch.ends {
+                let key = WatchKey { tgid: p.pid, _pad: 0, addr: end + p.bias };
+                probes.set_dispatch_read(key)?;
+                self.reads.push(key);
+            }
         }
         let layout = probes.layout_id(&p.analysis.layout)?;
         let slot = probes.slot(p.pid);
@@ -132,6 +144,25 @@ impl Armed {
         }
         self.threads = done.len();
         Ok(())
+    }
+
+    /// Arms `targets` too, next to what is armed; on failure what it armed
+    /// is disarmed again.
+    pub fn arm_more<'a>(
+        &mut self,
+        probes: &mut Probes,
+        process: &PythonProcess,
+        targets: impl IntoIterator<Item = (&'a Target, u32)>,
+    ) -> Result<(), CannotWatch> {
+        let targets: Vec<_> = targets.into_iter().collect();
+        let ids: Vec<u32> = targets.iter().map(|(_, id)| *id).collect();
+        let result = plan(process, targets).and_then(|starts| self.arm_starts(probes, process, starts));
+        if result.is_err() {
+            for id in ids {
+                self.disarm_target(probes, id);
+            }
+        }
+        result
     }
 
     /// Watched units.

@@ -81,6 +81,13 @@ pub struct RunArgs {
     /// every call exactly.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", env = "DETECTOR_REACHABILITY")]
     pub reachability: bool,
+    /// Reachability under watchpoints: every SECS seconds, arm each reached
+    /// target again for a one-second window, count its calls then, and
+    /// report their rate (a `sample` line, `sampled_calls_per_sec` in
+    /// /processes). 0, the default, samples nothing: a reached target then
+    /// costs nothing at all.
+    #[arg(long, default_value_t = 0, value_name = "SECS", env = "DETECTOR_REACHABILITY_SAMPLE")]
+    pub reachability_sample: u64,
     /// How hits are printed on stdout.
     #[arg(long, value_enum, default_value_t = Events::Json, env = "DETECTOR_EVENTS")]
     pub events: Events,
@@ -168,7 +175,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut session = Session::new(caps, printer)?
         .with_cache(cache.clone())
         .with_strategy(args.strategy)
-        .with_reachability(args.reachability);
+        .with_reachability(args.reachability)
+        .with_reachability_sample(
+            (args.reachability_sample > 0).then(|| Duration::from_secs(args.reachability_sample)),
+        );
     let budget = (args.overhead_budget > 0.0).then(|| Budget {
         share: args.overhead_budget / 100.0,
         costs: session.calibrate(),

@@ -140,6 +140,15 @@ impl Printer {
         });
     }
 
+    /// Reachability: `calls` starts of a reached target in a sampling
+    /// window of `secs`.
+    pub fn sample(&self, pid: u32, target: &Target, calls: u64, secs: f64) {
+        let rate = calls as f64 / secs;
+        let line = json!({"type": "sample", "pid": pid, "target": target.to_string(), "calls": calls,
+            "window_secs": secs, "calls_per_sec": rate});
+        self.emit(line, || format!("sample pid={pid} {target} calls={calls} in {secs:.1}s ({rate:.1}/s)"));
+    }
+
     /// The watched process exited.
     pub fn exited(&self, pid: u32, status: Option<&str>) {
         self.emit(json!({"type": "exited", "pid": pid, "status": status}), || match status {
