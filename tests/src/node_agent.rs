@@ -94,6 +94,13 @@ impl NodeAgent {
         }
     }
 
+    /// What `/processes` says about `pid` (null if it is not watched).
+    pub fn process(&self, pid: u32) -> Value {
+        let (_, body) = self.get("/processes");
+        let all: Value = serde_json::from_str(&body).unwrap();
+        all.as_array().unwrap().iter().find(|p| p["pid"] == pid).cloned().unwrap_or(Value::Null)
+    }
+
     /// The value of the sample `name` (with its labels, as exposed), or 0.
     pub fn metric(&self, sample: &str) -> f64 {
         let (_, body) = self.get("/metrics");

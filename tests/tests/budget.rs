@@ -10,18 +10,11 @@ use detector_tests::{
     Fixture, NodeAgent, interpreters,
     node_agent::{one_at_a_time, opted_in},
 };
-use serde_json::Value;
 
 const TARGET: &str = "wl.hot:target";
 
 fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
-
-fn process(agent: &NodeAgent, pid: u32) -> Value {
-    let (_, body) = agent.get("/processes");
-    let all: Value = serde_json::from_str(&body).unwrap();
-    all.as_array().unwrap().iter().find(|p| p["pid"] == pid).cloned().unwrap_or(Value::Null)
 }
 
 /// Runs `hot` under an agent watching `targets` with `args`; returns (agent,
@@ -41,7 +34,7 @@ fn per_call_over_budget_moves_to_watch_and_counts_stay_exact() {
         let (mut agent, mut fixture) = start(i, &[TARGET], &["--strategy", "per-call", "--overhead-budget", "1"]);
         let pid = fixture.pid();
         agent.wait_metric(r#"detector_budget_actions_total{action="watch"}"#, 1.0);
-        let p = process(&agent, pid);
+        let p = agent.process(pid);
         assert_eq!(p["strategy"], "watch", "{}: {p}", i.name);
         assert_eq!(p["targets_by_strategy"], serde_json::json!({"watch": 1}), "{}: {p}", i.name);
         // The per-call uprobes are closed; the deallocation probe stays.
@@ -69,7 +62,7 @@ fn within_budget_nothing_changes() {
     let (mut agent, mut fixture) = start(&i, &[TARGET], &["--strategy", "per-call", "--overhead-budget", "1000"]);
     let pid = fixture.pid();
     let line = fixture.read_line();
-    let p = process(&agent, pid);
+    let p = agent.process(pid);
     assert_eq!(p["strategy"], "per-call", "{p}");
     assert_eq!(p["targets_by_strategy"], serde_json::json!({"per-call": 1}), "{p}");
     let share = p["overhead_percent"].as_f64().expect("measured");
@@ -95,7 +88,7 @@ fn over_budget_without_a_cheaper_strategy_suspends_then_tries_again() {
     let (agent, mut fixture) = start(&i, &[TARGET, "wl.hot:never_defined"], &args);
     let pid = fixture.pid();
     agent.wait_metric(r#"detector_budget_actions_total{action="suspend"}"#, 1.0);
-    let p = process(&agent, pid);
+    let p = agent.process(pid);
     assert_eq!(p["strategy"], "suspended", "{p}");
     assert_eq!(p["targets_by_strategy"], serde_json::json!({"none": 2}), "{p}");
     assert_eq!(p["probes"], 0, "{p}");

@@ -344,3 +344,32 @@ fn without_the_gate_nothing_is_attached() {
     fixture.wait_done();
     fixture.finish();
 }
+
+#[test]
+fn reachability_samples_show_in_processes() {
+    let _turn = one_at_a_time();
+    const T: &str = "wl.hot:target";
+    let args = ["--strategy", "watch", "--reachability", "true", "--reachability-sample", "1"];
+    let mut agent = NodeAgent::start(&[T], &args);
+    let mut fixture = Fixture::start_with_env(&pyenv(12), "hot", &env(&opted_in("hot")));
+    let pid = fixture.pid();
+    agent.wait_attached(pid);
+    fixture.go();
+    // Reached, disarmed, then armed again for a window a second later.
+    agent.events.wait_match("a sample with calls", |v| v["type"] == "sample" && v["calls"].as_u64() > Some(0));
+    // /processes is published once a second.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let p = loop {
+        let p = agent.process(pid);
+        if p["sampled_calls_per_sec"][T].is_number() || Instant::now() > deadline {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let rate = p["sampled_calls_per_sec"][T].as_f64().unwrap_or(0.0);
+    assert!((10.0..=200.0).contains(&rate), "{p}");
+    fixture.read_line();
+    fixture.wait_done();
+    fixture.finish();
+    agent.events.stop();
+}
