@@ -7,12 +7,14 @@
 #![no_std]
 
 pub mod event;
+pub mod hot;
 pub mod layout;
 pub mod maps;
 pub mod site;
 pub mod stats;
 
 pub use event::*;
+pub use hot::*;
 pub use layout::*;
 pub use maps::*;
 pub use site::*;
@@ -60,6 +62,10 @@ mod pod {
         WatchKey,
         WatchEntry,
         Verdict,
+        VerdictLine,
+        VerdictCache,
+        SlotCells,
+        CellKey,
         CountKey,
         PendingKey,
         PendingEntry,

@@ -12,7 +12,22 @@ pub const TARGETS: &str = "TARGETS";
 pub const NAMES: &str = "NAMES";
 /// `LruHashMap<CodeKey, Verdict>`: per (process, code object) match verdicts.
 pub const VERDICTS: &str = "VERDICTS";
-/// `HashMap<CountKey, u64>`: exact hits per (process, target).
+/// `PerCpuArray<crate::VerdictCache>` with one entry: each CPU's most
+/// recent verdicts, in front of [`VERDICTS`].
+pub const VERDICT_CACHE: &str = "VERDICT_CACHE";
+/// `Array<u32>` with one entry: bumped whenever a code object with a verdict
+/// is deallocated, which empties every [`VERDICT_CACHE`].
+pub const CODE_EPOCH: &str = "CODE_EPOCH";
+/// `PerCpuArray<crate::SlotCells>` indexed by slot: each process's hit
+/// counters, per CPU, for its first [`crate::SLOT_CELLS`] targets hit.
+pub const CELLS: &str = "CELLS";
+/// `HashMap<CellKey, u32>`: which target took each cell of a process (an
+/// insert that fails if it exists is the kernel's atomic claim).
+pub const CELL_CLAIMS: &str = "CELL_CLAIMS";
+/// `HashMap<CountKey, u32>`: which cell counts (process, target).
+pub const CELL_OF: &str = "CELL_OF";
+/// `HashMap<CountKey, u64>`: exact hits per (process, target) not counted
+/// in a cell (watchpoint traps; targets beyond a process's cells).
 pub const COUNTS: &str = "COUNTS";
 /// `HashMap<PendingKey, PendingEntry>`: hits of 3.8-3.10 code objects
 /// awaiting resolution.
@@ -129,6 +144,9 @@ pub struct Verdict {
     /// after each `yield`/`await`: only for them must a pass be checked to
     /// be a start. A plain function's body is entered once per call.
     pub resumable: u32,
+    /// Where a target's hits are counted: a cell of the process's slot,
+    /// [`crate::CELL_SHARED`], or [`crate::CELL_UNKNOWN`] (not yet chosen).
+    pub cell: u32,
 }
 
 /// `co_flags` of code whose frames are resumed: generators, coroutines,
@@ -199,8 +217,10 @@ pub struct Config {
     /// Offset of `child_pid` in the `sched_process_fork` record (from its
     /// tracefs format: it moved between kernels).
     pub fork_child_pid: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// Bumped by user space whenever lines of the CPUs' verdict caches may
+    /// have gone stale: a new generation, or a process forgotten (its pid
+    /// may come back as another process).
+    pub cache_stamp: u32,
 }
 
 /// A code unit under a watchpoint: the key of [`WATCHES`].

@@ -9,6 +9,7 @@ use detector_common::{CodeKey, WatchKey};
 use crate::{
     emit,
     maps::{IDENTITIES, VERDICTS, WATCHED_CODES, WATCHES},
+    verdict,
 };
 
 pub fn run(ctx: &ProbeContext) {
@@ -16,6 +17,8 @@ pub fn run(ctx: &ProbeContext) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let key = CodeKey { tgid, _pad: 0, code };
     let _ = VERDICTS.remove(&key);
+    // Even without a verdict (the LRU may have dropped it), a CPU may cache one.
+    verdict::code_freed();
     let _ = IDENTITIES.remove(&key);
     if let Some(&addr) = unsafe { WATCHED_CODES.get(&key) } {
         let _ = WATCHES.remove(&WatchKey { tgid, _pad: 0, addr });

@@ -8,11 +8,11 @@ use aya_ebpf::{
 };
 use detector_common::{
     CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EVENT_WATCH_FREED, EventHeader,
-    FreedEvent, HitEvent, Layout, PendingEntry, PendingKey, stats, unicode_state,
+    FreedEvent, HitEvent, Layout, PendingEntry, PendingKey, SLOT_CELLS, stats, unicode_state,
 };
 
 use crate::{
-    maps::{CONFIG, COUNTS, EVENTS, PENDING, bump},
+    maps::{CELLS, CONFIG, COUNTS, EVENTS, PENDING, bump},
     mem::{field, read},
 };
 
@@ -76,12 +76,22 @@ fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
     entry
 }
 
-/// Counts a hit of `target` and reports it: always, or if `sparse` only when
-/// the count becomes a power of two (the record is about half of what a hit
-/// adds to a probe pass, and reachability needs only the first).
+/// Counts a hit of `target` in `cell` of process `tgid`'s `slot` (or in
+/// [`COUNTS`] if not a cell) and reports it: always, or if `sparse` only
+/// when the count becomes a power of two (the record is about half of what
+/// a hit adds to a probe pass, and reachability needs only the first). A
+/// cell's count is this CPU's share, so each CPU reports its own first hit.
 #[inline(always)]
-pub fn hit(tgid: u32, tid: u32, target: u32, code: u64, sparse: bool) {
-    let count = increment!(COUNTS, CountKey { tgid, target }, 1u64, |p| p);
+pub fn hit(slot: u16, tgid: u32, tid: u32, target: u32, cell: u32, code: u64, sparse: bool) {
+    let count = match CELLS.get_ptr_mut(slot as u32) {
+        // Per-CPU, and a BPF program is not preempted on its CPU.
+        Some(cells) if (cell as usize) < SLOT_CELLS => unsafe {
+            let hits = &mut (*cells).hits[cell as usize];
+            *hits += 1;
+            *hits
+        },
+        _ => increment!(COUNTS, CountKey { tgid, target }, 1u64, |p| p),
+    };
     bump(stats::HITS);
     if sparse && count & count.wrapping_sub(1) != 0 {
         return;

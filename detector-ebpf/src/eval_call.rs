@@ -28,19 +28,23 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
 
-    let key = CodeKey { tgid, _pad: 0, code };
-    let generation = verdict::generation();
-    let (target, resumable) = match verdict::cached(&key, generation) {
-        Some(v) => v,
-        None => {
+    let known = verdict::verdict(
+        layout,
+        tgid,
+        cookie.slot,
+        code,
+        || Some(code),
+        |code| {
             let name = field(code, layout.code_name)?;
-            let identity = unsafe { IDENTITIES.get(&key) };
-            let t = identity
-                .and_then(|id| verdict::classify_identity(layout, tgid, code, name, id))
-                .unwrap_or_else(|| verdict::classify_name(layout, code, name));
-            verdict::store(layout, &key, generation, t)
-        }
-    };
+            let identity = unsafe { IDENTITIES.get(&CodeKey { tgid, _pad: 0, code }) };
+            Some(
+                identity
+                    .and_then(|id| verdict::classify_identity(layout, tgid, code, name, id))
+                    .unwrap_or_else(|| verdict::classify_name(layout, code, name)),
+            )
+        },
+    )?;
+    let (target, resumable) = (known.target, known.resumable);
     if target == TARGET_NONE || !pass.counts {
         return None;
     }
@@ -52,9 +56,9 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
     if target == TARGET_PENDING {
         let name = field(code, layout.code_name)?;
         let globals = field(frame, layout.frame_globals).unwrap_or(0);
-        emit::candidate(tgid, tid, generation, code, name, globals);
+        emit::candidate(tgid, tid, known.generation, code, name, globals);
     } else {
-        emit::hit(tgid, tid, target, code, pass.sparse);
+        emit::hit(cookie.slot, tgid, tid, target, known.cell, code, pass.sparse);
     }
     Some(())
 }

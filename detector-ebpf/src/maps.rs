@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{
-    CodeIdentity, CodeKey, Config, CountKey, EVENTS_SPARSE, Layout, NameKey, PendingEntry, PendingKey, Scratch, Slot,
-    TargetKey, ThreadEntry, Verdict, WatchEntry, WatchKey, capacity, stats,
+    CellKey, CodeIdentity, CodeKey, Config, CountKey, EVENTS_SPARSE, Layout, NameKey, PendingEntry, PendingKey,
+    Scratch, Slot, SlotCells, TargetKey, ThreadEntry, Verdict, VerdictCache, WatchEntry, WatchKey, capacity, stats,
 };
 
 #[map]
@@ -24,6 +24,21 @@ pub static NAMES: HashMap<NameKey, u32> = HashMap::with_max_entries(capacity::TA
 
 #[map]
 pub static VERDICTS: LruHashMap<CodeKey, Verdict> = LruHashMap::with_max_entries(capacity::VERDICTS, 0);
+
+#[map]
+pub static VERDICT_CACHE: PerCpuArray<VerdictCache> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static CODE_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static CELLS: PerCpuArray<SlotCells> = PerCpuArray::with_max_entries(capacity::SLOTS, 0);
+
+#[map]
+pub static CELL_CLAIMS: HashMap<CellKey, u32> = HashMap::with_max_entries(capacity::COUNTS, 0);
+
+#[map]
+pub static CELL_OF: HashMap<CountKey, u32> = HashMap::with_max_entries(capacity::COUNTS, 0);
 
 #[map]
 pub static COUNTS: HashMap<CountKey, u64> = HashMap::with_max_entries(capacity::COUNTS, 0);

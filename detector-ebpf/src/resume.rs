@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use detector_common::{
-    CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT, CodeKey, LAYOUT_STACKREFS,
+    CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT, LAYOUT_STACKREFS,
     LAYOUT_TRACING_GATES_INSTRUMENT, LAYOUT_VERSION_IN_EVAL_BREAKER, Layout, MODE_PER_CALL, NO_OFFSET, SiteCookie,
     TARGET_PENDING, cond_holds, stats,
 };
@@ -39,24 +39,34 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         Some(f) => f,
         None => current_frame(layout, thread_state(tgid, tid)?)?,
     };
-    let code = match regs.get(cookie.code_reg) {
-        Some(c) if layout.flags & LAYOUT_STACKREFS != 0 => c & !7,
-        Some(c) => c,
-        None => object_field(layout, frame, layout.frame_code)?,
+    let code_reg = match regs.get(cookie.code_reg) {
+        Some(c) if layout.flags & LAYOUT_STACKREFS != 0 => Some(c & !7),
+        other => other,
     };
-    let key = CodeKey { tgid, _pad: 0, code };
-    let generation = verdict::generation();
-    let (target, resumable) = match verdict::cached(&key, generation) {
-        Some(v) => v,
-        None => verdict::store(layout, &key, generation, verdict::classify_resume(layout, tgid, frame, code)),
+    let instr_reg = regs.get(cookie.instr_reg);
+    // The cache is keyed by what costs no memory read: the code object, else
+    // the RESUME's own address (inside the code object), else the code
+    // object read from the frame.
+    let key = match (code_reg, instr_reg) {
+        (Some(c), _) | (None, Some(c)) => c,
+        (None, None) => object_field(layout, frame, layout.frame_code)?,
     };
+    let code = || match code_reg {
+        Some(c) => Some(c),
+        None if instr_reg.is_none() => Some(key),
+        None => object_field(layout, frame, layout.frame_code),
+    };
+    let known = verdict::verdict(layout, tgid, cookie.slot, key, code, |code| {
+        Some(verdict::classify_resume(layout, tgid, frame, code))
+    })?;
+    let (target, code) = (known.target, known.code);
     if target >= TARGET_PENDING || !pass.counts {
         return None;
     }
 
     // A target: is this its start, and will the handler really run it?
-    if resumable {
-        let instr = match regs.get(cookie.instr_reg) {
+    if known.resumable {
+        let instr = match instr_reg {
             Some(i) => i,
             None => field(frame, layout.frame_instr)?,
         };
@@ -68,7 +78,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         bump(stats::REDISPATCH_SKIPS);
         return None;
     }
-    emit::hit(tgid, tid, target, code, pass.sparse);
+    emit::hit(cookie.slot, tgid, tid, target, known.cell, code, pass.sparse);
     Some(())
 }
 

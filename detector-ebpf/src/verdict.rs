@@ -1,40 +1,126 @@
 //! Which target, if any, a code object is: computed once per (process, code
-//! object, target-set generation) and cached in an LRU map, so the common
-//! case on the hot path is one lookup.
+//! object, target-set generation) and cached in an LRU map, with each CPU's
+//! most recent verdicts in a direct-mapped array in front of it, so the
+//! common case on the hot path is an array lookup the kernel inlines.
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use detector_common::{
-    CO_OPTIMIZED, CO_RESUMABLE, CodeIdentity, CodeKey, Layout, NAME_LEN, NameKey, TARGET_NONE, TARGET_PENDING, Verdict,
-    stats,
+    CELL_SHARED, CELL_UNKNOWN, CO_OPTIMIZED, CO_RESUMABLE, CellKey, CodeIdentity, CodeKey, CountKey, Layout, NAME_LEN,
+    NO_SLOT, NameKey, SLOT_CELLS, TARGET_NONE, TARGET_PENDING, Verdict, VerdictLine, stats, verdict_line,
 };
 
 use crate::{
     emit,
-    maps::{CONFIG, NAMES, SCRATCH, TARGETS, VERDICTS, bump},
+    maps::{CELL_CLAIMS, CELL_OF, CODE_EPOCH, CONFIG, NAMES, SCRATCH, TARGETS, VERDICT_CACHE, VERDICTS, bump},
     mem::{field, object_field, read, read_ascii},
 };
 
-/// The current generation of the target set.
-#[inline(always)]
-pub fn generation() -> u32 {
-    CONFIG.get(0).map(|c| c.generation).unwrap_or(0)
+/// What the hot path needs to know of the code object running at a site.
+pub struct Known {
+    /// The code object.
+    pub code: u64,
+    /// Target id, [`TARGET_NONE`] or [`TARGET_PENDING`].
+    pub target: u32,
+    /// Its frames are resumed (generators, coroutines).
+    pub resumable: bool,
+    /// Where its hits are counted ([`Verdict::cell`]).
+    pub cell: u32,
+    /// The target set's generation.
+    pub generation: u32,
 }
 
-/// A cached verdict for `key` in `generation`, if any: `(target, resumable)`.
+/// The verdict on the code object a site found as `key` (the code object
+/// itself, or an instruction inside it) in process `tgid`: from this CPU's
+/// cache; else from [`VERDICTS`] by the code object (read
+/// by `code`), else made by `classify` and stored in both.
 #[inline(always)]
-pub fn cached(key: &CodeKey, generation: u32) -> Option<(u32, bool)> {
-    let v = unsafe { VERDICTS.get(key) }?;
-    if v.generation == generation { Some((v.target, v.resumable != 0)) } else { None }
+pub fn verdict(
+    layout: &Layout,
+    tgid: u32,
+    slot: u16,
+    key: u64,
+    code: impl FnOnce() -> Option<u64>,
+    classify: impl FnOnce(u64) -> Option<u32>,
+) -> Option<Known> {
+    // Read first: a line filled from a verdict older than a deallocation
+    // then carries the epoch before it, and is refused.
+    let epoch = CODE_EPOCH.get(0).copied().unwrap_or(0);
+    let config = CONFIG.get(0)?;
+    let (generation, stamp) = (config.generation, config.cache_stamp);
+    let cache = VERDICT_CACHE.get_ptr_mut(0)?;
+    let line = unsafe { &mut (*cache).lines[verdict_line(tgid, key)] };
+    if line.key == key && line.tgid == tgid && line.stamp == stamp && line.epoch == epoch {
+        let resumable = line.resumable != 0;
+        return Some(Known { code: line.code, target: line.target, resumable, cell: line.cell, generation });
+    }
+    let code = code()?;
+    let code_key = CodeKey { tgid, _pad: 0, code };
+    let mut v = match unsafe { VERDICTS.get(&code_key) } {
+        Some(v) if v.generation == generation => *v,
+        _ => store(layout, &code_key, slot, generation, classify(code)?),
+    };
+    // A target's verdict that user space wrote (3.8-3.10 resolution).
+    if v.target < TARGET_PENDING && v.cell == CELL_UNKNOWN {
+        v.cell = cell_for(slot, tgid, v.target);
+        let _ = VERDICTS.insert(&code_key, &v, 0);
+    }
+    if v.target != TARGET_PENDING {
+        *line = VerdictLine { key, code, tgid, stamp, epoch, target: v.target, resumable: v.resumable, cell: v.cell };
+    }
+    Some(Known { code, target: v.target, resumable: v.resumable != 0, cell: v.cell, generation })
 }
 
-/// Stores a verdict; returns `(target, resumable)` as `cached` would.
+/// The cell of `slot` that counts `(tgid, target)`, claimed on its first
+/// hit, or [`CELL_SHARED`] once the process's cells are all claimed.
 #[inline(always)]
-pub fn store(layout: &Layout, key: &CodeKey, generation: u32, target: u32) -> (u32, bool) {
+fn cell_for(slot: u16, tgid: u32, target: u32) -> u32 {
+    let key = CountKey { tgid, target };
+    if let Some(&cell) = unsafe { CELL_OF.get(&key) } {
+        return cell;
+    }
+    if slot == NO_SLOT {
+        return CELL_SHARED;
+    }
+    for cell in 0..SLOT_CELLS as u32 {
+        if CELL_CLAIMS.insert(&CellKey { tgid, cell }, &target, BPF_NOEXIST as u64).is_err() {
+            continue;
+        }
+        return match CELL_OF.insert(&key, &cell, BPF_NOEXIST as u64) {
+            Ok(()) => cell,
+            // Another CPU claimed one for the same target first: count in
+            // theirs, and give this one back.
+            Err(_) => {
+                let _ = CELL_CLAIMS.remove(&CellKey { tgid, cell });
+                unsafe { CELL_OF.get(&key) }.copied().unwrap_or(CELL_SHARED)
+            }
+        };
+    }
+    CELL_SHARED
+}
+
+/// A code object with a verdict is going away: every CPU's cached lines may
+/// name its address, or instructions inside it, which its successor there
+/// must not inherit.
+#[inline(always)]
+pub fn code_freed() {
+    if let Some(epoch) = CODE_EPOCH.get_ptr_mut(0) {
+        unsafe {
+            core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(epoch, 1);
+        }
+    }
+}
+
+/// Stores a verdict, with a target's cell, and returns it.
+#[inline(always)]
+fn store(layout: &Layout, key: &CodeKey, slot: u16, generation: u32, target: u32) -> Verdict {
     bump(stats::VERDICT_MISSES);
     // Targets only: nothing else is ever asked whether it resumes.
     let resumable = target != TARGET_NONE
         && read::<u32>(key.code + layout.code_flags as u64).is_some_and(|f| f & CO_RESUMABLE != 0);
-    let _ = VERDICTS.insert(key, &Verdict { generation, target, resumable: resumable as u32 }, 0);
-    (target, resumable)
+    let cell = if target < TARGET_PENDING { cell_for(slot, key.tgid, target) } else { CELL_UNKNOWN };
+    let v = Verdict { generation, target, resumable: resumable as u32, cell };
+    let _ = VERDICTS.insert(key, &v, 0);
+    v
 }
 
 /// 3.11+: match the frame's function (`__module__`) and code (`co_qualname`)

@@ -12,7 +12,7 @@
 //!   loop in user space, and listed per process in `DISPATCH_READS`).
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::PerfEventContext};
-use detector_common::{MODE_WATCH, WatchKey};
+use detector_common::{CELL_SHARED, MODE_WATCH, NO_SLOT, WatchKey};
 
 use crate::{
     emit,
@@ -55,6 +55,7 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
     if let Some(l) = layout.and_then(|l| LAYOUTS.get(l)) {
         emit::code(l, tgid, target, code);
     }
-    emit::hit(tgid, tid, target, code, pass.sparse);
+    // A trap costs microseconds: the shared count is cheap enough.
+    emit::hit(NO_SLOT, tgid, tid, target, CELL_SHARED, code, pass.sparse);
     Some(())
 }

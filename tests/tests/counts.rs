@@ -1,7 +1,7 @@
 //! Exact hit counts for known workloads on every interpreter, and zero for
 //! decoys: same name in another class, at module level, in another module.
 
-use detector_tests::{Fixture, for_each_interpreter, run_attached, run_reaching};
+use detector_tests::{Dump, Fixture, for_each_interpreter, run_attached, run_reaching};
 
 #[test]
 fn plain_functions() {
@@ -149,10 +149,32 @@ fn tracing_and_monitoring_switched_on_and_off() {
 }
 
 #[test]
+fn more_targets_than_a_process_has_cells_each_counted_exactly() {
+    for_each_interpreter(|i| {
+        // The kernel counts a process's first 8 targets hit in per-CPU cells
+        // and the others in a shared map: all exact, none mixed up.
+        let names: Vec<String> = (0..12).map(|k| format!("wl.many:t{k}")).collect();
+        let targets: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut fixture = Fixture::start(i, "many");
+        fixture.go();
+        let dump = Dump::attach(fixture.pid(), &targets);
+        for k in 0..12 {
+            fixture.call(&format!("t{k}"), k + 1);
+        }
+        let s = dump.stop();
+        fixture.finish();
+        let want: Vec<(&str, u64)> = targets.iter().zip(1..).map(|(t, n)| (*t, n)).collect();
+        s.assert_counts(&want);
+    });
+}
+
+#[test]
 fn reachability_counts_every_call_and_records_few() {
     for_each_interpreter(|i| {
         const F: &str = "wl.rounds:f";
         let mut fixture = Fixture::start(i, "rounds");
+        // Each CPU counts its own share: on one CPU, one share.
+        fixture.pin(0);
         fixture.go();
         let mut det = run_reaching(fixture.pid(), &[F], &["--strategy", "per-call"]);
         fixture.call("f", 100);
@@ -160,7 +182,7 @@ fn reachability_counts_every_call_and_records_few() {
         let s = det.stop();
         fixture.finish();
         // Per-call probes keep counting exactly; the kernel writes a record
-        // only when the count reaches 1, 2, 4, ..., 64 (fewer if 3.8-3.10
+        // only when the CPU's count reaches 1, 2, 4, ..., 64 (fewer if 3.8-3.10
         // counted the first calls as pending), and one hit line is printed.
         assert_eq!((s.count(F), s.hits.len()), (100, 1), "{}", i.name);
         let records = s.stats["hit_records"].as_u64().unwrap();

@@ -92,7 +92,7 @@ fn render_extras(extras: &[Extra]) -> String {
 
 /// Runs the benchmark and writes `docs/BENCHMARKS.md` (or, `suite_only`,
 /// prints the workload suite's tables).
-pub fn run(suite_only: bool) -> Result<()> {
+pub fn run(suite_only: bool, calls_only: Option<&str>) -> Result<()> {
     let bin = build::all()?;
     let rootfs = rootfs::ensure_all()?;
     let switch = testbuilds::switch_build()?;
@@ -118,7 +118,8 @@ pub fn run(suite_only: bool) -> Result<()> {
     }
     let mut rows = Vec::new();
     let mut failures = Vec::new();
-    for interp in interpreters() {
+    let picked = interpreters().into_iter().filter(|i| calls_only.is_none_or(|name| i.name.contains(name)));
+    for interp in picked {
         let mut samples: [Vec<f64>; 7] = Default::default();
         // Interleaved, so drift in the machine's speed hits every condition.
         for _ in 0..RUNS {
@@ -140,6 +141,10 @@ pub fn run(suite_only: bool) -> Result<()> {
         });
         eprintln!("xtask: {}: {:?} ns/call", interp.name, ns);
         rows.push(Row { name: interp.name.clone(), ns });
+    }
+    if calls_only.is_some() {
+        println!("{}", render(&rows, &machine()));
+        return Ok(());
     }
     // Latency and the agent's footprint on one interpreter of each family.
     let mut extras = Vec::new();
@@ -286,14 +291,15 @@ fn render(rows: &[Row], machine: &str) -> String {
     let _ = writeln!(
         s,
         "Reading it: the probe itself (the *empty* column, a trap into the kernel) costs \
-         about 0.4 us per call here. On top of it the detector's common path (*miss*) is one \
-         verdict-cache lookup, with the frame and code object taken from registers the \
-         analysis proved hold them (3.12-3.14). 3.8-3.11 also read the frame's code object \
-         from memory (`bpf_probe_read_user` costs ~80 ns on this kernel): no register holds \
-         it at an always-executed site the kernel emulates. A *hit* adds the exact count (an \
-         atomic add in a map), a timestamp and a ring-buffer record; the record is about half \
-         of that, which reachability mode (`run`'s default) skips on all but a target's 1st, \
-         2nd, 4th, ... hit. Per-call probing makes \
+         about 0.4 us per call here. On top of it the detector's common path (*miss*) is a \
+         lookup in the CPU's verdict cache (an array the kernel inlines), keyed by a register: \
+         the code object where the analysis proved one holds it (3.12-3.14), else the RESUME's \
+         own address (3.11). 3.8-3.10 pass the frame only, so they also read its code object \
+         from memory (one `bpf_probe_read_user`, ~33 ns on this kernel, most of their extra). \
+         A *hit* adds the exact count (an increment of the process's per-CPU cell for that \
+         target), a timestamp and a ring-buffer record; the record is most of that, which \
+         reachability mode (`run`'s default) skips on all but a target's 1st, \
+2nd, 4th, ... hit. Per-call probing makes \
          every call of a watched process pay the floor: the watch strategy (hardware \
          watchpoints on the targets' body starts) removes it for every other call, as the \
          *watch other* column shows. A watched call pays far more than a uprobe, though: a \

@@ -56,6 +56,10 @@ enum Cmd {
         /// Only the workload suite and the site costs, printed (nothing written).
         #[arg(long)]
         suite_only: bool,
+        /// Only the call-loop table, for interpreters whose name contains
+        /// this, printed (nothing written): a quick check of a probe change.
+        #[arg(long, value_name = "INTERPRETER", conflicts_with = "suite_only")]
+        calls_only: Option<String>,
     },
 }
 
@@ -65,7 +69,7 @@ fn main() -> ExitCode {
         Cmd::Build => build::all().map(|_| ()),
         Cmd::Run { args } => run(&args),
         Cmd::Test { filter } => test::run(filter.as_deref()),
-        Cmd::Bench { suite_only } => bench::run(suite_only),
+        Cmd::Bench { suite_only, calls_only } => bench::run(suite_only, calls_only.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

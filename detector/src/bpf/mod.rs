@@ -163,6 +163,7 @@ pub struct Probes {
     ebpf: Ebpf,
     layouts: Vec<Layout>,
     generation: u32,
+    cache_stamp: u32,
     wakeup_bytes: u32,
     fork_child_pid: u32,
     reaper: reaper::Reaper,
@@ -182,6 +183,7 @@ pub struct Probes {
     config: Array<MapData, Config>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
     slots: slots::SlotMap,
+    cells: slots::CellMaps,
     slot_table: slots::SlotTable,
     events: Option<RingBuf<MapData>>,
 }
@@ -208,6 +210,8 @@ impl Probes {
             .map_max_entries(maps::NAMES, caps.targets)
             .map_max_entries(maps::VERDICTS, caps.verdicts)
             .map_max_entries(maps::COUNTS, caps.counts)
+            .map_max_entries(maps::CELL_OF, caps.counts)
+            .map_max_entries(maps::CELL_CLAIMS, caps.counts)
             .map_max_entries(maps::EVENTS, caps.events_bytes)
             .load(OBJECT)
             .map_err(|e| BpfError::Load(Box::new(e)))?;
@@ -234,11 +238,17 @@ impl Probes {
             config: take(&mut ebpf, maps::CONFIG)?,
             stats: take(&mut ebpf, maps::STATS)?,
             slots: take(&mut ebpf, maps::SLOTS)?,
+            cells: slots::CellMaps {
+                hits: take(&mut ebpf, maps::CELLS)?,
+                claims: take(&mut ebpf, maps::CELL_CLAIMS)?,
+                cell_of: take(&mut ebpf, maps::CELL_OF)?,
+            },
             slot_table: Default::default(),
             events: Some(take(&mut ebpf, maps::EVENTS)?),
             ebpf,
             layouts: Vec::new(),
             generation: 1,
+            cache_stamp: 0,
             fork_child_pid: 0,
             reaper: reaper::Reaper::start(),
             // A quarter full: the reader's timer drains long before that
@@ -282,6 +292,7 @@ impl Probes {
     /// Starts a new generation: every cached verdict is recomputed on use.
     pub(crate) fn bump_generation(&mut self) -> Result<(), BpfError> {
         self.generation = self.generation.wrapping_add(1).max(1);
+        self.cache_stamp = self.cache_stamp.wrapping_add(1);
         self.write_config()
     }
 
@@ -290,7 +301,7 @@ impl Probes {
             generation: self.generation,
             wakeup_bytes: self.wakeup_bytes,
             fork_child_pid: self.fork_child_pid,
-            _pad: 0,
+            cache_stamp: self.cache_stamp,
         };
         self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
     }

@@ -1,13 +1,16 @@
 //! Per-process slots: how often a process's probes ran (for its overhead
 //! budget), which strategy counts its hits (so a switch between strategies
-//! counts every call once) and whether every hit is an event (reachability
-//! needs only a few). The slot travels in the process's site cookies and
-//! watch entries, so the hot path finds it by index.
+//! counts every call once), whether every hit is an event (reachability
+//! needs only a few), and the per-CPU cells that count the per-call probes'
+//! hits of its first targets. The slot travels in the process's site
+//! cookies and watch entries, so the hot path finds it by index.
 
 use std::collections::HashMap;
 
-use aya::maps::{MapData, PerCpuArray, PerCpuValues};
-use detector_common::{EVENTS_EVERY, EVENTS_SPARSE, MODE_PER_CALL, NO_SLOT, Slot, capacity, maps};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
+use detector_common::{
+    CellKey, CountKey, EVENTS_EVERY, EVENTS_SPARSE, MODE_PER_CALL, NO_SLOT, SLOT_CELLS, Slot, SlotCells, capacity, maps,
+};
 
 use super::{BpfError, map_err};
 
@@ -36,7 +39,9 @@ impl super::Probes {
             None => return NO_SLOT,
         };
         let state = Slot { passes: 0, mode: MODE_PER_CALL, events: EVENTS_EVERY };
-        if self.write_slot(slot, state).is_err() {
+        // The last process's cells are still there: nothing counts in them
+        // before its probes are attached, after this.
+        if self.write_slot(slot, state).and_then(|()| self.cells.reset(slot)).is_err() {
             self.slot_table.free.push(slot);
             return NO_SLOT;
         }
@@ -81,12 +86,66 @@ impl super::Probes {
     }
 
     fn write_slot(&mut self, slot: u16, state: Slot) -> Result<(), BpfError> {
-        let n = aya::util::nr_cpus().map_err(|(_, e)| BpfError::Io { what: "counting CPUs", source: e })?;
-        let values = PerCpuValues::try_from(vec![Slot { passes: 0, ..state }; n])
-            .map_err(|e| BpfError::Io { what: "building per-CPU slot values", source: e })?;
-        self.slots.set(slot as u32, values, 0).map_err(map_err(maps::SLOTS))
+        self.slots.set(slot as u32, per_cpu(Slot { passes: 0, ..state })?, 0).map_err(map_err(maps::SLOTS))
+    }
+
+    /// Hits of `key` counted in its cell, summed over CPUs (0 if it has none).
+    pub(crate) fn cell_hits(&self, key: &CountKey) -> u64 {
+        let Ok(cell) = self.cells.cell_of.get(key, 0) else { return 0 };
+        let Some(&(slot, _)) = self.slot_table.by_pid.get(&key.tgid) else { return 0 };
+        self.cells.sums(slot).map_or(0, |sums| sums.get(cell as usize).copied().unwrap_or(0))
+    }
+
+    /// Every (process, target) counted in a cell, with its hits: one read of
+    /// each process's cells.
+    pub(crate) fn all_cell_hits(&self) -> Vec<(CountKey, u64)> {
+        let mut sums: HashMap<u16, [u64; SLOT_CELLS]> = HashMap::new();
+        let mut out = Vec::new();
+        for (key, cell) in self.cells.cell_of.iter().filter_map(Result::ok) {
+            let Some(&(slot, _)) = self.slot_table.by_pid.get(&key.tgid) else { continue };
+            if let std::collections::hash_map::Entry::Vacant(e) = sums.entry(slot) {
+                e.insert(self.cells.sums(slot).unwrap_or_default());
+            }
+            out.push((key, sums[&slot].get(cell as usize).copied().unwrap_or(0)));
+        }
+        out
     }
 }
 
-/// The map handle, taken at load.
+/// The slots' map handle, taken at load.
 pub(crate) type SlotMap = PerCpuArray<MapData, Slot>;
+
+/// The cells' map handles, taken at load.
+pub(crate) struct CellMaps {
+    /// Per slot, per CPU: hits by cell.
+    pub(crate) hits: PerCpuArray<MapData, SlotCells>,
+    /// Which target claimed each cell of a process.
+    pub(crate) claims: BpfHashMap<MapData, CellKey, u32>,
+    /// Which cell counts (process, target).
+    pub(crate) cell_of: BpfHashMap<MapData, CountKey, u32>,
+}
+
+impl CellMaps {
+    /// Empties `slot`'s cells for a new process.
+    fn reset(&mut self, slot: u16) -> Result<(), BpfError> {
+        self.hits.set(slot as u32, per_cpu(SlotCells::default())?, 0).map_err(map_err(maps::CELLS))
+    }
+
+    /// `slot`'s hits by cell, summed over CPUs.
+    fn sums(&self, slot: u16) -> Option<[u64; SLOT_CELLS]> {
+        let per_cpu = self.hits.get(&(slot as u32), 0).ok()?;
+        let mut sums = [0u64; SLOT_CELLS];
+        for cpu in per_cpu.iter() {
+            for (sum, hits) in sums.iter_mut().zip(cpu.hits) {
+                *sum += hits;
+            }
+        }
+        Some(sums)
+    }
+}
+
+/// `value` on every CPU.
+fn per_cpu<T: aya::Pod>(value: T) -> Result<PerCpuValues<T>, BpfError> {
+    let n = aya::util::nr_cpus().map_err(|(_, e)| BpfError::Io { what: "counting CPUs", source: e })?;
+    PerCpuValues::try_from(vec![value; n]).map_err(|e| BpfError::Io { what: "building per-CPU values", source: e })
+}

@@ -9,7 +9,7 @@ use aya::{
 };
 
 use detector_common::{
-    CodeIdentity, CodeKey, CountKey, NameKey, TargetKey, ThreadEntry, Verdict, fixed_name, maps, stats,
+    CELL_UNKNOWN, CodeIdentity, CodeKey, CountKey, NameKey, TargetKey, ThreadEntry, Verdict, fixed_name, maps, stats,
 };
 
 use super::{BpfError, Probes, map_err};
@@ -67,7 +67,8 @@ impl Probes {
 
     /// Hits of `target` counted in process `pid` (not including pending ones).
     pub fn count(&self, pid: u32, target: u32) -> u64 {
-        self.counts.get(&CountKey { tgid: pid, target }, 0).unwrap_or(0)
+        let key = CountKey { tgid: pid, target };
+        self.counts.get(&key, 0).unwrap_or(0) + self.cell_hits(&key)
     }
 
     /// Pending hits of process `pid`.
@@ -96,7 +97,11 @@ impl Probes {
     /// Every (process, target) count, in one pass over the map: a metrics
     /// refresh reads the entries that exist, not processes times targets.
     pub fn all_counts(&self) -> Vec<(CountKey, u64)> {
-        self.counts.iter().filter_map(Result::ok).collect()
+        let mut all: StdHashMap<CountKey, u64> = self.counts.iter().filter_map(Result::ok).collect();
+        for (key, hits) in self.all_cell_hits() {
+            *all.entry(key).or_default() += hits;
+        }
+        all.into_iter().collect()
     }
 
     /// Records user space's verdict on a 3.8-3.10 code object.
@@ -109,7 +114,8 @@ impl Probes {
         resumable: bool,
     ) -> Result<(), BpfError> {
         let key = CodeKey { tgid: pid, _pad: 0, code };
-        let verdict = Verdict { generation, target, resumable: resumable as u32 };
+        // The kernel picks the cell on the target's next hit.
+        let verdict = Verdict { generation, target, resumable: resumable as u32, cell: CELL_UNKNOWN };
         self.verdicts.insert(key, verdict, 0).map_err(map_err(maps::VERDICTS))
     }
 
@@ -140,6 +146,8 @@ impl Probes {
     /// Drops every entry that belongs to process `pid`.
     pub fn forget_process(&mut self, pid: u32) {
         remove_where(&mut self.counts, |k, _| k.tgid == pid);
+        remove_where(&mut self.cells.cell_of, |k, _| k.tgid == pid);
+        remove_where(&mut self.cells.claims, |k, _| k.tgid == pid);
         remove_where(&mut self.pending, |k, _| k.tgid == pid);
         remove_where(&mut self.threads, |_, v| v.tgid == pid);
         remove_where(&mut self.identities, |k, _| k.tgid == pid);
@@ -149,6 +157,11 @@ impl Probes {
         remove_where(&mut self.watched_codes, |k, _| k.tgid == pid);
         let _ = self.watched.remove(&pid);
         self.release_slot(pid);
+        // The CPUs' cached verdicts may name the pid, which may come back.
+        self.cache_stamp = self.cache_stamp.wrapping_add(1);
+        if let Err(e) = self.write_config() {
+            tracing::warn!(pid, error = %e, "could not invalidate cached verdicts");
+        }
     }
 }
 
