@@ -267,8 +267,8 @@ pub const MODE_WATCH: u32 = 1;
 
 /// Every hit is an event (the slot's default, zero): each call is reported.
 pub const EVENTS_EVERY: u32 = 0;
-/// Reachability: a hit is an event only when its exact count becomes a power
-/// of two (1, 2, 4, ...). The first reports the target; the rest are cheap
+/// Reachability: a hit is an event only when its exact count (on a CPU, for
+/// per-call hits) becomes a power of two (1, 2, 4, ...). The first reports the target; the rest are cheap
 /// signs of life, and a dropped first record is made good by the next.
 pub const EVENTS_SPARSE: u32 = 1;
 

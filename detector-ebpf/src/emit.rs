@@ -78,8 +78,8 @@ fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
 
 /// Counts a hit of `target` in `cell` of process `tgid`'s `slot` (or in
 /// [`COUNTS`] if not a cell) and reports it: always, or if `sparse` only
-/// when the count becomes a power of two (the record is about half of what
-/// a hit adds to a probe pass, and reachability needs only the first). A
+/// when the count becomes a power of two (the record is most of what a hit
+/// adds to a probe pass, and reachability needs only the first). A
 /// cell's count is this CPU's share, so each CPU reports its own first hit.
 #[inline(always)]
 pub fn hit(slot: u16, tgid: u32, tid: u32, target: u32, cell: u32, code: u64, sparse: bool) {

@@ -31,8 +31,8 @@ pub struct Known {
 
 /// The verdict on the code object a site found as `key` (the code object
 /// itself, or an instruction inside it) in process `tgid`: from this CPU's
-/// cache; else from [`VERDICTS`] by the code object (read
-/// by `code`), else made by `classify` and stored in both.
+/// cache; else from [`VERDICTS`] by the code object (`code` reads it), else
+/// made by `classify` and stored in both.
 #[inline(always)]
 pub fn verdict(
     layout: &Layout,
@@ -98,9 +98,9 @@ fn cell_for(slot: u16, tgid: u32, target: u32) -> u32 {
     CELL_SHARED
 }
 
-/// A code object with a verdict is going away: every CPU's cached lines may
-/// name its address, or instructions inside it, which its successor there
-/// must not inherit.
+/// A code object is going away: every CPU's cached lines may name its
+/// address, or instructions inside it, which its successor there must not
+/// inherit, so they all lapse.
 #[inline(always)]
 pub fn code_freed() {
     if let Some(epoch) = CODE_EPOCH.get_ptr_mut(0) {

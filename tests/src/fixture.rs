@@ -77,6 +77,12 @@ impl Fixture {
         writeln!(stdin, "{line}").and_then(|_| stdin.flush()).unwrap();
     }
 
+    /// Sends `line` and returns the workload's reply.
+    pub fn ask(&mut self, line: &str) -> String {
+        self.send(line);
+        self.read_line()
+    }
+
     /// Lets the workload run.
     pub fn go(&mut self) {
         self.send("go");

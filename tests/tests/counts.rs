@@ -169,6 +169,30 @@ fn more_targets_than_a_process_has_cells_each_counted_exactly() {
 }
 
 #[test]
+fn a_code_object_freed_and_its_address_reused_gets_a_new_verdict() {
+    for_each_interpreter(|i| {
+        // A decoy's code object freed and the target made at its address,
+        // and back, four times: what the CPUs cached for the address (or the
+        // instructions in it) must not outlive the code object.
+        let mut fixture = Fixture::start(i, "reuse");
+        fixture.go();
+        let dump = Dump::attach_with(fixture.pid(), &["wl.reuse:f"], &["--strategy", "per-call"]);
+        let mut addresses = Vec::new();
+        for _ in 0..4 {
+            for name in ["g", "f"] {
+                let reply = fixture.ask(&format!("{name} 3"));
+                addresses.push(reply.strip_prefix("ok ").unwrap_or_else(|| panic!("{reply}")).to_owned());
+            }
+        }
+        let s = dump.stop();
+        fixture.finish();
+        // Worth its name only if the allocator did reuse the address.
+        assert!(addresses.windows(2).any(|w| w[0] == w[1]), "{}: no address reused: {addresses:?}", i.name);
+        s.assert_counts(&[("wl.reuse:f", 12)]);
+    });
+}
+
+#[test]
 fn reachability_counts_every_call_and_records_few() {
     for_each_interpreter(|i| {
         const F: &str = "wl.rounds:f";
