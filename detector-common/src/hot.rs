@@ -32,6 +32,24 @@ pub struct VerdictLine {
     pub resumable: u32,
     /// As [`crate::Verdict::cell`].
     pub cell: u32,
+    /// [`VerdictLine::digest`] of the line as its writer wrote it.
+    pub check: u64,
+}
+
+impl VerdictLine {
+    /// A digest of every other field. Per-call programs run with migration
+    /// disabled but can be preempted, so two of them may write (or one read
+    /// while another writes) the same line of a CPU: the mixture does not
+    /// match the digest it ends up with, and is not used.
+    #[inline(always)]
+    pub fn digest(&self) -> u64 {
+        let pair = |a: u32, b: u32| ((a as u64) << 32) | b as u64;
+        self.key
+            ^ self.code.rotate_left(13)
+            ^ pair(self.tgid, self.stamp).rotate_left(27)
+            ^ pair(self.epoch, self.target).rotate_left(41)
+            ^ pair(self.resumable, self.cell).rotate_left(53)
+    }
 }
 
 /// A CPU's direct-mapped cache of verdicts, in front of [`crate::VERDICTS`].
@@ -54,7 +72,9 @@ pub fn verdict_line(tgid: u32, key: u64) -> usize {
 /// every slot pays for its cells on every CPU.
 pub const SLOT_CELLS: usize = 8;
 
-/// A process's hit counters on one CPU (user space sums the CPUs).
+/// A process's hit counters on one CPU (user space sums the CPUs). Added to
+/// atomically all the same: a program preempted on its CPU by another may be
+/// halfway through an increment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotCells {

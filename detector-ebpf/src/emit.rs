@@ -84,12 +84,13 @@ fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
 #[inline(always)]
 pub fn hit(slot: u16, tgid: u32, tid: u32, target: u32, cell: u32, code: u64, sparse: bool) {
     let count = match CELLS.get_ptr_mut(slot as u32) {
-        // Per-CPU, and a BPF program is not preempted on its CPU.
-        Some(cells) if (cell as usize) < SLOT_CELLS => unsafe {
-            let hits = &mut (*cells).hits[cell as usize];
-            *hits += 1;
-            *hits
-        },
+        // Atomic although per-CPU: a program may be preempted on its CPU.
+        Some(cells) if (cell as usize) < SLOT_CELLS => {
+            // A mask the compiler cannot drop (it knows the bound; the
+            // verifier, tracking another copy of the register, does not).
+            let i = unsafe { core::ptr::read_volatile(&(cell as usize)) } & (SLOT_CELLS - 1);
+            atomic_add(unsafe { &raw mut (*cells).hits[i] })
+        }
         _ => increment!(COUNTS, CountKey { tgid, target }, 1u64, |p| p),
     };
     bump(stats::HITS);

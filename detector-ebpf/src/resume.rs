@@ -39,22 +39,31 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         Some(f) => f,
         None => current_frame(layout, thread_state(tgid, tid)?)?,
     };
+    // Plain values, 0 for "not in a register": an `Option` would leave the
+    // verifier an uninitialised register to spill on the `None` path.
     let code_reg = match regs.get(cookie.code_reg) {
-        Some(c) if layout.flags & LAYOUT_STACKREFS != 0 => Some(c & !7),
-        other => other,
+        Some(c) if layout.flags & LAYOUT_STACKREFS != 0 => c & !7,
+        other => other.unwrap_or(0),
     };
-    let instr_reg = regs.get(cookie.instr_reg);
+    let instr_reg = regs.get(cookie.instr_reg).unwrap_or(0);
     // The cache is keyed by what costs no memory read: the code object, else
     // the RESUME's own address (inside the code object), else the code
     // object read from the frame.
-    let key = match (code_reg, instr_reg) {
-        (Some(c), _) | (None, Some(c)) => c,
-        (None, None) => object_field(layout, frame, layout.frame_code)?,
+    let key = if code_reg != 0 {
+        code_reg
+    } else if instr_reg != 0 {
+        instr_reg
+    } else {
+        object_field(layout, frame, layout.frame_code)?
     };
-    let code = || match code_reg {
-        Some(c) => Some(c),
-        None if instr_reg.is_none() => Some(key),
-        None => object_field(layout, frame, layout.frame_code),
+    let code = || {
+        if code_reg != 0 {
+            Some(code_reg)
+        } else if instr_reg == 0 {
+            Some(key)
+        } else {
+            object_field(layout, frame, layout.frame_code)
+        }
     };
     let known = verdict::verdict(layout, tgid, cookie.slot, key, code, |code| {
         Some(verdict::classify_resume(layout, tgid, frame, code))
@@ -66,10 +75,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
 
     // A target: is this its start, and will the handler really run it?
     if known.resumable {
-        let instr = match instr_reg {
-            Some(i) => i,
-            None => field(frame, layout.frame_instr)?,
-        };
+        let instr = if instr_reg != 0 { instr_reg } else { field(frame, layout.frame_instr)? };
         if read::<u8>(instr + 1)? as u16 & layout.resume_where_mask != 0 {
             return None; // resuming after yield or await
         }

@@ -49,9 +49,12 @@ pub fn verdict(
     let (generation, stamp) = (config.generation, config.cache_stamp);
     let cache = VERDICT_CACHE.get_ptr_mut(0)?;
     let line = unsafe { &mut (*cache).lines[verdict_line(tgid, key)] };
-    if line.key == key && line.tgid == tgid && line.stamp == stamp && line.epoch == epoch {
-        let resumable = line.resumable != 0;
-        return Some(Known { code: line.code, target: line.target, resumable, cell: line.cell, generation });
+    // One copy, checked and used: the line may change under a preemption.
+    let seen = unsafe { core::ptr::read_volatile(line) };
+    if seen.key == key && seen.tgid == tgid && seen.stamp == stamp && seen.epoch == epoch && seen.check == seen.digest()
+    {
+        let resumable = seen.resumable != 0;
+        return Some(Known { code: seen.code, target: seen.target, resumable, cell: seen.cell, generation });
     }
     let code = code()?;
     let code_key = CodeKey { tgid, _pad: 0, code };
@@ -65,7 +68,19 @@ pub fn verdict(
         let _ = VERDICTS.insert(&code_key, &v, 0);
     }
     if v.target != TARGET_PENDING {
-        *line = VerdictLine { key, code, tgid, stamp, epoch, target: v.target, resumable: v.resumable, cell: v.cell };
+        let mut fill = VerdictLine {
+            key,
+            code,
+            tgid,
+            stamp,
+            epoch,
+            target: v.target,
+            resumable: v.resumable,
+            cell: v.cell,
+            check: 0,
+        };
+        fill.check = fill.digest();
+        unsafe { core::ptr::write_volatile(line, fill) };
     }
     Some(Known { code, target: v.target, resumable: v.resumable != 0, cell: v.cell, generation })
 }
