@@ -113,4 +113,44 @@ mod tests {
         // The process is part of the key.
         assert_ne!(verdict_line(1, 0x7f3a_1c00_0000), verdict_line(2, 0x7f3a_1c00_0000));
     }
+
+    #[test]
+    fn a_line_two_writers_mixed_fails_its_digest() {
+        // Two code objects of one process, as two preempted writers would
+        // fill the same line: any mixture of their fields is refused.
+        let sealed = |mut l: VerdictLine| {
+            l.check = l.digest();
+            l
+        };
+        let a = sealed(VerdictLine {
+            key: 0x7f3a_1c00_0a60,
+            code: 0x7f3a_1c00_0a00,
+            tgid: 4242,
+            stamp: 7,
+            epoch: 3,
+            target: 1,
+            resumable: 0,
+            cell: 0,
+            check: 0,
+        });
+        let b = sealed(VerdictLine {
+            key: 0x7f3a_1c00_1b60,
+            code: 0x7f3a_1c00_1b00,
+            target: crate::TARGET_NONE,
+            cell: crate::CELL_UNKNOWN,
+            ..a
+        });
+        assert_eq!((a.check, b.check), (a.digest(), b.digest()));
+        let mixes = [
+            VerdictLine { key: b.key, ..a },
+            VerdictLine { code: b.code, ..a },
+            VerdictLine { target: b.target, ..a },
+            VerdictLine { cell: b.cell, ..a },
+            VerdictLine { key: a.key, check: a.check, ..b },
+            VerdictLine { key: b.key, code: b.code, ..a },
+        ];
+        for m in mixes {
+            assert_ne!(m.check, m.digest(), "{m:?}");
+        }
+    }
 }
