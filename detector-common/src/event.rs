@@ -21,6 +21,10 @@ pub const EVENT_FORK: u32 = 5;
 /// A code object under a watchpoint was deallocated: see [`FreedEvent`].
 pub const EVENT_WATCH_FREED: u32 = 6;
 
+/// A module body (or code given to `exec`) is about to run: see
+/// [`ModuleExecEvent`].
+pub const EVENT_MODULE_EXEC: u32 = 7;
+
 /// Common prefix of every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,4 +113,24 @@ pub struct FreedEvent {
     pub header: EventHeader,
     /// The code object.
     pub code: u64,
+}
+
+/// `PyEval_EvalCode(code, globals, locals)` was entered in a process that
+/// has targets not found yet: the code objects its functions will be made
+/// from are in `code.co_consts` (recursively) before any of them exists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModuleExecEvent {
+    /// `kind == EVENT_MODULE_EXEC`, and the process.
+    pub header: EventHeader,
+    /// Thread.
+    pub tid: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the entry.
+    pub ts_ns: u64,
+    /// The code object about to run.
+    pub code: u64,
+    /// Its globals: `__name__` names the module.
+    pub globals: u64,
 }

@@ -46,6 +46,9 @@ pub mod programs {
     pub const EMPTY: &str = "py_empty";
     /// A hardware watchpoint on the unit that starts a target's body.
     pub const WATCH: &str = "py_watch";
+    /// `PyEval_EvalCode` entry: a module body (or `exec`'d code) is about to
+    /// run, with its code object and globals.
+    pub const MODULE_EXEC: &str = "py_module_exec";
 }
 
 #[cfg(feature = "user")]

@@ -17,8 +17,11 @@ pub const REDISPATCH_SKIPS: u32 = 6;
 /// Hits written to the ring buffer as records: every hit, or under
 /// reachability only those whose count reached a power of two.
 pub const HIT_RECORDS: u32 = 7;
+/// Module executions seen (`PyEval_EvalCode` in a process with targets
+/// not found yet).
+pub const MODULE_EXECS: u32 = 8;
 /// Number of counters.
-pub const COUNT: u32 = 8;
+pub const COUNT: u32 = 9;
 
 /// Counter names, by index, for metrics and summaries.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -30,4 +33,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "map_full",
     "redispatch_skips",
     "hit_records",
+    "module_execs",
 ];

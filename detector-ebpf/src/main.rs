@@ -26,6 +26,7 @@ mod eval_entry;
 mod func_new;
 mod maps;
 mod mem;
+mod module_exec;
 mod regs;
 mod resume;
 mod verdict;
@@ -61,6 +62,13 @@ pub fn py_func_new(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn py_resume(ctx: ProbeContext) -> u32 {
     resume::run(&ctx);
+    0
+}
+
+/// See [`module_exec`].
+#[uprobe]
+pub fn py_module_exec(ctx: ProbeContext) -> u32 {
+    module_exec::run(&ctx);
     0
 }
 

@@ -40,13 +40,16 @@ fn every_interpreter_is_analysed() {
         assert_eq!(a["flavour"], "release");
         let mut expected = vec!["_PyEval_EvalFrameDefault"];
         expected.extend(match i.minor {
-            8..=10 => vec!["PyFunction_NewWithQualName", "code_dealloc"],
-            11 => vec!["code_dealloc", "RESUME", "RESUME_QUICK"],
-            12 => vec!["code_dealloc", "RESUME", "INSTRUMENTED_RESUME"],
-            _ => vec!["code_dealloc", "RESUME", "RESUME_CHECK", "INSTRUMENTED_RESUME"],
+            8..=10 => vec!["PyFunction_NewWithQualName", "code_dealloc", "PyEval_EvalCode"],
+            11 => vec!["code_dealloc", "PyEval_EvalCode", "RESUME", "RESUME_QUICK"],
+            12 => vec!["code_dealloc", "PyEval_EvalCode", "RESUME", "INSTRUMENTED_RESUME"],
+            _ => vec!["code_dealloc", "PyEval_EvalCode", "RESUME", "RESUME_CHECK", "INSTRUMENTED_RESUME"],
         });
         assert_eq!(site_handlers(&a), expected);
-        for s in a["sites"].as_array().unwrap() {
+        // Sites passed on every call are emulated; module execution is
+        // rare, and single-stepped on some builds (3.8 and 3.9 start
+        // `PyEval_EvalCode` with `sub rsp`): microseconds per import.
+        for s in a["sites"].as_array().unwrap().iter().filter(|s| s["role"] != "module_exec") {
             assert_eq!(s["emulated"], true, "{s}");
         }
         assert_eq!(a["disagreements"], Value::Array(vec![]), "sources disagree");
@@ -104,7 +107,7 @@ fn stripped_binary_in_a_root_filesystem_is_analysed_by_scan() {
     assert_eq!(a["debug_info"], Value::Null, "the host has no debug file for it");
     assert_eq!(a["handlers"]["source"], "scan");
     assert_eq!(a["position_independent"], false);
-    assert_eq!(site_handlers(&a).len(), 5);
+    assert_eq!(site_handlers(&a).len(), 6);
 }
 
 fn assert_refused(what: &str, reason: &str) {

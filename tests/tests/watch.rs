@@ -226,20 +226,19 @@ fn the_default_strategy_is_watch_where_it_applies() {
 }
 
 #[test]
-fn a_late_import_moves_the_process_to_watchpoints_exactly() {
+fn a_late_import_is_watched_from_when_its_module_runs() {
     for_each_interpreter(|i| {
         let mut fixture = Fixture::start(i, "late_rounds");
         fixture.go();
         let mut d = Dump::attach_with(fixture.pid(), &["wl.late:f"], &["--strategy", "watch"]);
         let attached = d.wait_for("attached");
-        assert_eq!(attached["strategy"], "per-call", "{}: {attached}", i.name);
-        assert!(attached["watch_fallback"].as_str().unwrap().contains("not imported"), "{attached}");
+        // Pending, at no cost: no per-call probe while the module is absent.
+        assert_eq!(attached["strategy"], "watch", "{}: {attached}", i.name);
+        assert_eq!(attached["target_strategies"]["wl.late:f"], "pending", "{attached}");
         fixture.call("import", 0);
-        // Counted per call until the agent finds the module (within 2 s).
-        fixture.call("f", 3);
-        let moved = d.wait_for("strategy");
-        assert_eq!(moved["strategy"], "watch", "{}: {moved}", i.name);
-        fixture.call("f", 4);
+        let armed = d.wait_for("armed");
+        assert_eq!(armed["targets"][0], "wl.late:f", "{}: {armed}", i.name);
+        fixture.call("f", 7);
         let s = d.stop();
         fixture.finish();
         s.assert_counts(&[("wl.late:f", 7)]);

@@ -64,9 +64,9 @@ impl Costs {
         let tid = unsafe { libc::gettid() } as u32;
         let addr = &raw const WATCHED_BYTE as u64;
         let base = time_reads(&WATCHED_BYTE, WATCH_READS);
-        let link = probes.attach_watch(tid, addr)?;
+        let watchpoint = probes.attach_watch(tid, addr)?;
         let trapped = time_reads(&WATCHED_BYTE, WATCH_READS);
-        probes.detach_watch(link);
+        drop(watchpoint);
 
         let costs = Costs {
             per_call_ns: uprobe_emulated_ns * PER_CALL_OVER_FLOOR,

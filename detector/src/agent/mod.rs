@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::{
     bpf::{BpfError, Link, ProbeKind, Probes, reaper::Buried},
     interp::sites::SiteRole,
-    pyproc::{ProcessError, PythonProcess, mem::ProcessMemory, objects::Objects, qualname, threads},
+    pyproc::{ProcessError, PythonProcess, body, mem::ProcessMemory, objects::Objects, qualname, threads},
     targets::{Target, TargetSet},
 };
 
@@ -47,10 +47,12 @@ pub enum Strategy {
     /// Uprobes at the interpreter's per-call sites: every Python call pays
     /// about a microsecond; exact on every build.
     PerCall,
-    /// A hardware watchpoint on each target's body start (up to four body
-    /// starts, modules imported): calls of other functions pass no
-    /// probe, a target's call costs tens of microseconds. Falls back to
-    /// per-call, saying why, when it cannot apply.
+    /// A hardware watchpoint on each target's body start: calls of other
+    /// functions pass no probe, a target's call costs tens of microseconds.
+    /// Targets whose module is not imported yet cost nothing until it is.
+    /// More than four body starts share the debug registers over time under
+    /// reachability; counting exactly, they are probed per call. Falls back
+    /// to per-call, saying why, when it cannot apply.
     Watch,
 }
 
@@ -86,9 +88,6 @@ pub struct ProcessWatch {
     pub meter: budget::Meter,
     /// When it was first attached.
     pub since: Instant,
-    /// Watchpoints were wanted and it is probed per call only because a
-    /// target was not found yet (a late import): worth trying again.
-    pub watch_later: bool,
     /// Detached for being over budget: until when, and why.
     pub suspended: Option<(Instant, String)>,
     /// The last budget decision about it, with the load that caused it.
@@ -110,7 +109,6 @@ impl ProcessWatch {
             reached: None,
             meter: Default::default(),
             since: Instant::now(),
-            watch_later: false,
             suspended: None,
             budget_note: None,
             samples: Default::default(),
@@ -118,17 +116,65 @@ impl ProcessWatch {
     }
 
     /// Watches `process` with `strategy` (falling back from watchpoints to
-    /// per-call probes when they cannot apply). On failure nothing stays
-    /// attached.
+    /// per-call probes when they cannot apply), in reachability mode if
+    /// `reachability`. On failure nothing stays attached.
     pub fn attach_with(
         probes: &mut Probes,
         process: PythonProcess,
         targets: &TargetSet,
         strategy: Strategy,
+        reachability: bool,
     ) -> Result<Self, AttachError> {
         let mut w = ProcessWatch::new(process);
+        if reachability {
+            w.reached = Some(HashSet::new());
+        }
         w.start(probes, targets, strategy)?;
         Ok(w)
+    }
+
+    /// How many body starts it may have watched: sharing the registers
+    /// over time is for reachability only.
+    fn fit(&self) -> watchpoints::Fit {
+        if self.reached.is_some() { watchpoints::Fit::Rotate } else { watchpoints::Fit::Registers }
+    }
+
+    /// Arms watchpoints on what `targets` name now, reached targets left
+    /// out, and follows module executions while any target is pending.
+    fn arm(&mut self, probes: &mut Probes, targets: &TargetSet) -> Result<(), watchpoints::CannotWatch> {
+        let reached = self.reached.as_ref();
+        let unreached = targets.iter().filter(|(_, id)| !reached.is_some_and(|r| r.contains(id)));
+        let armed = watchpoints::Armed::arm(probes, &self.process, unreached, self.fit())?;
+        self.armed = Some(armed);
+        self.follow_imports(probes);
+        Ok(())
+    }
+
+    /// Attaches the module-execution probe while targets are pending, and
+    /// detaches it once none is.
+    fn follow_imports(&mut self, probes: &mut Probes) {
+        let pending = self.armed.as_ref().is_some_and(|a| !a.pending().is_empty());
+        let attached = self.links.iter().any(|l| l.kind() == ProbeKind::ModuleExec);
+        let pid = self.process.pid;
+        if pending && !attached {
+            let layout = match probes.layout_id(&self.process.analysis.layout) {
+                Ok(l) => l,
+                Err(e) => return warn!(pid, error = %e, "cannot follow imports"),
+            };
+            let _attaching = probes.attaching();
+            if let Err(e) = self.attach_role(probes, layout, SiteRole::ModuleExec, ProbeKind::ModuleExec)
+                && !self.process.gone()
+            {
+                warn!(pid, error = %format!("{e:#}"), "cannot follow imports: pending targets are found by the rescan only");
+            }
+        } else if !pending && attached {
+            let (close, keep): (Vec<_>, Vec<_>) = self.links.drain(..).partition(|l| l.kind() == ProbeKind::ModuleExec);
+            self.links = keep;
+            for link in close {
+                probes.detach(link);
+            }
+            debug!(pid, "every target found: no longer following imports");
+        }
     }
 
     fn start(&mut self, probes: &mut Probes, targets: &TargetSet, strategy: Strategy) -> Result<(), AttachError> {
@@ -136,17 +182,23 @@ impl ProcessWatch {
             return self.attach_or_nothing(probes, targets);
         }
         let pid = self.process.pid;
-        match watchpoints::Armed::arm(probes, &self.process, targets) {
-            Ok(armed) => {
-                let (units, threads) = (armed.units(), armed.threads);
-                self.armed = Some(armed);
+        match self.arm(probes, targets) {
+            Ok(()) => {
+                let armed = self.armed.as_ref().expect("just armed");
+                let (units, threads, pending) = (armed.units(), armed.threads, armed.pending().len());
                 let counting = self.watch_deallocations(probes).and_then(|()| Ok(probes.set_mode(pid, MODE_WATCH)?));
                 if let Err(e) = counting {
                     self.detach(probes);
                     return Err(e);
                 }
-                info!(pid, binary = %self.process.object.path, units, threads, "watching process with hardware watchpoints");
-                self.disarm_reached(probes);
+                info!(
+                    pid,
+                    binary = %self.process.object.path,
+                    units,
+                    threads,
+                    pending,
+                    "watching process with hardware watchpoints"
+                );
                 self.fallback = None;
                 Ok(())
             }
@@ -154,7 +206,6 @@ impl ProcessWatch {
                 info!(pid, reason = %e, "watch strategy does not apply; probing every call");
                 self.attach_or_nothing(probes, targets)?;
                 self.fallback = Some(e.to_string());
-                self.watch_later = e.later();
                 Ok(())
             }
         }
@@ -173,11 +224,9 @@ impl ProcessWatch {
         probes: &mut Probes,
         targets: &TargetSet,
     ) -> Result<(), watchpoints::CannotWatch> {
-        let armed = watchpoints::Armed::arm(probes, &self.process, targets)?;
-        self.armed = Some(armed);
-        self.disarm_reached(probes);
+        self.arm(probes, targets)?;
         probes.set_mode(self.process.pid, MODE_WATCH)?;
-        let (keep, close): (Vec<_>, Vec<_>) = self.links.drain(..).partition(|l| l.kind() == ProbeKind::CodeDealloc);
+        let (keep, close): (Vec<_>, Vec<_>) = self.links.drain(..).partition(|l| !l.kind().per_call());
         self.links = keep;
         for link in close {
             probes.detach(link);
@@ -207,33 +256,86 @@ impl ProcessWatch {
     /// targets name now, or probes per call until they are found again.
     /// Returns whether the code was watched here.
     pub fn code_freed(&mut self, probes: &mut Probes, targets: &TargetSet, code: u64) -> Result<bool, AttachError> {
-        if !self.armed.as_ref().is_some_and(|a| a.watches_code(code)) {
+        // An exiting process frees every code object: nothing to follow.
+        if !self.armed.as_ref().is_some_and(|a| a.watches_code(code)) || self.process.gone() {
             return Ok(false);
         }
         self.retarget(probes, targets)?;
         Ok(true)
     }
 
-    /// Watchpoints were wanted and only a target not found yet stood in the
-    /// way: looks again (the walk stops at the first target still missing,
-    /// a `sys.modules` lookup), and moves to watchpoints once every target
-    /// is found. Returns whether it did.
-    pub fn retry_watch(&mut self, probes: &mut Probes, targets: &TargetSet) -> bool {
-        if !self.watch_later || self.armed.is_some() || self.suspended.is_some() {
-            return false;
+    /// A module body is about to run: arms the pending targets it defines.
+    /// Returns their ids (none if the module has no pending target).
+    pub fn module_body(&mut self, probes: &mut Probes, targets: &TargetSet, code: u64, globals: u64) -> Vec<u32> {
+        let pid = self.process.pid;
+        let Some(armed) = &mut self.armed else { return Vec::new() };
+        if armed.pending().is_empty() {
+            return Vec::new();
         }
-        match self.switch_to_watch(probes, targets) {
-            Ok(()) => {
-                self.watch_later = false;
-                self.fallback = None;
-                true
+        let module = match body::module_name(&self.process, globals) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                debug!(pid, error = %e, "cannot read a module body's name");
+                return Vec::new();
+            }
+        };
+        if !armed.pending_modules(targets).contains(module.as_str()) {
+            return Vec::new();
+        }
+        let result = armed.module_body(probes, &self.process, targets, &module, code);
+        self.after_finding(probes, targets, result)
+    }
+
+    /// The safety net for a module body the probe did not report: looks for
+    /// pending targets in `sys.modules` (if a module was imported since the
+    /// last look, or at once if `force`). Returns the targets armed.
+    pub fn rescan_pending(&mut self, probes: &mut Probes, targets: &TargetSet, force: bool) -> Vec<u32> {
+        let Some(armed) = &mut self.armed else { return Vec::new() };
+        if armed.pending().is_empty() {
+            return Vec::new();
+        }
+        let result = armed.rescan(probes, &self.process, targets, force);
+        self.after_finding(probes, targets, result)
+    }
+
+    /// What finding pending targets leads to: their ids, or, when they
+    /// cannot be watched, per-call probes for the whole process.
+    fn after_finding(
+        &mut self,
+        probes: &mut Probes,
+        targets: &TargetSet,
+        found: Result<Vec<u32>, watchpoints::CannotWatch>,
+    ) -> Vec<u32> {
+        let pid = self.process.pid;
+        match found {
+            Ok(ids) => {
+                self.follow_imports(probes);
+                ids
             }
             Err(e) => {
-                self.watch_later = e.later();
+                info!(pid, reason = %e, "a target found late cannot be watched; probing every call");
                 self.fallback = Some(e.to_string());
-                false
+                // Per-call probes count from when they switch the mode, then
+                // the watchpoints go: no armed target misses a call.
+                if let Err(e) = self.attach_or_nothing(probes, targets) {
+                    warn!(pid, error = %format!("{e:#}"), "cannot probe per call either: the process is not watched");
+                }
+                self.disarm(probes);
+                self.follow_imports(probes);
+                Vec::new()
             }
         }
+    }
+
+    /// Gives the next body starts their turn on the debug registers, if
+    /// they are shared and a slice is over; looks for the targets of a
+    /// module body that ran and were not found in it, when due. Returns the
+    /// targets armed.
+    pub fn tick(&mut self, probes: &mut Probes, targets: &TargetSet, now: Instant) -> Vec<u32> {
+        let Some(a) = &mut self.armed else { return Vec::new() };
+        a.rotate(probes, self.process.pid, now);
+        if a.recheck_due(now) { self.rescan_pending(probes, targets, true) } else { Vec::new() }
     }
 
     /// Budget: from now on each target is reported once and, where watched,
@@ -267,8 +369,9 @@ impl ProcessWatch {
     fn disarm_reached(&mut self, probes: &mut Probes) {
         let (Some(seen), Some(armed)) = (&self.reached, &mut self.armed) else { return };
         for &t in seen {
-            armed.disarm_target(probes, t);
+            armed.disarm_target(probes, self.process.pid, t);
         }
+        self.follow_imports(probes);
     }
 
     /// Budget: detaches everything until `until`; the process stays known.
@@ -292,17 +395,11 @@ impl ProcessWatch {
     pub fn retarget(&mut self, probes: &mut Probes, targets: &TargetSet) -> Result<(), AttachError> {
         let Some(mut old) = self.armed.take() else { return Ok(()) };
         old.disarm(probes);
-        match watchpoints::Armed::arm(probes, &self.process, targets) {
-            Ok(armed) => {
-                self.armed = Some(armed);
-                self.disarm_reached(probes);
-            }
-            Err(e) => {
-                info!(pid = self.process.pid, reason = %e, "watch strategy no longer applies; probing every call");
-                self.fallback = Some(e.to_string());
-                self.watch_later = e.later();
-                self.attach_or_nothing(probes, targets)?;
-            }
+        if let Err(e) = self.arm(probes, targets) {
+            info!(pid = self.process.pid, reason = %e, "watch strategy no longer applies; probing every call");
+            self.fallback = Some(e.to_string());
+            self.follow_imports(probes);
+            self.attach_or_nothing(probes, targets)?;
         }
         Ok(())
     }
@@ -310,7 +407,10 @@ impl ProcessWatch {
     /// Stops watching `target` if a watchpoint watches it; returns whether
     /// one did.
     pub fn stop_watching(&mut self, probes: &mut Probes, target: u32) -> bool {
-        self.armed.as_mut().is_some_and(|a| a.disarm_target(probes, target))
+        let pid = self.process.pid;
+        let disarmed = self.armed.as_mut().is_some_and(|a| a.disarm_target(probes, pid, target));
+        self.follow_imports(probes);
+        disarmed
     }
 
     /// The strategy in use.
@@ -319,10 +419,13 @@ impl ProcessWatch {
     }
 
     /// How `target` is observed in this process: `watch`, `per-call`,
+    /// `pending` (its module has not run yet: found when it does),
     /// `reached` (seen, and no longer paid for) or `none` (suspended).
     pub fn target_strategy(&self, target: u32) -> &'static str {
         if self.armed.as_ref().is_some_and(|a| a.watches(target)) {
             "watch"
+        } else if self.armed.as_ref().is_some_and(|a| a.pending().contains_key(&target)) {
+            "pending"
         } else if self.probed_per_call() {
             "per-call"
         } else if self.reached.as_ref().is_some_and(|r| r.contains(&target)) {
@@ -337,20 +440,31 @@ impl ProcessWatch {
     /// a node may have thousands of targets and processes.
     pub fn targets_by_strategy(&self, targets: usize) -> BTreeMap<&'static str, usize> {
         let watched = self.armed.as_ref().map_or(0, |a| a.targets());
-        let rest = targets.saturating_sub(watched);
+        let pending = self.armed.as_ref().map_or(0, |a| a.pending().len());
+        let rest = targets.saturating_sub(watched + pending);
         // Reached targets are disarmed, so none of them is among the watched.
         let reached = if self.probed_per_call() { 0 } else { self.reached.as_ref().map_or(0, |r| r.len().min(rest)) };
         let other = if self.probed_per_call() { "per-call" } else { "none" };
-        [("watch", watched), ("reached", reached), (other, rest - reached)]
+        [("watch", watched), ("pending", pending), ("reached", reached), (other, rest - reached)]
             .into_iter()
             .filter(|(_, n)| *n > 0)
             .collect()
     }
 
     /// Whether per-call probes are attached (under watch only the
-    /// deallocation probe is).
+    /// deallocation and module-execution probes are).
     fn probed_per_call(&self) -> bool {
-        self.links.iter().any(|l| l.kind() != ProbeKind::CodeDealloc)
+        self.links.iter().any(|l| l.kind().per_call())
+    }
+
+    /// Whether its watchpoints share the debug registers over time.
+    pub fn rotating(&self) -> bool {
+        self.armed.as_ref().is_some_and(|a| a.rotating())
+    }
+
+    /// Targets waiting for their module to run.
+    pub fn pending_targets(&self) -> usize {
+        self.armed.as_ref().map_or(0, |a| a.pending().len())
     }
 
     /// What it is watched with, as reported: the strategy, `suspended`,
@@ -363,7 +477,7 @@ impl ProcessWatch {
     /// Attaches every probe site of the process's interpreter. On failure
     /// nothing stays attached.
     pub fn attach(probes: &mut Probes, process: PythonProcess, targets: &TargetSet) -> Result<Self, AttachError> {
-        Self::attach_with(probes, process, targets, Strategy::PerCall)
+        Self::attach_with(probes, process, targets, Strategy::PerCall, false)
     }
 
     /// Attaches the empty program at every site the detector would use: the
@@ -453,7 +567,7 @@ impl ProcessWatch {
             return Ok(0);
         };
         let mem = ProcessMemory::open(p.pid)?;
-        let objs = Objects { mem: &mem, o: &p.analysis.table.values, minor: p.analysis.version.minor };
+        let objs = Objects::of(p, &mem);
         let mut found = 0;
         for target in targets {
             let Some(globals) = qualname::module_globals(&objs, runtime, target.module())? else {
@@ -483,6 +597,18 @@ impl ProcessWatch {
             probes.set_thread(t.tid, self.process.pid, t.tstate)?;
         }
         Ok(states.len())
+    }
+
+    /// Whether a uprobe is attached at the sites of `role`.
+    pub fn probes_role(&self, role: SiteRole) -> bool {
+        self.links.iter().any(|l| match l.kind() {
+            ProbeKind::EvalEntry | ProbeKind::EvalCall => role == SiteRole::EvalEntry,
+            ProbeKind::Resume => role == SiteRole::Resume,
+            ProbeKind::FuncNew => role == SiteRole::FunctionNew,
+            ProbeKind::CodeDealloc => role == SiteRole::CodeDealloc,
+            ProbeKind::ModuleExec => role == SiteRole::ModuleExec,
+            ProbeKind::Empty => true,
+        })
     }
 
     /// Number of uprobes attached (watchpoints are counted apart).

@@ -385,6 +385,8 @@ impl Node {
                     "strategy": w.mode(),
                     "targets_by_strategy": w.targets_by_strategy(session.targets().len()),
                     "watched_units": w.watched_units(),
+                    "rotating": w.rotating(),
+                    "pending_targets": w.pending_targets(),
                     "watch_fallback": w.fallback,
                     "overhead_percent": w.meter.share.map(|s| s * 100.0),
                     "budget": w.budget_note,

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
-    events::{EventProcessor, Hit, Outcome, ProcessLookup, output::Printer, record},
+    events::{EventProcessor, Hit, ModuleExec, Outcome, ProcessLookup, output::Printer, record},
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
     targets::{Target, TargetSet},
@@ -34,9 +34,10 @@ use crate::{
 /// only wakes the reader for bursts, so a hit does not pay for a wakeup).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
-/// How often processes probed per call for want of a late import are
-/// looked at again (see [`ProcessWatch::retry_watch`]).
-const RETRY_WATCH: Duration = Duration::from_secs(2);
+/// How often targets not found yet are looked for in `sys.modules`: the
+/// safety net behind the module-execution probe, which finds them as their
+/// module runs (see [`ProcessWatch::rescan_pending`]).
+const RESCAN_PENDING: Duration = Duration::from_secs(10);
 
 /// How long a stopping session waits for the kernel to unregister its probes
 /// (about 90 ms each here); past it, the kernel finishes after the exit.
@@ -110,8 +111,8 @@ pub struct Session {
     reachability: bool,
     /// Reachability: how often reached targets are sampled, if at all.
     sample_every: Option<Duration>,
-    /// When late imports were last looked for.
-    retried: Instant,
+    /// When pending targets were last looked for.
+    rescanned: Instant,
 }
 
 impl Session {
@@ -138,7 +139,7 @@ impl Session {
             strategy: Strategy::default(),
             reachability: false,
             sample_every: None,
-            retried: Instant::now(),
+            rescanned: Instant::now(),
         })
     }
 
@@ -270,7 +271,8 @@ impl Session {
             let _ = fd.readable().await;
             let _ = exits.send(pid);
         });
-        let mut watch = ProcessWatch::attach_with(&mut self.probes, process, &self.targets, self.strategy)?;
+        let mut watch =
+            ProcessWatch::attach_with(&mut self.probes, process, &self.targets, self.strategy, self.reachability)?;
         watch.service = service;
         if self.reachability {
             watch.reach(&mut self.probes, []);
@@ -303,8 +305,9 @@ impl Session {
                 }
                 _ = self.tick.tick() => {
                     self.drain();
-                    if self.retried.elapsed() >= RETRY_WATCH {
-                        self.retry_watch();
+                    self.tick();
+                    if self.rescanned.elapsed() >= RESCAN_PENDING {
+                        self.rescan_pending();
                     }
                     if let Some(every) = self.sample_every {
                         self.sample(every);
@@ -322,20 +325,55 @@ impl Session {
         }
     }
 
-    /// Moves processes that were probed per call only because a target's
-    /// module was not imported yet to watchpoints, once it is.
-    fn retry_watch(&mut self) {
-        self.retried = Instant::now();
+    /// Looks for pending targets in `sys.modules` (the safety net).
+    fn rescan_pending(&mut self) {
+        self.rescanned = Instant::now();
         for (&pid, w) in self.watches.0.iter_mut() {
-            if w.retry_watch(&mut self.probes, &self.targets) {
-                info!(
-                    pid,
-                    units = w.watched_units(),
-                    "every target found (late import): now watching with watchpoints"
-                );
-                self.printer.strategy(pid, &w.mode(), "every target is found now (late import)");
+            let found = w.rescan_pending(&mut self.probes, &self.targets, false);
+            if !found.is_empty() {
+                let names = names(&self.targets, &found);
+                info!(pid, targets = %names.join(", "), "pending targets found by the rescan: armed");
+                self.printer.armed(pid, &names, None, "rescan");
             }
         }
+    }
+
+    /// Gives body starts waiting for a debug register their turn, and
+    /// arms targets that a module body made and the probe did not find.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        for (&pid, w) in self.watches.0.iter_mut() {
+            let found = w.tick(&mut self.probes, &self.targets, now);
+            if !found.is_empty() {
+                let names = names(&self.targets, &found);
+                info!(pid, targets = %names.join(", "), "targets of a module that ran found in sys.modules: armed");
+                self.printer.armed(pid, &names, None, "module ran");
+            }
+        }
+    }
+
+    /// A module body is about to run in a watched process: arms the pending
+    /// targets it defines, and says how long after the body started.
+    fn module_body(&mut self, e: ModuleExec) {
+        let Some(w) = self.watches.0.get_mut(&e.pid) else { return };
+        tracing::debug!(
+            pid = e.pid,
+            seen_after_us = monotonic_ns().saturating_sub(e.ts_ns) / 1000,
+            "module body event"
+        );
+        let found = w.module_body(&mut self.probes, &self.targets, e.code, e.globals);
+        if found.is_empty() {
+            return;
+        }
+        let latency = Duration::from_nanos(monotonic_ns().saturating_sub(e.ts_ns));
+        let names = names(&self.targets, &found);
+        info!(
+            pid = e.pid,
+            targets = %names.join(", "),
+            latency_us = latency.as_micros() as u64,
+            "module body started: its targets are armed"
+        );
+        self.printer.armed(e.pid, &names, Some(latency), "module body");
     }
 
     /// Opens and closes reachability's sampling windows; prints what closed.
@@ -429,6 +467,9 @@ impl Session {
 
     fn handle(&mut self, drained: Drained) {
         self.discovered.extend(drained.found);
+        for e in drained.module_bodies {
+            self.module_body(e);
+        }
         for (pid, code) in drained.freed {
             let Some(w) = self.watches.0.get_mut(&pid) else { continue };
             match w.code_freed(&mut self.probes, &self.targets, code) {
@@ -534,6 +575,8 @@ struct Drained {
     hits: Vec<Hit>,
     /// Watched code objects deallocated: (process, code).
     freed: Vec<(u32, u64)>,
+    /// Module bodies about to run.
+    module_bodies: Vec<ModuleExec>,
 }
 
 /// Reads every waiting record.
@@ -553,10 +596,23 @@ fn drain(
             Some(Outcome::Exec(pid)) => d.found.push(Activity::Exec(pid)),
             Some(Outcome::Fork { parent, child }) => d.found.push(Activity::Fork { parent, child }),
             Some(Outcome::WatchFreed { pid, code }) => d.freed.push((pid, code)),
+            Some(Outcome::ModuleExec(e)) => d.module_bodies.push(e),
             None => {}
         }
     }
     d
+}
+
+/// The targets `ids` name, for reports.
+fn names(targets: &TargetSet, ids: &[u32]) -> Vec<String> {
+    ids.iter().filter_map(|id| targets.get(*id)).map(|t| t.to_string()).collect()
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A file descriptor that becomes readable when `pid` exits.

@@ -1,15 +1,32 @@
-//! The watch strategy for one process: a hardware watchpoint per target body
-//! start, on every thread, instead of per-call uprobes, so calls of every
-//! other function pass no probe. It applies when every target's body start is
-//! found (module imported, definition present) and they fit the four
-//! debug registers x86 gives each thread; otherwise the caller falls back to
-//! the per-call strategy.
+//! The watch strategy for one process: hardware watchpoints on target body
+//! starts, on every thread, instead of per-call uprobes, so calls of every
+//! other function pass no probe.
+//!
+//! A target is in one of three states here:
+//! - *armed*: its body starts are known (a unit each) and the kernel counts
+//!   a trap at one as a start. x86 gives each thread four debug registers:
+//!   up to four units are watched all the time; beyond that (reachability
+//!   only, where a miss delays a report but never falsifies a count) the
+//!   registers rotate over the units, [`ROTATION_SLICE`] each;
+//! - *pending*: its module is not imported yet, or its definition not made:
+//!   it costs nothing. A probe on module execution (`PyEval_EvalCode`,
+//!   once per import, held by the caller while anything is pending) reports
+//!   each module body before it runs, and its targets' code objects, already
+//!   in the module's `co_consts`, are armed at once;
+//! - *refused*: a body start that cannot be told from other reads (3.10's
+//!   shared bytecode, a loop back to the first instruction): the caller
+//!   probes the process per call instead.
 
-use aya::programs::perf_event::PerfEventLinkId;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
 use detector_common::{WatchEntry, WatchKey};
+use tracing::debug;
 
 use crate::{
-    bpf::{BpfError, Probes},
+    bpf::{BpfError, Probes, Watchpoint},
     pyproc::{
         PythonProcess,
         body::{self, BodyStart, Found},
@@ -21,36 +38,49 @@ use crate::{
 /// Debug registers per x86 thread.
 pub const DEBUG_REGISTERS: usize = 4;
 
+/// How long each group of units holds the registers when a process has more
+/// unreached body starts than registers.
+pub const ROTATION_SLICE: Duration = Duration::from_millis(100);
+
+/// When a module body ran and some of its targets were not found in it
+/// (its code object may be gone before it is read: a short body ends long
+/// before the agent can look), `sys.modules` is looked at again after
+/// these delays: at once (the next tick), and once the body has surely
+/// made its functions.
+const RECHECKS: [Duration; 3] = [Duration::ZERO, Duration::from_millis(100), Duration::from_secs(1)];
+
 /// Rounds of "list the threads, arm the new ones": a thread made by one not
 /// armed yet is caught by the next round.
 const ARM_ROUNDS: usize = 5;
 
-impl CannotWatch {
-    /// Whether trying again later may succeed (a target's module is not
-    /// imported yet, or its definition not made yet).
-    pub fn later(&self) -> bool {
-        matches!(self, CannotWatch::NotFound { later: true, .. })
-    }
+/// How many body starts a process may have watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// At most one per debug register, watched all the time: exact counts.
+    Registers,
+    /// Any number, sharing the registers over time: reachability, where a
+    /// target needs to be seen once.
+    Rotate,
 }
 
 /// Why a process cannot be watched with watchpoints.
 #[derive(Debug, thiserror::Error)]
 pub enum CannotWatch {
-    /// A target's body start is unknown.
+    /// A target's body start cannot be told from other reads.
     #[error("{target}: {reason}")]
-    NotFound {
+    Refused {
         /// The target.
         target: String,
         /// Why.
         reason: String,
-        /// Whether it may be found later (a late import).
-        later: bool,
     },
     /// The loads that dispatch a code unit were not found in the binary.
     #[error("no opcode dispatch found in the evaluation loop: reads cannot be told from starts")]
     NoDispatch,
-    /// More body starts than debug registers.
-    #[error("at least {0} body starts to watch and {DEBUG_REGISTERS} debug registers per thread")]
+    /// More body starts than debug registers, and counts must be exact.
+    #[error(
+        "{0} body starts to watch and {DEBUG_REGISTERS} debug registers per thread (exact counts cannot share them)"
+    )]
     TooMany(usize),
     /// Reading the process failed.
     #[error(transparent)]
@@ -60,29 +90,73 @@ pub enum CannotWatch {
     Bpf(#[from] BpfError),
 }
 
-/// One watched body start: its target, its code object and unit, a
-/// watchpoint per thread.
+/// One known body start: its target and code object, and what the kernel
+/// has at its address.
 struct Unit {
     target: u32,
     code: u64,
     key: WatchKey,
-    links: Vec<PerfEventLinkId>,
+    entry: WatchEntry,
 }
 
-/// The armed watchpoints of one process.
-#[derive(Default)]
+/// A debug register of every thread, all on one address: a watchpoint per
+/// thread armed (the threads they make inherit it).
+struct Register {
+    addr: u64,
+    threads: Vec<Watchpoint>,
+}
+
+/// The watchpoints of one process, and its targets not found yet.
 pub struct Armed {
     units: Vec<Unit>,
+    registers: Vec<Register>,
     reads: Vec<WatchKey>,
+    pending: BTreeMap<u32, String>,
+    fit: Fit,
+    /// Index of the unit the first register watches.
+    cursor: usize,
+    rotated: Instant,
+    /// Rotations so far.
+    pub rotations: u64,
+    /// When to look in `sys.modules` again for targets of a module body
+    /// that ran ([`RECHECKS`] after it).
+    rechecks: Vec<Instant>,
+    /// How many modules `sys.modules` held at the last rescan.
+    modules_seen: Option<i64>,
     /// Threads armed.
     pub threads: usize,
 }
 
 impl Armed {
-    /// Watches every target's body start in `process`, or arms nothing.
-    pub fn arm(probes: &mut Probes, process: &PythonProcess, targets: &TargetSet) -> Result<Armed, CannotWatch> {
-        let mut armed = Armed::default();
-        match armed.arm_all(probes, process, targets) {
+    /// Watches every found target's body start in `process` and keeps the
+    /// others pending, or arms nothing.
+    pub fn arm<'a>(
+        probes: &mut Probes,
+        process: &PythonProcess,
+        targets: impl IntoIterator<Item = (&'a Target, u32)>,
+        fit: Fit,
+    ) -> Result<Armed, CannotWatch> {
+        let mut armed = Armed {
+            units: Vec::new(),
+            registers: Vec::new(),
+            reads: Vec::new(),
+            pending: BTreeMap::new(),
+            fit,
+            cursor: 0,
+            rotated: Instant::now(),
+            rotations: 0,
+            rechecks: Vec::new(),
+            modules_seen: None,
+            threads: 0,
+        };
+        let result = plan(process, targets, fit).and_then(|plan| {
+            armed.pending = plan.pending;
+            // Now, not when a pending target is found: its module body is
+            // running then, and every microsecond is a call that may be missed.
+            armed.mark_dispatch_reads(probes, process)?;
+            armed.add_units(probes, process, plan.starts)
+        });
+        match result {
             Ok(()) => Ok(armed),
             Err(e) => {
                 armed.disarm(probes);
@@ -91,21 +165,44 @@ impl Armed {
         }
     }
 
-    fn arm_all(&mut self, probes: &mut Probes, p: &PythonProcess, targets: &TargetSet) -> Result<(), CannotWatch> {
-        let starts = plan(p, targets.iter())?;
-        self.arm_starts(probes, p, starts)
-    }
-
-    fn arm_starts(
+    /// Tells the kernel about `starts` and gives them registers (or a turn
+    /// on them).
+    fn add_units(
         &mut self,
         probes: &mut Probes,
         p: &PythonProcess,
         starts: Vec<(u32, BodyStart)>,
     ) -> Result<(), CannotWatch> {
+        let total = self.units.len() + starts.len();
+        if self.fit == Fit::Registers && total > DEBUG_REGISTERS {
+            return Err(CannotWatch::TooMany(total));
+        }
+        if starts.is_empty() {
+            return Ok(());
+        }
+        self.mark_dispatch_reads(probes, p)?;
+        let layout = probes.layout_id(&p.analysis.layout)?;
+        let slot = probes.slot(p.pid);
+        let mem = ProcessMemory::open(p.pid)?;
+        for (target, s) in starts {
+            if self.units.iter().any(|u| u.code == s.code) {
+                continue;
+            }
+            let key = WatchKey { tgid: p.pid, _pad: 0, addr: s.unit_addr };
+            // What is there now: a trap that finds it is a read, a start.
+            let last_op = mem.u8(s.unit_addr)?;
+            let entry = WatchEntry { code: s.code, target, layout, last_op, reported: 0, slot, _pad: [0; 4] };
+            probes.set_watch(key, entry)?;
+            self.units.push(Unit { target, code: s.code, key, entry });
+        }
+        self.assign(probes, p.pid, &mem)
+    }
+
+    /// Tells the kernel, once, which loads of the process dispatch a unit.
+    fn mark_dispatch_reads(&mut self, probes: &mut Probes, p: &PythonProcess) -> Result<(), CannotWatch> {
         let Some(dispatch) = &p.analysis.dispatch else {
             return Err(CannotWatch::NoDispatch);
         };
-        // Once: more targets may be armed later (reachability's samples).
         if self.reads.is_empty() {
             for end in &dispatch.ends {
                 let key = WatchKey { tgid: p.pid, _pad: 0, addr: end + p.bias };
@@ -113,41 +210,181 @@ impl Armed {
                 self.reads.push(key);
             }
         }
-        let layout = probes.layout_id(&p.analysis.layout)?;
-        let slot = probes.slot(p.pid);
-        let mem = ProcessMemory::open(p.pid)?;
-        for (target, s) in &starts {
-            let key = WatchKey { tgid: p.pid, _pad: 0, addr: s.unit_addr };
-            // What is there now: a trap that finds it is a read, a start.
-            let last_op = mem.u8(s.unit_addr)?;
-            let entry = WatchEntry { code: s.code, target: *target, layout, last_op, reported: 0, slot, _pad: [0; 4] };
-            probes.set_watch(key, entry)?;
-            self.units.push(Unit { target: *target, code: s.code, key, links: Vec::new() });
-        }
-        let mut done = std::collections::BTreeSet::new();
-        for _ in 0..ARM_ROUNDS {
-            let threads: Vec<u32> = tasks(p.pid)?.into_iter().filter(|t| !done.contains(t)).collect();
-            if threads.is_empty() {
-                break;
-            }
-            for tid in threads {
-                for unit in &mut self.units {
-                    match probes.attach_watch(tid, unit.key.addr) {
-                        Ok(link) => unit.links.push(link),
-                        // The thread exited meanwhile.
-                        Err(_) if !std::path::Path::new(&format!("/proc/{}/task/{tid}", p.pid)).exists() => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                done.insert(tid);
-            }
-        }
-        self.threads = done.len();
         Ok(())
     }
 
-    /// Arms `targets` too, next to what is armed; on failure what it armed
-    /// is disarmed again.
+    /// Points the registers at the units whose turn it is: all of them when
+    /// they fit, else the [`DEBUG_REGISTERS`] from the cursor on.
+    fn assign(&mut self, probes: &mut Probes, pid: u32, mem: &ProcessMemory) -> Result<(), CannotWatch> {
+        let n = self.units.len();
+        let want = n.min(DEBUG_REGISTERS);
+        self.registers.truncate(want);
+        if n == 0 {
+            self.cursor = 0;
+            return Ok(());
+        }
+        self.cursor %= n;
+        for i in 0..want {
+            let u = (self.cursor + i) % n;
+            let addr = self.units[u].key.addr;
+            if self.registers.get(i).is_some_and(|r| r.addr == addr) {
+                continue;
+            }
+            // It may have been rewritten while no register watched it.
+            if let Ok(op) = mem.u8(addr)
+                && op != self.units[u].entry.last_op
+            {
+                self.units[u].entry.last_op = op;
+                probes.set_watch(self.units[u].key, self.units[u].entry)?;
+            }
+            match self.registers.get_mut(i) {
+                Some(r) => r.move_to(addr),
+                None => {
+                    let r = Register::arm(probes, pid, addr)?;
+                    self.threads = self.threads.max(r.threads.len());
+                    self.registers.push(r);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the next units their turn if a slice is over; returns whether
+    /// it rotated.
+    pub fn rotate(&mut self, probes: &mut Probes, pid: u32, now: Instant) -> bool {
+        if !self.rotating() || now.duration_since(self.rotated) < ROTATION_SLICE {
+            return false;
+        }
+        self.rotated = now;
+        self.cursor = (self.cursor + self.registers.len()) % self.units.len();
+        self.rotations += 1;
+        let Ok(mem) = ProcessMemory::open(pid) else { return false };
+        if let Err(e) = self.assign(probes, pid, &mem) {
+            debug!(pid, error = %e, "rotating watchpoints");
+        }
+        true
+    }
+
+    /// Whether the registers are shared over time.
+    pub fn rotating(&self) -> bool {
+        self.units.len() > self.registers.len() && !self.registers.is_empty()
+    }
+
+    /// Targets not found yet.
+    pub fn pending(&self) -> &BTreeMap<u32, String> {
+        &self.pending
+    }
+
+    /// The modules of pending targets.
+    pub fn pending_modules<'a>(&self, targets: &'a TargetSet) -> BTreeSet<&'a str> {
+        self.pending.keys().filter_map(|id| targets.get(*id)).map(|t| t.module()).collect()
+    }
+
+    /// A module body is about to run: arms the pending targets it defines
+    /// (found as code objects in `code.co_consts`). Returns the targets
+    /// armed.
+    pub fn module_body(
+        &mut self,
+        probes: &mut Probes,
+        p: &PythonProcess,
+        targets: &TargetSet,
+        module: &str,
+        code: u64,
+    ) -> Result<Vec<u32>, CannotWatch> {
+        let ids: Vec<u32> =
+            self.pending.keys().copied().filter(|id| targets.get(*id).is_some_and(|t| t.module() == module)).collect();
+        // A read that fails, or a refusal read from a body that may be gone
+        // (its memory reused), is left to the look in `sys.modules` below,
+        // which reads live objects.
+        let in_body = |ts: &[&Target]| -> Result<Vec<Found>, crate::pyproc::ProcessError> {
+            Ok(ts
+                .iter()
+                .map(|t| match body::find_in_body(p, code, t) {
+                    Ok(Found::Code { starts }) => Found::Code { starts },
+                    Ok(Found::Nothing { reason, .. }) => Found::Nothing { reason, later: true },
+                    Err(e) => Found::Nothing { reason: e.to_string(), later: true },
+                })
+                .collect())
+        };
+        let armed = self.arm_found(probes, p, targets, ids.clone(), in_body)?;
+        if armed.len() < ids.len() {
+            // The body may have ended (and its code object gone) before the
+            // agent looked, or made a function some other way: its module
+            // is looked up in `sys.modules` at the next tick, and later again.
+            let now = Instant::now();
+            self.rechecks.extend(RECHECKS.iter().map(|d| now + *d));
+        }
+        Ok(armed)
+    }
+
+    /// Whether a module body that ran left targets to look for again now.
+    pub fn recheck_due(&mut self, now: Instant) -> bool {
+        let before = self.rechecks.len();
+        self.rechecks.retain(|at| *at >= now);
+        self.rechecks.len() != before && !self.pending.is_empty()
+    }
+
+    /// Looks for the pending targets in `sys.modules` again (the safety
+    /// net for a module body the probe did not report): at once if `force`
+    /// (a module body ran), else only if a module was imported since the
+    /// last look. Returns the targets armed.
+    pub fn rescan(
+        &mut self,
+        probes: &mut Probes,
+        p: &PythonProcess,
+        targets: &TargetSet,
+        force: bool,
+    ) -> Result<Vec<u32>, CannotWatch> {
+        let modules = body::modules_count(p).ok();
+        if !force && modules.is_some() && modules == self.modules_seen {
+            return Ok(Vec::new());
+        }
+        self.modules_seen = modules;
+        let ids: Vec<u32> = self.pending.keys().copied().collect();
+        self.arm_found(probes, p, targets, ids, |ts| body::find_all(p, ts))
+    }
+
+    fn arm_found(
+        &mut self,
+        probes: &mut Probes,
+        p: &PythonProcess,
+        targets: &TargetSet,
+        ids: Vec<u32>,
+        find: impl FnOnce(&[&Target]) -> Result<Vec<Found>, crate::pyproc::ProcessError>,
+    ) -> Result<Vec<u32>, CannotWatch> {
+        let ids: Vec<(u32, &Target)> = ids.into_iter().filter_map(|id| Some((id, targets.get(id)?))).collect();
+        let ts: Vec<&Target> = ids.iter().map(|(_, t)| *t).collect();
+        // A read that fails (the process exiting) leaves them pending.
+        let founds = match find(&ts) {
+            Ok(founds) => founds,
+            Err(e) => {
+                debug!(pid = p.pid, error = %e, "looking for pending targets");
+                return Ok(Vec::new());
+            }
+        };
+        let mut starts = Vec::new();
+        let mut armed = Vec::new();
+        for ((id, t), found) in ids.into_iter().zip(founds) {
+            match found {
+                Found::Code { starts: s } => {
+                    starts.extend(s.into_iter().map(|s| (id, s)));
+                    armed.push(id);
+                }
+                Found::Nothing { later: true, .. } => {}
+                Found::Nothing { reason, later: false } => {
+                    return Err(CannotWatch::Refused { target: t.to_string(), reason });
+                }
+            }
+        }
+        self.add_units(probes, p, starts)?;
+        for id in &armed {
+            self.pending.remove(id);
+        }
+        Ok(armed)
+    }
+
+    /// Arms `targets` too (reachability's samples of reached targets); on
+    /// failure what it armed is disarmed again.
     pub fn arm_more<'a>(
         &mut self,
         probes: &mut Probes,
@@ -156,10 +393,10 @@ impl Armed {
     ) -> Result<(), CannotWatch> {
         let targets: Vec<_> = targets.into_iter().collect();
         let ids: Vec<u32> = targets.iter().map(|(_, id)| *id).collect();
-        let result = plan(process, targets).and_then(|starts| self.arm_starts(probes, process, starts));
+        let result = plan(process, targets, Fit::Rotate).and_then(|plan| self.add_units(probes, process, plan.starts));
         if result.is_err() {
             for id in ids {
-                self.disarm_target(probes, id);
+                self.disarm_target(probes, process.pid, id);
             }
         }
         result
@@ -177,10 +414,7 @@ impl Armed {
 
     /// How many targets are under a watchpoint.
     pub fn targets(&self) -> usize {
-        let mut ids: Vec<u32> = self.units.iter().map(|u| u.target).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids.len()
+        self.units.iter().map(|u| u.target).collect::<BTreeSet<_>>().len()
     }
 
     /// Whether `target` is under a watchpoint.
@@ -188,24 +422,35 @@ impl Armed {
         self.units.iter().any(|u| u.target == target)
     }
 
-    /// Stops watching `target` (reachability: it was seen). Returns whether
-    /// anything was armed for it.
-    pub fn disarm_target(&mut self, probes: &mut Probes, target: u32) -> bool {
+    /// Stops watching `target` (reachability: it was seen; or it is no
+    /// longer a target). Returns whether anything was armed for it.
+    pub fn disarm_target(&mut self, probes: &mut Probes, pid: u32, target: u32) -> bool {
+        self.pending.remove(&target);
         let before = self.units.len();
-        self.units.retain_mut(|u| {
+        self.units.retain(|u| {
             if u.target != target {
                 return true;
             }
-            disarm_unit(probes, u);
+            probes.remove_watch(&u.key, u.code);
             false
         });
-        self.units.len() != before
+        if self.units.len() == before {
+            return false;
+        }
+        // Its registers go to the next units waiting for a turn.
+        if let Ok(mem) = ProcessMemory::open(pid)
+            && let Err(e) = self.assign(probes, pid, &mem)
+        {
+            debug!(pid, target, error = %e, "giving a disarmed target's registers to others");
+        }
+        true
     }
 
     /// Disarms everything.
     pub fn disarm(&mut self, probes: &mut Probes) {
-        for mut u in self.units.drain(..) {
-            disarm_unit(probes, &mut u);
+        self.registers.clear();
+        for u in self.units.drain(..) {
+            probes.remove_watch(&u.key, u.code);
         }
         for key in self.reads.drain(..) {
             probes.remove_dispatch_read(&key);
@@ -213,42 +458,79 @@ impl Armed {
     }
 }
 
-/// What watching `targets` in `p` would take: each target's body starts,
-/// with the target's id; or why watchpoints cannot apply (the per-call
-/// strategy is then used for all of them).
-pub fn plan<'a, Id: Copy>(
-    p: &PythonProcess,
-    targets: impl IntoIterator<Item = (&'a Target, Id)>,
-) -> Result<Vec<(Id, BodyStart)>, CannotWatch> {
-    let targets: Vec<_> = targets.into_iter().collect();
-    // Every target has a body start at least: more targets than registers
-    // never fit, and need no walk to say so.
-    if targets.len() > DEBUG_REGISTERS {
-        return Err(CannotWatch::TooMany(targets.len()));
-    }
-    let mut starts = Vec::new();
-    for (t, id) in targets {
-        match body::find(p, t)? {
-            Found::Code { starts: s } => starts.extend(s.into_iter().map(|s| (id, s))),
-            Found::Nothing { reason, later } => {
-                return Err(CannotWatch::NotFound { target: t.to_string(), reason, later });
+impl Register {
+    /// A watchpoint on `addr` for every thread of `pid`.
+    fn arm(probes: &mut Probes, pid: u32, addr: u64) -> Result<Register, CannotWatch> {
+        let mut reg = Register { addr, threads: Vec::new() };
+        let mut done = BTreeSet::new();
+        for _ in 0..ARM_ROUNDS {
+            let threads: Vec<u32> = tasks(pid)?.into_iter().filter(|t| !done.contains(t)).collect();
+            if threads.is_empty() {
+                break;
+            }
+            for tid in threads {
+                match probes.attach_watch(tid, addr) {
+                    Ok(w) => reg.threads.push(w),
+                    // The thread exited meanwhile.
+                    Err(_) if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => {}
+                    Err(e) => return Err(e.into()),
+                }
+                done.insert(tid);
             }
         }
+        Ok(reg)
     }
-    if starts.len() > DEBUG_REGISTERS {
-        return Err(CannotWatch::TooMany(starts.len()));
+
+    /// Moves every thread's watchpoint to `addr`. A thread's that cannot
+    /// move (it exited) keeps watching the old address, where a trap is no
+    /// longer counted once its unit is gone.
+    fn move_to(&mut self, addr: u64) {
+        for w in &mut self.threads {
+            if let Err(e) = w.move_to(addr) {
+                debug!(addr, error = %e, "moving a watchpoint");
+            }
+        }
+        self.addr = addr;
     }
+}
+
+/// What watching `targets` in `p` would take: each found target's body
+/// starts, with the target's id, and the targets not found yet; or why
+/// watchpoints cannot apply (the per-call strategy is then used for all).
+pub fn plan<'a, Id: Copy + Ord>(
+    p: &PythonProcess,
+    targets: impl IntoIterator<Item = (&'a Target, Id)>,
+    fit: Fit,
+) -> Result<Plan<Id>, CannotWatch> {
     if p.analysis.dispatch.is_none() {
         return Err(CannotWatch::NoDispatch);
     }
-    Ok(starts)
+    let mut plan = Plan { starts: Vec::new(), pending: BTreeMap::new() };
+    let targets: Vec<(&Target, Id)> = targets.into_iter().collect();
+    let ts: Vec<&Target> = targets.iter().map(|(t, _)| *t).collect();
+    for ((t, id), found) in targets.into_iter().zip(body::find_all(p, &ts)?) {
+        match found {
+            Found::Code { starts } => plan.starts.extend(starts.into_iter().map(|s| (id, s))),
+            Found::Nothing { reason, later: true } => {
+                plan.pending.insert(id, reason);
+            }
+            Found::Nothing { reason, later: false } => {
+                return Err(CannotWatch::Refused { target: t.to_string(), reason });
+            }
+        }
+    }
+    if fit == Fit::Registers && plan.starts.len() > DEBUG_REGISTERS {
+        return Err(CannotWatch::TooMany(plan.starts.len()));
+    }
+    Ok(plan)
 }
 
-fn disarm_unit(probes: &mut Probes, u: &mut Unit) {
-    for link in u.links.drain(..) {
-        probes.detach_watch(link);
-    }
-    probes.remove_watch(&u.key, u.code);
+/// What watching some targets of a process takes.
+pub struct Plan<Id> {
+    /// Each found target's body starts, with the target's id.
+    pub starts: Vec<(Id, BodyStart)>,
+    /// Targets not found yet, and why.
+    pub pending: BTreeMap<Id, String>,
 }
 
 fn tasks(pid: u32) -> Result<Vec<u32>, crate::pyproc::ProcessError> {

@@ -23,6 +23,7 @@ use detector_common::{
 };
 
 pub use state::PendingHits;
+pub use watch::Watchpoint;
 
 /// The eBPF object `cargo xtask build` embedded in this binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector.bpf.o"));
@@ -117,20 +118,29 @@ pub enum ProbeKind {
     FuncNew,
     /// `code_dealloc` entry.
     CodeDealloc,
+    /// `PyEval_EvalCode` entry: module bodies starting.
+    ModuleExec,
     /// Does nothing (benchmark floor).
     Empty,
 }
 
 impl ProbeKind {
     /// Every program in the object.
-    pub const ALL: [ProbeKind; 6] = [
+    pub const ALL: [ProbeKind; 7] = [
         ProbeKind::EvalEntry,
         ProbeKind::EvalCall,
         ProbeKind::Resume,
         ProbeKind::FuncNew,
         ProbeKind::CodeDealloc,
+        ProbeKind::ModuleExec,
         ProbeKind::Empty,
     ];
+
+    /// Whether it runs on every Python call (what the per-call strategy
+    /// attaches), rather than on rare events.
+    pub fn per_call(self) -> bool {
+        matches!(self, ProbeKind::EvalEntry | ProbeKind::EvalCall | ProbeKind::Resume | ProbeKind::FuncNew)
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -139,6 +149,7 @@ impl ProbeKind {
             ProbeKind::Resume => programs::RESUME,
             ProbeKind::FuncNew => programs::FUNC_NEW,
             ProbeKind::CodeDealloc => programs::CODE_DEALLOC,
+            ProbeKind::ModuleExec => programs::MODULE_EXEC,
             ProbeKind::Empty => programs::EMPTY,
         }
     }
@@ -257,6 +268,9 @@ impl Probes {
             caps,
         };
         probes.write_config()?;
+        // Loaded now, not at the first arming: the verifier takes about a
+        // millisecond, which a late import would wait for.
+        probes.watch_program()?;
         Ok(probes)
     }
 

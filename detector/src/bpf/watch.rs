@@ -1,46 +1,165 @@
 //! Hardware watchpoints for the watch strategy: a perf breakpoint event per
 //! thread on the unit that starts a target's body, running `py_watch`.
-//! Events are inherited, so threads (and their threads) created after arming
-//! are watched too. Closing one is cheap: breakpoints are not trace events.
+//!
+//! The events are opened here rather than through aya so that their address
+//! can be moved in place (`PERF_EVENT_IOC_MODIFY_ATTRIBUTES`, which the
+//! kernel applies to the inherited copies too): sharing four debug registers
+//! among more body starts over time is a few ioctls, not a close and an open
+//! per thread. Events are inherited by the threads a thread creates, never by
+//! the processes it forks (`inherit_thread`): a forked child is watched with
+//! watchpoints of its own, so no call is counted twice.
 
-use aya::programs::{
-    PerfEvent,
-    perf_event::{
-        BreakpointConfig, PerfBreakpointLength, PerfBreakpointType, PerfEventConfig, PerfEventLinkId, PerfEventScope,
-        SamplePolicy,
-    },
-};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use aya::programs::PerfEvent;
 use detector_common::{CodeKey, WatchEntry, WatchKey, maps, programs};
 
 use super::{BpfError, Probes, map_err};
+
+/// `PERF_TYPE_BREAKPOINT`.
+const PERF_TYPE_BREAKPOINT: u32 = 5;
+/// `HW_BREAKPOINT_RW`: x86 has no read-only data breakpoints; the program
+/// tells reads from writes.
+const HW_BREAKPOINT_RW: u32 = 3;
+/// `HW_BREAKPOINT_LEN_1`: the opcode only, so a build that loads opcode and
+/// oparg separately traps once, not twice.
+const HW_BREAKPOINT_LEN_1: u64 = 1;
+/// `PERF_SAMPLE_RAW`.
+const PERF_SAMPLE_RAW: u64 = 1 << 10;
+/// `perf_event_attr` flag bits.
+const ATTR_DISABLED: u64 = 1 << 0;
+const ATTR_INHERIT: u64 = 1 << 1;
+const ATTR_EXCLUDE_KERNEL: u64 = 1 << 5;
+const ATTR_EXCLUDE_HV: u64 = 1 << 6;
+/// `precise_ip = 2`, as aya sets for breakpoints.
+const ATTR_PRECISE_IP_2: u64 = 2 << 15;
+const ATTR_INHERIT_THREAD: u64 = 1 << 35;
+/// `_IO('$', 0)`, `_IOW('$', 8, u32)`, `_IOW('$', 11, u64)`.
+const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+const PERF_EVENT_IOC_MODIFY_ATTRIBUTES: libc::c_ulong = 0x4008_240b;
+
+/// `struct perf_event_attr` up to `config3` (`PERF_ATTR_SIZE_VER8`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PerfEventAttr {
+    type_: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    bp_addr: u64,
+    bp_len: u64,
+    branch_sample_type: u64,
+    sample_regs_user: u64,
+    sample_stack_user: u32,
+    clockid: i32,
+    sample_regs_intr: u64,
+    aux_watermark: u32,
+    sample_max_stack: u16,
+    reserved_2: u16,
+    aux_sample_size: u32,
+    reserved_3: u32,
+    sig_data: u64,
+    config3: u64,
+}
+
+impl PerfEventAttr {
+    fn breakpoint(addr: u64) -> Self {
+        PerfEventAttr {
+            type_: PERF_TYPE_BREAKPOINT,
+            size: size_of::<PerfEventAttr>() as u32,
+            sample_period: 1,
+            sample_type: PERF_SAMPLE_RAW,
+            flags: ATTR_DISABLED
+                | ATTR_INHERIT
+                | ATTR_INHERIT_THREAD
+                | ATTR_EXCLUDE_KERNEL
+                | ATTR_EXCLUDE_HV
+                | ATTR_PRECISE_IP_2,
+            wakeup_events: 1,
+            bp_type: HW_BREAKPOINT_RW,
+            bp_addr: addr,
+            bp_len: HW_BREAKPOINT_LEN_1,
+            ..Default::default()
+        }
+    }
+}
+
+/// One thread's watchpoint, running `py_watch`: closed when dropped (with
+/// the copies its thread's later threads inherited).
+#[derive(Debug)]
+pub struct Watchpoint {
+    fd: OwnedFd,
+    addr: u64,
+}
+
+impl Watchpoint {
+    /// The address watched.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Watches `addr` instead, on this thread and every copy inherited from
+    /// it. On failure it still watches the old address.
+    pub fn move_to(&mut self, addr: u64) -> Result<(), std::io::Error> {
+        if addr == self.addr {
+            return Ok(());
+        }
+        let mut attr = PerfEventAttr::breakpoint(addr);
+        // The kernel compares every field but the breakpoint's and
+        // `disabled` with the event's own, and leaves it as `disabled` says.
+        attr.flags &= !ATTR_DISABLED;
+        ioctl(&self.fd, PERF_EVENT_IOC_MODIFY_ATTRIBUTES, &raw const attr as libc::c_ulong)?;
+        self.addr = addr;
+        Ok(())
+    }
+}
+
+fn ioctl(fd: &OwnedFd, request: libc::c_ulong, arg: libc::c_ulong) -> Result<(), std::io::Error> {
+    if unsafe { libc::ioctl(fd.as_raw_fd(), request, arg) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 impl Probes {
     /// Arms a watchpoint on the opcode byte at `addr` for thread `tid` and
     /// every thread it creates from now on. Fails (`ENOSPC`) when the thread
     /// has no debug register left: x86 has four.
-    pub fn attach_watch(&mut self, tid: u32, addr: u64) -> Result<PerfEventLinkId, BpfError> {
-        let failed = |source| BpfError::Program {
+    pub fn attach_watch(&mut self, tid: u32, addr: u64) -> Result<Watchpoint, BpfError> {
+        let failed = |source: std::io::Error| BpfError::Program {
             what: format!("arming a watchpoint at {addr:#x} for thread {tid}"),
-            source: Box::new(source),
+            source: Box::new(aya::programs::ProgramError::IOError(source)),
         };
-        let prog = self.watch_program()?;
-        // Read/write: x86 has no read-only data breakpoints; the program
-        // tells reads from writes. One byte: the opcode, so a build that
-        // loads opcode and oparg separately traps once, not twice.
-        let bp = BreakpointConfig::Data {
-            r#type: PerfBreakpointType::ReadWrite,
-            address: addr,
-            length: PerfBreakpointLength::Len1,
+        let prog = self
+            .watch_program()?
+            .fd()
+            .map_err(|e| BpfError::Program { what: format!("program {}", programs::WATCH), source: Box::new(e) })?;
+        let prog_fd = prog.as_fd().as_raw_fd();
+        let attr = PerfEventAttr::breakpoint(addr);
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_perf_event_open,
+                &raw const attr,
+                tid as libc::pid_t,
+                -1,
+                -1,
+                libc::c_ulong::from(8u8),
+            )
         };
-        let scope = PerfEventScope::OneProcess { pid: tid, cpu: None };
-        prog.attach(PerfEventConfig::Breakpoint(bp), scope, SamplePolicy::Period(1), true).map_err(failed)
-    }
-
-    /// Disarms a watchpoint (and its inherited copies).
-    pub fn detach_watch(&mut self, id: PerfEventLinkId) {
-        if let Ok(prog) = self.watch_program() {
-            let _ = prog.detach(id);
+        if fd < 0 {
+            return Err(failed(std::io::Error::last_os_error()));
         }
+        // SAFETY: a descriptor just returned by the kernel, owned from here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        ioctl(&fd, PERF_EVENT_IOC_SET_BPF, prog_fd as libc::c_ulong).map_err(failed)?;
+        ioctl(&fd, PERF_EVENT_IOC_ENABLE, 0).map_err(failed)?;
+        Ok(Watchpoint { fd, addr })
     }
 
     /// Tells the kernel what the unit at `key` starts (and to stop counting
@@ -67,7 +186,7 @@ impl Probes {
         let _ = self.watched_codes.remove(&CodeKey { tgid: key.tgid, _pad: 0, code });
     }
 
-    fn watch_program(&mut self) -> Result<&mut PerfEvent, BpfError> {
+    pub(super) fn watch_program(&mut self) -> Result<&mut PerfEvent, BpfError> {
         let name = programs::WATCH;
         let failed = |source| BpfError::Program { what: format!("program {name}"), source: Box::new(source) };
         let prog: &mut PerfEvent = self

@@ -51,8 +51,21 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         }
         if !targets.is_empty() {
             // What `--strategy auto` would do with these targets.
-            strategy = Some(match watchpoints::plan(p, targets.iter().map(|t| (t, ()))) {
-                Ok(starts) => (Strategy::Watch, format!("{} body starts under watchpoints", starts.len())),
+            let targets = targets.iter().enumerate().map(|(i, t)| (t, i));
+            strategy = Some(match watchpoints::plan(p, targets, watchpoints::Fit::Rotate) {
+                Ok(plan) => (
+                    Strategy::Watch,
+                    format!(
+                        "{} body starts under watchpoints{}, {} target(s) pending until their module runs",
+                        plan.starts.len(),
+                        if plan.starts.len() > watchpoints::DEBUG_REGISTERS {
+                            " (sharing the debug registers under reachability; per call when counting exactly)"
+                        } else {
+                            ""
+                        },
+                        plan.pending.len()
+                    ),
+                ),
                 Err(e) => (Strategy::PerCall, e.to_string()),
             });
         }

@@ -64,6 +64,21 @@ pub enum Outcome {
         /// The code object.
         code: u64,
     },
+    /// A module body is about to run in `pid`: look for targets in it.
+    ModuleExec(ModuleExec),
+}
+
+/// A module body about to run (see [`Outcome::ModuleExec`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModuleExec {
+    /// The process.
+    pub pid: u32,
+    /// The module's code object.
+    pub code: u64,
+    /// Its globals.
+    pub globals: u64,
+    /// When the kernel saw it (CLOCK_MONOTONIC ns).
+    pub ts_ns: u64,
 }
 
 /// Turns records into hits for a set of watched processes.
@@ -93,6 +108,12 @@ impl EventProcessor {
             Record::Exec { pid } => Some(Outcome::Exec(pid)),
             Record::Fork { parent, child } => Some(Outcome::Fork { parent, child }),
             Record::WatchFreed { pid, code } => Some(Outcome::WatchFreed { pid, code }),
+            Record::ModuleExec(e) => Some(Outcome::ModuleExec(ModuleExec {
+                pid: e.header.tgid,
+                code: e.code,
+                globals: e.globals,
+                ts_ns: e.ts_ns,
+            })),
             other => self.hit(other, probes, targets, procs).map(Outcome::Hit),
         }
     }
@@ -134,7 +155,7 @@ impl EventProcessor {
                     ts_ns: c.ts_ns,
                 })
             }
-            Record::Exec { .. } | Record::Fork { .. } | Record::WatchFreed { .. } => None,
+            Record::Exec { .. } | Record::Fork { .. } | Record::WatchFreed { .. } | Record::ModuleExec(_) => None,
         }
     }
 
@@ -263,7 +284,7 @@ fn resolve_in(
     targets: &TargetSet,
 ) -> Result<(Option<u32>, bool), crate::pyproc::ProcessError> {
     let mem = ProcessMemory::open(p.pid)?;
-    let objs = Objects { mem: &mem, o: &p.analysis.table.values, minor: p.analysis.version.minor };
+    let objs = Objects::of(p, &mem);
     let co_name = objs.str(name)?;
     let candidates: Vec<(u32, &Target)> =
         targets.iter().filter(|(t, _)| t.name() == co_name).map(|(t, id)| (id, t)).collect();
@@ -275,7 +296,7 @@ fn resolve_in(
 fn read_code_info(p: &PythonProcess, code: u64) -> Result<CodeInfo, crate::pyproc::ProcessError> {
     let mem = ProcessMemory::open(p.pid)?;
     let o = &p.analysis.table.values;
-    let objs = Objects { mem: &mem, o, minor: p.analysis.version.minor };
+    let objs = Objects::new(&mem, o, p.analysis.version.minor);
     let filename = objs.str(mem.ptr(code, o.code_filename)?).ok();
     let lineno = mem.u32(code + o.code_firstlineno as u64).ok();
     Ok(CodeInfo { filename, lineno })

@@ -63,9 +63,11 @@ impl Printer {
     /// Probes are live on a process.
     pub fn attached(&self, w: &ProcessWatch, targets: &[(&Target, u32)]) {
         let a = &w.process.analysis;
+        // The sites probed now: under watchpoints, the rare-event ones only.
         let sites: Vec<Value> = a
             .sites
             .iter()
+            .filter(|s| w.probes_role(s.role))
             .map(|s| {
                 json!({"handler": s.handler, "addr": s.addr, "runtime_addr": w.process.bias.wrapping_add(s.addr),
                            "instruction": s.instruction, "emulated": s.emulated})
@@ -85,6 +87,8 @@ impl Printer {
                 "watch_fallback": w.fallback,
                 "probes": w.probes(),
                 "watched_units": w.watched_units(),
+                "rotating": w.rotating(),
+                "pending_targets": w.pending_targets(),
                 "sites": sites,
                 "prefilled_threads": w.prefilled_threads,
                 "prefilled_identities": w.prefilled_identities,
@@ -137,6 +141,17 @@ impl Printer {
     pub fn strategy(&self, pid: u32, strategy: &str, why: &str) {
         self.emit(json!({"type": "strategy", "pid": pid, "strategy": strategy, "why": why}), || {
             format!("pid {pid} now watched with {strategy}: {why}")
+        });
+    }
+
+    /// Targets found after the attach are armed: found as their module's
+    /// body started (`latency` after it did) or by the rescan.
+    pub fn armed(&self, pid: u32, targets: &[String], latency: Option<std::time::Duration>, source: &str) {
+        let latency_us = latency.map(|l| l.as_micros() as u64);
+        let line = json!({"type": "armed", "pid": pid, "targets": targets, "source": source, "latency_us": latency_us});
+        self.emit(line, || match latency_us {
+            Some(us) => format!("armed pid={pid} {} ({source}, {us} us after it started)", targets.join(", ")),
+            None => format!("armed pid={pid} {} ({source})", targets.join(", ")),
         });
     }
 

@@ -2,8 +2,8 @@
 //! guarantee: they are read with `read_unaligned`, never cast.
 
 use detector_common::{
-    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC, EVENT_FORK, EVENT_HIT, EVENT_WATCH_FREED,
-    EventHeader, FreedEvent, HitEvent, ProcessEvent, name_bytes,
+    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC, EVENT_FORK, EVENT_HIT, EVENT_MODULE_EXEC,
+    EVENT_WATCH_FREED, EventHeader, FreedEvent, HitEvent, ModuleExecEvent, ProcessEvent, name_bytes,
 };
 
 /// A decoded record.
@@ -43,6 +43,8 @@ pub enum Record {
         /// The code object.
         code: u64,
     },
+    /// A module body is about to run in a process with targets not found yet.
+    ModuleExec(ModuleExecEvent),
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -68,6 +70,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
         EVENT_EXEC => read::<ProcessEvent>(bytes).map(|e| Record::Exec { pid: e.header.tgid }),
         EVENT_FORK => read::<ProcessEvent>(bytes).map(|e| Record::Fork { parent: e.parent, child: e.header.tgid }),
         EVENT_WATCH_FREED => read::<FreedEvent>(bytes).map(|e| Record::WatchFreed { pid: e.header.tgid, code: e.code }),
+        EVENT_MODULE_EXEC => read(bytes).map(Record::ModuleExec),
         _ => None,
     }
 }

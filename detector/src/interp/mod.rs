@@ -209,16 +209,22 @@ pub fn analyze(
         sites.push(sites::function_entry(elf, "PyFunction_NewWithQualName", f.addr, SiteRole::FunctionNew)?);
     }
     sites.push(code_dealloc_site(elf, &mut symbols)?);
-    let mut warnings: Vec<String> = sites
-        .iter()
-        .filter(|s| !s.emulated)
-        .map(|s| {
-            format!(
-                "{} entry `{}` is not emulated by the kernel: each probe hit is single-stepped",
-                s.handler, s.instruction
-            )
-        })
-        .collect();
+    // Exported API, so it survives stripping; without it, targets whose
+    // module is imported after the attach are found by the rescan only.
+    let mut warnings = Vec::new();
+    match elf.symbol("PyEval_EvalCode") {
+        Some(f) => {
+            symbols.push(UsedSymbol { name: "PyEval_EvalCode", addr: f.addr, source: f.table });
+            sites.push(sites::function_entry(elf, "PyEval_EvalCode", f.addr, SiteRole::ModuleExec)?);
+        }
+        None => warnings.push("no PyEval_EvalCode symbol: late imports are found by the periodic rescan only".into()),
+    }
+    warnings.extend(sites.iter().filter(|s| !s.emulated).map(|s| {
+        format!(
+            "{} entry `{}` is not emulated by the kernel: each probe hit is single-stepped",
+            s.handler, s.instruction
+        )
+    }));
     let mut handlers = None;
     let dispatch;
     if minor >= 11 {

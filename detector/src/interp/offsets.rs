@@ -127,6 +127,10 @@ offsets! {
     type_name,
     /// `PyTypeObject.tp_flags`.
     type_flags,
+    /// `PyTypeObject.tp_basicsize`.
+    type_basicsize,
+    /// `PyTypeObject.tp_dictoffset`.
+    type_dictoffset,
     /// `PyTypeObject.tp_dict`.
     type_dict,
     /// `PyVarObject.ob_size` of a tuple.
@@ -137,6 +141,8 @@ offsets! {
     dict_keys,
     /// `PyDictObject.ma_values`.
     dict_values,
+    /// `PyDictObject.ma_used`: how many items.
+    dict_used,
     /// `PyDictKeysObject.dk_size` (3.8-3.10).
     dictkeys_size,
     /// `PyDictKeysObject.dk_indices` (3.8-3.10).
@@ -250,11 +256,14 @@ const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
     ("object_type", &[("PyObject", "ob_type")]),
     ("type_name", &[("PyTypeObject", "tp_name")]),
     ("type_flags", &[("PyTypeObject", "tp_flags")]),
+    ("type_basicsize", &[("PyTypeObject", "tp_basicsize")]),
+    ("type_dictoffset", &[("PyTypeObject", "tp_dictoffset")]),
     ("type_dict", &[("PyTypeObject", "tp_dict")]),
     ("tuple_size", &[("PyTupleObject", "ob_base.ob_size")]),
     ("tuple_items", &[("PyTupleObject", "ob_item")]),
     ("dict_keys", &[("PyDictObject", "ma_keys")]),
     ("dict_values", &[("PyDictObject", "ma_values")]),
+    ("dict_used", &[("PyDictObject", "ma_used")]),
     ("dictkeys_size", &[("PyDictKeysObject", "dk_size")]),
     ("dictkeys_indices", &[("PyDictKeysObject", "dk_indices")]),
     ("module_dict", &[("PyModuleObject", "md_dict")]),
@@ -382,12 +391,15 @@ fn common() -> Offsets {
         object_type: 8,
         type_name: 24,
         type_flags: 168,
+        type_basicsize: 32,
+        type_dictoffset: 288,
         type_dict: 264,
         tuple_size: 16,
         tuple_items: 24,
         bytes_sval: 32,
         dict_keys: 32,
         dict_values: 40,
+        dict_used: 16,
         cell_ref: 16,
         module_dict: 16,
         method_wrapper_callable: 16,

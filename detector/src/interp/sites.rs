@@ -68,6 +68,8 @@ pub enum SiteRole {
     FunctionNew,
     /// `code_dealloc` entry: forgets a dying code object's verdict.
     CodeDealloc,
+    /// `PyEval_EvalCode` entry: a module body starts (imports, `exec`).
+    ModuleExec,
 }
 
 /// A probe site.

@@ -86,22 +86,78 @@ pub enum Found {
 
 /// Finds where `target`'s body starts in `process`, reading its memory only.
 pub fn find(process: &PythonProcess, target: &Target) -> Result<Found, ProcessError> {
-    let a = &process.analysis;
-    let minor = a.version.minor;
-    let nothing = |reason: &str| Ok(Found::Nothing { reason: reason.to_owned(), later: false });
-    let not_yet = |reason: &str| Ok(Found::Nothing { reason: reason.to_owned(), later: true });
+    Ok(find_all(process, &[target])?.pop().expect("one answer per target"))
+}
+
+/// [`find`] for each of `targets`, looking their modules up in one pass
+/// over `sys.modules`.
+pub fn find_all(process: &PythonProcess, targets: &[&Target]) -> Result<Vec<Found>, ProcessError> {
     let Some(runtime) = process.runtime() else {
-        return nothing("no _PyRuntime symbol");
+        let nothing = Found::Nothing { reason: "no _PyRuntime symbol".into(), later: false };
+        return Ok(vec![nothing; targets.len()]);
     };
     let mem = ProcessMemory::open(process.pid)?;
-    let objs = Objects { mem: &mem, o: &a.table.values, minor };
-    let Some(globals) = qualname::module_globals(&objs, runtime, target.module())? else {
-        return not_yet("module not imported (yet)");
-    };
-    let defs = qualname::definitions(&objs, globals, target)?;
-    if defs.is_empty() {
-        return not_yet("no such definition in the module (made at run time, or not at all)");
+    let objs = Objects::of(process, &mem);
+    let mut names: Vec<&str> = targets.iter().map(|t| t.module()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let modules = qualname::modules_globals(&objs, runtime, &names)?;
+    let mut out = Vec::with_capacity(targets.len());
+    for t in targets {
+        out.push(match modules.get(t.module()) {
+            Some(&globals) => starts_of(&objs, &qualname::definitions(&objs, globals, t)?)?,
+            None => Found::Nothing { reason: NOT_IMPORTED.into(), later: true },
+        });
     }
+    Ok(out)
+}
+
+/// How many modules `sys.modules` holds (0 before it exists): while it
+/// stays the same, no module was imported.
+pub fn modules_count(process: &PythonProcess) -> Result<i64, ProcessError> {
+    let Some(runtime) = process.runtime() else { return Ok(0) };
+    let mem = ProcessMemory::open(process.pid)?;
+    let objs = Objects::of(process, &mem);
+    match qualname::sys_modules(&objs, runtime)? {
+        Some(modules) => objs.dict_len(modules),
+        None => Ok(0),
+    }
+}
+
+/// Why a target whose module is not in `sys.modules` is not found.
+pub const NOT_IMPORTED: &str = "module not imported (yet)";
+
+/// The module a module body about to run defines: `__name__` of its
+/// globals, if it is a string.
+pub fn module_name(process: &PythonProcess, globals: u64) -> Result<Option<String>, ProcessError> {
+    let mem = ProcessMemory::open(process.pid)?;
+    let objs = Objects::of(process, &mem);
+    match objs.dict_get(globals, "__name__")? {
+        Some(name) if objs.type_name(name)? == "str" => Ok(Some(objs.str(name)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Finds where `target`'s body starts among the code objects of a module
+/// body about to run (`code`, the module's code object): they exist before
+/// any function is made from them.
+pub fn find_in_body(process: &PythonProcess, code: u64, target: &Target) -> Result<Found, ProcessError> {
+    let mem = ProcessMemory::open(process.pid)?;
+    let objs = Objects::of(process, &mem);
+    let defs = qualname::definitions_in_body(&objs, code, target)?;
+    starts_of(&objs, &defs)
+}
+
+/// The body start of each definition, or why one cannot be watched.
+fn starts_of(objs: &Objects<'_>, defs: &[qualname::Definition]) -> Result<Found, ProcessError> {
+    let nothing = |reason: &str| Ok(Found::Nothing { reason: reason.to_owned(), later: false });
+    if defs.is_empty() {
+        return Ok(Found::Nothing {
+            reason: "no such definition in the module (made at run time, or not at all)".into(),
+            later: true,
+        });
+    }
+    let (mem, minor) = (objs.mem, objs.minor);
     if minor < 11 {
         let mut starts = Vec::new();
         for d in defs {

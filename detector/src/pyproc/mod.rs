@@ -94,6 +94,11 @@ impl PythonProcess {
     pub fn runtime(&self) -> Option<u64> {
         self.analysis.symbol("_PyRuntime").map(|a| a + self.bias)
     }
+
+    /// Whether it has exited (or is exiting: its memory is gone).
+    pub fn gone(&self) -> bool {
+        std::fs::read_link(format!("/proc/{}/exe", self.pid)).is_err()
+    }
 }
 
 /// Finds the CPython interpreter in `pid` and analyses it (once per binary).

@@ -21,9 +21,22 @@ pub struct Objects<'a> {
     pub o: &'a Offsets,
     /// Its minor version.
     pub minor: u8,
+    /// Type names already read, by type: a walk asks the same few types
+    /// again and again (every constant of a module is checked for `code`).
+    type_names: std::cell::RefCell<std::collections::HashMap<u64, String>>,
 }
 
-impl Objects<'_> {
+impl<'a> Objects<'a> {
+    /// A view of the objects of the process behind `mem`.
+    pub fn new(mem: &'a ProcessMemory, o: &'a Offsets, minor: u8) -> Self {
+        Objects { mem, o, minor, type_names: Default::default() }
+    }
+
+    /// The view for `process`.
+    pub fn of(process: &'a super::PythonProcess, mem: &'a ProcessMemory) -> Self {
+        Objects::new(mem, &process.analysis.table.values, process.analysis.version.minor)
+    }
+
     fn bad(&self, addr: u64) -> ProcessError {
         ProcessError::BadAddress { pid: self.mem.pid(), addr }
     }
@@ -63,8 +76,16 @@ impl Objects<'_> {
     /// `type(obj).__name__` as the C struct spells it (`tp_name`).
     pub fn type_name(&self, obj: u64) -> Result<String, ProcessError> {
         let ty = self.type_of(obj)?;
-        let name = self.mem.ptr(ty, self.o.type_name)?;
-        self.mem.c_string(name, 256)
+        if let Some(name) = self.type_names.borrow().get(&ty) {
+            return Ok(name.clone());
+        }
+        let name = self.mem.c_string(self.mem.ptr(ty, self.o.type_name)?, 256)?;
+        // A walk meets a handful of types; a hostile one cannot grow this.
+        let mut names = self.type_names.borrow_mut();
+        if names.len() < 256 {
+            names.insert(ty, name.clone());
+        }
+        Ok(name)
     }
 
     /// Whether `obj` is a class (its type is a subclass of `type`).
@@ -136,12 +157,38 @@ impl Objects<'_> {
 
     /// `dict[key]` for a `str` key.
     pub fn dict_get(&self, dict: u64, key: &str) -> Result<Option<u64>, ProcessError> {
+        Ok(self.dict_get_many(dict, &[key])?.into_values().next())
+    }
+
+    /// `dict[key]` for each of `keys` it has, in one pass over the dict: a
+    /// key's length is read first, and its characters only if it matches
+    /// one of `keys` in length (most do not: one read per entry).
+    pub fn dict_get_many<'k>(
+        &self,
+        dict: u64,
+        keys: &[&'k str],
+    ) -> Result<std::collections::BTreeMap<&'k str, u64>, ProcessError> {
+        let mut found = std::collections::BTreeMap::new();
         for (k, v) in self.dict_items(dict)? {
             // Keys that are not strings (or unreadable) simply do not match.
-            if self.str(k).is_ok_and(|s| s == key) {
-                return Ok(Some(v));
+            let Ok(len) = self.mem.i64(k + self.o.unicode_length as u64) else { continue };
+            if !keys.iter().any(|key| key.len() as i64 == len) {
+                continue;
+            }
+            if let Ok(s) = self.str(k)
+                && let Some(key) = keys.iter().find(|key| **key == s)
+            {
+                found.insert(*key, v);
+                if found.len() == keys.len() {
+                    break;
+                }
             }
         }
-        Ok(None)
+        Ok(found)
+    }
+
+    /// How many items a dict holds.
+    pub fn dict_len(&self, dict: u64) -> Result<i64, ProcessError> {
+        self.mem.i64(dict + self.o.dict_used as u64)
     }
 }

@@ -14,6 +14,10 @@ use crate::targets::Target;
 /// How deep wrappers (`__wrapped__`, closure cells) are followed.
 const MAX_WRAP_DEPTH: u32 = 4;
 
+/// Pointers looked at in each place a wrapper of unknown type may hold the
+/// function it wraps (see [`held_functions`]).
+const HELD_WORDS: usize = 16;
+
 /// A namespace a qualified-name component is looked up in.
 #[derive(Clone, Copy)]
 enum Scope {
@@ -56,33 +60,53 @@ pub fn resolve(
 /// The definitions `target` names in the module whose globals are `globals`.
 pub fn definitions(objs: &Objects<'_>, globals: u64, target: &Target) -> Result<Vec<Definition>, ProcessError> {
     let parts: Vec<&str> = target.qualname_parts().collect();
-    walk(objs, Scope::Dict(globals), &parts)
+    walk(objs, Scope::Dict(globals), &parts, target.qualname())
+}
+
+/// The definitions `target` names in a module body about to run, whose code
+/// object is `code`: before the body runs, its functions exist only as code
+/// objects in `co_consts` (classes' bodies and functions' nested code, too).
+pub fn definitions_in_body(objs: &Objects<'_>, code: u64, target: &Target) -> Result<Vec<Definition>, ProcessError> {
+    let parts: Vec<&str> = target.qualname_parts().collect();
+    walk(objs, Scope::Code(code), &parts, target.qualname())
 }
 
 /// The globals of module `name` if it is in `sys.modules`.
 pub fn module_globals(objs: &Objects<'_>, runtime: u64, name: &str) -> Result<Option<u64>, ProcessError> {
-    let o = objs.o;
-    // Before initialisation (a command stopped at its entry point) there is
-    // no interpreter, or no `sys.modules`, yet.
-    let interp = objs.mem.ptr(runtime, o.runtime_interpreters_head)?;
+    Ok(modules_globals(objs, runtime, &[name])?.into_values().next())
+}
+
+/// `sys.modules` of the main interpreter, if it has one yet (before
+/// initialisation, a command stopped at its entry point has none).
+pub fn sys_modules(objs: &Objects<'_>, runtime: u64) -> Result<Option<u64>, ProcessError> {
+    let interp = objs.mem.ptr(runtime, objs.o.runtime_interpreters_head)?;
     if interp == 0 {
         return Ok(None);
     }
-    let modules = objs.mem.ptr(interp, o.interp_modules)?;
-    if modules == 0 {
-        return Ok(None);
-    }
-    let Some(module) = objs.dict_get(modules, name)? else {
-        return Ok(None);
-    };
-    if objs.type_name(module)? != "module" {
-        return Ok(None);
-    }
-    Ok(Some(objs.mem.ptr(module, o.module_dict)?))
+    let modules = objs.mem.ptr(interp, objs.o.interp_modules)?;
+    Ok((modules != 0).then_some(modules))
 }
 
-/// The definitions `parts` names, starting in `scope`.
-fn walk(objs: &Objects<'_>, scope: Scope, parts: &[&str]) -> Result<Vec<Definition>, ProcessError> {
+/// The globals of each of `names` that is a module in `sys.modules`, in one
+/// pass over it.
+pub fn modules_globals<'n>(
+    objs: &Objects<'_>,
+    runtime: u64,
+    names: &[&'n str],
+) -> Result<std::collections::BTreeMap<&'n str, u64>, ProcessError> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(modules) = sys_modules(objs, runtime)? else { return Ok(out) };
+    for (name, module) in objs.dict_get_many(modules, names)? {
+        if objs.type_name(module)? == "module" {
+            out.insert(name, objs.mem.ptr(module, objs.o.module_dict)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The definitions `parts` names, starting in `scope` (`qualname`, all of
+/// them, is what the function found must call itself).
+fn walk(objs: &Objects<'_>, scope: Scope, parts: &[&str], qualname: &str) -> Result<Vec<Definition>, ProcessError> {
     let Some((first, rest)) = parts.split_first() else {
         return Ok(Vec::new());
     };
@@ -93,21 +117,78 @@ fn walk(objs: &Objects<'_>, scope: Scope, parts: &[&str]) -> Result<Vec<Definiti
     let mut out = Vec::new();
     for obj in found {
         match rest.first() {
-            None => out.extend(codes_of(objs, obj, 0)?),
+            None => match codes_of(objs, obj, 0)? {
+                defs if defs.is_empty() => out.extend(held_functions(objs, obj, qualname)),
+                defs => out.extend(defs),
+            },
             Some(&"<locals>") => {
                 for d in codes_of(objs, obj, 0)? {
-                    out.extend(walk(objs, Scope::Code(d.code), &rest[1..])?);
+                    out.extend(walk(objs, Scope::Code(d.code), &rest[1..], qualname)?);
                 }
             }
             Some(_) if objs.is_class(obj) => {
-                out.extend(walk(objs, Scope::Dict(objs.class_dict(obj)?), rest)?);
+                out.extend(walk(objs, Scope::Dict(objs.class_dict(obj)?), rest, qualname)?);
             }
             // A class defined inside a function: its body's code object.
-            Some(_) if objs.type_name(obj)? == "code" => out.extend(walk(objs, Scope::Code(obj), rest)?),
+            Some(_) if objs.type_name(obj)? == "code" => out.extend(walk(objs, Scope::Code(obj), rest, qualname)?),
             Some(_) => {}
         }
     }
     Ok(out)
+}
+
+/// The function named `qualname` that a wrapper of a type not known here
+/// holds (`functools.cached_property`, `singledispatchmethod`, a C wrapper
+/// such as `lru_cache`'s, a descriptor of the application's own): its
+/// attributes live in its own fields, in an instance dict (at
+/// `tp_dictoffset` up to 3.10; managed, just before the object, from 3.11),
+/// or in values inline after it (3.13+). A bounded look at the pointers in
+/// each of those places, each one taken only if it is a function that calls
+/// itself `qualname`: nothing else can match.
+fn held_functions(objs: &Objects<'_>, obj: u64, qualname: &str) -> Vec<Definition> {
+    let o = objs.o;
+    let Ok(ty) = objs.type_of(obj) else { return Vec::new() };
+    let basic = objs.mem.i64(ty + o.type_basicsize as u64).unwrap_or(0).clamp(16, 512) as u64;
+    let mut places = vec![obj + 16, obj + basic];
+    let mut holders: Vec<u64> =
+        [obj.wrapping_sub(32), obj.wrapping_sub(24)].into_iter().filter_map(|at| objs.mem.u64(at).ok()).collect();
+    if let Ok(offset) = objs.mem.i64(ty + o.type_dictoffset as u64)
+        && (16..4096).contains(&offset)
+        && let Ok(dict) = objs.mem.u64(obj + offset as u64)
+    {
+        holders.push(dict);
+    }
+    let mut candidates = Vec::new();
+    for h in holders.into_iter().filter(|h| *h != 0) {
+        // 3.12 stores a managed values pointer minus one (odd: a tag).
+        let h = if h & 1 == 1 { h + 1 } else { h };
+        match objs.type_name(h).as_deref() {
+            Ok("dict") => match objs.mem.ptr(h, o.dict_values) {
+                Ok(values) if values != 0 => places.extend([values, values + 8]),
+                _ => candidates
+                    .extend(objs.dict_items(h).unwrap_or_default().into_iter().take(HELD_WORDS).map(|(_, v)| v)),
+            },
+            // A values array (its layout differs by version by a word).
+            _ => places.extend([h, h + 8]),
+        }
+    }
+    for place in places {
+        let Ok(words) = objs.mem.bytes(place, HELD_WORDS * 8) else { continue };
+        candidates.extend(words.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())));
+    }
+    let mut out = Vec::new();
+    for w in candidates {
+        if w == 0 || w % 8 != 0 || out.iter().any(|d: &Definition| d.function == Some(w)) {
+            continue;
+        }
+        if objs.type_name(w).is_ok_and(|t| t == "function")
+            && objs.mem.ptr(w, o.func_qualname).and_then(|q| objs.str(q)).is_ok_and(|q| q == qualname)
+            && let Ok(code) = objs.mem.ptr(w, o.func_code)
+        {
+            out.push(Definition { code, function: Some(w) });
+        }
+    }
+    out
 }
 
 /// Code objects named `name` among `code.co_consts`.

@@ -1,0 +1,135 @@
+//! Real catalogs under the watch strategy: most targets' modules are never
+//! imported (they cost nothing), some are imported after the attach (found
+//! as their module body runs, before its functions exist, and armed at
+//! once), and a process may have more body starts than debug registers
+//! (shared over time under reachability).
+
+use detector_tests::{Dump, Fixture, Interpreter, for_each_interpreter, run_reaching};
+use serde_json::Value;
+
+/// Waits for `armed` lines naming every one of `targets`; returns them.
+fn wait_armed(d: &mut Dump, targets: &[&str]) -> Vec<Value> {
+    let mut lines = Vec::new();
+    let mut left: Vec<&str> = targets.to_vec();
+    while !left.is_empty() {
+        let line = d.wait_match(&format!("armed {left:?}"), |v| {
+            v["type"] == "armed" && v["targets"].as_array().unwrap().iter().any(|t| left.contains(&t.as_str().unwrap()))
+        });
+        left.retain(|t| !line["targets"].as_array().unwrap().iter().any(|n| n == t));
+        lines.push(line);
+    }
+    lines
+}
+
+/// `dump` (exact counts) attached before `wl.lazy_mod` and `wl.lazy_thread`
+/// are imported: every target is pending at first, at no cost.
+fn attach_before_imports(i: &Interpreter, targets: &[&str]) -> (Fixture, Dump) {
+    let mut fixture = Fixture::start(i, "lazy");
+    fixture.go();
+    let d = Dump::attach_with(fixture.pid(), targets, &["--strategy", "watch"]);
+    let attached = &d.seen[0];
+    assert_eq!(attached["strategy"], "watch", "{}: {attached}", i.name);
+    // The deallocation and module-execution probes: nothing per call.
+    assert_eq!(attached["probes"], 2, "{}: {attached}", i.name);
+    assert_eq!(attached["pending_targets"], targets.len(), "{}: {attached}", i.name);
+    for t in targets {
+        assert_eq!(attached["target_strategies"][t], "pending", "{}: {attached}", i.name);
+    }
+    (fixture, d)
+}
+
+#[test]
+fn targets_imported_later_are_armed_as_their_module_runs_and_counted_exactly() {
+    for_each_interpreter(|i| {
+        const F: &str = "wl.lazy_mod:f";
+        const PROP: &str = "wl.lazy_mod:C.prop";
+        const INNER: &str = "wl.lazy_mod:make.<locals>.inner";
+        const G: &str = "wl.lazy_thread:g";
+        let (mut fixture, mut d) = attach_before_imports(i, &[F, PROP, INNER, G]);
+        assert_eq!(fixture.ask("import wl.lazy_mod"), "ok");
+        assert_eq!(fixture.ask("thread wl.lazy_thread"), "ok");
+        for line in wait_armed(&mut d, &[F, PROP, INNER, G]) {
+            // Found in the module's code objects as its body started, or,
+            // if the body was over before the agent looked (a loaded
+            // machine), in `sys.modules` right after.
+            let source = line["source"].as_str().unwrap();
+            assert!(["module body", "module ran"].contains(&source), "{}: {line}", i.name);
+        }
+        fixture.call("lazy_mod:use_f", 3);
+        fixture.call("lazy_mod:use_prop", 2);
+        fixture.call("lazy_mod:use_inner", 4);
+        fixture.call("lazy_thread:use_g", 5);
+        let s = d.stop();
+        fixture.finish();
+        s.assert_counts(&[(F, 3), (PROP, 2), (INNER, 4), (G, 5)]);
+    });
+}
+
+#[test]
+fn a_method_and_a_function_made_by_exec_are_found_as_their_code_runs() {
+    for_each_interpreter(|i| {
+        const M: &str = "wl.lazy_mod:C.m";
+        const DYN: &str = "wl.lazy_mod:dyn";
+        let (mut fixture, mut d) = attach_before_imports(i, &[M, DYN]);
+        assert_eq!(fixture.ask("import wl.lazy_mod"), "ok");
+        wait_armed(&mut d, &[M, DYN]);
+        fixture.call("lazy_mod:use_m", 6);
+        fixture.call("lazy_mod:use_dyn", 7);
+        let s = d.stop();
+        fixture.finish();
+        s.assert_counts(&[(M, 6), (DYN, 7)]);
+    });
+}
+
+#[test]
+fn a_catalog_whose_modules_are_never_imported_costs_nothing() {
+    for_each_interpreter(|i| {
+        let mut targets: Vec<String> = (0..50).map(|n| format!("wl.absent{n}:Handler.f{n}")).collect();
+        targets.extend(["plistlib:loads", "tarfile:TarFile.extractall", "mailbox:Maildir.add"].map(String::from));
+        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+        let mut fixture = Fixture::start(i, "lazy");
+        fixture.go();
+        // The node agent's defaults: reachability, an overhead budget, auto.
+        let mut d = run_reaching(fixture.pid(), &targets, &["--strategy", "auto", "--overhead-budget", "1"]);
+        let attached = d.seen.iter().find(|v| v["type"] == "attached").unwrap().clone();
+        assert_eq!(attached["strategy"], "watch+reachability", "{}: {attached}", i.name);
+        assert_eq!(attached["probes"], 2, "{}: {attached}", i.name);
+        assert_eq!(attached["watched_units"], 0, "{}: {attached}", i.name);
+        assert_eq!(attached["pending_targets"], targets.len(), "{}: {attached}", i.name);
+        // Call-heavy for longer than the budget's window: no probe runs,
+        // so nothing moves it anywhere.
+        assert_eq!(fixture.ask("busy 4"), "ok");
+        d.poll();
+        let moved: Vec<&Value> = d.seen.iter().filter(|v| v["type"] == "strategy").collect();
+        assert!(moved.is_empty(), "{}: {moved:?}", i.name);
+        let s = d.stop();
+        fixture.finish();
+        assert_eq!(s.stats["hits"], 0, "{}: {}", i.name, s.stats);
+        assert!(s.hits.is_empty());
+    });
+}
+
+#[test]
+fn eight_hot_targets_share_the_debug_registers_and_are_all_reported() {
+    for_each_interpreter(|i| {
+        let targets: Vec<String> = (0..8).map(|n| format!("wl.hot8:h{n}")).collect();
+        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+        let mut fixture = Fixture::start(i, "hot8");
+        fixture.go();
+        let mut d = run_reaching(fixture.pid(), &targets, &["--strategy", "watch"]);
+        let attached = d.seen.iter().find(|v| v["type"] == "attached").unwrap().clone();
+        assert_eq!(attached["strategy"], "watch+reachability", "{}: {attached}", i.name);
+        assert_eq!(attached["watched_units"], 8, "{}: {attached}", i.name);
+        assert_eq!(attached["rotating"], true, "{}: {attached}", i.name);
+        // 10 ms apart for over a second: every target is called while a
+        // register watches it.
+        fixture.call("rounds", 120);
+        for t in &targets {
+            d.wait_hits(t, 1);
+        }
+        let s = d.stop();
+        fixture.finish();
+        // Reported once each.
+        assert_eq!(s.hits.len(), 8, "{}: {:?}", i.name, s.hits);
+    });
+}
