@@ -8,7 +8,7 @@ use std::{fmt::Write as _, fs, process::Command};
 use anyhow::{Context, Result};
 use detector_tests::{Dump, Fixture, Interpreter, interpreters, pin, run_reaching, spawn_detector};
 
-use crate::{build, footprint, latency, root, rootfs, suite, testbuilds};
+use crate::{build, catalog, footprint, latency, root, rootfs, suite, testbuilds};
 
 /// Processes per condition (the median is reported).
 const RUNS: usize = 5;
@@ -92,7 +92,7 @@ fn render_extras(extras: &[Extra]) -> String {
 
 /// Runs the benchmark and writes `docs/BENCHMARKS.md` (or, `suite_only`,
 /// prints the workload suite's tables).
-pub fn run(suite_only: bool, calls_only: Option<&str>) -> Result<()> {
+pub fn run(suite_only: bool, calls_only: Option<&str>, catalog_only: bool) -> Result<()> {
     let bin = build::all()?;
     let rootfs = rootfs::ensure_all()?;
     let switch = testbuilds::switch_build()?;
@@ -114,6 +114,11 @@ pub fn run(suite_only: bool, calls_only: Option<&str>) -> Result<()> {
         interpreters().into_iter().filter(|i| i.name.starts_with("pyenv") && i.minor >= 12).collect();
     if suite_only {
         println!("{}{}", suite::sites()?, suite::run(&suite_interps)?);
+        return Ok(());
+    }
+    let richards = suite::richards()?.display().to_string();
+    if catalog_only {
+        println!("{}", catalog::run(&suite_interps, &richards)?);
         return Ok(());
     }
     let mut rows = Vec::new();
@@ -159,6 +164,7 @@ pub fn run(suite_only: bool, calls_only: Option<&str>) -> Result<()> {
     table.push_str(&render_extras(&extras));
     table.push_str(&suite::sites()?);
     table.push_str(&suite::run(&suite_interps)?);
+    table.push_str(&catalog::run(&suite_interps, &richards)?);
     if !failures.is_empty() {
         table.push_str("\n## Workloads that died during a measurement\n\n");
         for f in &failures {

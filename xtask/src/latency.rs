@@ -16,7 +16,7 @@ use detector_tests::{Fixture, Interpreter, detector_bin};
 const CALLS: usize = 200;
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

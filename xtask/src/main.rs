@@ -4,6 +4,7 @@
 
 mod bench;
 mod build;
+mod catalog;
 mod footprint;
 mod latency;
 mod peers;
@@ -60,6 +61,10 @@ enum Cmd {
         /// this, printed (nothing written): a quick check of a probe change.
         #[arg(long, value_name = "INTERPRETER", conflicts_with = "suite_only")]
         calls_only: Option<String>,
+        /// Only the catalog scenario (a Flask service, fib and richards with
+        /// a 60-target catalog; rotation), printed (nothing written).
+        #[arg(long, conflicts_with_all = ["suite_only", "calls_only"])]
+        catalog_only: bool,
     },
 }
 
@@ -69,7 +74,9 @@ fn main() -> ExitCode {
         Cmd::Build => build::all().map(|_| ()),
         Cmd::Run { args } => run(&args),
         Cmd::Test { filter } => test::run(filter.as_deref()),
-        Cmd::Bench { suite_only, calls_only } => bench::run(suite_only, calls_only.as_deref()),
+        Cmd::Bench { suite_only, calls_only, catalog_only } => {
+            bench::run(suite_only, calls_only.as_deref(), catalog_only)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,7 +40,7 @@ const CONDITIONS: [Condition; 6] = [
 ];
 
 /// pyperformance's richards, fetched from PyPI once.
-fn richards() -> Result<PathBuf> {
+pub fn richards() -> Result<PathBuf> {
     let dir = root().join("target/bench");
     let file = dir.join("richards.py");
     if file.exists() {
