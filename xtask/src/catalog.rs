@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use detector_tests::{Fixture, Interpreter, detector_bin, spawn_detector};
+use detector_tests::{Fixture, Interpreter, detector_bin, spawn_with_env};
 use serde_json::Value;
 
 use crate::{latency::monotonic_ns, root, sh};
@@ -325,7 +325,7 @@ fn workloads(interp: &Interpreter, richards: &str) -> Result<String> {
                     ]
                     .map(String::from)
                     .to_vec();
-                    let mut d = spawn_detector(&args);
+                    let mut d = spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
                     d.wait_for("attached");
                     d
                 });
@@ -367,7 +367,7 @@ fn rotation_once(interp: &Interpreter, n: usize, rate: u32) -> Result<f64> {
     for i in 0..n {
         args.extend(["--target".into(), format!("__main__:f{i}")]);
     }
-    let mut agent = spawn_detector(&args);
+    let mut agent = spawn_with_env(&args, &[("DD_SCA_DETECTION_ENABLED", "true")]);
     agent.wait_for("attached");
     writeln!(child.stdin.as_mut().unwrap(), "go")?;
     let first: u64 =
@@ -415,8 +415,14 @@ pub fn run(interps: &[Interpreter], richards: &str) -> Result<String> {
         .iter()
         .find(|i| i.name.starts_with("pyenv") && i.minor == 12)
         .context("the catalog scenario runs on pyenv 3.12")?;
-    let mut s = service(interp)?;
-    s.push_str(&workloads(interp, richards)?);
-    s.push_str(&rotation(interp)?);
+    let mut s = String::new();
+    // Each table as soon as it is done: a later failure loses none.
+    let mut done = |table: String| {
+        eprintln!("{table}");
+        s.push_str(&table);
+    };
+    done(service(interp)?);
+    done(workloads(interp, richards)?);
+    done(rotation(interp)?);
     Ok(s)
 }

@@ -14,7 +14,7 @@ use crate::pyproc::ProcessError;
 pub const OPT_IN: &str = "DD_APPSEC_SCA_ENABLED";
 
 /// A process's unified service tagging, carried on its hits.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Service {
     /// `DD_SERVICE`.
     #[serde(skip_serializing_if = "Option::is_none")]

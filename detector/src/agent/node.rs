@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use serde_json::json;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -369,36 +368,13 @@ impl Node {
         m.probes.set(session.watches().map(|w| w.probes()).sum::<usize>() as i64);
         m.detaching.set(session.detaching() as i64);
         for strategy in [Strategy::PerCall, Strategy::Watch] {
-            let n = session.watches().filter(|w| w.suspended.is_none() && w.strategy() == strategy).count();
+            let n = session.watches().filter(|w| w.strategy() == Some(strategy)).count();
             m.strategy(strategy.name(), n as i64);
         }
-        m.strategy("suspended", session.watches().filter(|w| w.suspended.is_some()).count() as i64);
+        m.strategy("suspended", session.watches().filter(|w| w.suspension().is_some()).count() as i64);
         m.probe_overhead.set(session.watches().filter_map(|w| w.meter.share).sum());
-        let processes: Vec<_> = session
-            .watches()
-            .map(|w| {
-                json!({
-                    "pid": w.process.pid,
-                    "binary": w.process.object.path,
-                    "version": w.process.analysis.version.to_string(),
-                    "probes": w.probes(),
-                    "strategy": w.mode(),
-                    "targets_by_strategy": w.targets_by_strategy(session.targets().len()),
-                    "watched_units": w.watched_units(),
-                    "rotating": w.rotating(),
-                    "pending_targets": w.pending_targets(),
-                    "watch_fallback": w.fallback,
-                    "overhead_percent": w.meter.share.map(|s| s * 100.0),
-                    "budget": w.budget_note,
-                    "sampled_calls_per_sec": w.samples.rates().into_iter()
-                        .filter_map(|(t, r)| Some((session.targets().get(t)?.to_string(), r)))
-                        .collect::<BTreeMap<_, _>>(),
-                    "suspended_for_secs": w.suspended.as_ref().map(|(until, _)| until.saturating_duration_since(std::time::Instant::now()).as_secs()),
-                    "service": w.service,
-                })
-            })
-            .collect();
-        m.set_processes(serde_json::Value::from(processes).to_string());
+        let processes: Vec<_> = session.watches().map(|w| w.report(session.targets())).collect();
+        m.set_processes(serde_json::to_string(&processes).unwrap_or_default());
     }
 }
 

@@ -63,7 +63,7 @@ impl ProcessWatch {
     /// reached); returns the samples of a window it closed.
     pub fn sample(&mut self, probes: &mut Probes, targets: &TargetSet, now: Instant, every: Duration) -> Vec<Sample> {
         let pid = self.process.pid;
-        if self.suspended.is_some() {
+        if self.strategy().is_none() {
             // Detached: a window open then counted nothing.
             self.samples.open = None;
             return Vec::new();
@@ -92,19 +92,18 @@ impl ProcessWatch {
             }
             return samples;
         }
-        let (Some(reached), Some(armed)) = (&self.reached, &mut self.armed) else { return Vec::new() };
-        if reached.is_empty() {
+        if self.seen().is_none_or(|r| r.is_empty()) || now < *self.samples.next.get_or_insert(now + every) {
             return Vec::new();
         }
-        if now < *self.samples.next.get_or_insert(now + every) {
-            return Vec::new();
-        }
+        let reached = self.seen().cloned().unwrap_or_default();
+        let process = self.process.clone();
+        let Some(armed) = self.armed_mut() else { return Vec::new() };
         let sampled: Vec<_> = targets.iter().filter(|(_, id)| reached.contains(id) && !armed.watches(*id)).collect();
         if sampled.is_empty() {
             return Vec::new();
         }
         let base = sampled.iter().map(|&(_, id)| (id, probes.count(pid, id))).collect();
-        match armed.arm_more(probes, &self.process, sampled) {
+        match armed.arm_more(probes, &process, sampled) {
             Ok(()) => {
                 debug!(pid, "sampling window open");
                 self.samples.open = Some(Open { since: now, base });

@@ -248,10 +248,8 @@ impl Session {
                 warn!(pid = w.process.pid, error = %e, "cannot look up new targets among existing functions");
             }
         }
-        for w in self.watches.0.values_mut().filter(|w| w.strategy() == Strategy::Watch) {
-            if let Err(e) = w.retarget(&mut self.probes, &self.targets) {
-                warn!(pid = w.process.pid, error = %e, "cannot follow the new targets");
-            }
+        for w in self.watches.0.values_mut() {
+            w.retarget(&mut self.probes, &self.targets);
         }
         Ok(true)
     }
@@ -281,8 +279,7 @@ impl Session {
             watch.detach(&mut self.probes);
             return Err(e.into());
         }
-        let targets: Vec<(&Target, u32)> = self.targets.iter().collect();
-        self.printer.attached(&watch, &targets);
+        self.printer.attached(&watch, &self.targets);
         self.watches.0.insert(pid, watch);
         Ok(())
     }
@@ -405,8 +402,8 @@ impl Session {
         let mut over = Vec::new();
         let mut changes = Vec::new();
         for (&pid, w) in self.watches.0.iter_mut() {
-            if let Some((until, _)) = &w.suspended {
-                if now >= *until {
+            if let Some((until, _)) = w.suspension() {
+                if now >= until {
                     let from = w.mode();
                     let why = w.resume(&mut self.probes, &self.targets, self.strategy).err().map(|e| format!("{e:#}"));
                     let load = Load { passes_per_sec: 0.0, hits_per_sec: 0.0, share: 0.0 };
@@ -414,9 +411,10 @@ impl Session {
                 }
                 continue;
             }
+            let Some(strategy) = w.strategy() else { continue };
             let Some(passes) = self.probes.passes(pid) else { continue };
             let Some(rate) = w.meter.sample(now, passes) else { continue };
-            let share = rate * budget.costs.of(w.strategy()) * 1e-9;
+            let share = rate * budget.costs.of(strategy) * 1e-9;
             w.meter.share = Some(share);
             if share > budget.share {
                 over.push((pid, rate, share));
@@ -430,7 +428,8 @@ impl Session {
             let hits: u64 = totals.iter().map(|(_, n)| n).sum();
             let hits_per_sec = hits as f64 / w.since.elapsed().as_secs_f64().max(1.0);
             let load = Load { passes_per_sec, hits_per_sec, share };
-            let action = budget::decide(budget, w.strategy(), w.reached.is_some(), &load);
+            let Some(strategy) = w.strategy() else { continue };
+            let action = budget::decide(budget, strategy, w.reachability(), &load);
             let from = w.mode();
             let mut why = None;
             match action {
@@ -447,7 +446,7 @@ impl Session {
                 }
                 Action::Suspend => w.suspend(&mut self.probes, now + budget.retry, "over budget".into()),
             }
-            let action = if w.suspended.is_some() { Action::Suspend } else { action };
+            let action = if w.suspension().is_some() { Action::Suspend } else { action };
             w.budget_note = Some(format!(
                 "{}: {:.2}% of a CPU ({passes_per_sec:.0} probe passes/s) under {from}",
                 action.name(),
@@ -472,14 +471,10 @@ impl Session {
         }
         for (pid, code) in drained.freed {
             let Some(w) = self.watches.0.get_mut(&pid) else { continue };
-            match w.code_freed(&mut self.probes, &self.targets, code) {
-                Ok(false) => {}
-                Ok(true) => {
-                    info!(pid, code, strategy = w.mode(), "a watched code object was deallocated: watching anew");
-                    let why = format!("watched code object {code:#x} deallocated");
-                    self.printer.strategy(pid, &w.mode(), &why);
-                }
-                Err(e) => warn!(pid, error = %format!("{e:#}"), "cannot follow a deallocated code object"),
+            if w.code_freed(&mut self.probes, &self.targets, code) {
+                info!(pid, code, strategy = w.mode(), "a watched code object was deallocated: watching anew");
+                let why = format!("watched code object {code:#x} deallocated");
+                self.printer.strategy(pid, &w.mode(), &why);
             }
         }
         self.report(drained.hits);

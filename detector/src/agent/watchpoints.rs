@@ -265,6 +265,12 @@ impl Armed {
         true
     }
 
+    /// Lets more body starts than registers share them over time from now
+    /// on (the process moved to reachability).
+    pub fn allow_rotation(&mut self) {
+        self.fit = Fit::Rotate;
+    }
+
     /// Whether the registers are shared over time.
     pub fn rotating(&self) -> bool {
         self.units.len() > self.registers.len() && !self.registers.is_empty()

@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 use super::Hit;
 use crate::{
     agent::{ProcessWatch, discovery::Service},
-    targets::Target,
+    targets::{Target, TargetSet},
 };
 
 /// Output format.
@@ -60,8 +60,9 @@ impl Printer {
         }
     }
 
-    /// Probes are live on a process.
-    pub fn attached(&self, w: &ProcessWatch, targets: &[(&Target, u32)]) {
+    /// Probes are live on a process: its report, and how each target is
+    /// observed, at which sites.
+    pub fn attached(&self, w: &ProcessWatch, targets: &TargetSet) {
         let a = &w.process.analysis;
         // The sites probed now: under watchpoints, the rare-event ones only.
         let sites: Vec<Value> = a
@@ -75,39 +76,33 @@ impl Printer {
             .collect();
         let names: Vec<String> = targets.iter().map(|(t, _)| t.to_string()).collect();
         let by_target: serde_json::Map<String, Value> =
-            targets.iter().map(|(t, id)| (t.to_string(), w.target_strategy(*id).into())).collect();
-        self.emit(
-            json!({
-                "type": "attached",
-                "pid": w.process.pid,
-                "version": a.version.to_string(),
-                "object": w.process.object.path,
-                "strategy": w.mode(),
-                "target_strategies": by_target,
-                "watch_fallback": w.fallback,
-                "probes": w.probes(),
-                "watched_units": w.watched_units(),
-                "rotating": w.rotating(),
-                "pending_targets": w.pending_targets(),
-                "sites": sites,
-                "prefilled_threads": w.prefilled_threads,
-                "prefilled_identities": w.prefilled_identities,
-                "targets": names,
-                "service": w.service,
-            }),
-            || {
-                format!(
-                    "attached to pid {} (CPython {}, {}): {}, {} probes, {} watchpoints, watching {}",
-                    w.process.pid,
-                    a.version,
-                    w.process.object.path,
-                    w.mode(),
-                    w.probes(),
-                    w.watched_units(),
-                    names.join(", ")
-                )
-            },
-        );
+            targets.iter().map(|(t, id)| (t.to_string(), w.target_strategy(id).into())).collect();
+        let report = w.report(targets);
+        let (threads, identities) = w.prefilled();
+        let mut line = serde_json::to_value(&report).unwrap_or_default();
+        line["type"] = "attached".into();
+        line["target_strategies"] = by_target.into();
+        line["sites"] = sites.into();
+        line["prefilled_threads"] = threads.into();
+        line["prefilled_identities"] = identities.into();
+        line["targets"] = names.clone().into();
+        self.emit(line, || {
+            format!(
+                "attached to pid {} (CPython {}, {}): {}, {} probes, {} watchpoints{}{}, watching {}",
+                report.pid,
+                report.version,
+                report.binary,
+                report.strategy,
+                report.probes,
+                report.watched_units,
+                if report.rotating { " (rotating)" } else { "" },
+                match report.pending_targets {
+                    0 => String::new(),
+                    n => format!(", {n} pending until their module runs"),
+                },
+                names.join(", ")
+            )
+        });
     }
 
     /// Process discovery is live: processes started from now on are seen.

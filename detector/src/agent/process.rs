@@ -1,0 +1,650 @@
+//! One watched process as a state machine: how its targets are observed
+//! ([`Mode`]: probed per call, under watchpoints, suspended) and how its hits
+//! are counted ([`Counting`]: exactly, or once per target), with the
+//! transitions between them. Each mode holds exactly the kernel objects it
+//! attached, so leaving it closes exactly those.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Instant,
+};
+
+use detector_common::MODE_WATCH;
+use tracing::{debug, info, warn};
+
+use super::{
+    AttachError, Strategy,
+    attach::{self, PerCallLinks},
+    budget, discovery, sampling,
+    watchpoints::{Armed, CannotWatch, Fit},
+};
+use crate::{
+    bpf::{Link, ProbeKind, Probes, reaper::Buried},
+    interp::sites::SiteRole,
+    pyproc::{PythonProcess, body},
+    targets::{Target, TargetSet},
+};
+
+/// How a process's targets are observed now.
+pub(crate) enum Mode {
+    /// Uprobes at every per-call site of the interpreter.
+    PerCall(PerCall),
+    /// Hardware watchpoints on the targets' body starts.
+    Watch(Watching),
+    /// Over budget: nothing attached until it is tried again.
+    Suspended(Suspension),
+    /// Nothing attached any more (the process is gone, or the agent stops).
+    Detached,
+}
+
+/// The per-call mode's probes.
+pub(crate) struct PerCall {
+    links: PerCallLinks,
+    dealloc: Vec<Link>,
+    /// Why watchpoints were not used, where they were wanted.
+    fallback: Option<String>,
+}
+
+/// The watch mode's watchpoints and probes.
+pub(crate) struct Watching {
+    armed: Armed,
+    dealloc: Vec<Link>,
+    /// The module-execution probe, attached while a target is pending.
+    imports: Vec<Link>,
+}
+
+/// Why and until when a process is suspended.
+pub(crate) struct Suspension {
+    until: Instant,
+    why: String,
+}
+
+/// How hits are counted.
+pub(crate) enum Counting {
+    /// Every call, exactly.
+    Exact,
+    /// Each target reported once, and no longer paid for once seen where
+    /// the strategy allows: the targets seen so far.
+    Reachability(HashSet<u32>),
+}
+
+impl Counting {
+    fn seen(&self, target: u32) -> bool {
+        matches!(self, Counting::Reachability(s) if s.contains(&target))
+    }
+
+    /// How many body starts may be watched: sharing the debug registers
+    /// over time is for reachability only (a miss there delays a report,
+    /// it never falsifies a count).
+    fn fit(&self) -> Fit {
+        match self {
+            Counting::Exact => Fit::Registers,
+            Counting::Reachability(_) => Fit::Rotate,
+        }
+    }
+}
+
+impl Watching {
+    /// Arms the unreached targets' body starts; the caller has attached the
+    /// deallocation probe.
+    fn arm(
+        probes: &mut Probes,
+        p: &PythonProcess,
+        targets: &TargetSet,
+        counting: &Counting,
+        dealloc: Vec<Link>,
+    ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
+        let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id));
+        match Armed::arm(probes, p, unreached, counting.fit()) {
+            Ok(armed) => {
+                let mut w = Watching { armed, dealloc, imports: Vec::new() };
+                w.follow_imports(probes, p);
+                Ok(w)
+            }
+            Err(e) => Err((e, dealloc)),
+        }
+    }
+
+    /// Attaches the module-execution probe while targets are pending, and
+    /// detaches it once none is.
+    fn follow_imports(&mut self, probes: &mut Probes, p: &PythonProcess) {
+        let pending = !self.armed.pending().is_empty();
+        if pending && self.imports.is_empty() {
+            match attach::imports(probes, p) {
+                Ok(links) => self.imports = links,
+                Err(e) if !p.gone() => {
+                    warn!(pid = p.pid, error = %format!("{e:#}"), "cannot follow imports: pending targets are found by the rescan only");
+                }
+                Err(_) => {}
+            }
+        } else if !pending && !self.imports.is_empty() {
+            attach::detach_all(probes, std::mem::take(&mut self.imports));
+            debug!(pid = p.pid, "every target found: no longer following imports");
+        }
+    }
+
+    /// Disarms everything and returns the deallocation probe.
+    fn close(mut self, probes: &mut Probes) -> Vec<Link> {
+        self.armed.disarm(probes);
+        attach::detach_all(probes, std::mem::take(&mut self.imports));
+        self.dealloc
+    }
+}
+
+/// A process being watched: its interpreter, its mode and its counting.
+pub struct ProcessWatch {
+    /// The process.
+    pub process: PythonProcess,
+    /// The service its hits are reported for.
+    pub service: discovery::Service,
+    mode: Mode,
+    counting: Counting,
+    /// Its probe passes, for the overhead budget.
+    pub meter: budget::Meter,
+    /// When it was first attached.
+    pub since: Instant,
+    /// The last budget decision about it, with the load that caused it.
+    pub budget_note: Option<String>,
+    /// Reachability's sampled counts of reached targets.
+    pub samples: sampling::Samples,
+}
+
+impl ProcessWatch {
+    /// Watches `process` with `strategy` (falling back from watchpoints to
+    /// per-call probes when they cannot apply), in reachability mode if
+    /// `reachability`. On failure nothing stays attached.
+    pub fn attach_with(
+        probes: &mut Probes,
+        process: PythonProcess,
+        targets: &TargetSet,
+        strategy: Strategy,
+        reachability: bool,
+    ) -> Result<Self, AttachError> {
+        let counting = if reachability { Counting::Reachability(HashSet::new()) } else { Counting::Exact };
+        let mode = start(probes, &process, targets, strategy, &counting)?;
+        Ok(Self::with_mode(process, mode, counting))
+    }
+
+    fn with_mode(process: PythonProcess, mode: Mode, counting: Counting) -> Self {
+        ProcessWatch {
+            process,
+            service: Default::default(),
+            mode,
+            counting,
+            meter: Default::default(),
+            since: Instant::now(),
+            budget_note: None,
+            samples: Default::default(),
+        }
+    }
+
+    /// Attaches every per-call site: exact counts on every build.
+    pub fn attach(probes: &mut Probes, process: PythonProcess, targets: &TargetSet) -> Result<Self, AttachError> {
+        Self::attach_with(probes, process, targets, Strategy::PerCall, false)
+    }
+
+    /// The empty program at every site the detector would use: the floor
+    /// its per-hit cost is measured against (`cargo xtask bench`).
+    pub fn attach_floor(probes: &mut Probes, process: PythonProcess) -> Result<Self, AttachError> {
+        let links = attach::floor(probes, &process)?;
+        let links = PerCallLinks { links, prefilled_threads: 0, prefilled_identities: 0 };
+        let mode = Mode::PerCall(PerCall { links, dealloc: Vec::new(), fallback: None });
+        Ok(Self::with_mode(process, mode, Counting::Exact))
+    }
+
+    /// Budget: moves a per-call process to watchpoints. The watchpoints are
+    /// armed before the kernel is told they count and the uprobes are
+    /// closed, so no call is missed or counted twice.
+    pub fn switch_to_watch(&mut self, probes: &mut Probes, targets: &TargetSet) -> Result<(), CannotWatch> {
+        if !matches!(self.mode, Mode::PerCall(_)) {
+            return Ok(());
+        }
+        let Mode::PerCall(pc) = std::mem::replace(&mut self.mode, Mode::Detached) else { unreachable!() };
+        let armed = match Watching::arm(probes, &self.process, targets, &self.counting, pc.dealloc) {
+            Ok(w) => w,
+            Err((e, dealloc)) => {
+                self.mode = Mode::PerCall(PerCall { dealloc, ..pc });
+                return Err(e);
+            }
+        };
+        if let Err(e) = probes.set_mode(self.process.pid, MODE_WATCH) {
+            let dealloc = armed.close(probes);
+            self.mode = Mode::PerCall(PerCall { dealloc, ..pc });
+            return Err(e.into());
+        }
+        attach::detach_all(probes, pc.links.links);
+        self.mode = Mode::Watch(armed);
+        self.meter.reset();
+        Ok(())
+    }
+
+    /// Leaves watchpoints for per-call probes (a target found late cannot be
+    /// watched): the uprobes count from when they switch the mode, then the
+    /// watchpoints go, so no armed target misses a call.
+    fn fall_back_to_per_call(&mut self, probes: &mut Probes, targets: &TargetSet, why: &CannotWatch) {
+        let Mode::Watch(w) = std::mem::replace(&mut self.mode, Mode::Detached) else { return };
+        let per_call = attach::per_call(probes, &self.process, targets);
+        let dealloc = w.close(probes);
+        self.enter_per_call(probes, per_call, dealloc, why);
+    }
+
+    /// Per-call mode with `per_call` if they attached, else nothing.
+    fn enter_per_call(
+        &mut self,
+        probes: &mut Probes,
+        per_call: Result<PerCallLinks, AttachError>,
+        dealloc: Vec<Link>,
+        why: &CannotWatch,
+    ) {
+        let pid = self.process.pid;
+        match per_call {
+            Ok(links) => {
+                info!(pid, reason = %why, "watchpoints no longer apply; probing every call");
+                self.mode = Mode::PerCall(PerCall { links, dealloc, fallback: Some(why.to_string()) });
+            }
+            Err(e) => {
+                attach::detach_all(probes, dealloc);
+                if !self.process.gone() {
+                    warn!(pid, error = %format!("{e:#}"), "watchpoints no longer apply and per-call probes cannot attach: not watched");
+                }
+            }
+        }
+    }
+
+    /// A code object was deallocated while one of its units was watched
+    /// (a module reloaded, a function redefined): re-arms on what the
+    /// targets name now. Returns whether the code was watched here.
+    pub fn code_freed(&mut self, probes: &mut Probes, targets: &TargetSet, code: u64) -> bool {
+        let Mode::Watch(w) = &self.mode else { return false };
+        // An exiting process frees every code object: nothing to follow.
+        if !w.armed.watches_code(code) || self.process.gone() {
+            return false;
+        }
+        self.retarget(probes, targets);
+        true
+    }
+
+    /// Follows a change of targets: watchpoints are re-armed on the new body
+    /// starts, or, where that is no longer possible, the process is probed
+    /// per call from now on. Per-call probes need nothing (they read the
+    /// targets from the kernel's map) but, on 3.8-3.10, the identities of
+    /// functions that already exist.
+    pub fn retarget(&mut self, probes: &mut Probes, targets: &TargetSet) {
+        match std::mem::replace(&mut self.mode, Mode::Detached) {
+            Mode::Watch(mut w) => {
+                w.armed.disarm(probes);
+                let imports = std::mem::take(&mut w.imports);
+                match Watching::arm(probes, &self.process, targets, &self.counting, w.dealloc) {
+                    Ok(mut new) => {
+                        // Kept as it was: attached again only if needed.
+                        new.imports.extend(imports);
+                        new.follow_imports(probes, &self.process);
+                        self.mode = Mode::Watch(new);
+                    }
+                    Err((e, dealloc)) => {
+                        attach::detach_all(probes, imports);
+                        let per_call = attach::per_call(probes, &self.process, targets);
+                        self.enter_per_call(probes, per_call, dealloc, &e);
+                    }
+                }
+            }
+            other => self.mode = other,
+        }
+    }
+
+    /// 3.8-3.10, probed per call: records the identities of `new` targets'
+    /// functions that already exist.
+    pub fn prefill_identities(&self, probes: &mut Probes, new: &[Target]) -> Result<usize, AttachError> {
+        match &self.mode {
+            Mode::PerCall(_) => attach::prefill_identities(probes, &self.process, new),
+            _ => Ok(0),
+        }
+    }
+
+    /// A module body is about to run: arms the pending targets it defines.
+    /// Returns their ids (none if the module has no pending target).
+    pub fn module_body(&mut self, probes: &mut Probes, targets: &TargetSet, code: u64, globals: u64) -> Vec<u32> {
+        let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
+        if w.armed.pending().is_empty() {
+            return Vec::new();
+        }
+        let module = match body::module_name(&self.process, globals) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                debug!(pid = self.process.pid, error = %e, "cannot read a module body's name");
+                return Vec::new();
+            }
+        };
+        if !w.armed.pending_modules(targets).contains(module.as_str()) {
+            return Vec::new();
+        }
+        let result = w.armed.module_body(probes, &self.process, targets, &module, code);
+        self.after_finding(probes, targets, result)
+    }
+
+    /// The safety net for a module body the probe did not report: looks for
+    /// pending targets in `sys.modules` (if a module was imported since the
+    /// last look, or at once if `force`). Returns the targets armed.
+    pub fn rescan_pending(&mut self, probes: &mut Probes, targets: &TargetSet, force: bool) -> Vec<u32> {
+        let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
+        if w.armed.pending().is_empty() {
+            return Vec::new();
+        }
+        let result = w.armed.rescan(probes, &self.process, targets, force);
+        self.after_finding(probes, targets, result)
+    }
+
+    /// What finding pending targets leads to: their ids, or, when they
+    /// cannot be watched, per-call probes for the whole process.
+    fn after_finding(
+        &mut self,
+        probes: &mut Probes,
+        targets: &TargetSet,
+        found: Result<Vec<u32>, CannotWatch>,
+    ) -> Vec<u32> {
+        match found {
+            Ok(ids) => {
+                if let Mode::Watch(w) = &mut self.mode {
+                    w.follow_imports(probes, &self.process);
+                }
+                ids
+            }
+            Err(e) => {
+                self.fall_back_to_per_call(probes, targets, &e);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Gives the next body starts their turn on the debug registers, if
+    /// they are shared and a slice is over; looks for the targets of a
+    /// module body that ran and were not found in it, when due. Returns the
+    /// targets armed.
+    pub fn tick(&mut self, probes: &mut Probes, targets: &TargetSet, now: Instant) -> Vec<u32> {
+        let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
+        w.armed.rotate(probes, self.process.pid, now);
+        if w.armed.recheck_due(now) { self.rescan_pending(probes, targets, true) } else { Vec::new() }
+    }
+
+    /// From now on each target is reported once and, where watched,
+    /// disarmed once seen; `seen` are the targets already hit.
+    pub fn reach(&mut self, probes: &mut Probes, seen: impl IntoIterator<Item = u32>) {
+        match &mut self.counting {
+            Counting::Reachability(s) => s.extend(seen),
+            Counting::Exact => self.counting = Counting::Reachability(seen.into_iter().collect()),
+        }
+        if let Mode::Watch(w) = &mut self.mode {
+            w.armed.allow_rotation();
+        }
+        self.disarm_reached(probes);
+        // Only first hits are reported now: the kernel can skip the records.
+        let pid = self.process.pid;
+        probes.slot(pid);
+        if let Err(e) = probes.report_sparsely(pid) {
+            warn!(pid, error = %e, "cannot make hit events sparse: every hit stays an event");
+        }
+        self.meter.reset();
+    }
+
+    /// Records a hit of `target`: whether it is to be reported (always when
+    /// counting exactly; the first time under reachability, when its
+    /// watchpoint is disarmed).
+    pub fn first_reach(&mut self, probes: &mut Probes, target: u32) -> bool {
+        let Counting::Reachability(seen) = &mut self.counting else { return true };
+        if !seen.insert(target) {
+            return false;
+        }
+        if self.stop_watching(probes, target) {
+            info!(pid = self.process.pid, target, "reached: watchpoint disarmed");
+        }
+        true
+    }
+
+    /// Disarms the watchpoints of targets already seen.
+    pub(crate) fn disarm_reached(&mut self, probes: &mut Probes) {
+        let (Counting::Reachability(seen), Mode::Watch(w)) = (&self.counting, &mut self.mode) else { return };
+        for &t in seen {
+            w.armed.disarm_target(probes, self.process.pid, t);
+        }
+        w.follow_imports(probes, &self.process);
+    }
+
+    /// Stops watching `target` if a watchpoint watches it; returns whether
+    /// one did.
+    pub fn stop_watching(&mut self, probes: &mut Probes, target: u32) -> bool {
+        let Mode::Watch(w) = &mut self.mode else { return false };
+        let disarmed = w.armed.disarm_target(probes, self.process.pid, target);
+        w.follow_imports(probes, &self.process);
+        disarmed
+    }
+
+    /// Budget: detaches everything until `until`; the process stays known.
+    pub fn suspend(&mut self, probes: &mut Probes, until: Instant, why: String) {
+        self.detach(probes);
+        self.mode = Mode::Suspended(Suspension { until, why });
+        self.meter.reset();
+    }
+
+    /// Attaches a suspended process again with `strategy`.
+    pub fn resume(&mut self, probes: &mut Probes, targets: &TargetSet, strategy: Strategy) -> Result<(), AttachError> {
+        self.meter.reset();
+        match start(probes, &self.process, targets, strategy, &self.counting) {
+            Ok(mode) => {
+                self.mode = mode;
+                Ok(())
+            }
+            Err(e) => {
+                self.mode = Mode::Detached;
+                Err(e)
+            }
+        }
+    }
+
+    /// Detaches every probe (uprobes closed in the background).
+    pub fn detach(&mut self, probes: &mut Probes) {
+        for link in self.close(probes) {
+            probes.detach(link);
+        }
+    }
+
+    /// Takes every uprobe (they stay attached until the result is dropped)
+    /// and disarms the watchpoints now.
+    pub fn take_links(&mut self, probes: &mut Probes) -> Vec<Buried> {
+        self.close(probes).into_iter().filter_map(|l| probes.take(l)).collect()
+    }
+
+    /// Leaves whatever mode it is in for [`Mode::Detached`]: disarms the
+    /// watchpoints and returns the uprobes.
+    fn close(&mut self, probes: &mut Probes) -> Vec<Link> {
+        match std::mem::replace(&mut self.mode, Mode::Detached) {
+            Mode::PerCall(pc) => pc.links.links.into_iter().chain(pc.dealloc).collect(),
+            Mode::Watch(w) => w.close(probes),
+            Mode::Suspended(_) | Mode::Detached => Vec::new(),
+        }
+    }
+
+    /// The strategy its probes use, if any are attached.
+    pub fn strategy(&self) -> Option<Strategy> {
+        match self.mode {
+            Mode::PerCall(_) => Some(Strategy::PerCall),
+            Mode::Watch(_) => Some(Strategy::Watch),
+            Mode::Suspended(_) | Mode::Detached => None,
+        }
+    }
+
+    /// Whether it is in reachability mode.
+    pub fn reachability(&self) -> bool {
+        matches!(self.counting, Counting::Reachability(_))
+    }
+
+    /// When a suspended process is tried again, and why it was suspended.
+    pub fn suspension(&self) -> Option<(Instant, &str)> {
+        match &self.mode {
+            Mode::Suspended(s) => Some((s.until, &s.why)),
+            _ => None,
+        }
+    }
+
+    /// Why watchpoints were asked for and not used.
+    pub fn fallback(&self) -> Option<&str> {
+        match &self.mode {
+            Mode::PerCall(pc) => pc.fallback.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Threads and 3.8-3.10 functions pre-filled for per-call probes.
+    pub fn prefilled(&self) -> (usize, usize) {
+        match &self.mode {
+            Mode::PerCall(pc) => (pc.links.prefilled_threads, pc.links.prefilled_identities),
+            _ => (0, 0),
+        }
+    }
+
+    /// The watchpoints, under watch.
+    pub(crate) fn armed_mut(&mut self) -> Option<&mut Armed> {
+        match &mut self.mode {
+            Mode::Watch(w) => Some(&mut w.armed),
+            _ => None,
+        }
+    }
+
+    fn armed(&self) -> Option<&Armed> {
+        match &self.mode {
+            Mode::Watch(w) => Some(&w.armed),
+            _ => None,
+        }
+    }
+
+    /// The targets seen, under reachability.
+    pub(crate) fn seen(&self) -> Option<&HashSet<u32>> {
+        match &self.counting {
+            Counting::Reachability(s) => Some(s),
+            Counting::Exact => None,
+        }
+    }
+
+    /// How `target` is observed in this process: `watch`, `per-call`,
+    /// `pending` (its module has not run yet: found when it does),
+    /// `reached` (seen, and no longer paid for) or `none` (suspended).
+    pub fn target_strategy(&self, target: u32) -> &'static str {
+        match &self.mode {
+            Mode::Watch(w) if w.armed.watches(target) => "watch",
+            Mode::Watch(w) if w.armed.pending().contains_key(&target) => "pending",
+            Mode::PerCall(_) => "per-call",
+            _ if self.counting.seen(target) => "reached",
+            _ => "none",
+        }
+    }
+
+    /// How many of its `targets` are observed each way (as
+    /// [`ProcessWatch::target_strategy`] says), without a pass over them:
+    /// a node may have thousands of targets and processes.
+    pub fn targets_by_strategy(&self, targets: usize) -> BTreeMap<&'static str, usize> {
+        let (watched, pending) = self.armed().map_or((0, 0), |a| (a.targets(), a.pending().len()));
+        let rest = targets.saturating_sub(watched + pending);
+        let per_call = matches!(self.mode, Mode::PerCall(_));
+        // Reached targets are disarmed, so none of them is among the watched.
+        let reached = if per_call { 0 } else { self.seen().map_or(0, |r| r.len().min(rest)) };
+        let other = if per_call { "per-call" } else { "none" };
+        [("watch", watched), ("pending", pending), ("reached", reached), (other, rest - reached)]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Whether its watchpoints share the debug registers over time.
+    pub fn rotating(&self) -> bool {
+        self.armed().is_some_and(|a| a.rotating())
+    }
+
+    /// Targets waiting for their module to run.
+    pub fn pending_targets(&self) -> usize {
+        self.armed().map_or(0, |a| a.pending().len())
+    }
+
+    /// Units under a watchpoint.
+    pub fn watched_units(&self) -> usize {
+        self.armed().map_or(0, |a| a.units())
+    }
+
+    /// What it is watched with, as reported: `per-call`, `watch`,
+    /// `suspended` or `detached`, and `+reachability` when targets are
+    /// reported once.
+    pub fn mode(&self) -> String {
+        let base = match self.mode {
+            Mode::PerCall(_) => "per-call",
+            Mode::Watch(_) => "watch",
+            Mode::Suspended(_) => "suspended",
+            Mode::Detached => "detached",
+        };
+        if self.reachability() { format!("{base}+reachability") } else { base.to_owned() }
+    }
+
+    fn links(&self) -> Vec<&Link> {
+        match &self.mode {
+            Mode::PerCall(pc) => pc.links.links.iter().chain(&pc.dealloc).collect(),
+            Mode::Watch(w) => w.dealloc.iter().chain(&w.imports).collect(),
+            Mode::Suspended(_) | Mode::Detached => Vec::new(),
+        }
+    }
+
+    /// Number of uprobes attached (watchpoints are counted apart).
+    pub fn probes(&self) -> usize {
+        self.links().len()
+    }
+
+    /// Whether a uprobe is attached at the sites of `role`.
+    pub fn probes_role(&self, role: SiteRole) -> bool {
+        self.links().iter().any(|l| match l.kind() {
+            ProbeKind::EvalEntry | ProbeKind::EvalCall => role == SiteRole::EvalEntry,
+            ProbeKind::Resume => role == SiteRole::Resume,
+            ProbeKind::FuncNew => role == SiteRole::FunctionNew,
+            ProbeKind::CodeDealloc => role == SiteRole::CodeDealloc,
+            ProbeKind::ModuleExec => role == SiteRole::ModuleExec,
+            ProbeKind::Empty => true,
+        })
+    }
+}
+
+/// Attaches `p` for `strategy`: the deallocation probe first (no verdict may
+/// outlive its code object), then watchpoints where they apply, else the
+/// per-call probes. On failure nothing stays attached.
+fn start(
+    probes: &mut Probes,
+    p: &PythonProcess,
+    targets: &TargetSet,
+    strategy: Strategy,
+    counting: &Counting,
+) -> Result<Mode, AttachError> {
+    let dealloc = attach::deallocations(probes, p)?;
+    let (dealloc, fallback) = if strategy == Strategy::PerCall {
+        (dealloc, None)
+    } else {
+        match Watching::arm(probes, p, targets, counting, dealloc) {
+            Ok(w) => {
+                if let Err(e) = probes.set_mode(p.pid, MODE_WATCH) {
+                    let links = w.close(probes);
+                    attach::detach_all(probes, links);
+                    return Err(e.into());
+                }
+                let pending = w.armed.pending().len();
+                info!(pid = p.pid, binary = %p.object.path, units = w.armed.units(), threads = w.armed.threads, pending,
+                    "watching process with hardware watchpoints");
+                return Ok(Mode::Watch(w));
+            }
+            Err((e, dealloc)) => {
+                info!(pid = p.pid, reason = %e, "watch strategy does not apply; probing every call");
+                (dealloc, Some(e.to_string()))
+            }
+        }
+    };
+    match attach::per_call(probes, p, targets) {
+        Ok(links) => Ok(Mode::PerCall(PerCall { links, dealloc, fallback })),
+        Err(e) => {
+            attach::detach_all(probes, dealloc);
+            Err(e)
+        }
+    }
+}
