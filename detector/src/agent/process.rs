@@ -4,10 +4,7 @@
 //! transitions between them. Each mode holds exactly the kernel objects it
 //! attached, so leaving it closes exactly those.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    time::Instant,
-};
+use std::{collections::HashSet, time::Instant};
 
 use detector_common::MODE_WATCH;
 use tracing::{debug, info, warn};
@@ -19,8 +16,7 @@ use super::{
     watchpoints::{Armed, CannotWatch, Fit},
 };
 use crate::{
-    bpf::{Link, ProbeKind, Probes, reaper::Buried},
-    interp::sites::SiteRole,
+    bpf::{Link, Probes, reaper::Buried},
     pyproc::{PythonProcess, body},
     targets::{Target, TargetSet},
 };
@@ -39,24 +35,24 @@ pub(crate) enum Mode {
 
 /// The per-call mode's probes.
 pub(crate) struct PerCall {
-    links: PerCallLinks,
-    dealloc: Vec<Link>,
+    pub(super) links: PerCallLinks,
+    pub(super) dealloc: Vec<Link>,
     /// Why watchpoints were not used, where they were wanted.
-    fallback: Option<String>,
+    pub(super) fallback: Option<String>,
 }
 
 /// The watch mode's watchpoints and probes.
 pub(crate) struct Watching {
-    armed: Armed,
-    dealloc: Vec<Link>,
+    pub(super) armed: Armed,
+    pub(super) dealloc: Vec<Link>,
     /// The module-execution probe, attached while a target is pending.
-    imports: Vec<Link>,
+    pub(super) imports: Vec<Link>,
 }
 
 /// Why and until when a process is suspended.
 pub(crate) struct Suspension {
-    until: Instant,
-    why: String,
+    pub(super) until: Instant,
+    pub(super) why: String,
 }
 
 /// How hits are counted.
@@ -69,7 +65,7 @@ pub(crate) enum Counting {
 }
 
 impl Counting {
-    fn seen(&self, target: u32) -> bool {
+    pub(super) fn seen(&self, target: u32) -> bool {
         matches!(self, Counting::Reachability(s) if s.contains(&target))
     }
 
@@ -137,8 +133,8 @@ pub struct ProcessWatch {
     pub process: PythonProcess,
     /// The service its hits are reported for.
     pub service: discovery::Service,
-    mode: Mode,
-    counting: Counting,
+    pub(super) mode: Mode,
+    pub(super) counting: Counting,
     /// Its probe passes, for the overhead budget.
     pub meter: budget::Meter,
     /// When it was first attached.
@@ -462,149 +458,6 @@ impl ProcessWatch {
             Mode::Watch(w) => w.close(probes),
             Mode::Suspended(_) | Mode::Detached => Vec::new(),
         }
-    }
-
-    /// The strategy its probes use, if any are attached.
-    pub fn strategy(&self) -> Option<Strategy> {
-        match self.mode {
-            Mode::PerCall(_) => Some(Strategy::PerCall),
-            Mode::Watch(_) => Some(Strategy::Watch),
-            Mode::Suspended(_) | Mode::Detached => None,
-        }
-    }
-
-    /// Whether it is in reachability mode.
-    pub fn reachability(&self) -> bool {
-        matches!(self.counting, Counting::Reachability(_))
-    }
-
-    /// When a suspended process is tried again, and why it was suspended.
-    pub fn suspension(&self) -> Option<(Instant, &str)> {
-        match &self.mode {
-            Mode::Suspended(s) => Some((s.until, &s.why)),
-            _ => None,
-        }
-    }
-
-    /// Why watchpoints were asked for and not used.
-    pub fn fallback(&self) -> Option<&str> {
-        match &self.mode {
-            Mode::PerCall(pc) => pc.fallback.as_deref(),
-            _ => None,
-        }
-    }
-
-    /// Threads and 3.8-3.10 functions pre-filled for per-call probes.
-    pub fn prefilled(&self) -> (usize, usize) {
-        match &self.mode {
-            Mode::PerCall(pc) => (pc.links.prefilled_threads, pc.links.prefilled_identities),
-            _ => (0, 0),
-        }
-    }
-
-    /// The watchpoints, under watch.
-    pub(crate) fn armed_mut(&mut self) -> Option<&mut Armed> {
-        match &mut self.mode {
-            Mode::Watch(w) => Some(&mut w.armed),
-            _ => None,
-        }
-    }
-
-    fn armed(&self) -> Option<&Armed> {
-        match &self.mode {
-            Mode::Watch(w) => Some(&w.armed),
-            _ => None,
-        }
-    }
-
-    /// The targets seen, under reachability.
-    pub(crate) fn seen(&self) -> Option<&HashSet<u32>> {
-        match &self.counting {
-            Counting::Reachability(s) => Some(s),
-            Counting::Exact => None,
-        }
-    }
-
-    /// How `target` is observed in this process: `watch`, `per-call`,
-    /// `pending` (its module has not run yet: found when it does),
-    /// `reached` (seen, and no longer paid for) or `none` (suspended).
-    pub fn target_strategy(&self, target: u32) -> &'static str {
-        match &self.mode {
-            Mode::Watch(w) if w.armed.watches(target) => "watch",
-            Mode::Watch(w) if w.armed.pending().contains_key(&target) => "pending",
-            Mode::PerCall(_) => "per-call",
-            _ if self.counting.seen(target) => "reached",
-            _ => "none",
-        }
-    }
-
-    /// How many of its `targets` are observed each way (as
-    /// [`ProcessWatch::target_strategy`] says), without a pass over them:
-    /// a node may have thousands of targets and processes.
-    pub fn targets_by_strategy(&self, targets: usize) -> BTreeMap<&'static str, usize> {
-        let (watched, pending) = self.armed().map_or((0, 0), |a| (a.targets(), a.pending().len()));
-        let rest = targets.saturating_sub(watched + pending);
-        let per_call = matches!(self.mode, Mode::PerCall(_));
-        // Reached targets are disarmed, so none of them is among the watched.
-        let reached = if per_call { 0 } else { self.seen().map_or(0, |r| r.len().min(rest)) };
-        let other = if per_call { "per-call" } else { "none" };
-        [("watch", watched), ("pending", pending), ("reached", reached), (other, rest - reached)]
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    }
-
-    /// Whether its watchpoints share the debug registers over time.
-    pub fn rotating(&self) -> bool {
-        self.armed().is_some_and(|a| a.rotating())
-    }
-
-    /// Targets waiting for their module to run.
-    pub fn pending_targets(&self) -> usize {
-        self.armed().map_or(0, |a| a.pending().len())
-    }
-
-    /// Units under a watchpoint.
-    pub fn watched_units(&self) -> usize {
-        self.armed().map_or(0, |a| a.units())
-    }
-
-    /// What it is watched with, as reported: `per-call`, `watch`,
-    /// `suspended` or `detached`, and `+reachability` when targets are
-    /// reported once.
-    pub fn mode(&self) -> String {
-        let base = match self.mode {
-            Mode::PerCall(_) => "per-call",
-            Mode::Watch(_) => "watch",
-            Mode::Suspended(_) => "suspended",
-            Mode::Detached => "detached",
-        };
-        if self.reachability() { format!("{base}+reachability") } else { base.to_owned() }
-    }
-
-    fn links(&self) -> Vec<&Link> {
-        match &self.mode {
-            Mode::PerCall(pc) => pc.links.links.iter().chain(&pc.dealloc).collect(),
-            Mode::Watch(w) => w.dealloc.iter().chain(&w.imports).collect(),
-            Mode::Suspended(_) | Mode::Detached => Vec::new(),
-        }
-    }
-
-    /// Number of uprobes attached (watchpoints are counted apart).
-    pub fn probes(&self) -> usize {
-        self.links().len()
-    }
-
-    /// Whether a uprobe is attached at the sites of `role`.
-    pub fn probes_role(&self, role: SiteRole) -> bool {
-        self.links().iter().any(|l| match l.kind() {
-            ProbeKind::EvalEntry | ProbeKind::EvalCall => role == SiteRole::EvalEntry,
-            ProbeKind::Resume => role == SiteRole::Resume,
-            ProbeKind::FuncNew => role == SiteRole::FunctionNew,
-            ProbeKind::CodeDealloc => role == SiteRole::CodeDealloc,
-            ProbeKind::ModuleExec => role == SiteRole::ModuleExec,
-            ProbeKind::Empty => true,
-        })
     }
 }
 

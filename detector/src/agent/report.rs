@@ -2,12 +2,24 @@
 //! `/processes` and the body of the `attached` event, so the two never
 //! disagree and the tests read them typed.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Instant,
+};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ProcessWatch, discovery::Service};
-use crate::targets::TargetSet;
+use super::{
+    ProcessWatch, Strategy,
+    discovery::Service,
+    process::{Counting, Mode},
+    watchpoints::Armed,
+};
+use crate::{
+    bpf::{Link, ProbeKind},
+    interp::sites::SiteRole,
+    targets::TargetSet,
+};
 
 /// A watched process, as reported.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,5 +101,148 @@ impl ProcessWatch {
                 .collect(),
             service: self.service.clone(),
         }
+    }
+
+    /// The strategy its probes use, if any are attached.
+    pub fn strategy(&self) -> Option<Strategy> {
+        match self.mode {
+            Mode::PerCall(_) => Some(Strategy::PerCall),
+            Mode::Watch(_) => Some(Strategy::Watch),
+            Mode::Suspended(_) | Mode::Detached => None,
+        }
+    }
+
+    /// Whether it is in reachability mode.
+    pub fn reachability(&self) -> bool {
+        matches!(self.counting, Counting::Reachability(_))
+    }
+
+    /// When a suspended process is tried again, and why it was suspended.
+    pub fn suspension(&self) -> Option<(Instant, &str)> {
+        match &self.mode {
+            Mode::Suspended(s) => Some((s.until, &s.why)),
+            _ => None,
+        }
+    }
+
+    /// Why watchpoints were asked for and not used.
+    pub fn fallback(&self) -> Option<&str> {
+        match &self.mode {
+            Mode::PerCall(pc) => pc.fallback.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Threads and 3.8-3.10 functions pre-filled for per-call probes.
+    pub fn prefilled(&self) -> (usize, usize) {
+        match &self.mode {
+            Mode::PerCall(pc) => (pc.links.prefilled_threads, pc.links.prefilled_identities),
+            _ => (0, 0),
+        }
+    }
+
+    /// The watchpoints, under watch.
+    pub(crate) fn armed_mut(&mut self) -> Option<&mut Armed> {
+        match &mut self.mode {
+            Mode::Watch(w) => Some(&mut w.armed),
+            _ => None,
+        }
+    }
+
+    pub(super) fn armed(&self) -> Option<&Armed> {
+        match &self.mode {
+            Mode::Watch(w) => Some(&w.armed),
+            _ => None,
+        }
+    }
+
+    /// The targets seen, under reachability.
+    pub(crate) fn seen(&self) -> Option<&HashSet<u32>> {
+        match &self.counting {
+            Counting::Reachability(s) => Some(s),
+            Counting::Exact => None,
+        }
+    }
+
+    /// How `target` is observed in this process: `watch`, `per-call`,
+    /// `pending` (its module has not run yet: found when it does),
+    /// `reached` (seen, and no longer paid for) or `none` (suspended).
+    pub fn target_strategy(&self, target: u32) -> &'static str {
+        match &self.mode {
+            Mode::Watch(w) if w.armed.watches(target) => "watch",
+            Mode::Watch(w) if w.armed.pending().contains_key(&target) => "pending",
+            Mode::PerCall(_) => "per-call",
+            _ if self.counting.seen(target) => "reached",
+            _ => "none",
+        }
+    }
+
+    /// How many of its `targets` are observed each way (as
+    /// [`ProcessWatch::target_strategy`] says), without a pass over them:
+    /// a node may have thousands of targets and processes.
+    pub fn targets_by_strategy(&self, targets: usize) -> BTreeMap<&'static str, usize> {
+        let (watched, pending) = self.armed().map_or((0, 0), |a| (a.targets(), a.pending().len()));
+        let rest = targets.saturating_sub(watched + pending);
+        let per_call = matches!(self.mode, Mode::PerCall(_));
+        // Reached targets are disarmed, so none of them is among the watched.
+        let reached = if per_call { 0 } else { self.seen().map_or(0, |r| r.len().min(rest)) };
+        let other = if per_call { "per-call" } else { "none" };
+        [("watch", watched), ("pending", pending), ("reached", reached), (other, rest - reached)]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Whether its watchpoints share the debug registers over time.
+    pub fn rotating(&self) -> bool {
+        self.armed().is_some_and(|a| a.rotating())
+    }
+
+    /// Targets waiting for their module to run.
+    pub fn pending_targets(&self) -> usize {
+        self.armed().map_or(0, |a| a.pending().len())
+    }
+
+    /// Units under a watchpoint.
+    pub fn watched_units(&self) -> usize {
+        self.armed().map_or(0, |a| a.units())
+    }
+
+    /// What it is watched with, as reported: `per-call`, `watch`,
+    /// `suspended` or `detached`, and `+reachability` when targets are
+    /// reported once.
+    pub fn mode(&self) -> String {
+        let base = match self.mode {
+            Mode::PerCall(_) => "per-call",
+            Mode::Watch(_) => "watch",
+            Mode::Suspended(_) => "suspended",
+            Mode::Detached => "detached",
+        };
+        if self.reachability() { format!("{base}+reachability") } else { base.to_owned() }
+    }
+
+    fn links(&self) -> Vec<&Link> {
+        match &self.mode {
+            Mode::PerCall(pc) => pc.links.links.iter().chain(&pc.dealloc).collect(),
+            Mode::Watch(w) => w.dealloc.iter().chain(&w.imports).collect(),
+            Mode::Suspended(_) | Mode::Detached => Vec::new(),
+        }
+    }
+
+    /// Number of uprobes attached (watchpoints are counted apart).
+    pub fn probes(&self) -> usize {
+        self.links().len()
+    }
+
+    /// Whether a uprobe is attached at the sites of `role`.
+    pub fn probes_role(&self, role: SiteRole) -> bool {
+        self.links().iter().any(|l| match l.kind() {
+            ProbeKind::EvalEntry | ProbeKind::EvalCall => role == SiteRole::EvalEntry,
+            ProbeKind::Resume => role == SiteRole::Resume,
+            ProbeKind::FuncNew => role == SiteRole::FunctionNew,
+            ProbeKind::CodeDealloc => role == SiteRole::CodeDealloc,
+            ProbeKind::ModuleExec => role == SiteRole::ModuleExec,
+            ProbeKind::Empty => true,
+        })
     }
 }

@@ -464,11 +464,15 @@ impl Session {
         self.handle(drained);
     }
 
-    fn handle(&mut self, drained: Drained) {
+    fn handle(&mut self, mut drained: Drained) {
         self.discovered.extend(drained.found);
         for e in drained.module_bodies {
             self.module_body(e);
         }
+        // Hits first: a target they reach is disarmed, and its code object
+        // freed since (a process exiting frees them all) needs nothing.
+        let hits = std::mem::take(&mut drained.hits);
+        self.report(hits);
         for (pid, code) in drained.freed {
             let Some(w) = self.watches.0.get_mut(&pid) else { continue };
             if w.code_freed(&mut self.probes, &self.targets, code) {
@@ -477,7 +481,6 @@ impl Session {
                 self.printer.strategy(pid, &w.mode(), &why);
             }
         }
-        self.report(drained.hits);
     }
 
     /// Prints hits. In reachability mode only a target's first hit in a
