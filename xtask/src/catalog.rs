@@ -57,7 +57,7 @@ fn fixture(name: &str) -> PathBuf {
 
 /// The service's virtualenv on `interp`, made once.
 fn venv(interp: &Interpreter) -> Result<PathBuf> {
-    let dir = root().join("target").join("bench").join(format!("webapp-{}", interp.name));
+    let dir = crate::cache_dir().join(format!("webapp-{}", interp.name));
     let python = dir.join("bin").join("python");
     let stamp = dir.join(".installed");
     let want = PACKAGES.join(" ");
@@ -90,6 +90,8 @@ fn lines_of(child: &mut Child) -> mpsc::Receiver<(u64, String)> {
 struct AppRun {
     started_ms: f64,
     per_second: Vec<f64>,
+    /// When it was started (CLOCK_MONOTONIC ns).
+    spawned_ns: u64,
 }
 
 impl AppRun {
@@ -105,12 +107,13 @@ fn run_app(python: &Path, extra: &[&str], opted_in: bool) -> Result<(AppRun, u32
     if opted_in {
         cmd.env("DD_APPSEC_SCA_ENABLED", "true").env("DD_SERVICE", "webapp");
     }
+    let spawned_ns = monotonic_ns();
     let mut child = cmd.spawn().context("starting the service")?;
     let pid = child.id();
     // The CPU the bench gives workloads; the agent and this reader share the other.
     detector_tests::pin(pid, 0);
     let rx = lines_of(&mut child);
-    let mut run = AppRun::default();
+    let mut run = AppRun { spawned_ns, ..AppRun::default() };
     while let Ok((_, line)) = rx.recv_timeout(Duration::from_secs(60)) {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
@@ -134,6 +137,8 @@ struct Seen {
     armed_us: Vec<f64>,
     /// Strategy changes (a suspension would be one).
     strategy_lines: Vec<Value>,
+    /// ms from the service's start to the agent's `attached` line.
+    attached_ms: Option<f64>,
 }
 
 /// The service under the node agent (its defaults, the catalog).
@@ -154,6 +159,15 @@ fn with_agent(python: &Path) -> Result<(AppRun, Seen)> {
             bail!("the agent never started discovering");
         }
     }
+    // A node agent that has run for a while has analysed the interpreter
+    // already: one short process of the same binary first.
+    let mut warm =
+        Command::new(python).args(["-c", "import time; time.sleep(2)"]).env("DD_APPSEC_SCA_ENABLED", "true").spawn()?;
+    let is_warm_attached = |line: &str| {
+        serde_json::from_str::<Value>(line).is_ok_and(|v| v["type"] == "attached" && v["pid"] == warm.id())
+    };
+    while !is_warm_attached(&rx.recv_timeout(Duration::from_secs(60))?.1) {}
+    warm.wait()?;
     let result = run_app(python, &[], true);
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     agent.wait()?;
@@ -165,6 +179,7 @@ fn with_agent(python: &Path) -> Result<(AppRun, Seen)> {
             continue;
         }
         match v["type"].as_str() {
+            Some("attached") => seen.attached_ms = Some(at.saturating_sub(run.spawned_ns) as f64 / 1e6),
             Some("hit") => {
                 let ms = at.saturating_sub(v["ts_ns"].as_u64().unwrap_or(at)) as f64 / 1e6;
                 seen.reported.entry(v["target"].as_str().unwrap_or("").to_owned()).or_insert(ms);
@@ -217,13 +232,21 @@ fn service(interp: &Interpreter) -> Result<String> {
     let mut false_reports = BTreeSet::new();
     let mut late = BTreeSet::new();
     let mut changes = Vec::new();
-    for _ in 0..RUNS {
-        let (base, _) = run_app(&python, &[], false)?;
-        let (run, seen) = with_agent(&python)?;
+    let mut attached = Vec::new();
+    for i in 0..RUNS {
+        // Alternating which goes first, so neither gets the warmer machine.
+        let (base, (run, seen)) = if i % 2 == 0 {
+            let base = run_app(&python, &[], false)?.0;
+            (base, with_agent(&python)?)
+        } else {
+            let agent = with_agent(&python)?;
+            (run_app(&python, &[], false)?.0, agent)
+        };
         steady.push(run.mean(FIRST_SECS, LOAD_SECS) / base.mean(FIRST_SECS, LOAD_SECS));
         first.push(run.mean(0, FIRST_SECS) / base.mean(0, FIRST_SECS));
         startup.push(run.started_ms / base.started_ms);
         armed.extend(seen.armed_us.iter().copied());
+        attached.extend(seen.attached_ms);
         report_ms.extend(seen.reported.values().copied());
         for (t, after_import) in &truth {
             if !seen.reported.contains_key(t) {
@@ -257,6 +280,7 @@ fn service(interp: &Interpreter) -> Result<String> {
     let _ = writeln!(s, "| throughput, steady state (s {FIRST_SECS}-{LOAD_SECS}) | {:.3}x |", median(steady));
     let _ = writeln!(s, "| throughput, first {FIRST_SECS} s | {:.3}x |", median(first));
     let _ = writeln!(s, "| startup (to the first request ready) | {:.3}x |", median(startup));
+    let _ = writeln!(s, "| process start to attached, ms (median) | {:.0} |", median(attached));
     let _ = writeln!(
         s,
         "| targets that ran (ground truth) | {} ({} after their module was imported) |",
@@ -293,8 +317,9 @@ fn workloads(interp: &Interpreter, richards: &str) -> Result<String> {
     let _ = writeln!(
         s,
         "\n### fib and richards with the same catalog\n\n\
-         The suite's workloads (below) on {}, none of whose modules the catalog names (the target \
-         `rare` is not in it): `run` with the catalog and its defaults against no agent, median of \
+         The suite's workloads (below) on {}, which import `json` (two of the catalog's targets, \
+         armed: an enabled debug register costs richards a few percent in this VM, see above) and none \
+         of its other modules (the target `rare` is not in it): `run` with the catalog and its defaults against no agent, median of \
          {RUNS} processes each, interleaved.\n\n| workload | none ms | with the catalog |\n|---|---:|---:|",
         interp.name
     );
@@ -339,9 +364,10 @@ fn workloads(interp: &Interpreter, richards: &str) -> Result<String> {
     Ok(s)
 }
 
-/// A process with N functions, all imported, one of them called r times a
-/// second once told to: (time from its first call to its report, in ms).
-fn rotation_once(interp: &Interpreter, n: usize, rate: u32) -> Result<f64> {
+/// A process with N functions, all imported, function `k` of them called r
+/// times a second once told to: the time from its first call to its report,
+/// in ms.
+fn rotation_once(interp: &Interpreter, n: usize, k: usize, rate: u32) -> Result<f64> {
     let script = format!(
         "import sys, time\n\
          for i in range({n}):\n    exec('def f%d():\\n    return %d' % (i, i))\n\
@@ -349,7 +375,7 @@ fn rotation_once(interp: &Interpreter, n: usize, rate: u32) -> Result<f64> {
          f = globals()['f{last}']\nprint('first', time.monotonic_ns(), flush=True)\n\
          end = time.monotonic() + 30\n\
          while time.monotonic() < end:\n    f()\n    time.sleep({period})\n",
-        last = n - 1,
+        last = k,
         period = 1.0 / rate as f64
     );
     let mut child = Command::new(&interp.argv[0])
@@ -386,7 +412,7 @@ fn rotation(interp: &Interpreter) -> Result<String> {
         s,
         "\n### Rotation: more unreached body starts than debug registers\n\n\
          A process on {} with N functions, all targets and imported, none reached; after the \
-         attach one of them (the last) is called r times a second. Time from its first call to the \
+         attach one of them (a different one each time) is called r times a second. Time from its first call to the \
          kernel's count of it (the hit), in ms: median and worst of {ROTATION_REPS} processes. \
          `run --strategy watch --reachability true`; the registers move every {} ms.\n\n\
          | N | r = {}/s | r = {}/s | r = {}/s |\n|---:|---:|---:|---:|",
@@ -396,8 +422,10 @@ fn rotation(interp: &Interpreter) -> Result<String> {
         let mut row = format!("| {n} |");
         for rate in ROTATION_RATES {
             let mut ms = Vec::new();
-            for _ in 0..ROTATION_REPS {
-                ms.push(rotation_once(interp, n, rate)?);
+            // A different function each time: where it stands in the
+            // rotation decides how long it waits for its turn.
+            for rep in 0..ROTATION_REPS {
+                ms.push(rotation_once(interp, n, (rep * 7 + 3) % n, rate)?);
             }
             let worst = ms.iter().copied().fold(0.0, f64::max);
             let _ = write!(row, " {:.0} / {:.0} |", median(ms), worst);

@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything needed to build, run, test and benchmark the
 //! detector on a fresh machine, provisioning what is missing (rust-src,
-//! bpf-linker, test root filesystems) and caching it under `target/`.
+//! bpf-linker, test root filesystems) and caching it outside the clone
+//! (see [`cache_dir`]).
 
 mod bench;
 mod build;
@@ -104,9 +105,19 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// Where xtask caches what it provisions.
+/// Where xtask caches what it provisions (bpf-linker, test root
+/// filesystems, CPython builds, virtualenvs): outside the clone, so every
+/// clone on a machine (CI's fresh one included) reuses them.
+/// `DETECTOR_XTASK_CACHE`, else `$XDG_CACHE_HOME/detector-xtask`, else
+/// `~/.cache/detector-xtask`.
 pub fn cache_dir() -> PathBuf {
-    root().join("target").join("xtask")
+    if let Some(dir) = std::env::var_os("DETECTOR_XTASK_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")).unwrap_or_else(|| root().join("target"))
+    });
+    base.join("detector-xtask")
 }
 
 /// Whether we run as root.

@@ -1,18 +1,18 @@
-//! Test peers from PyPI, in a virtualenv under `target/`: the Datadog test
+//! Test peers from PyPI, in a virtualenv in the xtask cache: the Datadog test
 //! agent, whose `/v0.7/config` the Remote Configuration tests talk to.
 
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result};
 
-use crate::{root, sh};
+use crate::{cache_dir, sh};
 
 /// The pinned `ddapm-test-agent`.
 const TEST_AGENT: &str = "ddapm-test-agent==1.69.1";
 
 /// Path of the `ddapm-test-agent` executable, installing it on first use.
 pub fn test_agent() -> Result<PathBuf> {
-    let venv = root().join("target").join("test-venv");
+    let venv = cache_dir().join("test-venv");
     let bin = venv.join("bin").join("ddapm-test-agent");
     let stamp = venv.join(".installed");
     if bin.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == TEST_AGENT) {

@@ -1,17 +1,17 @@
 //! Debian root filesystems for the tests: distro interpreter builds run
 //! under `chroot`, which is also how the tests stand in for "a process in a
 //! container" (its binary is only reachable through `/proc/PID/root`).
-//! Built with `debootstrap` on first use and cached under `target/`.
+//! Built with `debootstrap` on first use and cached in the xtask cache.
 
 use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{is_root, root, sh};
+use crate::{cache_dir, is_root, sh};
 
 /// A Debian suite with one interpreter package.
 pub struct Rootfs {
-    /// Directory name under `target/test-rootfs/`.
+    /// Directory name under the cache's `test-rootfs/`.
     pub name: &'static str,
     /// Debian suite.
     pub suite: &'static str,
@@ -33,7 +33,7 @@ const STAMP: &str = ".detector-rootfs-complete";
 
 /// Makes sure every root filesystem exists; returns the directory holding them.
 pub fn ensure_all() -> Result<PathBuf> {
-    let base = root().join("target").join("test-rootfs");
+    let base = cache_dir().join("test-rootfs");
     for r in ROOTFS {
         let dir = base.join(r.name);
         let include = r.packages.join(",");

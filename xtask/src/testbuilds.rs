@@ -1,13 +1,13 @@
 //! Interpreter builds no distribution ships, compiled from CPython's source
-//! (Debian's copy of the upstream tarball) on first use and cached under
-//! `target/`: a 3.13 built `--without-computed-gotos`, whose handlers are
+//! (Debian's copy of the upstream tarball) on first use and cached in
+//! the xtask cache: a 3.13 built `--without-computed-gotos`, whose handlers are
 //! reached through a `switch`, and a stripped copy of it.
 
 use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{Context, Result};
 
-use crate::{root, sh};
+use crate::{cache_dir, sh};
 
 const VERSION: &str = "3.13.5";
 const TARBALL: &str = "http://deb.debian.org/debian/pool/main/p/python3.13/python3.13_3.13.5.orig.tar.xz";
@@ -22,7 +22,7 @@ pub struct SwitchBuild {
 
 /// Builds (once, about a minute) CPython without computed gotos.
 pub fn switch_build() -> Result<SwitchBuild> {
-    let base = root().join("target").join("test-builds");
+    let base = cache_dir().join("test-builds");
     let src = base.join(format!("Python-{VERSION}"));
     let python = src.join("python");
     let stripped = base.join(format!("python{VERSION}-switch-stripped"));

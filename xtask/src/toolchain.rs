@@ -32,7 +32,7 @@ pub fn ensure_rust_src() -> Result<()> {
 }
 
 /// Path of a bpf-linker matching nightly's LLVM, building it on first use
-/// (about a minute) into `target/xtask/`.
+/// (about a minute) into the xtask cache.
 pub fn bpf_linker() -> Result<PathBuf> {
     let nightly = nightly();
     let verbose = output(Command::new("rustc").args([&format!("+{nightly}"), "-vV"]))

@@ -184,8 +184,9 @@ impl Armed {
         let layout = probes.layout_id(&p.analysis.layout)?;
         let slot = probes.slot(p.pid);
         let mem = ProcessMemory::open(p.pid)?;
+        let mut new = Vec::new();
         for (target, s) in starts {
-            if self.units.iter().any(|u| u.code == s.code) {
+            if self.units.iter().chain(&new).any(|u: &Unit| u.code == s.code) {
                 continue;
             }
             let key = WatchKey { tgid: p.pid, _pad: 0, addr: s.unit_addr };
@@ -193,8 +194,13 @@ impl Armed {
             let last_op = mem.u8(s.unit_addr)?;
             let entry = WatchEntry { code: s.code, target, layout, last_op, reported: 0, slot, _pad: [0; 4] };
             probes.set_watch(key, entry)?;
-            self.units.push(Unit { target, code: s.code, key, entry });
+            new.push(Unit { target, code: s.code, key, entry });
         }
+        // New units take the next turn: a module's functions are often
+        // called while the code that imported it sets up.
+        let at = if self.units.is_empty() { 0 } else { self.cursor % self.units.len() };
+        self.units.splice(at..at, new);
+        self.rotated = Instant::now();
         self.assign(probes, p.pid, &mem)
     }
 

@@ -60,7 +60,26 @@ pub fn resolve(
 /// The definitions `target` names in the module whose globals are `globals`.
 pub fn definitions(objs: &Objects<'_>, globals: u64, target: &Target) -> Result<Vec<Definition>, ProcessError> {
     let parts: Vec<&str> = target.qualname_parts().collect();
-    walk(objs, Scope::Dict(globals), &parts, target.qualname())
+    let defs = walk(objs, Scope::Dict(globals), &parts, target.qualname())?;
+    Ok(named(objs, defs, target))
+}
+
+/// The definitions whose code object is the target's own: a decorator's
+/// wrapper (found through `functools.wraps`'s `__wrapped__`, or by its
+/// copied `__qualname__`) runs code shared by every function it wraps, which
+/// is never the target. The code's `co_qualname` must be the target's
+/// (3.11+; what per-call probes match too), or, on 3.8-3.10, its `co_name`
+/// the target's last name.
+fn named(objs: &Objects<'_>, defs: Vec<Definition>, target: &Target) -> Vec<Definition> {
+    let o = objs.o;
+    let (field, want) = if o.code_qualname != detector_common::NO_OFFSET {
+        (o.code_qualname, target.qualname())
+    } else {
+        (o.code_name, target.name())
+    };
+    defs.into_iter()
+        .filter(|d| objs.mem.ptr(d.code, field).and_then(|n| objs.str(n)).is_ok_and(|n| n == want))
+        .collect()
 }
 
 /// The definitions `target` names in a module body about to run, whose code
@@ -68,7 +87,8 @@ pub fn definitions(objs: &Objects<'_>, globals: u64, target: &Target) -> Result<
 /// objects in `co_consts` (classes' bodies and functions' nested code, too).
 pub fn definitions_in_body(objs: &Objects<'_>, code: u64, target: &Target) -> Result<Vec<Definition>, ProcessError> {
     let parts: Vec<&str> = target.qualname_parts().collect();
-    walk(objs, Scope::Code(code), &parts, target.qualname())
+    let defs = walk(objs, Scope::Code(code), &parts, target.qualname())?;
+    Ok(named(objs, defs, target))
 }
 
 /// The globals of module `name` if it is in `sys.modules`.
