@@ -327,11 +327,7 @@ impl Session {
         self.rescanned = Instant::now();
         for (&pid, w) in self.watches.0.iter_mut() {
             let found = w.rescan_pending(&mut self.probes, &self.targets, false);
-            if !found.is_empty() {
-                let names = names(&self.targets, &found);
-                info!(pid, targets = %names.join(", "), "pending targets found by the rescan: armed");
-                self.printer.armed(pid, &names, None, "rescan");
-            }
+            announce_armed(&self.targets, &self.printer, pid, &found, "rescan", None);
         }
     }
 
@@ -341,11 +337,7 @@ impl Session {
         let now = Instant::now();
         for (&pid, w) in self.watches.0.iter_mut() {
             let found = w.tick(&mut self.probes, &self.targets, now);
-            if !found.is_empty() {
-                let names = names(&self.targets, &found);
-                info!(pid, targets = %names.join(", "), "targets of a module that ran found in sys.modules: armed");
-                self.printer.armed(pid, &names, None, "module ran");
-            }
+            announce_armed(&self.targets, &self.printer, pid, &found, "module ran", None);
         }
     }
 
@@ -359,18 +351,8 @@ impl Session {
             "module body event"
         );
         let found = w.module_body(&mut self.probes, &self.targets, e.code, e.globals);
-        if found.is_empty() {
-            return;
-        }
         let latency = Duration::from_nanos(monotonic_ns().saturating_sub(e.ts_ns));
-        let names = names(&self.targets, &found);
-        info!(
-            pid = e.pid,
-            targets = %names.join(", "),
-            latency_us = latency.as_micros() as u64,
-            "module body started: its targets are armed"
-        );
-        self.printer.armed(e.pid, &names, Some(latency), "module body");
+        announce_armed(&self.targets, &self.printer, e.pid, &found, "module body", Some(latency));
     }
 
     /// Opens and closes reachability's sampling windows; prints what closed.
@@ -601,9 +583,23 @@ fn drain(
     d
 }
 
-/// The targets `ids` name, for reports.
-fn names(targets: &TargetSet, ids: &[u32]) -> Vec<String> {
-    ids.iter().filter_map(|id| targets.get(*id)).map(|t| t.to_string()).collect()
+/// Logs and prints targets armed after the attach (`source` found them,
+/// `latency` after their module body started), if any.
+fn announce_armed(
+    targets: &TargetSet,
+    printer: &Printer,
+    pid: u32,
+    found: &[u32],
+    source: &str,
+    latency: Option<Duration>,
+) {
+    if found.is_empty() {
+        return;
+    }
+    let names: Vec<String> = found.iter().filter_map(|id| targets.get(*id)).map(|t| t.to_string()).collect();
+    let latency_us = latency.map(|l| l.as_micros() as u64);
+    info!(pid, targets = %names.join(", "), source, latency_us, "targets found after the attach: armed");
+    printer.armed(pid, &names, latency, source);
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
