@@ -4,6 +4,7 @@
 
 use std::{path::PathBuf, sync::Mutex, time::Instant};
 
+use detector::agent::report::ProcessReport;
 use serde_json::Value;
 
 use crate::{Dump, STEP_TIMEOUT, free_port, spawn_with_env};
@@ -95,10 +96,10 @@ impl NodeAgent {
     }
 
     /// What `/processes` says about `pid` (null if it is not watched).
-    pub fn process(&self, pid: u32) -> Value {
+    pub fn process(&self, pid: u32) -> Option<ProcessReport> {
         let (_, body) = self.get("/processes");
-        let all: Value = serde_json::from_str(&body).unwrap();
-        all.as_array().unwrap().iter().find(|p| p["pid"] == pid).cloned().unwrap_or(Value::Null)
+        let all: Vec<ProcessReport> = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/processes: {e}: {body}"));
+        all.into_iter().find(|p| p.pid == pid)
     }
 
     /// The value of the sample `name` (with its labels, as exposed), or 0.

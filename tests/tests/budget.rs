@@ -6,6 +6,8 @@
 //! function in bursts of 20,000 and the target once a burst: per-call probes
 //! cost it far more than the budget, watchpoints far less.
 
+use std::collections::BTreeMap;
+
 use detector_tests::{
     Fixture, NodeAgent, interpreters,
     node_agent::{one_at_a_time, opted_in},
@@ -34,12 +36,12 @@ fn per_call_over_budget_moves_to_watch_and_counts_stay_exact() {
         let (mut agent, mut fixture) = start(i, &[TARGET], &["--strategy", "per-call", "--overhead-budget", "1"]);
         let pid = fixture.pid();
         agent.wait_metric(r#"detector_budget_actions_total{action="watch"}"#, 1.0);
-        let p = agent.process(pid);
-        assert_eq!(p["strategy"], "watch", "{}: {p}", i.name);
-        assert_eq!(p["targets_by_strategy"], serde_json::json!({"watch": 1}), "{}: {p}", i.name);
+        let p = agent.process(pid).expect("in /processes");
+        assert_eq!(p.strategy, "watch", "{}: {p:?}", i.name);
+        assert_eq!(p.targets_by_strategy, BTreeMap::from([("watch".into(), 1)]), "{}: {p:?}", i.name);
         // The per-call uprobes are closed; the deallocation probe stays.
-        assert_eq!(p["probes"], 1, "{}: {p}", i.name);
-        let note = p["budget"].as_str().unwrap_or_default();
+        assert_eq!(p.probes, 1, "{}: {p:?}", i.name);
+        let note = p.budget.unwrap_or_default();
         assert!(note.starts_with("watch: ") && note.ends_with("under per-call"), "{}: {note}", i.name);
         // It keeps the watch strategy: a target call per burst is cheap.
         let line = fixture.read_line();
@@ -62,14 +64,14 @@ fn within_budget_nothing_changes() {
     let (mut agent, mut fixture) = start(&i, &[TARGET], &["--strategy", "per-call", "--overhead-budget", "1000"]);
     let pid = fixture.pid();
     let line = fixture.read_line();
-    let p = agent.process(pid);
-    assert_eq!(p["strategy"], "per-call", "{p}");
-    assert_eq!(p["targets_by_strategy"], serde_json::json!({"per-call": 1}), "{p}");
-    let share = p["overhead_percent"].as_f64().expect("measured");
+    let p = agent.process(pid).expect("in /processes");
+    assert_eq!(p.strategy, "per-call", "{p:?}");
+    assert_eq!(p.targets_by_strategy, BTreeMap::from([("per-call".into(), 1)]), "{p:?}");
+    let share = p.overhead_percent.expect("measured");
     // Measured, and far from free (a loaded machine may inflate the cost
     // measured at start, so no upper bound is asserted).
     assert!(share > 0.5, "per-call probes on a call-heavy loop: {share}% of a CPU");
-    assert!(p["budget"].is_null(), "{p}");
+    assert!(p.budget.is_none(), "{p:?}");
     fixture.wait_done();
     fixture.finish();
     let calls: u64 = line.strip_prefix("target_calls ").unwrap().parse().unwrap();
@@ -90,10 +92,13 @@ fn over_budget_without_a_cheaper_strategy_suspends_then_tries_again() {
     let (agent, mut fixture) = start(&i, &[TARGET, "wl.hot:twin"], &args);
     let pid = fixture.pid();
     agent.wait_metric(r#"detector_budget_actions_total{action="suspend"}"#, 1.0);
-    let p = agent.process(pid);
-    assert_eq!(p["strategy"], "suspended", "{p}");
-    assert_eq!(p["targets_by_strategy"], serde_json::json!({"none": 2}), "{p}");
-    assert_eq!(p["probes"], 0, "{p}");
+    let p = agent.process(pid).expect("in /processes");
+    assert_eq!(p.strategy, "suspended", "{p:?}");
+    // Every target is blind while it is suspended, and it says why.
+    assert_eq!(p.targets_by_strategy, BTreeMap::from([("none".into(), 2)]), "{p:?}");
+    assert_eq!(p.probes, 0, "{p:?}");
+    let suspended = p.suspended.expect("why and until when");
+    assert!(suspended.why.contains("over budget") && suspended.why.contains("wl.hot:twin"), "{suspended:?}");
     agent.wait_metric(r#"detector_processes_by_strategy{strategy="suspended"}"#, 1.0);
     // After --budget-retry it is probed (and measured) again.
     agent.wait_metric(r#"detector_budget_actions_total{action="resume"}"#, 1.0);

@@ -360,14 +360,14 @@ fn reachability_samples_show_in_processes() {
     // /processes is published once a second.
     let deadline = Instant::now() + STEP_TIMEOUT;
     let p = loop {
-        let p = agent.process(pid);
-        if p["sampled_calls_per_sec"][T].is_number() || Instant::now() > deadline {
+        let p = agent.process(pid).expect("in /processes");
+        if p.sampled_calls_per_sec.contains_key(T) || Instant::now() > deadline {
             break p;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let rate = p["sampled_calls_per_sec"][T].as_f64().unwrap_or(0.0);
-    assert!((10.0..=200.0).contains(&rate), "{p}");
+    let rate = p.sampled_calls_per_sec.get(T).copied().unwrap_or(0.0);
+    assert!((10.0..=200.0).contains(&rate), "{p:?}");
     fixture.read_line();
     fixture.wait_done();
     fixture.finish();
