@@ -17,6 +17,9 @@
 // `atomic_xadd`: the BPF target has no atomic types in core.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// Map keys go by reference on purpose: a key passed by value is copied onto
+// the 512-byte BPF stack (a `TargetKey` is 256 bytes).
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod code_dealloc;
 mod discovery;

@@ -6,22 +6,38 @@ use anyhow::Result;
 
 use crate::{root, sh, toolchain};
 
-/// Builds the eBPF object; returns its path.
-pub fn ebpf() -> Result<PathBuf> {
+/// `cargo +nightly SUBCOMMAND` in `detector-ebpf`, for its target.
+fn ebpf_cargo(subcommand: &str, extra: &[&str]) -> Result<()> {
     toolchain::ensure_rust_src()?;
     let linker = toolchain::bpf_linker()?;
-    let dir = root().join("detector-ebpf");
     sh(Command::new("cargo")
         .arg(format!("+{}", toolchain::nightly()))
-        .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .current_dir(&dir)
+        .args([subcommand, "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(extra)
+        .current_dir(root().join("detector-ebpf"))
         // Keep the caller's toolchain choice (`cargo +x xtask`) out of it.
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
         .env_remove("RUSTFLAGS")
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
-        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf"))?;
-    Ok(dir.join("target/bpfel-unknown-none/release/detector-ebpf"))
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf"))
+}
+
+/// Builds the eBPF object; returns its path.
+pub fn ebpf() -> Result<PathBuf> {
+    ebpf_cargo("build", &[])?;
+    Ok(root().join("detector-ebpf/target/bpfel-unknown-none/release/detector-ebpf"))
+}
+
+/// Format-checks and lints the eBPF crate (a workspace of its own).
+pub fn check_ebpf() -> Result<()> {
+    toolchain::ensure_components(&["rustfmt", "clippy"])?;
+    sh(Command::new("cargo")
+        .arg(format!("+{}", toolchain::nightly()))
+        .args(["fmt", "--check"])
+        .current_dir(root().join("detector-ebpf"))
+        .env_remove("RUSTUP_TOOLCHAIN"))?;
+    ebpf_cargo("clippy", &["--quiet", "--", "-D", "warnings"])
 }
 
 /// Builds everything; returns the path of the `detector` binary.

@@ -14,6 +14,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         .args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])
         .current_dir(&ws))?;
     let bin = build::all()?;
+    build::check_ebpf()?;
     let rootfs = rootfs::ensure_all()?;
     let switch = testbuilds::switch_build()?;
     let test_agent = peers::test_agent()?;

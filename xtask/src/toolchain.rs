@@ -21,12 +21,19 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Installs `rust-src` for nightly if missing.
 pub fn ensure_rust_src() -> Result<()> {
+    ensure_components(&["rust-src"])
+}
+
+/// Installs nightly's `components` that are missing.
+pub fn ensure_components(components: &[&str]) -> Result<()> {
     let nightly = nightly();
     let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &nightly]))
         .context("rustup is required")?;
-    if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: installing rust-src for {nightly}");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &nightly]))?;
+    for c in components {
+        if !installed.lines().any(|l| l.starts_with(c)) {
+            eprintln!("xtask: installing {c} for {nightly}");
+            sh(Command::new("rustup").args(["component", "add", c, "--toolchain", &nightly]))?;
+        }
     }
     Ok(())
 }
