@@ -86,7 +86,7 @@ fn render_extras(extras: &[Extra]) -> String {
             e.name, e.per_call.0, e.per_call.1, e.watch.0, e.watch.1, e.cpu, e.rss
         );
     }
-    let _ = writeln!(s, "\nGoal (issue 6): detection latency p99 at most 50 ms.");
+    let _ = writeln!(s, "\nGoal: detection latency p99 at most 50 ms.");
     s
 }
 
@@ -293,7 +293,7 @@ fn render(rows: &[Row], machine: &str) -> String {
     let _ = writeln!(
         s,
         "\nGoals: per-call detector per-hit cost (*hit, counted*) at most 1.15x the empty \
-         probe's (issues 2 and 6; `dump`'s event per call is shown beside it); watch strategy at most 1.01x on a call-heavy workload whose targets are rarely called (issue 6).\n"
+         probe's (`dump`'s event per call is shown beside it); watch strategy at most 1.01x on a call-heavy workload whose targets are rarely called.\n"
     );
     let _ = writeln!(
         s,

@@ -143,7 +143,7 @@ pub fn run(interps: &[Interpreter]) -> Result<String> {
     }
     let _ = writeln!(
         s,
-        "\nGoals (issue 6): watch at most 1.01x on a call-heavy workload whose targets are rarely called; \
+        "\nGoals: watch at most 1.01x on a call-heavy workload whose targets are rarely called; \
          reachability at most 1.01x in steady state."
     );
     let _ = writeln!(
