@@ -235,6 +235,13 @@ impl Node {
                 self.known.remove(&pid);
                 return;
             }
+            // A read that failed may be a race with the process itself (a
+            // fork's child re-initialising its runtime): looked at again.
+            Refusal::Other { reason: "unreadable", message } if attempt < RETRY_DELAYS.len() => {
+                debug!(pid, binary, attempt, message, "process memory unreadable; looking again");
+                self.spawn(pid, start, attempt + 1, Vec::new());
+                return;
+            }
             Refusal::NotPython { reason, looks_python: true } if attempt < RETRY_DELAYS.len() => {
                 debug!(pid, binary, attempt, reason, "no interpreter mapped yet; looking again");
                 self.spawn(pid, start, attempt + 1, Vec::new());
