@@ -133,3 +133,31 @@ fn eight_hot_targets_share_the_debug_registers_and_are_all_reported() {
         assert_eq!(s.hits.len(), 8, "{}: {:?}", i.name, s.hits);
     });
 }
+
+#[test]
+fn one_off_calls_of_more_targets_than_registers_are_all_reported() {
+    for_each_interpreter(|i| {
+        let called: Vec<String> = (0..12).map(|n| format!("wl.once:o{n}")).collect();
+        let mut targets: Vec<&str> = called.iter().map(String::as_str).collect();
+        targets.extend(["wl.once:d0", "wl.once:d1"]);
+        let mut fixture = Fixture::start(i, "once");
+        fixture.go();
+        let mut d = run_reaching(fixture.pid(), &targets, &["--strategy", "watch"]);
+        let attached = d.seen.iter().find(|v| v["type"] == "attached").unwrap().clone();
+        assert_eq!(attached["watched_units"], 14, "{}: {attached}", i.name);
+        assert_eq!(attached["rotating"], true, "{}: {attached}", i.name);
+        // Each once: at most four of them have a register as they run; the
+        // others are seen from their code objects' warm-up marks.
+        fixture.call("all", 1);
+        for t in &called {
+            d.wait_hits(t, 1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let s = d.stop();
+        fixture.finish();
+        // Reported once each, counted once each (a reach seen from a mark
+        // counts one), the decoys not at all.
+        let expected: Vec<(&str, u64)> = targets.iter().map(|t| (*t, u64::from(!t.contains(":d")))).collect();
+        s.assert_counts(&expected);
+    });
+}

@@ -329,6 +329,63 @@ fn forked_children_and_new_images_are_followed() {
     agent.events.stop_with(libc::SIGTERM);
 }
 
+/// Forked workers, killed if the test fails before they exit.
+struct Workers(Vec<u32>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &self.0 {
+            unsafe { libc::kill(*w as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn prefork_workers_that_call_at_once_after_the_fork_are_each_reported() {
+    let _turn = one_at_a_time();
+    const POST: &str = "wl.prefork:Ledger.post";
+    const VOID: &str = "wl.prefork:Ledger.void";
+    for strategy in ["per-call", "watch"] {
+        let mut agent = NodeAgent::start(&[POST, VOID], &["--strategy", strategy, "--reachability", "true"]);
+        for minor in [8, 10, 11, 12, 13] {
+            prefork_round(&mut agent, minor, strategy);
+        }
+        agent.events.stop_with(libc::SIGTERM);
+    }
+}
+
+/// One master on pyenv 3.`minor` and its four workers, watched with `strategy`.
+fn prefork_round(agent: &mut NodeAgent, minor: u8, strategy: &str) {
+    const POST: &str = "wl.prefork:Ledger.post";
+    let i = pyenv(minor);
+    let mut master = Fixture::start_with_env(&i, "prefork", &env(&opted_in("prefork")));
+    agent.wait_attached(master.pid());
+    master.go();
+    let line = master.read_line();
+    let workers = Workers(line.strip_prefix("workers ").unwrap().split(' ').map(|p| p.parse().unwrap()).collect());
+    let workers = &workers.0;
+    // Each worker made its call before the agent could attach it: its
+    // code object's warm-up mark, changed since the fork while the
+    // master's stayed as it was, shows it.
+    for w in workers {
+        agent.wait_attached(*w);
+    }
+    for w in &workers[..3] {
+        agent.wait_hits(*w, 1);
+        assert_eq!(agent.lines("hit", *w)[0]["target"], POST, "3.{minor} {strategy}");
+    }
+    for w in workers {
+        unsafe { libc::kill(*w as i32, libc::SIGUSR1) };
+        agent.wait_exited(*w);
+    }
+    master.wait_done();
+    assert!(agent.lines("hit", workers[3]).is_empty(), "3.{minor} {strategy}: the worker that called nothing");
+    let pid = master.pid();
+    master.finish();
+    agent.wait_exited(pid);
+    assert!(agent.lines("hit", pid).is_empty(), "3.{minor} {strategy}: the master called nothing");
+}
+
 #[test]
 fn without_the_gate_nothing_is_attached() {
     let _turn = one_at_a_time();

@@ -4,6 +4,7 @@
 mod attach;
 pub mod budget;
 pub mod discovery;
+mod fork;
 pub mod node;
 mod process;
 pub mod report;

@@ -49,6 +49,16 @@ pub(crate) struct Watching {
     pub(super) imports: Vec<Link>,
 }
 
+/// What a tick found.
+#[derive(Default)]
+pub(crate) struct Ticked {
+    /// Targets armed (found after their module body ran).
+    pub armed: Vec<u32>,
+    /// Targets whose code objects show they ran (reachability), with the
+    /// code object.
+    pub ran: Vec<(u32, u64)>,
+}
+
 /// Why and until when a process is suspended.
 pub(crate) struct Suspension {
     pub(super) until: Instant,
@@ -354,13 +364,19 @@ impl ProcessWatch {
     }
 
     /// Gives the next body starts their turn on the debug registers, if
-    /// they are shared and a slice is over; looks for the targets of a
-    /// module body that ran and were not found in it, when due. Returns the
-    /// targets armed.
-    pub fn tick(&mut self, probes: &mut Probes, targets: &TargetSet, now: Instant) -> Vec<u32> {
-        let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
-        w.armed.rotate(probes, self.process.pid, now);
-        if w.armed.recheck_due(now) { self.rescan_pending(probes, targets, true) } else { Vec::new() }
+    /// they are shared and a slice is over; reads the warm-up marks of
+    /// those waiting (reachability); looks for the targets of a module body
+    /// that ran and were not found in it, when due.
+    pub(crate) fn tick(&mut self, probes: &mut Probes, targets: &TargetSet, now: Instant) -> Ticked {
+        let Mode::Watch(w) = &mut self.mode else { return Ticked::default() };
+        let pid = self.process.pid;
+        let ran = match self.counting {
+            Counting::Reachability(_) => w.armed.marks_ran(pid, now),
+            Counting::Exact => Vec::new(),
+        };
+        w.armed.rotate(probes, pid, now);
+        let armed = if w.armed.recheck_due(now) { self.rescan_pending(probes, targets, true) } else { Vec::new() };
+        Ticked { armed, ran }
     }
 
     /// From now on each target is reported once and, where watched,

@@ -21,7 +21,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{AttachError, ProcessWatch, Strategy, discovery::Service};
+use super::{AttachError, ProcessWatch, Strategy, discovery::Service, fork};
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
     events::{EventProcessor, Hit, ModuleExec, Outcome, ProcessLookup, output::Printer, record},
@@ -38,6 +38,9 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 /// safety net behind the module-execution probe, which finds them as their
 /// module runs (see [`ProcessWatch::rescan_pending`]).
 const RESCAN_PENDING: Duration = Duration::from_secs(10);
+
+/// Children of watched processes remembered until they are attached.
+const MAX_FORKS_AWAITING: usize = 4096;
 
 /// How long a stopping session waits for the kernel to unregister its probes
 /// (about 90 ms each here); past it, the kernel finishes after the exit.
@@ -96,6 +99,9 @@ pub struct Session {
     sample_every: Option<Duration>,
     /// When pending targets were last looked for.
     rescanned: Instant,
+    /// Children of watched processes not attached yet: their parent, and
+    /// when the fork was seen.
+    forks: BTreeMap<u32, (u32, Instant)>,
 }
 
 impl Session {
@@ -123,6 +129,7 @@ impl Session {
             reachability: false,
             sample_every: None,
             rescanned: Instant::now(),
+            forks: BTreeMap::new(),
         })
     }
 
@@ -258,12 +265,24 @@ impl Session {
         if self.reachability {
             watch.reach(&mut self.probes, []);
         }
+        // What a forked child ran before this attach: reachability only.
+        let ran_before = match self.forks.remove(&pid) {
+            Some((parent, forked)) if self.reachability => match self.watches.0.get(&parent) {
+                Some(p) => {
+                    let all: Vec<u32> = self.targets.iter().map(|(_, id)| id).collect();
+                    fork::runs_since_fork(&watch.process, p, forked, &self.targets, &all)
+                }
+                None => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
         if let Err(e) = self.probes.set_watched(pid, true) {
             watch.detach(&mut self.probes);
             return Err(e.into());
         }
         self.printer.attached(&watch, &self.targets);
         self.watches.0.insert(pid, watch);
+        self.report_marked(ran_before.into_iter().map(|(target, code)| (pid, target, code)).collect());
         Ok(())
     }
 
@@ -318,10 +337,31 @@ impl Session {
     /// arms targets that a module body made and the probe did not find.
     fn tick(&mut self) {
         let now = Instant::now();
+        let mut marked = Vec::new();
         for (&pid, w) in self.watches.0.iter_mut() {
-            let found = w.tick(&mut self.probes, &self.targets, now);
-            announce_armed(&self.targets, &self.printer, pid, &found, "module ran", None);
+            let ticked = w.tick(&mut self.probes, &self.targets, now);
+            announce_armed(&self.targets, &self.printer, pid, &ticked.armed, "module ran", None);
+            marked.extend(ticked.ran.into_iter().map(|(target, code)| (pid, target, code)));
         }
+        self.report_marked(marked);
+    }
+
+    /// Reports reaches seen from warm-up marks: (process, target, code).
+    fn report_marked(&mut self, marked: Vec<(u32, u32, u64)>) {
+        if marked.is_empty() {
+            return;
+        }
+        let ts_ns = monotonic_ns();
+        let mut hits = Vec::new();
+        for (pid, id, code) in marked {
+            let Some(target) = self.targets.get(id) else { continue };
+            // A reach in the counts too, unless the kernel counted one.
+            if let Err(e) = self.probes.note_reached(pid, id) {
+                warn!(pid, target = %target, error = %e, "cannot record a reach seen from a warm-up mark");
+            }
+            hits.push(self.processor.marked_hit(pid, target, code, ts_ns, &self.watches));
+        }
+        self.report(hits);
     }
 
     /// A module body is about to run in a watched process: arms the pending
@@ -357,6 +397,18 @@ impl Session {
     }
 
     fn handle(&mut self, mut drained: Drained) {
+        for a in &drained.found {
+            if let Activity::Fork { parent, child } = *a {
+                if self.forks.len() >= MAX_FORKS_AWAITING {
+                    // A child not attached by now never will be (refused, or gone).
+                    self.forks.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
+                    if self.forks.len() >= MAX_FORKS_AWAITING {
+                        self.forks.pop_first();
+                    }
+                }
+                self.forks.insert(child, (parent, Instant::now()));
+            }
+        }
         self.discovered.extend(drained.found);
         for e in drained.module_bodies {
             self.module_body(e);

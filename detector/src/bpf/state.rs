@@ -71,6 +71,21 @@ impl Probes {
         self.counts.get(&key, 0).unwrap_or(0) + self.cell_hits(&key)
     }
 
+    /// Records one hit of `target` in `pid` seen by user space, unless the
+    /// kernel counted one already.
+    pub fn note_reached(&mut self, pid: u32, target: u32) -> Result<(), BpfError> {
+        let key = CountKey { tgid: pid, target };
+        if self.count(pid, target) > 0 {
+            return Ok(());
+        }
+        // BPF_NOEXIST: a hit the kernel counts meanwhile wins.
+        match self.counts.insert(key, 1, 1) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(map_err(maps::COUNTS)(e)),
+        }
+    }
+
     /// Pending hits of process `pid`.
     pub fn pending(&self, pid: u32) -> Vec<PendingHits> {
         self.all_pending().into_iter().filter(|(p, _)| *p == pid).map(|(_, h)| h).collect()

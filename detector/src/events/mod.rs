@@ -33,8 +33,21 @@ pub struct Hit {
     pub filename: Option<String>,
     /// `co_firstlineno`, when known.
     pub lineno: Option<u32>,
-    /// Kernel monotonic time of the start.
+    /// Kernel monotonic time of the start (of the look, for a warm-up mark).
     pub ts_ns: u64,
+    /// How it was seen.
+    pub seen_by: SeenBy,
+}
+
+/// How a hit was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeenBy {
+    /// A probe or watchpoint, as the body started.
+    Probe,
+    /// The code object's warm-up mark, read by the agent after the body
+    /// ran: no thread, and the time is the look's.
+    WarmupMark,
 }
 
 #[derive(Clone, Debug)]
@@ -140,6 +153,7 @@ impl EventProcessor {
                     filename: info.filename,
                     lineno: info.lineno,
                     ts_ns: h.ts_ns,
+                    seen_by: SeenBy::Probe,
                 })
             }
             Record::Candidate(c) => {
@@ -153,6 +167,7 @@ impl EventProcessor {
                     filename: info.filename,
                     lineno: info.lineno,
                     ts_ns: c.ts_ns,
+                    seen_by: SeenBy::Probe,
                 })
             }
             Record::Exec { .. } | Record::Fork { .. } | Record::WatchFreed { .. } | Record::ModuleExec(_) => None,
@@ -207,6 +222,20 @@ impl EventProcessor {
             .unwrap_or(CodeInfo { filename: None, lineno: None });
         bounded_insert(&mut self.code_info, (pid, code), info.clone());
         info
+    }
+
+    /// A hit of `target` in `pid` seen from `code`'s warm-up mark at `ts_ns`.
+    pub fn marked_hit(&mut self, pid: u32, target: &Target, code: u64, ts_ns: u64, procs: &impl ProcessLookup) -> Hit {
+        let info = self.info(pid, code, procs);
+        Hit {
+            pid,
+            tid: 0,
+            target: target.clone(),
+            filename: info.filename,
+            lineno: info.lineno,
+            ts_ns,
+            seen_by: SeenBy::WarmupMark,
+        }
     }
 
     /// Exact hits per target id in process `pid`: the kernel's counters plus

@@ -124,6 +124,7 @@ impl Printer {
             "filename": h.filename,
             "lineno": h.lineno,
             "ts_ns": h.ts_ns,
+            "seen_by": h.seen_by,
         });
         if let Some(s) = service.filter(|s| **s != Service::default()) {
             json["service"] = json!(s);
@@ -201,5 +202,6 @@ pub fn hit_text(h: &Value) -> String {
         }
         None => String::new(),
     };
-    format!("hit pid={} tid={} {}{at}{service}", h["pid"], h["tid"], h["target"].as_str().unwrap_or("?"))
+    let how = if h["seen_by"] == "warmup_mark" { " (seen from its code object's warm-up mark)" } else { "" };
+    format!("hit pid={} tid={} {}{at}{service}{how}", h["pid"], h["tid"], h["target"].as_str().unwrap_or("?"))
 }

@@ -95,6 +95,9 @@ offsets! {
     code_qualname,
     /// `_co_instrumentation_version` (3.12+).
     code_instr_version,
+    /// `co_opcache_flag` (3.8-3.10) or `co_warmup` (3.11): counts the body's
+    /// first runs.
+    code_warmup,
     /// `co_code_adaptive`: the bytecode, inline in the code object (3.11+).
     code_adaptive,
     /// `co_code`: the bytecode, a `bytes` object (3.8-3.10).
@@ -240,6 +243,7 @@ const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
     ("code_name", &[("PyCodeObject", "co_name")]),
     ("code_qualname", &[("PyCodeObject", "co_qualname")]),
     ("code_instr_version", &[("PyCodeObject", "_co_instrumentation_version")]),
+    ("code_warmup", &[("PyCodeObject", "co_warmup"), ("PyCodeObject", "co_opcache_flag")]),
     ("code_adaptive", &[("PyCodeObject", "co_code_adaptive")]),
     ("code_code", &[("PyCodeObject", "co_code")]),
     ("bytes_sval", &[("PyBytesObject", "ob_sval")]),
@@ -305,6 +309,7 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
             o.code_consts = 56;
             o.code_filename = 104;
             o.code_name = 112;
+            o.code_warmup = 168;
             o.unicode_ascii_data = 48;
             o.unicode_compact_data = 72;
             if minor == 10 {
@@ -333,6 +338,7 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
             o.frame_code = 32;
             o.frame_instr = 56;
             set_code_311(&mut o, 72);
+            o.code_warmup = 52;
             o.code_adaptive = 184;
             set_function_310(&mut o);
             o.unicode_ascii_data = 48;

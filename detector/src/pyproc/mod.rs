@@ -7,6 +7,7 @@ pub mod mem;
 pub mod objects;
 pub mod qualname;
 pub mod threads;
+pub(crate) mod warmup;
 
 use std::{io, sync::Arc};
 

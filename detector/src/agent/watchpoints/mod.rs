@@ -17,6 +17,9 @@
 //!   shared bytecode, a loop back to the first instruction): the caller
 //!   probes the process per call instead.
 
+mod plan;
+mod register;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
@@ -25,12 +28,16 @@ use std::{
 use detector_common::{WatchEntry, WatchKey};
 use tracing::debug;
 
+pub use plan::{Plan, plan};
+use register::Register;
+
 use crate::{
-    bpf::{BpfError, Probes, Watchpoint},
+    bpf::{BpfError, Probes},
     pyproc::{
         PythonProcess,
         body::{self, BodyStart, Found},
         mem::ProcessMemory,
+        warmup,
     },
     targets::{Target, TargetSet},
 };
@@ -42,16 +49,17 @@ pub const DEBUG_REGISTERS: usize = 4;
 /// unreached body starts than registers.
 pub const ROTATION_SLICE: Duration = Duration::from_millis(100);
 
+/// How often the code objects' warm-up marks are read (reachability): a
+/// body that ran while no register watched it is reported at most this
+/// long after, plus one tick.
+pub const MARKS_EVERY: Duration = Duration::from_millis(100);
+
 /// When a module body ran and some of its targets were not found in it
 /// (its code object may be gone before it is read: a short body ends long
 /// before the agent can look), `sys.modules` is looked at again after
 /// these delays: at once (the next tick), and once the body has surely
 /// made its functions.
 const RECHECKS: [Duration; 3] = [Duration::ZERO, Duration::from_millis(100), Duration::from_secs(1)];
-
-/// Rounds of "list the threads, arm the new ones": a thread made by one not
-/// armed yet is caught by the next round.
-const ARM_ROUNDS: usize = 5;
 
 /// How many body starts a process may have watched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,13 +105,19 @@ struct Unit {
     code: u64,
     key: WatchKey,
     entry: WatchEntry,
+    /// The code object's warm-up mark, where its version leaves one.
+    mark: Option<warmup::Watched>,
+    /// When it was armed.
+    armed_at: Instant,
 }
 
-/// A debug register of every thread, all on one address: a watchpoint per
-/// thread armed (the threads they make inherit it).
-struct Register {
-    addr: u64,
-    threads: Vec<Watchpoint>,
+/// When a unit's code object was made, as far as the agent knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Made {
+    /// Before the attach, or unknown: its mark may show runs from before.
+    BeforeAttach,
+    /// After the attach (its module was not imported then).
+    AfterAttach,
 }
 
 /// The watchpoints of one process, and its targets not found yet.
@@ -125,6 +139,12 @@ pub struct Armed {
     modules_seen: Option<i64>,
     /// Threads armed.
     pub threads: usize,
+    /// Units whose marks showed a run, as (target, code): reported once a
+    /// drain of the ring buffer has shown the code object was not freed
+    /// (its memory reused) before the read.
+    suspects: Vec<(u32, u64)>,
+    /// When the marks were last read.
+    marked: Instant,
 }
 
 impl Armed {
@@ -148,13 +168,15 @@ impl Armed {
             rechecks: Vec::new(),
             modules_seen: None,
             threads: 0,
+            suspects: Vec::new(),
+            marked: Instant::now(),
         };
         let result = plan(process, targets, fit).and_then(|plan| {
             armed.pending = plan.pending;
             // Now, not when a pending target is found: its module body is
             // running then, and every microsecond is a call that may be missed.
             armed.mark_dispatch_reads(probes, process)?;
-            armed.add_units(probes, process, plan.starts)
+            armed.add_units(probes, process, plan.starts, Made::BeforeAttach)
         });
         match result {
             Ok(()) => Ok(armed),
@@ -172,6 +194,7 @@ impl Armed {
         probes: &mut Probes,
         p: &PythonProcess,
         starts: Vec<(u32, BodyStart)>,
+        made: Made,
     ) -> Result<(), CannotWatch> {
         let total = self.units.len() + starts.len();
         if self.fit == Fit::Registers && total > DEBUG_REGISTERS {
@@ -194,7 +217,8 @@ impl Armed {
             let last_op = mem.u8(s.unit_addr)?;
             let entry = WatchEntry { code: s.code, target, layout, last_op, reported: 0, slot, _pad: [0; 4] };
             probes.set_watch(key, entry)?;
-            new.push(Unit { target, code: s.code, key, entry });
+            let mark = self.start_mark(p, &mem, &s, target, made);
+            new.push(Unit { target, code: s.code, key, entry, mark, armed_at: Instant::now() });
         }
         // New units take the next turn: a module's functions are often
         // called while the code that imported it sets up.
@@ -202,6 +226,71 @@ impl Armed {
         self.units.splice(at..at, new);
         self.rotated = Instant::now();
         self.assign(probes, p.pid, &mem)
+    }
+
+    /// Starts reading `s`'s warm-up mark. Code made after the attach whose
+    /// mark shows it ran already ran in this process since the attach
+    /// (before the agent could look): a suspect at once.
+    fn start_mark(
+        &mut self,
+        p: &PythonProcess,
+        mem: &ProcessMemory,
+        s: &BodyStart,
+        target: u32,
+        made: Made,
+    ) -> Option<warmup::Watched> {
+        match warmup::Watched::start(p, mem, s) {
+            Ok(Some((mark, ran))) => {
+                if made == Made::AfterAttach && ran == Some(true) && self.fit == Fit::Rotate {
+                    self.suspects.push((target, s.code));
+                }
+                Some(mark)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                debug!(pid = p.pid, code = s.code, error = %e, "cannot read a warm-up mark");
+                None
+            }
+        }
+    }
+
+    /// Targets whose bodies ran while no register may have watched them,
+    /// as their code objects' warm-up marks show (reachability). Marks are
+    /// read every [`MARKS_EVERY`]; what they show is returned at the next
+    /// call, after the caller drained the ring buffer, and only for units
+    /// still armed: a code object freed before the read (its memory
+    /// reused, its bytes changed for reasons of their own) is gone by then.
+    /// Returns (target, code object) pairs, one per target.
+    pub fn marks_ran(&mut self, pid: u32, now: Instant) -> Vec<(u32, u64)> {
+        let mut ran: Vec<(u32, u64)> = Vec::new();
+        for (target, code) in std::mem::take(&mut self.suspects) {
+            if self.units.iter().any(|u| u.code == code && u.target == target) && !ran.iter().any(|r| r.0 == target) {
+                ran.push((target, code));
+            }
+        }
+        if self.fit != Fit::Rotate || now.duration_since(self.marked) < MARKS_EVERY {
+            return ran;
+        }
+        self.marked = now;
+        if self.units.iter().all(|u| u.mark.is_none()) {
+            return ran;
+        }
+        let Ok(mem) = ProcessMemory::open(pid) else { return ran };
+        for u in &mut self.units {
+            if let Some(m) = &mut u.mark
+                && m.ran(&mem).unwrap_or(false)
+            {
+                self.suspects.push((u.target, u.code));
+            }
+        }
+        ran
+    }
+
+    /// The warm-up mark of the unit at `addr` of `code`, if it was armed
+    /// before `before`.
+    pub(crate) fn mark_armed_before(&self, code: u64, addr: u64, before: Instant) -> Option<&warmup::Watched> {
+        let u = self.units.iter().find(|u| u.code == code && u.key.addr == addr && u.armed_at < before)?;
+        u.mark.as_ref()
     }
 
     /// Tells the kernel, once, which loads of the process dispatch a unit.
@@ -388,7 +477,7 @@ impl Armed {
                 }
             }
         }
-        self.add_units(probes, p, starts)?;
+        self.add_units(probes, p, starts, Made::AfterAttach)?;
         for id in &armed {
             self.pending.remove(id);
         }
@@ -405,7 +494,8 @@ impl Armed {
     ) -> Result<(), CannotWatch> {
         let targets: Vec<_> = targets.into_iter().collect();
         let ids: Vec<u32> = targets.iter().map(|(_, id)| *id).collect();
-        let result = plan(process, targets, Fit::Rotate).and_then(|plan| self.add_units(probes, process, plan.starts));
+        let result = plan(process, targets, Fit::Rotate)
+            .and_then(|plan| self.add_units(probes, process, plan.starts, Made::BeforeAttach));
         if result.is_err() {
             for id in ids {
                 self.disarm_target(probes, process.pid, id);
@@ -468,84 +558,4 @@ impl Armed {
             probes.remove_dispatch_read(&key);
         }
     }
-}
-
-impl Register {
-    /// A watchpoint on `addr` for every thread of `pid`.
-    fn arm(probes: &mut Probes, pid: u32, addr: u64) -> Result<Register, CannotWatch> {
-        let mut reg = Register { addr, threads: Vec::new() };
-        let mut done = BTreeSet::new();
-        for _ in 0..ARM_ROUNDS {
-            let threads: Vec<u32> = tasks(pid)?.into_iter().filter(|t| !done.contains(t)).collect();
-            if threads.is_empty() {
-                break;
-            }
-            for tid in threads {
-                match probes.attach_watch(tid, addr) {
-                    Ok(w) => reg.threads.push(w),
-                    // The thread exited meanwhile.
-                    Err(_) if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => {}
-                    Err(e) => return Err(e.into()),
-                }
-                done.insert(tid);
-            }
-        }
-        Ok(reg)
-    }
-
-    /// Moves every thread's watchpoint to `addr`. A thread's that cannot
-    /// move (it exited) keeps watching the old address, where a trap is no
-    /// longer counted once its unit is gone.
-    fn move_to(&mut self, addr: u64) {
-        for w in &mut self.threads {
-            if let Err(e) = w.move_to(addr) {
-                debug!(addr, error = %e, "moving a watchpoint");
-            }
-        }
-        self.addr = addr;
-    }
-}
-
-/// What watching `targets` in `p` would take: each found target's body
-/// starts, with the target's id, and the targets not found yet; or why
-/// watchpoints cannot apply (the per-call strategy is then used for all).
-pub fn plan<'a, Id: Copy + Ord>(
-    p: &PythonProcess,
-    targets: impl IntoIterator<Item = (&'a Target, Id)>,
-    fit: Fit,
-) -> Result<Plan<Id>, CannotWatch> {
-    if p.analysis.dispatch.is_none() {
-        return Err(CannotWatch::NoDispatch);
-    }
-    let mut plan = Plan { starts: Vec::new(), pending: BTreeMap::new() };
-    let targets: Vec<(&Target, Id)> = targets.into_iter().collect();
-    let ts: Vec<&Target> = targets.iter().map(|(t, _)| *t).collect();
-    for ((t, id), found) in targets.into_iter().zip(body::find_all(p, &ts)?) {
-        match found {
-            Found::Code { starts } => plan.starts.extend(starts.into_iter().map(|s| (id, s))),
-            Found::Nothing { reason, later: true } => {
-                plan.pending.insert(id, reason);
-            }
-            Found::Nothing { reason, later: false } => {
-                return Err(CannotWatch::Refused { target: t.to_string(), reason });
-            }
-        }
-    }
-    if fit == Fit::Registers && plan.starts.len() > DEBUG_REGISTERS {
-        return Err(CannotWatch::TooMany(plan.starts.len()));
-    }
-    Ok(plan)
-}
-
-/// What watching some targets of a process takes.
-pub struct Plan<Id> {
-    /// Each found target's body starts, with the target's id.
-    pub starts: Vec<(Id, BodyStart)>,
-    /// Targets not found yet, and why.
-    pub pending: BTreeMap<Id, String>,
-}
-
-fn tasks(pid: u32) -> Result<Vec<u32>, crate::pyproc::ProcessError> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| crate::pyproc::ProcessError::io(pid, e))?;
-    Ok(dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
 }
