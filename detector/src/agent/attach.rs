@@ -151,15 +151,14 @@ pub(crate) fn prefill_identities<'a>(
     let objs = Objects::of(p, &mem);
     let mut found = 0;
     for target in targets {
-        let Some(globals) = qualname::module_globals(&objs, runtime, target.module())? else {
-            continue;
-        };
-        for def in qualname::definitions(&objs, globals, target)? {
-            let Some(func) = def.function else { continue };
-            let name = mem.ptr(func, objs.o.func_qualname)?;
-            let func_globals = mem.ptr(func, objs.o.func_globals)?;
-            probes.set_identity(p.pid, def.code, name, func_globals)?;
-            found += 1;
+        for globals in qualname::module_globals(&objs, runtime, target.module())? {
+            for def in qualname::definitions(&objs, globals, target)? {
+                let Some(func) = def.function else { continue };
+                let name = mem.ptr(func, objs.o.func_qualname)?;
+                let func_globals = mem.ptr(func, objs.o.func_globals)?;
+                probes.set_identity(p.pid, def.code, name, func_globals)?;
+                found += 1;
+            }
         }
     }
     Ok(found)

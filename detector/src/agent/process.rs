@@ -111,10 +111,11 @@ impl Watching {
         }
     }
 
-    /// Attaches the module-execution probe while targets are pending, and
-    /// detaches it once none is.
+    /// Attaches the module-execution probe while a target is not reached
+    /// (pending, or armed: an interpreter of its own, or a reload, may
+    /// define it anew), and detaches it once every one is.
     fn follow_imports(&mut self, probes: &mut Probes, p: &PythonProcess) {
-        let pending = !self.armed.pending().is_empty();
+        let pending = self.armed.follows_imports();
         if pending && self.imports.is_empty() {
             match attach::imports(probes, p) {
                 Ok(links) => self.imports = links,
@@ -125,7 +126,7 @@ impl Watching {
             }
         } else if !pending && !self.imports.is_empty() {
             attach::detach_all(probes, std::mem::take(&mut self.imports));
-            debug!(pid = p.pid, "every target found: no longer following imports");
+            debug!(pid = p.pid, "every target reached: no longer following imports");
         }
     }
 
@@ -307,11 +308,11 @@ impl ProcessWatch {
         }
     }
 
-    /// A module body is about to run: arms the pending targets it defines.
-    /// Returns their ids (none if the module has no pending target).
+    /// A module body is about to run: arms the unreached targets it
+    /// defines. Returns their ids (none if the module has no such target).
     pub fn module_body(&mut self, probes: &mut Probes, targets: &TargetSet, code: u64, globals: u64) -> Vec<u32> {
         let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
-        if w.armed.pending().is_empty() {
+        if !w.armed.follows_imports() {
             return Vec::new();
         }
         let module = match body::module_name(&self.process, globals) {
@@ -322,7 +323,7 @@ impl ProcessWatch {
                 return Vec::new();
             }
         };
-        if !w.armed.pending_modules(targets).contains(module.as_str()) {
+        if !w.armed.unreached_modules(targets).contains(module.as_str()) {
             return Vec::new();
         }
         let result = w.armed.module_body(probes, &self.process, targets, &module, code);
@@ -334,7 +335,7 @@ impl ProcessWatch {
     /// last look, or at once if `force`). Returns the targets armed.
     pub fn rescan_pending(&mut self, probes: &mut Probes, targets: &TargetSet, force: bool) -> Vec<u32> {
         let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
-        if w.armed.pending().is_empty() {
+        if !w.armed.follows_imports() {
             return Vec::new();
         }
         let result = w.armed.rescan(probes, &self.process, targets, force);

@@ -105,23 +105,31 @@ pub fn find_all(process: &PythonProcess, targets: &[&Target]) -> Result<Vec<Foun
     let mut out = Vec::with_capacity(targets.len());
     for t in targets {
         out.push(match modules.get(t.module()) {
-            Some(&globals) => starts_of(&objs, &qualname::definitions(&objs, globals, t)?)?,
+            Some(all) => {
+                // One definition per interpreter that imported the module.
+                let mut defs = Vec::new();
+                for &globals in all {
+                    defs.extend(qualname::definitions(&objs, globals, t)?);
+                }
+                starts_of(&objs, &defs)?
+            }
             None => Found::Nothing { reason: NOT_IMPORTED.into(), later: true },
         });
     }
     Ok(out)
 }
 
-/// How many modules `sys.modules` holds (0 before it exists): while it
-/// stays the same, no module was imported.
+/// How many modules the interpreters' `sys.modules` hold (0 before one
+/// exists): while it stays the same, no module was imported.
 pub fn modules_count(process: &PythonProcess) -> Result<i64, ProcessError> {
     let Some(runtime) = process.runtime() else { return Ok(0) };
     let mem = ProcessMemory::open(process.pid)?;
     let objs = Objects::of(process, &mem);
-    match qualname::sys_modules(&objs, runtime)? {
-        Some(modules) => objs.dict_len(modules),
-        None => Ok(0),
+    let mut n = 0;
+    for modules in qualname::sys_modules(&objs, runtime)? {
+        n += objs.dict_len(modules)?;
     }
+    Ok(n)
 }
 
 /// Why a target whose module is not in `sys.modules` is not found.

@@ -91,34 +91,45 @@ pub fn definitions_in_body(objs: &Objects<'_>, code: u64, target: &Target) -> Re
     Ok(named(objs, defs, target))
 }
 
-/// The globals of module `name` if it is in `sys.modules`.
-pub fn module_globals(objs: &Objects<'_>, runtime: u64, name: &str) -> Result<Option<u64>, ProcessError> {
-    Ok(modules_globals(objs, runtime, &[name])?.into_values().next())
+/// The globals of module `name` in every interpreter's `sys.modules`.
+pub fn module_globals(objs: &Objects<'_>, runtime: u64, name: &str) -> Result<Vec<u64>, ProcessError> {
+    Ok(modules_globals(objs, runtime, &[name])?.into_values().next().unwrap_or_default())
 }
 
-/// `sys.modules` of the main interpreter, if it has one yet (before
-/// initialisation, a command stopped at its entry point has none).
-pub fn sys_modules(objs: &Objects<'_>, runtime: u64) -> Result<Option<u64>, ProcessError> {
-    let interp = objs.mem.ptr(runtime, objs.o.runtime_interpreters_head)?;
-    if interp == 0 {
-        return Ok(None);
+/// Most interpreters looked at in one process (`_PyRuntime`'s list is the
+/// process's to make as long as it likes).
+const MAX_INTERPRETERS: usize = 64;
+
+/// `sys.modules` of every interpreter that has one yet, newest first: the
+/// main one, and subinterpreters (before initialisation, a command stopped
+/// at its entry point has none).
+pub fn sys_modules(objs: &Objects<'_>, runtime: u64) -> Result<Vec<u64>, ProcessError> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut interp = objs.mem.ptr(runtime, objs.o.runtime_interpreters_head)?;
+    while interp != 0 && seen.len() < MAX_INTERPRETERS && seen.insert(interp) {
+        let modules = objs.mem.ptr(interp, objs.o.interp_modules)?;
+        if modules != 0 {
+            out.push(modules);
+        }
+        interp = objs.mem.ptr(interp, objs.o.interp_next)?;
     }
-    let modules = objs.mem.ptr(interp, objs.o.interp_modules)?;
-    Ok((modules != 0).then_some(modules))
+    Ok(out)
 }
 
-/// The globals of each of `names` that is a module in `sys.modules`, in one
-/// pass over it.
+/// The globals of each of `names` that is a module, in every interpreter's
+/// `sys.modules`: one pass over each.
 pub fn modules_globals<'n>(
     objs: &Objects<'_>,
     runtime: u64,
     names: &[&'n str],
-) -> Result<std::collections::BTreeMap<&'n str, u64>, ProcessError> {
-    let mut out = std::collections::BTreeMap::new();
-    let Some(modules) = sys_modules(objs, runtime)? else { return Ok(out) };
-    for (name, module) in objs.dict_get_many(modules, names)? {
-        if objs.type_name(module)? == "module" {
-            out.insert(name, objs.mem.ptr(module, objs.o.module_dict)?);
+) -> Result<std::collections::BTreeMap<&'n str, Vec<u64>>, ProcessError> {
+    let mut out: std::collections::BTreeMap<&'n str, Vec<u64>> = std::collections::BTreeMap::new();
+    for modules in sys_modules(objs, runtime)? {
+        for (name, module) in objs.dict_get_many(modules, names)? {
+            if objs.type_name(module)? == "module" {
+                out.entry(name).or_default().push(objs.mem.ptr(module, objs.o.module_dict)?);
+            }
         }
     }
     Ok(out)

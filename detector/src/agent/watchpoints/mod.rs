@@ -376,14 +376,26 @@ impl Armed {
         &self.pending
     }
 
-    /// The modules of pending targets.
-    pub fn pending_modules<'a>(&self, targets: &'a TargetSet) -> BTreeSet<&'a str> {
-        self.pending.keys().filter_map(|id| targets.get(*id)).map(|t| t.module()).collect()
+    /// Targets not reached: pending, or armed. A module body that runs may
+    /// define any of them anew (an interpreter of its own importing it, a
+    /// reload).
+    fn unreached(&self) -> BTreeSet<u32> {
+        self.pending.keys().copied().chain(self.units.iter().map(|u| u.target)).collect()
     }
 
-    /// A module body is about to run: arms the pending targets it defines
-    /// (found as code objects in `code.co_consts`). Returns the targets
-    /// armed.
+    /// Whether module bodies are to be reported: a target is not reached.
+    pub fn follows_imports(&self) -> bool {
+        !self.pending.is_empty() || !self.units.is_empty()
+    }
+
+    /// The modules of targets not reached.
+    pub fn unreached_modules<'a>(&self, targets: &'a TargetSet) -> BTreeSet<&'a str> {
+        self.unreached().into_iter().filter_map(|id| targets.get(id)).map(|t| t.module()).collect()
+    }
+
+    /// A module body is about to run: arms the unreached targets it
+    /// defines (found as code objects in `code.co_consts`). Returns the
+    /// targets armed.
     pub fn module_body(
         &mut self,
         probes: &mut Probes,
@@ -393,7 +405,7 @@ impl Armed {
         code: u64,
     ) -> Result<Vec<u32>, CannotWatch> {
         let ids: Vec<u32> =
-            self.pending.keys().copied().filter(|id| targets.get(*id).is_some_and(|t| t.module() == module)).collect();
+            self.unreached().into_iter().filter(|id| targets.get(*id).is_some_and(|t| t.module() == module)).collect();
         // A read that fails, or a refusal read from a body that may be gone
         // (its memory reused), is left to the look in `sys.modules` below,
         // which reads live objects.
@@ -422,13 +434,13 @@ impl Armed {
     pub fn recheck_due(&mut self, now: Instant) -> bool {
         let before = self.rechecks.len();
         self.rechecks.retain(|at| *at >= now);
-        self.rechecks.len() != before && !self.pending.is_empty()
+        self.rechecks.len() != before && self.follows_imports()
     }
 
-    /// Looks for the pending targets in `sys.modules` again (the safety
-    /// net for a module body the probe did not report): at once if `force`
-    /// (a module body ran), else only if a module was imported since the
-    /// last look. Returns the targets armed.
+    /// Looks for the unreached targets in every interpreter's `sys.modules`
+    /// again (the safety net for a module body the probe did not report):
+    /// at once if `force` (a module body ran), else only if a module was
+    /// imported since the last look. Returns the targets armed.
     pub fn rescan(
         &mut self,
         probes: &mut Probes,
@@ -441,7 +453,7 @@ impl Armed {
             return Ok(Vec::new());
         }
         self.modules_seen = modules;
-        let ids: Vec<u32> = self.pending.keys().copied().collect();
+        let ids: Vec<u32> = self.unreached().into_iter().collect();
         self.arm_found(probes, p, targets, ids, |ts| body::find_all(p, ts))
     }
 
