@@ -145,4 +145,8 @@ pub mod unicode_state {
     pub const COMPACT: u32 = 1 << 5;
     /// `ascii`: every character is ASCII, stored one byte each.
     pub const ASCII: u32 = 1 << 6;
+    /// `kind` (bytes per character: 1, 2 or 4) is `(state >> KIND_SHIFT) & KIND_MASK`.
+    pub const KIND_SHIFT: u32 = 2;
+    /// See [`KIND_SHIFT`].
+    pub const KIND_MASK: u32 = 7;
 }

@@ -8,7 +8,7 @@ use std::{fmt::Write as _, fs, process::Command};
 use anyhow::{Context, Result};
 use detector_tests::{Dump, Fixture, Interpreter, interpreters, pin, run_reaching, spawn_detector};
 
-use crate::{build, catalog, footprint, latency, root, rootfs, suite, testbuilds};
+use crate::{build, catalog, footprint, harness, latency, root, rootfs, suite, testbuilds};
 
 /// Processes per condition (the median is reported).
 const RUNS: usize = 5;
@@ -205,20 +205,7 @@ fn measure(interp: &Interpreter, cond: Condition) -> f64 {
             Some(d)
         }
     };
-    timed(fixture, detector, "ns_per_call ")
-}
-
-/// Lets `fixture` run (under `detector`, if any), stops both, and returns
-/// the number its output line gives after `prefix` (NaN if none).
-pub fn timed(mut fixture: Fixture, detector: Option<Dump>, prefix: &str) -> f64 {
-    fixture.go();
-    let line = fixture.read_line();
-    fixture.wait_done();
-    if let Some(d) = detector {
-        d.stop();
-    }
-    fixture.finish();
-    line.strip_prefix(prefix).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
+    harness::timed(fixture, detector, "ns_per_call ")
 }
 
 fn machine() -> String {

@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod catalog;
 mod footprint;
+mod harness;
 mod latency;
 mod peers;
 mod rootfs;

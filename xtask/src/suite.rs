@@ -84,7 +84,7 @@ fn measure(interp: &Interpreter, workload: &str, cond: Condition, richards: &str
     };
     let watching =
         detector.as_ref().map(|d| d.seen.iter().any(|v| v["type"] == "attached" && v["strategy"] != "per-call"));
-    let ns = crate::bench::timed(fixture, detector, "ns_per_round ");
+    let ns = crate::harness::timed(fixture, detector, "ns_per_round ");
     // Where watch falls back to per-call, it is not what these columns measure.
     if matches!(cond, Condition::Watch | Condition::Reachability) && watching != Some(true) {
         return f64::NAN;

@@ -14,7 +14,10 @@ use std::{
     thread::JoinHandle,
 };
 
-use crate::pyproc::{ProcessError, PythonProcess};
+use crate::{
+    interp::cache::AnalysisCache,
+    pyproc::{ProcessError, PythonProcess},
+};
 
 /// Why a command could not be started and watched.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,22 @@ impl Spawned {
         let _ = self.release.send(true);
         self.tracer
     }
+}
+
+/// Starts `argv` and returns once it is stopped at the entry of a Python
+/// interpreter (analysed through `cache`), following execs of anything else.
+pub fn spawn_python(argv: &[String], cache: std::sync::Arc<AnalysisCache>) -> Result<Spawned, SpawnError> {
+    spawn(argv, move |pid| match crate::pyproc::locate(pid, &cache) {
+        Ok(p) => Ok(Some(p)),
+        Err(ProcessError::NotPython { .. }) => Ok(None),
+        Err(e) => Err(e),
+    })
+}
+
+/// How a released command ended, once it has: `None` if that is unknown.
+pub async fn exit_status(released: JoinHandle<io::Result<ExitStatus>>) -> Option<String> {
+    let joined = tokio::task::spawn_blocking(move || released.join()).await.ok()?;
+    Some(joined.ok()?.ok()?.to_string())
 }
 
 enum Stop {

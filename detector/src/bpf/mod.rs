@@ -336,15 +336,7 @@ impl Probes {
                 what: format!("attaching {name} to sched/{event}"),
                 source: Box::new(source),
             };
-            let prog: &mut TracePoint = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Program {
-                    what: format!("program {name}"),
-                    source: Box::new(ProgramError::UnexpectedProgramType),
-                })?
-                .try_into()
-                .map_err(failed)?;
+            let prog: &mut TracePoint = typed_program(&mut self.ebpf, name)?;
             prog.load().map_err(failed)?;
             prog.attach("sched", event).map_err(failed)?;
         }
@@ -421,11 +413,14 @@ impl Probes {
 }
 
 fn program(ebpf: &mut Ebpf, kind: ProbeKind) -> Result<&mut UProbe, BpfError> {
-    let name = kind.name();
-    let missing =
-        || BpfError::Program { what: format!("program {name}"), source: Box::new(ProgramError::UnexpectedProgramType) };
-    ebpf.program_mut(name)
-        .ok_or_else(missing)?
-        .try_into()
-        .map_err(|e| BpfError::Program { what: format!("program {name}"), source: Box::new(e) })
+    typed_program(ebpf, kind.name())
+}
+
+/// The object's program `name`, as its type.
+pub(crate) fn typed_program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let failed = |source| BpfError::Program { what: format!("program {name}"), source: Box::new(source) };
+    ebpf.program_mut(name).ok_or_else(|| failed(ProgramError::UnexpectedProgramType))?.try_into().map_err(failed)
 }

@@ -189,12 +189,7 @@ impl Probes {
     pub(super) fn watch_program(&mut self) -> Result<&mut PerfEvent, BpfError> {
         let name = programs::WATCH;
         let failed = |source| BpfError::Program { what: format!("program {name}"), source: Box::new(source) };
-        let prog: &mut PerfEvent = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| failed(aya::programs::ProgramError::UnexpectedProgramType))?
-            .try_into()
-            .map_err(failed)?;
+        let prog: &mut PerfEvent = super::typed_program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(failed)?;
         }

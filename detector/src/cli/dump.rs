@@ -11,8 +11,7 @@ use crate::{
     bpf::{Capacities, Probes},
     events::output::{Format, Printer, hit_text},
     interp::cache::AnalysisCache,
-    pyproc::{self, ProcessError},
-    tap,
+    pyproc, tap,
     targets::Target,
 };
 
@@ -76,12 +75,7 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
     let (process, spawned) = match args.pid {
         Some(pid) => (pyproc::locate(pid, &session.cache())?, None),
         None => {
-            let cache = session.cache();
-            let s = spawn::spawn(&args.command, move |pid| match pyproc::locate(pid, &cache) {
-                Ok(p) => Ok(Some(p)),
-                Err(ProcessError::NotPython { .. }) => Ok(None),
-                Err(e) => Err(e),
-            })?;
+            let s = spawn::spawn_python(&args.command, session.cache())?;
             (s.process.clone(), Some(s))
         }
     };
@@ -95,10 +89,10 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
     tokio::select! {
         Activity::Exited(_) = session.next() => {
             let status = match child {
-                Some(c) => tokio::task::spawn_blocking(move || c.join()).await.ok().and_then(|r| r.ok()).and_then(|r| r.ok()),
+                Some(c) => spawn::exit_status(c).await,
                 None => None,
             };
-            session.end(pid, status.map(|s| s.to_string()).as_deref());
+            session.end(pid, status.as_deref());
         }
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}

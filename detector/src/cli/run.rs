@@ -23,7 +23,7 @@ use crate::{
     events::output::{Format, Printer},
     interp::cache::{AnalysisCache, MAX_ENTRIES},
     metrics::{Metrics, SharedMetrics, server},
-    pyproc::{self, ProcessError},
+    pyproc,
     sources::{Sources, Update},
     tap::{self, Tap},
     targets::Target,
@@ -206,12 +206,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut command = None;
     if !args.command.is_empty() {
-        let cache = session.cache();
-        let s = spawn::spawn(&args.command, move |pid| match pyproc::locate(pid, &cache) {
-            Ok(p) => Ok(Some(p)),
-            Err(ProcessError::NotPython { .. }) => Ok(None),
-            Err(e) => Err(e),
-        })?;
+        let s = spawn::spawn_python(&args.command, session.cache())?;
         let pid = s.process.pid;
         session.watch(s.process.clone())?;
         command = Some((pid, s.release()));
@@ -238,10 +233,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             activity = session.next() => match activity {
                 Activity::Exited(pid) => {
                     let status = match command.take_if(|(p, _)| *p == pid) {
-                        Some((_, c)) => tokio::task::spawn_blocking(move || c.join()).await.ok().and_then(|r| r.ok()).and_then(|r| r.ok()),
+                        Some((_, c)) => spawn::exit_status(c).await,
                         None => None,
                     };
-                    node.end(&mut session, pid, status.map(|s| s.to_string()).as_deref());
+                    node.end(&mut session, pid, status.as_deref());
                     watched.remove(&pid);
                     if explicit && watched.is_empty() {
                         info!("every watched process has exited");

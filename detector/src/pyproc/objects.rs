@@ -3,6 +3,8 @@
 //! Every loop is bounded; any malformed or concurrently mutated object gives
 //! an error, never a hang.
 
+use detector_common::unicode_state;
+
 use super::{ProcessError, mem::ProcessMemory};
 use crate::interp::offsets::Offsets;
 
@@ -45,7 +47,8 @@ impl<'a> Objects<'a> {
     pub fn str(&self, obj: u64) -> Result<String, ProcessError> {
         let state = self.mem.u32(obj + self.o.unicode_state as u64)?;
         let len = self.mem.i64(obj + self.o.unicode_length as u64)?;
-        let (kind, compact, ascii) = ((state >> 2) & 7, state & (1 << 5) != 0, state & (1 << 6) != 0);
+        let kind = (state >> unicode_state::KIND_SHIFT) & unicode_state::KIND_MASK;
+        let (compact, ascii) = (state & unicode_state::COMPACT != 0, state & unicode_state::ASCII != 0);
         if !compact || !(0..=MAX_STR).contains(&len) {
             return Err(self.bad(obj));
         }
@@ -120,15 +123,15 @@ impl<'a> Objects<'a> {
         }
         let (nentries, entries, stride, key_at) = if self.minor <= 10 {
             // dk_refcnt, dk_size, dk_lookup, dk_usable, dk_nentries, dk_indices[]
-            let size = self.mem.i64(keys + 8)?;
-            let nentries = self.mem.i64(keys + 32)?;
+            let size = self.mem.i64(keys + u64::from(self.o.dictkeys_size))?;
+            let nentries = self.mem.i64(keys + u64::from(self.o.dictkeys_indices) - 8)?;
             let ix = match size {
                 ..=0xff => 1,
                 0x100..=0xffff => 2,
                 0x1_0000..=0xffff_ffff => 4,
                 _ => 8,
             };
-            (nentries, keys + 40 + (size as u64) * ix, 24u64, 8u64)
+            (nentries, keys + u64::from(self.o.dictkeys_indices) + (size as u64) * ix, 24u64, 8u64)
         } else {
             // dk_refcnt, dk_log2_size, dk_log2_index_bytes, dk_kind, .., dk_nentries, dk_indices[]
             let log2_index_bytes = self.mem.u8(keys + 9)? as u32;
