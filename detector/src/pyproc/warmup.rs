@@ -150,11 +150,51 @@ impl Watched {
     /// Whether the body ran since the last look.
     pub(crate) fn ran(&mut self, mem: &ProcessMemory) -> Result<bool, ProcessError> {
         let now = self.mark.read(mem)?;
+        Ok(self.looked(now))
+    }
+
+    fn looked(&mut self, now: Reading) -> bool {
         let ran = self.mark.ran(&self.last, &now);
         self.last = now;
-        Ok(ran)
+        ran
     }
 }
+
+/// [`Watched::ran`] for each of `marks`, read in one system call (a look
+/// at every unit waiting for a register costs one, not two per unit);
+/// `None` for a mark that could not be read.
+pub(crate) fn ran_all(mem: &ProcessMemory, marks: &mut [&mut Watched]) -> Vec<Option<bool>> {
+    let mut versions = vec![[0u8; 8]; marks.len()];
+    let mut bytes: Vec<Vec<u8>> = marks.iter().map(|m| vec![0; m.mark.len]).collect();
+    let read = {
+        let mut parts: Vec<(u64, &mut [u8])> = Vec::with_capacity(2 * marks.len());
+        for ((m, v), b) in marks.iter().zip(versions.iter_mut()).zip(bytes.iter_mut()) {
+            if let Kind::Bytecode { version, .. } = m.mark.kind {
+                parts.push((version, v.as_mut_slice()));
+            }
+            parts.push((m.mark.addr, b.as_mut_slice()));
+        }
+        mem.read_many(&mut parts)
+    };
+    if !read {
+        // Some code object is gone (its pages unmapped): one by one.
+        return marks.iter_mut().map(|m| m.ran(mem).ok()).collect();
+    }
+    marks
+        .iter_mut()
+        .zip(versions)
+        .zip(bytes)
+        .map(|((m, v), bytes)| {
+            let version = match m.mark.kind {
+                Kind::Counter { .. } => 0,
+                Kind::Bytecode { .. } => u64::from_le_bytes(v),
+            };
+            Some(m.looked(Reading { version, bytes }))
+        })
+        .collect()
+}
+
+impl Watched {}
 
 /// 3.12 opcodes with an inline cache whose first entry is the counter that
 /// a run decrements.

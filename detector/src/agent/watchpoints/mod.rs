@@ -272,15 +272,19 @@ impl Armed {
             return ran;
         }
         self.marked = now;
-        if self.units.iter().all(|u| u.mark.is_none()) {
+        // A unit under a register now is seen by its traps.
+        let watched: BTreeSet<u64> = self.registers.iter().map(|r| r.addr).collect();
+        let waiting: Vec<&mut Unit> =
+            self.units.iter_mut().filter(|u| u.mark.is_some() && !watched.contains(&u.key.addr)).collect();
+        if waiting.is_empty() {
             return ran;
         }
         let Ok(mem) = ProcessMemory::open(pid) else { return ran };
-        for u in &mut self.units {
-            if let Some(m) = &mut u.mark
-                && m.ran(&mem).unwrap_or(false)
-            {
-                self.suspects.push((u.target, u.code));
+        let (ids, mut marks): (Vec<(u32, u64)>, Vec<&mut warmup::Watched>) =
+            waiting.into_iter().filter_map(|u| Some(((u.target, u.code), u.mark.as_mut()?))).unzip();
+        for (id, shown) in ids.into_iter().zip(warmup::ran_all(&mem, &mut marks)) {
+            if shown == Some(true) {
+                self.suspects.push(id);
             }
         }
         ran
