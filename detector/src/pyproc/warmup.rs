@@ -161,8 +161,8 @@ impl Watched {
 }
 
 /// [`Watched::ran`] for each of `marks`, read in one system call (a look
-/// at every unit waiting for a register costs one, not two per unit);
-/// `None` for a mark that could not be read.
+/// at every unit costs one, not two per unit); `None` for a mark that
+/// could not be read.
 pub(crate) fn ran_all(mem: &ProcessMemory, marks: &mut [&mut Watched]) -> Vec<Option<bool>> {
     let mut versions = vec![[0u8; 8]; marks.len()];
     let mut bytes: Vec<Vec<u8>> = marks.iter().map(|m| vec![0; m.mark.len]).collect();

@@ -272,16 +272,13 @@ impl Armed {
             return ran;
         }
         self.marked = now;
-        // A unit under a register now is seen by its traps.
-        let watched: BTreeSet<u64> = self.registers.iter().map(|r| r.addr).collect();
-        let waiting: Vec<&mut Unit> =
-            self.units.iter_mut().filter(|u| u.mark.is_some() && !watched.contains(&u.key.addr)).collect();
-        if waiting.is_empty() {
+        // Units under a register too: one may have got it after the call.
+        let (ids, mut marks): (Vec<(u32, u64)>, Vec<&mut warmup::Watched>) =
+            self.units.iter_mut().filter_map(|u| Some(((u.target, u.code), u.mark.as_mut()?))).unzip();
+        if marks.is_empty() {
             return ran;
         }
         let Ok(mem) = ProcessMemory::open(pid) else { return ran };
-        let (ids, mut marks): (Vec<(u32, u64)>, Vec<&mut warmup::Watched>) =
-            waiting.into_iter().filter_map(|u| Some(((u.target, u.code), u.mark.as_mut()?))).unzip();
         for (id, shown) in ids.into_iter().zip(warmup::ran_all(&mem, &mut marks)) {
             if shown == Some(true) {
                 self.suspects.push(id);
