@@ -39,8 +39,9 @@ fn per_call_over_budget_moves_to_watch_and_counts_stay_exact() {
         let p = agent.process(pid).expect("in /processes");
         assert_eq!(p.strategy, "watch", "{}: {p:?}", i.name);
         assert_eq!(p.targets_by_strategy, BTreeMap::from([("watch".into(), 1)]), "{}: {p:?}", i.name);
-        // The per-call uprobes are closed; the deallocation probe stays.
-        assert_eq!(p.probes, 1, "{}: {p:?}", i.name);
+        // The per-call uprobes are closed; the deallocation and
+        // module-execution probes stay.
+        assert_eq!(p.probes, 2, "{}: {p:?}", i.name);
         let note = p.budget.unwrap_or_default();
         assert!(note.starts_with("watch: ") && note.ends_with("under per-call"), "{}: {note}", i.name);
         // It keeps the watch strategy: a target call per burst is cheap.

@@ -92,22 +92,27 @@ impl Counting {
 
 impl Watching {
     /// Arms the unreached targets' body starts; the caller has attached the
-    /// deallocation probe.
+    /// deallocation probe, and may hand over a module-execution probe
+    /// (`imports`, closed on failure).
     fn arm(
         probes: &mut Probes,
         p: &PythonProcess,
         targets: &TargetSet,
         counting: &Counting,
         dealloc: Vec<Link>,
+        imports: Vec<Link>,
     ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
         let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id));
         match Armed::arm(probes, p, unreached, counting.fit()) {
             Ok(armed) => {
-                let mut w = Watching { armed, dealloc, imports: Vec::new() };
+                let mut w = Watching { armed, dealloc, imports };
                 w.follow_imports(probes, p);
                 Ok(w)
             }
-            Err(e) => Err((e, dealloc)),
+            Err(e) => {
+                attach::detach_all(probes, imports);
+                Err((e, dealloc))
+            }
         }
     }
 
@@ -207,7 +212,7 @@ impl ProcessWatch {
             return Ok(());
         }
         let Mode::PerCall(pc) = std::mem::replace(&mut self.mode, Mode::Detached) else { unreachable!() };
-        let armed = match Watching::arm(probes, &self.process, targets, &self.counting, pc.dealloc) {
+        let armed = match Watching::arm(probes, &self.process, targets, &self.counting, pc.dealloc, Vec::new()) {
             Ok(w) => w,
             Err((e, dealloc)) => {
                 self.mode = Mode::PerCall(PerCall { dealloc, ..pc });
@@ -280,16 +285,12 @@ impl ProcessWatch {
         match std::mem::replace(&mut self.mode, Mode::Detached) {
             Mode::Watch(mut w) => {
                 w.armed.disarm(probes);
+                // The module-execution probe is kept as it is (attached
+                // again only if needed).
                 let imports = std::mem::take(&mut w.imports);
-                match Watching::arm(probes, &self.process, targets, &self.counting, w.dealloc) {
-                    Ok(mut new) => {
-                        // Kept as it was: attached again only if needed.
-                        new.imports.extend(imports);
-                        new.follow_imports(probes, &self.process);
-                        self.mode = Mode::Watch(new);
-                    }
+                match Watching::arm(probes, &self.process, targets, &self.counting, w.dealloc, imports) {
+                    Ok(new) => self.mode = Mode::Watch(new),
                     Err((e, dealloc)) => {
-                        attach::detach_all(probes, imports);
                         let per_call = attach::per_call(probes, &self.process, targets);
                         self.enter_per_call(probes, per_call, dealloc, &e);
                     }
@@ -492,7 +493,7 @@ fn start(
     let (dealloc, fallback) = if strategy == Strategy::PerCall {
         (dealloc, None)
     } else {
-        match Watching::arm(probes, p, targets, counting, dealloc) {
+        match Watching::arm(probes, p, targets, counting, dealloc, Vec::new()) {
             Ok(w) => {
                 if let Err(e) = probes.set_mode(p.pid, MODE_WATCH) {
                     let links = w.close(probes);

@@ -196,6 +196,10 @@ impl Armed {
         starts: Vec<(u32, BodyStart)>,
         made: Made,
     ) -> Result<(), CannotWatch> {
+        // Body starts already armed (found again by a later look) are not new.
+        let mut starts = starts;
+        let mut seen = BTreeSet::new();
+        starts.retain(|(_, s)| !self.units.iter().any(|u| u.code == s.code) && seen.insert(s.code));
         let total = self.units.len() + starts.len();
         if self.fit == Fit::Registers && total > DEBUG_REGISTERS {
             return Err(CannotWatch::TooMany(total));
@@ -209,9 +213,6 @@ impl Armed {
         let mem = ProcessMemory::open(p.pid)?;
         let mut new = Vec::new();
         for (target, s) in starts {
-            if self.units.iter().chain(&new).any(|u: &Unit| u.code == s.code) {
-                continue;
-            }
             let key = WatchKey { tgid: p.pid, _pad: 0, addr: s.unit_addr };
             // What is there now: a trap that finds it is a read, a start.
             let last_op = mem.u8(s.unit_addr)?;
