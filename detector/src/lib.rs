@@ -14,13 +14,13 @@
 //! - [`cli`]: the command line.
 
 pub mod agent;
-pub mod bpf;
+pub(crate) mod bpf;
 pub mod cli;
-pub mod events;
-pub mod interp;
-pub mod metrics;
-pub mod pyproc;
-pub mod rc;
-pub mod sources;
-pub mod tap;
-pub mod targets;
+pub(crate) mod events;
+pub(crate) mod interp;
+pub(crate) mod metrics;
+pub(crate) mod pyproc;
+pub(crate) mod rc;
+pub(crate) mod sources;
+pub(crate) mod tap;
+pub(crate) mod targets;

@@ -194,11 +194,6 @@ impl TargetSet {
     pub fn len(&self) -> usize {
         self.ids.len()
     }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
 }
 
 #[cfg(test)]

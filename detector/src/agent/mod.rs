@@ -2,19 +2,19 @@
 //! scoped to that process so others pay nothing.
 
 mod attach;
-pub mod budget;
-pub mod discovery;
+pub(crate) mod budget;
+pub(crate) mod discovery;
 mod fork;
-pub mod node;
+pub(crate) mod node;
 mod process;
 pub mod report;
-pub mod sampling;
-pub mod session;
-pub mod spawn;
-pub mod watchpoints;
+pub(crate) mod sampling;
+pub(crate) mod session;
+pub(crate) mod spawn;
+pub(crate) mod watchpoints;
 
-pub use process::ProcessWatch;
-pub use session::Session;
+pub(crate) use process::ProcessWatch;
+pub(crate) use session::Session;
 
 use crate::{bpf::BpfError, pyproc::ProcessError};
 

@@ -190,11 +190,6 @@ impl ProcessWatch {
         }
     }
 
-    /// Attaches every per-call site: exact counts on every build.
-    pub fn attach(probes: &mut Probes, process: PythonProcess, targets: &TargetSet) -> Result<Self, AttachError> {
-        Self::attach_with(probes, process, targets, Strategy::PerCall, false)
-    }
-
     /// The empty program at every site the detector would use: the floor
     /// its per-hit cost is measured against (`cargo xtask bench`).
     pub fn attach_floor(probes: &mut Probes, process: PythonProcess) -> Result<Self, AttachError> {

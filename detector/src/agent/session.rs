@@ -11,8 +11,6 @@ use std::{
 
 mod enforce;
 
-pub use enforce::BudgetChange;
-
 use aya::maps::{MapData, RingBuf};
 use detector_common::FAMILY_FRAME_ARG;
 use tokio::{

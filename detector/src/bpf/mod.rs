@@ -136,12 +136,6 @@ impl ProbeKind {
         ProbeKind::Empty,
     ];
 
-    /// Whether it runs on every Python call (what the per-call strategy
-    /// attaches), rather than on rare events.
-    pub fn per_call(self) -> bool {
-        matches!(self, ProbeKind::EvalEntry | ProbeKind::EvalCall | ProbeKind::Resume | ProbeKind::FuncNew)
-    }
-
     fn name(self) -> &'static str {
         match self {
             ProbeKind::EvalEntry => programs::EVAL_ENTRY,

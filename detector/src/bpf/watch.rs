@@ -99,11 +99,6 @@ pub struct Watchpoint {
 }
 
 impl Watchpoint {
-    /// The address watched.
-    pub fn addr(&self) -> u64 {
-        self.addr
-    }
-
     /// Watches `addr` instead, on this thread and every copy inherited from
     /// it. On failure it still watches the old address.
     pub fn move_to(&mut self, addr: u64) -> Result<(), std::io::Error> {

@@ -183,14 +183,7 @@ mod tests {
     #[test]
     fn a_binary_is_analysed_once() {
         let exe = std::env::current_exe().unwrap();
-        let file = MappedFile {
-            path: exe.display().to_string(),
-            open_path: exe.clone(),
-            dev: 0,
-            inode: 0,
-            base: 0,
-            root: "/".into(),
-        };
+        let file = MappedFile { path: exe.display().to_string(), open_path: exe.clone(), base: 0, root: "/".into() };
         let cache = AnalysisCache::default();
         for _ in 0..3 {
             // Not Python: the refusal is cached like an analysis.

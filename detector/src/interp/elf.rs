@@ -62,8 +62,6 @@ pub struct ElfImage {
     pub build_id: Option<Vec<u8>>,
     /// `.gnu_debuglink` file name, if present.
     pub debuglink: Option<String>,
-    /// `DT_SONAME`, if present.
-    pub soname: Option<String>,
     /// Section headers.
     pub sections: Vec<Section>,
     /// Loadable segments.
@@ -141,17 +139,11 @@ impl ElfImage {
             }
         }
 
-        let soname = match &file {
-            object::File::Elf64(f) => dynamic_soname(f),
-            _ => None,
-        };
-
         Ok(ElfImage {
             data,
             position_independent,
             build_id,
             debuglink,
-            soname,
             sections,
             segments,
             symbols,
@@ -193,14 +185,6 @@ impl ElfImage {
         self.segments.iter().find(|s| addr >= s.vaddr && addr < s.vaddr + s.filesz).map(|s| s.offset + (addr - s.vaddr))
     }
 
-    /// Virtual address of the byte at file offset `offset`.
-    pub fn vaddr_of_offset(&self, offset: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|s| offset >= s.offset && offset < s.offset + s.filesz)
-            .map(|s| s.vaddr + (offset - s.offset))
-    }
-
     /// `len` bytes at virtual address `addr`, as stored in the file.
     pub fn bytes_at(&self, addr: u64, len: usize) -> Option<&[u8]> {
         let off = self.file_offset(addr)? as usize;
@@ -222,25 +206,4 @@ impl ElfImage {
         let s = self.section(name)?;
         Some((s.addr, self.bytes_at(s.addr, s.size as usize)?))
     }
-}
-
-fn dynamic_soname(f: &object::read::elf::ElfFile64<'_>) -> Option<String> {
-    use object::read::elf::{Dyn, SectionHeader};
-    let endian = f.endian();
-    let data = f.data();
-    let sections = f.elf_section_table();
-    for header in sections.iter() {
-        let Ok(Some((entries, link))) = header.dynamic(endian, data) else {
-            continue;
-        };
-        let Ok(strings) = sections.strings(endian, data, link) else {
-            continue;
-        };
-        for d in entries {
-            if d.tag(endian) == elf::DT_SONAME {
-                return d.string(endian, strings).ok().map(|s| String::from_utf8_lossy(s).into_owned());
-            }
-        }
-    }
-    None
 }

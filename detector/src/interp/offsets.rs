@@ -13,8 +13,6 @@ pub enum OffsetSource {
     DebugOffsets,
     /// DWARF in the binary or its separate debug file.
     Dwarf,
-    /// Read off the interpreter's machine code.
-    Disassembly,
     /// The built-in table for this minor version.
     Builtin,
 }

@@ -31,11 +31,6 @@ impl PyVersion {
         }
     }
 
-    /// `(major, minor)`.
-    pub fn minor_version(&self) -> (u8, u8) {
-        (self.major, self.minor)
-    }
-
     /// Parses `3.X.Y` with an optional `aN`/`bN`/`rcN` suffix and `+`.
     pub fn parse(s: &str) -> Option<Self> {
         let s = s.strip_suffix('+').unwrap_or(s);

@@ -1,9 +1,6 @@
 //! `/proc/PID/maps`, and finding the object that holds a process's interpreter.
 
-use std::{
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::{os::unix::fs::MetadataExt, path::PathBuf};
 
 use super::ProcessError;
 
@@ -64,10 +61,6 @@ pub struct MappedFile {
     /// A path this process can open that names the same inode: through
     /// `/proc/PID/root` (so container files work), else `/proc/PID/map_files`.
     pub open_path: PathBuf,
-    /// Device number.
-    pub dev: u64,
-    /// Inode.
-    pub inode: u64,
     /// Lowest address it is mapped at, with file offset 0.
     pub base: u64,
     /// The process's root directory (`/proc/PID/root`), where files it names
@@ -113,12 +106,9 @@ pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile>
         // Replaced on disk, or another namespace we cannot see into.
         _ => PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end)),
     };
-    let dev = std::fs::metadata(&open_path).map(|m| m.dev()).unwrap_or(0);
     Some(MappedFile {
         path: path.to_owned(),
         open_path,
-        dev,
-        inode: first.inode,
         base: first.start - first.offset,
         root: PathBuf::from(format!("/proc/{pid}/root")),
     })
@@ -128,11 +118,6 @@ pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile>
 /// is mapped, as a bias to add to the object's virtual addresses.
 pub fn load_bias(file: &MappedFile, first_vaddr: u64) -> u64 {
     file.base.wrapping_sub(first_vaddr & !0xfff)
-}
-
-/// Whether `path` exists and is the same inode as `inode`.
-pub fn same_inode(path: &Path, inode: u64) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.ino() == inode)
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::{
 use detector_common::{WatchEntry, WatchKey};
 use tracing::debug;
 
-pub use plan::{Plan, plan};
+pub use plan::plan;
 use register::Register;
 
 use crate::{
