@@ -306,10 +306,12 @@ mod tests {
 
     #[test]
     fn reads_its_own_test_binary() {
-        // This test binary is built with debug info: std's structs are in it.
+        // The release profile's limited debug info (line tables, no types):
+        // parsed whole without an error. What CPython's DWARF gives is
+        // checked against the built-in tables on every interpreter with
+        // symbols by the integration tests.
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        let info = DwarfInfo::parse(&exe).unwrap().expect("test binaries carry DWARF");
-        assert!(info.names.len() > 100);
+        assert!(DwarfInfo::parse(&exe).unwrap().is_some(), "test binaries carry DWARF");
     }
 
     #[test]
