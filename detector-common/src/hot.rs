@@ -137,7 +137,7 @@ mod tests {
             key: 0x7f3a_1c00_1b60,
             code: 0x7f3a_1c00_1b00,
             target: crate::TARGET_NONE,
-            cell: crate::CELL_UNKNOWN,
+            cell: CELL_UNKNOWN,
             ..a
         });
         assert_eq!((a.check, b.check), (a.digest(), b.digest()));

@@ -55,7 +55,12 @@ pub mod programs {
 mod pod {
     use super::*;
     macro_rules! pod {
-        ($($t:ty),* $(,)?) => { $(unsafe impl aya::Pod for $t {})* };
+        // SAFETY: each type is `repr(C)`, `Copy`, made of integers and
+        // byte arrays only, and valid for any bit pattern.
+        ($($t:ty),* $(,)?) => { $(
+            // SAFETY: as above.
+            unsafe impl aya::Pod for $t {}
+        )* };
     }
     pod!(
         TargetKey,

@@ -112,22 +112,26 @@ pub struct NameKey {
 pub struct ThreadEntry {
     /// Process the thread belongs to (guards against tid reuse).
     pub tgid: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// The watch instance that wrote it ([`Slot::instance`]): an entry of
+    /// an earlier watch of the same pid is stale.
+    pub instance: u32,
     /// Address of the thread's `PyThreadState`.
     pub tstate: u64,
 }
 
-/// Key of the verdict cache and of the identities: a code object in a
-/// process. Entries are deleted when the code object is deallocated (a
-/// probe on `code_dealloc`), so a reused address never inherits a verdict.
+/// Key of the verdict cache and of the identities: a code object in one
+/// watch of a process. Entries are deleted when the code object is
+/// deallocated (a probe on `code_dealloc`), so a reused address never
+/// inherits a verdict; those of a watch that ended are never looked up
+/// again (a later watch of the same pid has another instance) and age out
+/// of the LRU maps, so ending a watch deletes nothing here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CodeKey {
     /// Process.
     pub tgid: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// The watch instance ([`Slot::instance`]).
+    pub instance: u32,
     /// Address of the code object.
     pub code: u64,
 }
@@ -284,6 +288,11 @@ pub struct Slot {
     pub mode: u32,
     /// [`EVENTS_EVERY`] or [`EVENTS_SPARSE`].
     pub events: u32,
+    /// Which watch of which process holds the slot: unique over the agent's
+    /// life, never 0 (what a process without a slot reads).
+    pub instance: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
 /// Per-CPU scratch space for keys that do not fit on the eBPF stack.

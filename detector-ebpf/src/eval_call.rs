@@ -32,11 +32,12 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         layout,
         tgid,
         cookie.slot,
+        pass.instance,
         code,
         || Some(code),
         |code| {
             let name = field(code, layout.code_name)?;
-            let identity = unsafe { IDENTITIES.get(&CodeKey { tgid, _pad: 0, code }) };
+            let identity = unsafe { IDENTITIES.get(&CodeKey { tgid, instance: pass.instance, code }) };
             Some(
                 identity
                     .and_then(|id| verdict::classify_identity(layout, tgid, code, name, id))

@@ -92,6 +92,8 @@ pub struct Pass {
     pub counts: bool,
     /// Hits are reported sparsely ([`EVENTS_SPARSE`]).
     pub sparse: bool,
+    /// The watch instance ([`detector_common::Slot::instance`]).
+    pub instance: u32,
 }
 
 /// Counts a pass of process `slot`'s probes, made by a probe of strategy
@@ -102,8 +104,14 @@ pub fn pass(slot: u16, mode: u32) -> Pass {
         // Per-CPU, and a BPF program is not preempted on its CPU.
         Some(p) => unsafe {
             (*p).passes += 1;
-            Pass { counts: (*p).mode == mode, sparse: (*p).events == EVENTS_SPARSE }
+            Pass { counts: (*p).mode == mode, sparse: (*p).events == EVENTS_SPARSE, instance: (*p).instance }
         },
-        None => Pass { counts: true, sparse: false },
+        None => Pass { counts: true, sparse: false, instance: 0 },
     }
+}
+
+/// The watch instance holding `slot`, for probes that count no pass.
+#[inline(always)]
+pub fn instance(slot: u16) -> u32 {
+    SLOTS.get(slot as u32).map_or(0, |s| s.instance)
 }

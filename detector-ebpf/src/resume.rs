@@ -37,7 +37,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
 
     let frame = match regs.get(cookie.frame_reg) {
         Some(f) => f,
-        None => current_frame(layout, thread_state(tgid, tid)?)?,
+        None => current_frame(layout, thread_state(tgid, tid, pass.instance)?)?,
     };
     // Plain values, 0 for "not in a register": an `Option` would leave the
     // verifier an uninitialised register to spill on the `None` path.
@@ -65,7 +65,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
             object_field(layout, frame, layout.frame_code)
         }
     };
-    let known = verdict::verdict(layout, tgid, cookie.slot, key, code, |code| {
+    let known = verdict::verdict(layout, tgid, cookie.slot, pass.instance, key, code, |code| {
         Some(verdict::classify_resume(layout, tgid, frame, code))
     })?;
     let (target, code) = (known.target, known.code);
@@ -80,7 +80,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
             return None; // resuming after yield or await
         }
     }
-    if cookie.check != CHECK_NONE && redispatches(ctx, &cookie, layout, tgid, tid, code) {
+    if cookie.check != CHECK_NONE && redispatches(ctx, &cookie, layout, (tgid, tid, pass.instance), code) {
         bump(stats::REDISPATCH_SKIPS);
         return None;
     }
@@ -88,11 +88,12 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
     Some(())
 }
 
-/// The thread's `PyThreadState`, recorded by `eval_entry` or pre-filled.
+/// The thread's `PyThreadState`, recorded by `eval_entry` or pre-filled in
+/// this watch of the process.
 #[inline(always)]
-fn thread_state(tgid: u32, tid: u32) -> Option<u64> {
+fn thread_state(tgid: u32, tid: u32, instance: u32) -> Option<u64> {
     match unsafe { THREADS.get(&tid) } {
-        Some(e) if e.tgid == tgid => Some(e.tstate),
+        Some(e) if e.tgid == tgid && e.instance == instance => Some(e.tstate),
         _ => {
             bump(stats::UNKNOWN_THREAD);
             None
@@ -110,14 +111,15 @@ fn current_frame(layout: &Layout, tstate: u64) -> Option<u64> {
 /// Whether the handler will leave without starting the body and dispatch the
 /// same instruction again, which then counts.
 #[inline(always)]
-fn redispatches(ctx: &ProbeContext, cookie: &SiteCookie, layout: &Layout, tgid: u32, tid: u32, code: u64) -> bool {
+fn redispatches(ctx: &ProbeContext, cookie: &SiteCookie, layout: &Layout, thread: (u32, u32, u32), code: u64) -> bool {
+    let (tgid, tid, instance) = thread;
     match cookie.check {
         CHECK_BRANCH => {
             let flags = unsafe { (*ctx.regs).eflags };
             cond_holds(cookie.cond, flags) != (cookie.count_when == 1)
         }
         CHECK_REINSTRUMENT => {
-            let Some(tstate) = thread_state(tgid, tid) else { return false };
+            let Some(tstate) = thread_state(tgid, tid, instance) else { return false };
             if layout.flags & LAYOUT_TRACING_GATES_INSTRUMENT != 0
                 && read::<i32>(tstate + layout.tstate_tracing as u64).unwrap_or(0) != 0
             {
@@ -132,7 +134,7 @@ fn redispatches(ctx: &ProbeContext, cookie: &SiteCookie, layout: &Layout, tgid: 
             matches!(global, Some(g) if g != code_version)
         }
         CHECK_DEOPT_MEMORY => {
-            let Some(tstate) = thread_state(tgid, tid) else { return false };
+            let Some(tstate) = thread_state(tgid, tid, instance) else { return false };
             let breaker = field(tstate, layout.tstate_eval_breaker);
             let version = field(code, layout.code_instr_version);
             matches!((breaker, version), (Some(b), Some(v)) if b != v)

@@ -30,7 +30,7 @@ pub struct Known {
 }
 
 /// The verdict on the code object a site found as `key` (the code object
-/// itself, or an instruction inside it) in process `tgid`: from this CPU's
+/// itself, or an instruction inside it) in process `tgid`, watch `instance`: from this CPU's
 /// cache; else from [`VERDICTS`] by the code object (`code` reads it), else
 /// made by `classify` and stored in both.
 #[inline(always)]
@@ -38,6 +38,7 @@ pub fn verdict(
     layout: &Layout,
     tgid: u32,
     slot: u16,
+    instance: u32,
     key: u64,
     code: impl FnOnce() -> Option<u64>,
     classify: impl FnOnce(u64) -> Option<u32>,
@@ -57,7 +58,7 @@ pub fn verdict(
         return Some(Known { code: seen.code, target: seen.target, resumable, cell: seen.cell, generation });
     }
     let code = code()?;
-    let code_key = CodeKey { tgid, _pad: 0, code };
+    let code_key = CodeKey { tgid, instance, code };
     let mut v = match unsafe { VERDICTS.get(&code_key) } {
         Some(v) if v.generation == generation => *v,
         _ => store(layout, &code_key, slot, generation, classify(code)?),

@@ -223,7 +223,7 @@ impl Dump {
 
     /// Stops the detector with `signal` and collects its output.
     pub fn stop_with(self, signal: i32) -> Summary {
-        unsafe { libc::kill(self.child.id() as i32, signal) };
+        crate::signal(self.child.id(), signal);
         self.collect()
     }
 

@@ -128,6 +128,7 @@ impl Drop for Fixture {
 
 /// Restricts process `pid` (0: this one) to `cpu`.
 pub fn pin(pid: u32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty and valid; it outlives the call.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);

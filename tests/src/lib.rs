@@ -6,6 +6,7 @@
 pub mod dump;
 pub mod fixture;
 pub mod interpreters;
+pub mod kernel_maps;
 pub mod node_agent;
 pub mod rc_agent;
 
@@ -78,4 +79,10 @@ pub fn for_each_interpreter(check: impl Fn(&Interpreter) + Sync) {
             .collect()
     });
     assert!(failures.is_empty(), "failed on {} interpreter(s):\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Sends `signal` to process `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: plain integer arguments.
+    unsafe { libc::kill(pid as i32, signal) };
 }

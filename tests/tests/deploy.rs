@@ -113,7 +113,7 @@ fn every_configmap_option_is_one_the_agent_reads() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(agent.try_wait().unwrap().is_none(), "the agent rejected the ConfigMap");
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    detector_tests::signal(agent.id(), libc::SIGTERM);
     assert!(agent.wait().unwrap().success());
 }
 

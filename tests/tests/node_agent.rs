@@ -293,7 +293,7 @@ fn forked_children_and_new_images_are_followed() {
         let child: u32 = parent.read_line().strip_prefix("child ").unwrap().parse().unwrap();
         let attached = agent.wait_attached(child);
         assert_eq!(attached["service"]["service"], "forks");
-        unsafe { libc::kill(child as i32, libc::SIGUSR1) };
+        detector_tests::signal(child, libc::SIGUSR1);
         parent.wait_done();
         agent.wait_exited(child);
         assert_eq!(summary(&mut agent, child, "wl.forks:f"), 4, "3.{minor} child");
@@ -335,7 +335,7 @@ struct Workers(Vec<u32>);
 impl Drop for Workers {
     fn drop(&mut self) {
         for w in &self.0 {
-            unsafe { libc::kill(*w as i32, libc::SIGKILL) };
+            detector_tests::signal(*w, libc::SIGKILL);
         }
     }
 }
@@ -375,7 +375,7 @@ fn prefork_round(agent: &mut NodeAgent, minor: u8, strategy: &str) {
         assert_eq!(agent.lines("hit", *w)[0]["target"], POST, "3.{minor} {strategy}");
     }
     for w in workers {
-        unsafe { libc::kill(*w as i32, libc::SIGUSR1) };
+        detector_tests::signal(*w, libc::SIGUSR1);
         agent.wait_exited(*w);
     }
     master.wait_done();
@@ -429,4 +429,44 @@ fn reachability_samples_show_in_processes() {
     fixture.wait_done();
     fixture.finish();
     agent.events.stop();
+}
+
+/// A watched process that exits leaves no key in the agent's maps: its
+/// counters, cells and watched units are deleted by name, without a sweep
+/// (the few maps keyed by code object or thread keep entries of the ended
+/// watch, which no later watch reads).
+#[test]
+fn an_ended_watch_leaves_no_keys_behind() {
+    use detector_tests::kernel_maps::{keys_by_map, keys_of};
+    let _turn = one_at_a_time();
+    const BY_PROCESS: [&str; 8] =
+        ["COUNTS", "CELL_OF", "CELL_CLAIMS", "PENDING", "WATCHES", "WATCHED_CODES", "DISPATCH_READS", "WATCHED"];
+    for (strategy, minor, written) in
+        [("per-call", 10, "CELL_CLAIMS"), ("per-call", 12, "CELL_OF"), ("watch", 12, "WATCHES")]
+    {
+        let mut agent = NodeAgent::start(&[F, G], &["--strategy", strategy, "--reachability", "false"]);
+        let mut fixture = Fixture::start_with_env(&pyenv(minor), "plain", &env(&opted_in("keys")));
+        let pid = fixture.pid();
+        agent.wait_attached(pid);
+        fixture.go();
+        fixture.wait_done();
+        let alive = keys_by_map(agent.pid());
+        assert!(keys_of(&alive, written, pid) > 0, "3.{minor} {strategy}: {written} holds the process's keys");
+        assert_eq!(keys_of(&alive, "WATCHED", pid), 1, "3.{minor} {strategy}");
+        fixture.finish();
+        agent.wait_exited(pid);
+        assert_eq!((summary(&mut agent, pid, F), summary(&mut agent, pid, G)), (25, 3), "3.{minor} {strategy}");
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let maps = keys_by_map(agent.pid());
+            let left: Vec<(&str, usize)> =
+                BY_PROCESS.iter().map(|m| (*m, keys_of(&maps, m, pid))).filter(|(_, n)| *n > 0).collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "3.{minor} {strategy}: keys left {left:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent.events.stop_with(libc::SIGTERM);
+    }
 }

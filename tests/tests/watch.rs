@@ -216,7 +216,7 @@ fn the_default_strategy_is_watch_where_it_applies() {
             .spawn()
             .unwrap();
         let first = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        detector_tests::signal(child.id(), libc::SIGINT);
         child.wait().unwrap();
         fixture.finish();
         let attached: serde_json::Value = serde_json::from_str(&first).unwrap();

@@ -169,7 +169,7 @@ fn with_agent(python: &Path) -> Result<(AppRun, Seen)> {
     while !is_warm_attached(&rx.recv_timeout(Duration::from_secs(60))?.1) {}
     warm.wait()?;
     let result = run_app(python, &[], true);
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    detector_tests::signal(agent.id() as u32, libc::SIGTERM);
     agent.wait()?;
     let (run, pid) = result?;
     let mut seen = Seen::default();

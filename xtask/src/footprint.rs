@@ -58,12 +58,13 @@ pub fn measure(interp: &Interpreter) -> Result<(f64, f64)> {
     std::thread::sleep(WINDOW);
     let after = cpu_ticks(pid)?;
     let rss = rss_mib(pid)?;
+    // SAFETY: no pointers.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     for c in &mut load {
         let _ = c.kill();
         let _ = c.wait();
     }
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    detector_tests::signal(pid as u32, libc::SIGTERM);
     let _ = agent.wait();
     Ok(((after - before) as f64 / hz / WINDOW.as_secs_f64() * 100.0, rss))
 }

@@ -18,6 +18,7 @@ const CALLS: usize = 200;
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -60,7 +61,7 @@ pub fn measure(interp: &Interpreter, strategy: &str) -> Result<(f64, f64)> {
         latencies.push(seen.saturating_sub(at) as f64 / 1e6);
         std::thread::sleep(Duration::from_millis(3));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    detector_tests::signal(child.id() as u32, libc::SIGINT);
     let _ = child.wait();
     fixture.finish();
     latencies.sort_by(f64::total_cmp);

@@ -32,7 +32,7 @@ pub(crate) fn role(
     kind: ProbeKind,
 ) -> Result<Vec<Link>, AttachError> {
     let layout = probes.layout_id(&p.analysis.layout)?;
-    let slot = probes.slot(p.pid);
+    let slot = probes.slot(p.pid)?;
     let mut links = Vec::new();
     for site in p.analysis.sites.iter().filter(|s| s.role == role) {
         let cookie = SiteCookie {

@@ -61,6 +61,7 @@ impl Costs {
         let uprobe_stepped_ns = uprobe_cost(probes, stepped_site, STEPPED_CALLS)?;
 
         static WATCHED_BYTE: u8 = 0;
+        // SAFETY: no arguments, cannot fail.
         let tid = unsafe { libc::gettid() } as u32;
         let addr = &raw const WATCHED_BYTE as u64;
         let base = time_reads(&WATCHED_BYTE, WATCH_READS);
@@ -131,6 +132,7 @@ fn time_calls(site: extern "C" fn(), n: u32) -> f64 {
 fn time_reads(byte: &u8, n: u32) -> f64 {
     let t = Instant::now();
     for _ in 0..n {
+        // SAFETY: a reference is valid to read.
         unsafe { std::ptr::read_volatile(byte) };
     }
     t.elapsed().as_nanos() as f64

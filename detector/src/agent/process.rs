@@ -389,7 +389,6 @@ impl ProcessWatch {
         self.disarm_reached(probes);
         // Only first hits are reported now: the kernel can skip the records.
         let pid = self.process.pid;
-        probes.slot(pid);
         if let Err(e) = probes.report_sparsely(pid) {
             warn!(pid, error = %e, "cannot make hit events sparse: every hit stays an event");
         }

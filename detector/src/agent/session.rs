@@ -22,7 +22,11 @@ use tracing::{info, warn};
 use super::{AttachError, ProcessWatch, Strategy, discovery::Service, fork};
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
-    events::{EventProcessor, Hit, ModuleExec, Outcome, ProcessLookup, output::Printer, record},
+    events::{
+        EventProcessor, Hit, ProcessLookup,
+        output::Printer,
+        record::{self, ModuleExec, Record},
+    },
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
     targets::{Target, TargetSet},
@@ -223,13 +227,12 @@ impl Session {
         if gone.is_empty() && new.is_empty() {
             return Ok(false);
         }
-        for t in &gone {
-            self.targets.remove(t);
-        }
+        let retired: Vec<u32> = gone.iter().filter_map(|t| self.targets.remove(t)).collect();
         for t in &new {
             self.targets.insert(t.clone());
         }
         self.probes.sync_targets(&self.targets)?;
+        self.probes.retire_targets(&retired);
         info!(added = new.len(), removed = gone.len(), active = self.targets.len(), "targets changed");
         for w in self.watches.0.values().filter(|w| w.process.analysis.layout.family == FAMILY_FRAME_ARG) {
             if let Err(e) = w.prefill_identities(&mut self.probes, &new) {
@@ -475,7 +478,8 @@ impl Session {
 
     /// Drops everything the kernel and the event processor hold for `pid`.
     pub fn forget(&mut self, pid: u32) {
-        self.probes.forget_process(pid);
+        let active: Vec<u32> = self.targets.iter().map(|(_, id)| id).collect();
+        self.probes.forget_process(pid, active);
         self.processor.forget(pid);
     }
 
@@ -531,13 +535,12 @@ fn drain(
     while let Some(item) = ring.next() {
         let Some(rec) = record::decode(&item) else { continue };
         drop(item);
-        match processor.handle(rec, probes, targets, watches) {
-            Some(Outcome::Hit(hit)) => d.hits.push(hit),
-            Some(Outcome::Exec(pid)) => d.found.push(Activity::Exec(pid)),
-            Some(Outcome::Fork { parent, child }) => d.found.push(Activity::Fork { parent, child }),
-            Some(Outcome::WatchFreed { pid, code }) => d.freed.push((pid, code)),
-            Some(Outcome::ModuleExec(e)) => d.module_bodies.push(e),
-            None => {}
+        match rec {
+            Record::Exec { pid } => d.found.push(Activity::Exec(pid)),
+            Record::Fork { parent, child } => d.found.push(Activity::Fork { parent, child }),
+            Record::WatchFreed { pid, code } => d.freed.push((pid, code)),
+            Record::ModuleExec(e) => d.module_bodies.push(e),
+            other => d.hits.extend(processor.hit(other, probes, targets, watches)),
         }
     }
     d
@@ -565,16 +568,19 @@ fn announce_armed(
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A file descriptor that becomes readable when `pid` exits.
 pub fn pidfd(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: plain integer arguments.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: a descriptor just returned by the kernel, owned from here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // SAFETY: `OwnedFd` keeps the descriptor open until dropped.
     unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(std::io::Error::from)

@@ -105,6 +105,7 @@ where
         .spawn(move || -> io::Result<ExitStatus> {
             let mut cmd = Command::new(&argv[0]);
             cmd.args(&argv[1..]);
+            // SAFETY: the closure calls only ptrace, which is async-signal-safe.
             unsafe {
                 cmd.pre_exec(|| {
                     if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == -1 {
@@ -128,13 +129,16 @@ where
                     // Wait for the caller to attach, then let go; if it gave
                     // up, the child must not run unwatched.
                     if release_rx.recv() != Ok(true) {
+                        // SAFETY: plain integer arguments; `pid` is our own child.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
+                    // SAFETY: plain integer arguments; `pid` is our traced child.
                     unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
                 }
                 Err((e, gone)) => {
                     let _ = ready_tx.send(Err(e));
                     if !gone {
+                        // SAFETY: plain integer arguments; `pid` is our own child.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
                 }
@@ -246,6 +250,7 @@ fn run_to_entry(pid: i32) -> io::Result<Stop> {
             // A new image replaced the old one, breakpoint and all.
             Event::Exec => return run_to_entry(pid),
             Event::Trap => {
+                // SAFETY: a struct of integers, valid when zeroed.
                 let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
                 ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs as *mut _ as u64)?;
                 if regs.rip == entry + 1 {
@@ -274,13 +279,16 @@ fn auxv_entry(pid: i32) -> io::Result<u64> {
 }
 
 fn ptrace(req: libc::c_uint, pid: i32, addr: u64, data: u64) -> io::Result<i64> {
+    // SAFETY: callers pass requests whose `data` is an integer or points at a live buffer of the size the request writes.
     let r = unsafe { libc::ptrace(req, pid, addr as *mut libc::c_void, data as *mut libc::c_void) };
     if r == -1 { Err(io::Error::last_os_error()) } else { Ok(r) }
 }
 
 fn peek(pid: i32, addr: u64) -> io::Result<u64> {
     // PEEKTEXT returns the word itself, so -1 is ambiguous: check errno.
+    // SAFETY: errno is this thread's own.
     unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: PEEKTEXT reads the tracee and writes nothing of ours.
     let r = unsafe { libc::ptrace(libc::PTRACE_PEEKTEXT, pid, addr as *mut libc::c_void, 0) };
     let err = io::Error::last_os_error();
     if r == -1 && err.raw_os_error() != Some(0) { Err(err) } else { Ok(r as u64) }
@@ -289,6 +297,7 @@ fn peek(pid: i32, addr: u64) -> io::Result<u64> {
 fn wait(pid: i32) -> io::Result<i32> {
     let mut status = 0;
     loop {
+        // SAFETY: `status` is a valid int to write.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
         if r == pid {
             return Ok(status);

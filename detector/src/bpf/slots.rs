@@ -20,33 +20,50 @@ pub(crate) struct SlotTable {
     by_pid: HashMap<u32, (u16, Slot)>,
     next: u16,
     free: Vec<u16>,
+    /// The last watch instance given out.
+    instances: u32,
 }
 
 impl super::Probes {
-    /// The slot of `pid`, assigned (zeroed, counting per call) on first use;
-    /// [`NO_SLOT`] when every slot is taken.
-    pub fn slot(&mut self, pid: u32) -> u16 {
+    /// The slot of `pid`, assigned (zeroed, counting per call, with a new
+    /// watch instance) on first use. A process without one would not be
+    /// metered, nor could its kernel entries be told from those of a later
+    /// process with its pid: none is watched without one.
+    pub fn slot(&mut self, pid: u32) -> Result<u16, BpfError> {
         if let Some(&(s, _)) = self.slot_table.by_pid.get(&pid) {
-            return s;
+            return Ok(s);
         }
         let t = &mut self.slot_table;
         let slot = match t.free.pop() {
             Some(s) => s,
-            None if (t.next as u32) < capacity::SLOTS => {
+            None if (t.next as u32) < capacity::SLOTS && t.next != NO_SLOT => {
                 t.next += 1;
                 t.next - 1
             }
-            None => return NO_SLOT,
+            None => return Err(BpfError::Full { map: maps::SLOTS, cap: capacity::SLOTS }),
         };
-        let state = Slot { passes: 0, mode: MODE_PER_CALL, events: EVENTS_EVERY };
+        // 0 is what a probe without a slot reads: never an instance.
+        t.instances = t.instances.checked_add(1).unwrap_or(1);
+        let state = Slot { passes: 0, mode: MODE_PER_CALL, events: EVENTS_EVERY, instance: t.instances, _pad: 0 };
         // The last process's cells are still there: nothing counts in them
         // before its probes are attached, after this.
-        if self.write_slot(slot, state).and_then(|()| self.cells.reset(slot)).is_err() {
+        if let Err(e) = self.write_slot(slot, state).and_then(|()| self.cells.reset(slot)) {
             self.slot_table.free.push(slot);
-            return NO_SLOT;
+            return Err(e);
         }
         self.slot_table.by_pid.insert(pid, (slot, state));
-        slot
+        Ok(slot)
+    }
+
+    /// The processes holding a slot: every one not forgotten yet.
+    pub(crate) fn slotted(&self) -> Vec<u32> {
+        self.slot_table.by_pid.keys().copied().collect()
+    }
+
+    /// The watch instance of `pid` (0 if it has no slot, which nothing
+    /// watched lacks).
+    pub(crate) fn instance(&self, pid: u32) -> u32 {
+        self.slot_table.by_pid.get(&pid).map_or(0, |(_, s)| s.instance)
     }
 
     /// Probe passes (per-call) or traps (watch) of `pid` so far, summed over
@@ -78,8 +95,16 @@ impl super::Probes {
         Ok(())
     }
 
-    /// Gives `pid`'s slot back (its probes are closed).
+    /// Gives `pid`'s slot back (its probes are closed), with the entries
+    /// its cells' claims wrote: the claims name them exactly.
     pub(crate) fn release_slot(&mut self, pid: u32) {
+        for cell in 0..SLOT_CELLS as u32 {
+            let claim = CellKey { tgid: pid, cell };
+            if let Ok(target) = self.cells.claims.get(&claim, 0) {
+                let _ = self.cells.cell_of.remove(&CountKey { tgid: pid, target });
+                let _ = self.cells.claims.remove(&claim);
+            }
+        }
         if let Some((slot, _)) = self.slot_table.by_pid.remove(&pid) {
             self.slot_table.free.push(slot);
         }

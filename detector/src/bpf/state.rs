@@ -128,7 +128,7 @@ impl Probes {
         target: u32,
         resumable: bool,
     ) -> Result<(), BpfError> {
-        let key = CodeKey { tgid: pid, _pad: 0, code };
+        let key = CodeKey { tgid: pid, instance: self.instance(pid), code };
         // The kernel picks the cell on the target's next hit.
         let verdict = Verdict { generation, target, resumable: resumable as u32, cell: CELL_UNKNOWN };
         self.verdicts.insert(key, verdict, 0).map_err(map_err(maps::VERDICTS))
@@ -137,13 +137,14 @@ impl Probes {
     /// Tells the kernel which thread state a thread runs (pre-fill for
     /// threads that were in Python before the probes were attached).
     pub fn set_thread(&mut self, tid: u32, pid: u32, tstate: u64) -> Result<(), BpfError> {
-        self.threads.insert(tid, ThreadEntry { tgid: pid, _pad: 0, tstate }, 0).map_err(map_err(maps::THREADS))
+        let entry = ThreadEntry { tgid: pid, instance: self.instance(pid), tstate };
+        self.threads.insert(tid, entry, 0).map_err(map_err(maps::THREADS))
     }
 
     /// Records what a 3.8-3.10 code object is (pre-fill for functions made
     /// before the probes were attached).
     pub fn set_identity(&mut self, pid: u32, code: u64, qualname: u64, globals: u64) -> Result<(), BpfError> {
-        let key = CodeKey { tgid: pid, _pad: 0, code };
+        let key = CodeKey { tgid: pid, instance: self.instance(pid), code };
         self.identities.insert(key, CodeIdentity { qualname, globals }, 0).map_err(map_err(maps::IDENTITIES))
     }
 
@@ -158,24 +159,35 @@ impl Probes {
         out
     }
 
-    /// Drops every entry that belongs to process `pid`.
-    pub fn forget_process(&mut self, pid: u32) {
-        remove_where(&mut self.counts, |k, _| k.tgid == pid);
-        remove_where(&mut self.cells.cell_of, |k, _| k.tgid == pid);
-        remove_where(&mut self.cells.claims, |k, _| k.tgid == pid);
+    /// Ends the watch of process `pid`, whose probes are closed, deleting
+    /// the keys it wrote, found without a sweep of the maps: its counters of
+    /// the active targets (those of targets removed earlier went then), the
+    /// cells it claimed, and its slot. Its verdicts, identities and threads
+    /// are keyed or stamped by the watch instance, which no later watch
+    /// shares, and age out of their LRU maps; its watched units went when
+    /// its watchpoints were disarmed. Pending hits (3.8-3.10) are the
+    /// exception: that small map is read whole on every count anyway.
+    pub fn forget_process(&mut self, pid: u32, targets: impl IntoIterator<Item = u32>) {
+        for target in targets {
+            let _ = self.counts.remove(&CountKey { tgid: pid, target });
+        }
         remove_where(&mut self.pending, |k, _| k.tgid == pid);
-        remove_where(&mut self.threads, |_, v| v.tgid == pid);
-        remove_where(&mut self.identities, |k, _| k.tgid == pid);
-        remove_where(&mut self.verdicts, |k, _| k.tgid == pid);
-        remove_where(&mut self.watches, |k, _| k.tgid == pid);
-        remove_where(&mut self.dispatch_reads, |k, _| k.tgid == pid);
-        remove_where(&mut self.watched_codes, |k, _| k.tgid == pid);
         let _ = self.watched.remove(&pid);
         self.release_slot(pid);
         // The CPUs' cached verdicts may name the pid, which may come back.
         self.cache_stamp = self.cache_stamp.wrapping_add(1);
         if let Err(e) = self.write_config() {
             tracing::warn!(pid, error = %e, "could not invalidate cached verdicts");
+        }
+    }
+
+    /// Targets `ids` were removed: deletes their counters in every process
+    /// not forgotten yet, so that forgetting one needs only the active ids.
+    pub fn retire_targets(&mut self, ids: &[u32]) {
+        for pid in self.slotted() {
+            for &target in ids {
+                let _ = self.counts.remove(&CountKey { tgid: pid, target });
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ pub fn root() -> io::Result<&'static str> {
     }
     let c = |s: &str| std::ffi::CString::new(s).unwrap();
     let (src, dst, fs) = (c("nodev"), c(TRACEFS), c("tracefs"));
+    // SAFETY: NUL-terminated strings that outlive the call; no data.
     if unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) } != 0 {
         let e = io::Error::last_os_error();
         return Err(io::Error::new(

@@ -116,6 +116,7 @@ impl Watchpoint {
 }
 
 fn ioctl(fd: &OwnedFd, request: libc::c_ulong, arg: libc::c_ulong) -> Result<(), std::io::Error> {
+    // SAFETY: perf ioctls that take an integer argument, on a live descriptor.
     if unsafe { libc::ioctl(fd.as_raw_fd(), request, arg) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -137,6 +138,7 @@ impl Probes {
             .map_err(|e| BpfError::Program { what: format!("program {}", programs::WATCH), source: Box::new(e) })?;
         let prog_fd = prog.as_fd().as_raw_fd();
         let attr = PerfEventAttr::breakpoint(addr);
+        // SAFETY: `attr` is a valid perf_event_attr that outlives the call.
         let fd = unsafe {
             libc::syscall(
                 libc::SYS_perf_event_open,
@@ -160,7 +162,7 @@ impl Probes {
     /// Tells the kernel what the unit at `key` starts (and to stop counting
     /// it when its code object is deallocated).
     pub fn set_watch(&mut self, key: WatchKey, entry: WatchEntry) -> Result<(), BpfError> {
-        let code = CodeKey { tgid: key.tgid, _pad: 0, code: entry.code };
+        let code = CodeKey { tgid: key.tgid, instance: self.instance(key.tgid), code: entry.code };
         self.watched_codes.insert(code, key.addr, 0).map_err(map_err(maps::WATCHED_CODES))?;
         self.watches.insert(key, entry, 0).map_err(map_err(maps::WATCHES))
     }
@@ -178,7 +180,7 @@ impl Probes {
     /// Forgets a watched unit.
     pub fn remove_watch(&mut self, key: &WatchKey, code: u64) {
         let _ = self.watches.remove(key);
-        let _ = self.watched_codes.remove(&CodeKey { tgid: key.tgid, _pad: 0, code });
+        let _ = self.watched_codes.remove(&CodeKey { tgid: key.tgid, instance: self.instance(key.tgid), code });
     }
 
     pub(super) fn watch_program(&mut self) -> Result<&mut PerfEvent, BpfError> {

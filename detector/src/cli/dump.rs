@@ -87,12 +87,14 @@ pub async fn run(args: DumpArgs) -> anyhow::Result<()> {
     let deadline = tokio::time::sleep(Duration::from_secs_f64(args.duration.unwrap_or(1e9)));
     tokio::pin!(deadline);
     tokio::select! {
-        Activity::Exited(_) = session.next() => {
-            let status = match child {
-                Some(c) => spawn::exit_status(c).await,
-                None => None,
-            };
-            session.end(pid, status.as_deref());
+        activity = next_of_interest(&mut session) => {
+            if activity == Activity::Exited(pid) {
+                let status = match child {
+                    Some(c) => spawn::exit_status(c).await,
+                    None => None,
+                };
+                session.end(pid, status.as_deref());
+            }
         }
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
@@ -165,4 +167,15 @@ pub fn calibrate() -> anyhow::Result<()> {
     probes.settle(Duration::from_secs(20));
     println!("{}", serde_json::to_string(&costs)?);
     Ok(())
+}
+
+/// The next activity that ends a dump: the process's exit, or the output's
+/// reader going away (nothing else is followed: a dump does not discover).
+async fn next_of_interest(session: &mut Session) -> Activity {
+    loop {
+        match session.next().await {
+            a @ (Activity::Exited(_) | Activity::OutputClosed) => return a,
+            Activity::Exec(_) | Activity::Fork { .. } => {}
+        }
+    }
 }

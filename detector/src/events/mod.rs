@@ -56,44 +56,6 @@ struct CodeInfo {
     lineno: Option<u32>,
 }
 
-/// What a record means for the caller.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// A hit to report.
-    Hit(Hit),
-    /// A process executed a new image: consider it.
-    Exec(u32),
-    /// A watched process forked: consider the child.
-    Fork {
-        /// The watched process.
-        parent: u32,
-        /// The child.
-        child: u32,
-    },
-    /// A code object under a watchpoint in `pid` was deallocated.
-    WatchFreed {
-        /// The process.
-        pid: u32,
-        /// The code object.
-        code: u64,
-    },
-    /// A module body is about to run in `pid`: look for targets in it.
-    ModuleExec(ModuleExec),
-}
-
-/// A module body about to run (see [`Outcome::ModuleExec`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ModuleExec {
-    /// The process.
-    pub pid: u32,
-    /// The module's code object.
-    pub code: u64,
-    /// Its globals.
-    pub globals: u64,
-    /// When the kernel saw it (CLOCK_MONOTONIC ns).
-    pub ts_ns: u64,
-}
-
 /// Turns records into hits for a set of watched processes.
 #[derive(Default)]
 pub struct EventProcessor {
@@ -108,30 +70,10 @@ pub trait ProcessLookup {
 }
 
 impl EventProcessor {
-    /// Handles one record: a hit, a process to consider, or nothing (for
-    /// bookkeeping records).
-    pub fn handle(
-        &mut self,
-        rec: Record,
-        probes: &mut Probes,
-        targets: &TargetSet,
-        procs: &impl ProcessLookup,
-    ) -> Option<Outcome> {
-        match rec {
-            Record::Exec { pid } => Some(Outcome::Exec(pid)),
-            Record::Fork { parent, child } => Some(Outcome::Fork { parent, child }),
-            Record::WatchFreed { pid, code } => Some(Outcome::WatchFreed { pid, code }),
-            Record::ModuleExec(e) => Some(Outcome::ModuleExec(ModuleExec {
-                pid: e.header.tgid,
-                code: e.code,
-                globals: e.globals,
-                ts_ns: e.ts_ns,
-            })),
-            other => self.hit(other, probes, targets, procs).map(Outcome::Hit),
-        }
-    }
-
-    fn hit(
+    /// The hit a hit-related record makes, if any (a code object's file
+    /// and line are kept for the hits that follow; other records are the
+    /// caller's).
+    pub fn hit(
         &mut self,
         rec: Record,
         probes: &mut Probes,

@@ -40,8 +40,18 @@ impl Printer {
         self
     }
 
-    /// Whether stdout was closed by its reader: there is no one to report to.
+    /// Whether stdout was closed by its reader: there is no one to report
+    /// to. Asked of the descriptor too, not only learnt from a failed
+    /// write: a reader can go while nothing is being written.
     pub fn closed(&self) -> bool {
+        if self.format.is_some() && !self.closed.get() {
+            let mut out = libc::pollfd { fd: libc::STDOUT_FILENO, events: 0, revents: 0 };
+            // SAFETY: one valid pollfd, no wait.
+            let ready = unsafe { libc::poll(&mut out, 1, 0) };
+            if ready > 0 && out.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                self.closed.set(true);
+            }
+        }
         self.closed.get()
     }
 

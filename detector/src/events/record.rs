@@ -44,10 +44,24 @@ pub enum Record {
         code: u64,
     },
     /// A module body is about to run in a process with targets not found yet.
-    ModuleExec(ModuleExecEvent),
+    ModuleExec(ModuleExec),
+}
+
+/// A module body about to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModuleExec {
+    /// The process.
+    pub pid: u32,
+    /// The module's code object.
+    pub code: u64,
+    /// Its globals.
+    pub globals: u64,
+    /// When the kernel saw it (CLOCK_MONOTONIC ns).
+    pub ts_ns: u64,
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    // SAFETY: the length is checked, and every `T` read here is plain integers (`detector_common`'s records).
     (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
@@ -70,7 +84,9 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
         EVENT_EXEC => read::<ProcessEvent>(bytes).map(|e| Record::Exec { pid: e.header.tgid }),
         EVENT_FORK => read::<ProcessEvent>(bytes).map(|e| Record::Fork { parent: e.parent, child: e.header.tgid }),
         EVENT_WATCH_FREED => read::<FreedEvent>(bytes).map(|e| Record::WatchFreed { pid: e.header.tgid, code: e.code }),
-        EVENT_MODULE_EXEC => read(bytes).map(Record::ModuleExec),
+        EVENT_MODULE_EXEC => read::<ModuleExecEvent>(bytes).map(|e| {
+            Record::ModuleExec(ModuleExec { pid: e.header.tgid, code: e.code, globals: e.globals, ts_ns: e.ts_ns })
+        }),
         _ => None,
     }
 }
@@ -80,6 +96,7 @@ mod tests {
     use super::*;
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: the bytes of a live value, read as bytes.
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 

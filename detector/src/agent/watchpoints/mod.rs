@@ -209,7 +209,7 @@ impl Armed {
         }
         self.mark_dispatch_reads(probes, p)?;
         let layout = probes.layout_id(&p.analysis.layout)?;
-        let slot = probes.slot(p.pid);
+        let slot = probes.slot(p.pid)?;
         let mem = ProcessMemory::open(p.pid)?;
         let mut new = Vec::new();
         for (target, s) in starts {
