@@ -86,3 +86,19 @@ pub fn signal(pid: u32, signal: i32) {
     // SAFETY: plain integer arguments.
     unsafe { libc::kill(pid as i32, signal) };
 }
+
+/// An `attached` line, typed.
+pub fn attached_report(line: &serde_json::Value) -> detector::agent::report::AttachedReport {
+    serde_json::from_value(line.clone()).unwrap_or_else(|e| panic!("attached line {line}: {e}"))
+}
+
+/// A process under watchpoints: (units watched, whether they rotate,
+/// targets pending); panics naming its mode otherwise.
+pub fn watching(p: &detector::agent::report::ProcessReport) -> (usize, bool, usize) {
+    match &p.mode {
+        detector::agent::report::ModeReport::Watch { watched_units, rotating, pending_targets } => {
+            (*watched_units, *rotating, *pending_targets)
+        }
+        other => panic!("pid {} is not under watchpoints: {other:?}", p.pid),
+    }
+}

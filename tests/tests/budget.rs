@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use detector::agent::report::{ModeReport, TargetStrategy};
+
 use detector_tests::{
     Fixture, NodeAgent, interpreters,
     node_agent::{one_at_a_time, opted_in},
@@ -38,7 +40,7 @@ fn per_call_over_budget_moves_to_watch_and_counts_stay_exact() {
         agent.wait_metric(r#"detector_budget_actions_total{action="watch"}"#, 1.0);
         let p = agent.process(pid).expect("in /processes");
         assert_eq!(p.strategy, "watch", "{}: {p:?}", i.name);
-        assert_eq!(p.targets_by_strategy, BTreeMap::from([("watch".into(), 1)]), "{}: {p:?}", i.name);
+        assert_eq!(p.targets_by_strategy, BTreeMap::from([(TargetStrategy::Watch, 1)]), "{}: {p:?}", i.name);
         // The per-call uprobes are closed; the deallocation and
         // module-execution probes stay.
         assert_eq!(p.probes, 2, "{}: {p:?}", i.name);
@@ -67,7 +69,7 @@ fn within_budget_nothing_changes() {
     let line = fixture.read_line();
     let p = agent.process(pid).expect("in /processes");
     assert_eq!(p.strategy, "per-call", "{p:?}");
-    assert_eq!(p.targets_by_strategy, BTreeMap::from([("per-call".into(), 1)]), "{p:?}");
+    assert_eq!(p.targets_by_strategy, BTreeMap::from([(TargetStrategy::PerCall, 1)]), "{p:?}");
     let share = p.overhead_percent.expect("measured");
     // Measured, and far from free (a loaded machine may inflate the cost
     // measured at start, so no upper bound is asserted).
@@ -96,10 +98,10 @@ fn over_budget_without_a_cheaper_strategy_suspends_then_tries_again() {
     let p = agent.process(pid).expect("in /processes");
     assert_eq!(p.strategy, "suspended", "{p:?}");
     // Every target is blind while it is suspended, and it says why.
-    assert_eq!(p.targets_by_strategy, BTreeMap::from([("none".into(), 2)]), "{p:?}");
+    assert_eq!(p.targets_by_strategy, BTreeMap::from([(TargetStrategy::None, 2)]), "{p:?}");
     assert_eq!(p.probes, 0, "{p:?}");
-    let suspended = p.suspended.expect("why and until when");
-    assert!(suspended.why.contains("over budget") && suspended.why.contains("wl.hot:twin"), "{suspended:?}");
+    let ModeReport::Suspended { why, .. } = &p.mode else { panic!("not suspended: {p:?}") };
+    assert!(why.contains("over budget") && why.contains("wl.hot:twin"), "{why}");
     agent.wait_metric(r#"detector_processes_by_strategy{strategy="suspended"}"#, 1.0);
     // After --budget-retry it is probed (and measured) again.
     agent.wait_metric(r#"detector_budget_actions_total{action="resume"}"#, 1.0);

@@ -4,7 +4,8 @@
 //! once), and a process may have more body starts than debug registers
 //! (shared over time under reachability).
 
-use detector_tests::{Dump, Fixture, Interpreter, for_each_interpreter, run_reaching};
+use detector::agent::report::TargetStrategy;
+use detector_tests::{Dump, Fixture, Interpreter, attached_report, for_each_interpreter, run_reaching, watching};
 use serde_json::Value;
 
 /// Waits for `armed` lines naming every one of `targets`; returns them.
@@ -27,13 +28,13 @@ fn attach_before_imports(i: &Interpreter, targets: &[&str]) -> (Fixture, Dump) {
     let mut fixture = Fixture::start(i, "lazy");
     fixture.go();
     let d = Dump::attach_with(fixture.pid(), targets, &["--strategy", "watch"]);
-    let attached = &d.seen[0];
-    assert_eq!(attached["strategy"], "watch", "{}: {attached}", i.name);
+    let attached = attached_report(&d.seen[0]);
+    assert_eq!(attached.process.strategy, "watch", "{}: {attached:?}", i.name);
     // The deallocation and module-execution probes: nothing per call.
-    assert_eq!(attached["probes"], 2, "{}: {attached}", i.name);
-    assert_eq!(attached["pending_targets"], targets.len(), "{}: {attached}", i.name);
+    assert_eq!(attached.process.probes, 2, "{}: {attached:?}", i.name);
+    assert_eq!(watching(&attached.process).2, targets.len(), "{}: {attached:?}", i.name);
     for t in targets {
-        assert_eq!(attached["target_strategies"][t], "pending", "{}: {attached}", i.name);
+        assert_eq!(attached.target_strategies[*t], TargetStrategy::Pending, "{}: {attached:?}", i.name);
     }
     (fixture, d)
 }
@@ -91,11 +92,11 @@ fn a_catalog_whose_modules_are_never_imported_costs_nothing() {
         fixture.go();
         // The node agent's defaults: reachability, an overhead budget, auto.
         let mut d = run_reaching(fixture.pid(), &targets, &["--strategy", "auto", "--overhead-budget", "1"]);
-        let attached = d.seen.iter().find(|v| v["type"] == "attached").unwrap().clone();
-        assert_eq!(attached["strategy"], "watch+reachability", "{}: {attached}", i.name);
-        assert_eq!(attached["probes"], 2, "{}: {attached}", i.name);
-        assert_eq!(attached["watched_units"], 0, "{}: {attached}", i.name);
-        assert_eq!(attached["pending_targets"], targets.len(), "{}: {attached}", i.name);
+        let attached = attached_report(d.seen.iter().find(|v| v["type"] == "attached").unwrap()).process;
+        assert_eq!(attached.strategy, "watch+reachability", "{}: {attached:?}", i.name);
+        assert_eq!(attached.probes, 2, "{}: {attached:?}", i.name);
+        let (units, _, pending) = watching(&attached);
+        assert_eq!((units, pending), (0, targets.len()), "{}: {attached:?}", i.name);
         // Call-heavy for longer than the budget's window: no probe runs,
         // so nothing moves it anywhere.
         assert_eq!(fixture.ask("busy 4"), "ok");
@@ -117,10 +118,10 @@ fn eight_hot_targets_share_the_debug_registers_and_are_all_reported() {
         let mut fixture = Fixture::start(i, "hot8");
         fixture.go();
         let mut d = run_reaching(fixture.pid(), &targets, &["--strategy", "watch"]);
-        let attached = d.seen.iter().find(|v| v["type"] == "attached").unwrap().clone();
-        assert_eq!(attached["strategy"], "watch+reachability", "{}: {attached}", i.name);
-        assert_eq!(attached["watched_units"], 8, "{}: {attached}", i.name);
-        assert_eq!(attached["rotating"], true, "{}: {attached}", i.name);
+        let attached = attached_report(d.seen.iter().find(|v| v["type"] == "attached").unwrap()).process;
+        assert_eq!(attached.strategy, "watch+reachability", "{}: {attached:?}", i.name);
+        let (units, rotating, _) = watching(&attached);
+        assert_eq!((units, rotating), (8, true), "{}: {attached:?}", i.name);
         // 10 ms apart for over a second: every target is called while a
         // register watches it.
         fixture.call("rounds", 120);
@@ -143,9 +144,9 @@ fn one_off_calls_of_more_targets_than_registers_are_all_reported() {
         let mut fixture = Fixture::start(i, "once");
         fixture.go();
         let mut d = run_reaching(fixture.pid(), &targets, &["--strategy", "watch"]);
-        let attached = d.seen.iter().find(|v| v["type"] == "attached").unwrap().clone();
-        assert_eq!(attached["watched_units"], 14, "{}: {attached}", i.name);
-        assert_eq!(attached["rotating"], true, "{}: {attached}", i.name);
+        let attached = attached_report(d.seen.iter().find(|v| v["type"] == "attached").unwrap()).process;
+        let (units, rotating, _) = watching(&attached);
+        assert_eq!((units, rotating), (14, true), "{}: {attached:?}", i.name);
         // Each once: at most four of them have a register as they run; the
         // others are seen from their code objects' warm-up marks.
         fixture.call("all", 1);

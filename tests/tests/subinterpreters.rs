@@ -21,7 +21,8 @@ fn calls_in_subinterpreters_made_after_the_attach_are_counted_exactly() {
             let mut fixture = Fixture::start(i, "subinterp");
             fixture.go();
             let mut d = Dump::attach_with(fixture.pid(), &[F, DECOY], &["--strategy", strategy]);
-            assert_eq!(d.seen[0]["strategy"], strategy, "{}: {}", i.name, d.seen[0]);
+            let attached = detector_tests::attached_report(&d.seen[0]).process;
+            assert_eq!(attached.strategy, strategy, "{}: {attached:?}", i.name);
             fixture.call("main", 10);
             let armed_f =
                 |v: &serde_json::Value| v["type"] == "armed" && v["targets"].as_array().unwrap().iter().any(|t| t == F);

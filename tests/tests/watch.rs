@@ -4,7 +4,8 @@
 //! asserted from the `attached` line (no silent fallback), and a clear
 //! fallback to per-call where it cannot apply.
 
-use detector_tests::{Dump, Fixture, Interpreter, Summary, for_each_interpreter, run_reaching};
+use detector::agent::report::{ModeReport, TargetStrategy};
+use detector_tests::{Dump, Fixture, Interpreter, Summary, attached_report, for_each_interpreter, run_reaching};
 
 /// Runs `workload` under `dump --strategy watch` attached after its setup.
 fn watched(i: &Interpreter, workload: &str, targets: &[&str]) -> Summary {
@@ -21,10 +22,11 @@ fn watched(i: &Interpreter, workload: &str, targets: &[&str]) -> Summary {
 fn check(i: &Interpreter, workload: &str, expected: &[(&str, u64)]) {
     let targets: Vec<&str> = expected.iter().map(|(t, _)| *t).collect();
     let s = watched(i, workload, &targets);
-    assert_eq!(s.attached["strategy"], "watch", "{}: {}", i.name, s.attached);
+    let attached = attached_report(&s.attached).process;
+    assert_eq!(attached.strategy, "watch", "{}: {attached:?}", i.name);
     // The deallocation and module-execution probes (a module body that
     // runs may define a target anew): no per-call probe.
-    assert_eq!(s.attached["probes"], 2, "{}: {}", i.name, s.attached);
+    assert_eq!(attached.probes, 2, "{}: {attached:?}", i.name);
     s.assert_counts(expected);
 }
 
@@ -80,8 +82,11 @@ fn more_body_starts_than_debug_registers_fall_back_to_per_call() {
     for_each_interpreter(|i| {
         let targets = ["wl.methods:A.f", "wl.methods:B.f", "wl.methods:f", "wl.decoy:A.f", "wl.methods:A.s"];
         let s = watched(i, "methods", &targets);
-        assert_eq!(s.attached["strategy"], "per-call", "{}", s.attached);
-        assert!(s.attached["watch_fallback"].as_str().unwrap().contains("4 debug registers"), "{}", s.attached);
+        let attached = attached_report(&s.attached).process;
+        let ModeReport::PerCall { watch_fallback: Some(why), .. } = &attached.mode else {
+            panic!("{}: not per-call, or no reason given: {attached:?}", i.name)
+        };
+        assert!(why.contains("4 debug registers"), "{why}");
         s.assert_counts(&[
             ("wl.methods:A.f", 10),
             ("wl.methods:B.f", 5),
@@ -219,10 +224,9 @@ fn the_default_strategy_is_watch_where_it_applies() {
         detector_tests::signal(child.id(), libc::SIGINT);
         child.wait().unwrap();
         fixture.finish();
-        let attached: serde_json::Value = serde_json::from_str(&first).unwrap();
-        assert_eq!(attached["strategy"], "watch", "{}: {attached}", i.name);
-        assert_eq!(attached["target_strategies"]["wl.plain:f"], "watch", "{}: {attached}", i.name);
-        assert!(attached["watch_fallback"].is_null(), "{}: {attached}", i.name);
+        let attached = attached_report(&serde_json::from_str(&first).unwrap());
+        assert_eq!(attached.process.strategy, "watch", "{}: {attached:?}", i.name);
+        assert_eq!(attached.target_strategies["wl.plain:f"], TargetStrategy::Watch, "{}: {attached:?}", i.name);
     });
 }
 
@@ -232,10 +236,10 @@ fn a_late_import_is_watched_from_when_its_module_runs() {
         let mut fixture = Fixture::start(i, "late_rounds");
         fixture.go();
         let mut d = Dump::attach_with(fixture.pid(), &["wl.late:f"], &["--strategy", "watch"]);
-        let attached = d.wait_for("attached");
+        let attached = attached_report(&d.wait_for("attached"));
         // Pending, at no cost: no per-call probe while the module is absent.
-        assert_eq!(attached["strategy"], "watch", "{}: {attached}", i.name);
-        assert_eq!(attached["target_strategies"]["wl.late:f"], "pending", "{attached}");
+        assert_eq!(attached.process.strategy, "watch", "{}: {attached:?}", i.name);
+        assert_eq!(attached.target_strategies["wl.late:f"], TargetStrategy::Pending, "{attached:?}");
         fixture.call("import", 0);
         let armed = d.wait_for("armed");
         assert_eq!(armed["targets"][0], "wl.late:f", "{}: {armed}", i.name);

@@ -18,15 +18,15 @@ use crate::{
 };
 
 /// Targets, with their code objects, whose bodies `child` ran between its
-/// fork from `parent` (at `forked` or before) and now, among `unreached`.
+/// fork from `parent` (at `forked` or before) and now (a child just
+/// attached has reached none yet: every target is asked about).
 pub(crate) fn runs_since_fork(
     child: &PythonProcess,
     parent: &ProcessWatch,
     forked: Instant,
     targets: &TargetSet,
-    unreached: &[u32],
 ) -> Vec<(u32, u64)> {
-    match read(child, parent, forked, targets, unreached) {
+    match read(child, parent, forked, targets) {
         Ok(ran) => ran,
         Err(e) => {
             debug!(pid = child.pid, parent = parent.process.pid, error = %e, "reading the marks of a forked child");
@@ -40,10 +40,8 @@ fn read(
     parent: &ProcessWatch,
     forked: Instant,
     targets: &TargetSet,
-    unreached: &[u32],
 ) -> Result<Vec<(u32, u64)>, crate::pyproc::ProcessError> {
-    let ids: Vec<(u32, &crate::targets::Target)> =
-        unreached.iter().filter_map(|id| Some((*id, targets.get(*id)?))).collect();
+    let ids: Vec<(u32, &crate::targets::Target)> = targets.iter().map(|(t, id)| (id, t)).collect();
     let ts: Vec<&crate::targets::Target> = ids.iter().map(|(_, t)| *t).collect();
     let (child_mem, parent_mem) = (ProcessMemory::open(child.pid)?, ProcessMemory::open(parent.process.pid)?);
     let armed = match &parent.mode {

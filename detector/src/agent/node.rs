@@ -95,6 +95,7 @@ pub struct Evaluated {
     result: Result<(PythonProcess, Service), Refusal>,
 }
 
+/// A process considered and not watched (a watched one is the session's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// A decision is being made; `again` if the process executed a new
@@ -102,7 +103,6 @@ enum State {
     Deciding {
         again: bool,
     },
-    Watched,
     Refused,
 }
 
@@ -111,8 +111,9 @@ pub struct Node {
     opts: NodeOptions,
     metrics: SharedMetrics,
     cache: Arc<AnalysisCache>,
-    /// Every process considered, by pid, with its start time (a reused pid
-    /// is a new process).
+    /// Every process considered and not watched, by pid, with its start
+    /// time (a reused pid is a new process). A pid is here or watched by
+    /// the session, never both.
     known: HashMap<u32, (Option<u64>, State)>,
     jobs: JoinSet<Evaluated>,
     /// Hits of processes that have ended, per target, for the metrics.
@@ -128,7 +129,7 @@ impl Node {
     /// Considers every process not considered yet (at start, and as the
     /// periodic safety net behind the exec tracepoint), and forgets those
     /// that are gone.
-    pub fn rescan(&mut self) {
+    pub fn rescan(&mut self, session: &Session) {
         let pids = match discovery::all_pids() {
             Ok(p) => p,
             Err(e) => {
@@ -137,15 +138,15 @@ impl Node {
             }
         };
         let alive: std::collections::HashSet<u32> = pids.iter().copied().collect();
-        self.known.retain(|pid, (_, state)| alive.contains(pid) || *state == State::Watched);
+        self.known.retain(|pid, _| alive.contains(pid));
         for pid in pids {
-            self.consider(pid, false);
+            self.consider(session, pid, false);
         }
     }
 
     /// Decides about `pid` unless that is already done for this process;
     /// `fresh` forgets an earlier decision (the process executed a new image).
-    pub fn consider(&mut self, pid: u32, fresh: bool) {
+    pub fn consider(&mut self, session: &Session, pid: u32, fresh: bool) {
         if pid == std::process::id() {
             return;
         }
@@ -154,12 +155,14 @@ impl Node {
         if start.is_none() {
             return; // already gone
         }
+        if session.watch_of(pid).is_some_and(|w| w.start_time == start) {
+            return;
+        }
         match self.known.get_mut(&pid) {
             Some((s, State::Deciding { again })) if *s == start => {
                 *again |= fresh;
                 return;
             }
-            Some((s, State::Watched)) if *s == start => return,
             Some((s, State::Refused)) if *s == start && !fresh => return,
             _ => {}
         }
@@ -214,14 +217,14 @@ impl Node {
         if discovery::start_time(pid) != start {
             self.known.remove(&pid); // exited (or the pid was reused) meanwhile
             if start.is_some() && discovery::start_time(pid).is_some() {
-                self.consider(pid, true);
+                self.consider(session, pid, true);
             }
             return;
         }
         let refusal = match result {
             Ok((process, service)) => match self.attach(session, process, service) {
                 Ok(()) => {
-                    self.known.insert(pid, (start, State::Watched));
+                    self.known.remove(&pid);
                     self.publish(session);
                     return;
                 }
@@ -287,7 +290,7 @@ impl Node {
     /// longer holds.
     pub fn exec(&mut self, session: &mut Session, pid: u32) {
         if !session.is_watched(pid) {
-            self.consider(pid, true);
+            self.consider(session, pid, true);
             return;
         }
         // The old probes would count the new image too (same task): they

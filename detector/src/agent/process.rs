@@ -155,6 +155,9 @@ pub struct ProcessWatch {
     pub meter: budget::Meter,
     /// When it was first attached.
     pub since: Instant,
+    /// Its start time (clock ticks after boot): a pid reused by another
+    /// process has another.
+    pub start_time: Option<u64>,
     /// The last budget decision about it, with the load that caused it.
     pub budget_note: Option<String>,
     /// Reachability's sampled counts of reached targets.
@@ -178,6 +181,7 @@ impl ProcessWatch {
     }
 
     fn with_mode(process: PythonProcess, mode: Mode, counting: Counting) -> Self {
+        let start_time = discovery::start_time(process.pid);
         ProcessWatch {
             process,
             service: Default::default(),
@@ -185,6 +189,7 @@ impl ProcessWatch {
             counting,
             meter: Default::default(),
             since: Instant::now(),
+            start_time,
             budget_note: None,
             samples: Default::default(),
         }

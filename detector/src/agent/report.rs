@@ -30,69 +30,121 @@ pub struct ProcessReport {
     pub binary: String,
     /// CPython version.
     pub version: String,
-    /// `per-call`, `watch`, `suspended` or `detached`, with `+reachability`
-    /// when each target is reported once.
+    /// The mode's name, with `+reachability` when each target is reported
+    /// once: a summary for people and the metrics.
     pub strategy: String,
-    /// How many targets are observed each way: `watch`, `pending`,
-    /// `per-call`, `reached`, `none`.
-    pub targets_by_strategy: BTreeMap<String, usize>,
+    /// How it is observed now, with what that mode has.
+    pub mode: ModeReport,
+    /// Each target is reported once, not counted at every call.
+    pub reachability: bool,
+    /// How many targets are observed each way.
+    pub targets_by_strategy: BTreeMap<TargetStrategy, usize>,
     /// Uprobes attached.
     pub probes: usize,
-    /// Body starts known under watchpoints.
-    pub watched_units: usize,
-    /// Whether those share the debug registers over time.
-    pub rotating: bool,
-    /// Targets whose module has not run yet.
-    pub pending_targets: usize,
-    /// Why watchpoints were asked for and not used.
-    pub watch_fallback: Option<String>,
     /// Its probes' cost, as the overhead budget measured it.
     pub overhead_percent: Option<f64>,
     /// The last budget decision about it.
     pub budget: Option<String>,
-    /// Over budget: nothing attached, every target blind until it is tried
-    /// again.
-    pub suspended: Option<Suspended>,
     /// Reachability's sampled call rates of reached targets.
     pub sampled_calls_per_sec: BTreeMap<String, f64>,
     /// The service its hits are reported for.
     pub service: Service,
 }
 
-/// A suspension, as reported.
+/// A process's mode, as reported: each carries only what it has.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Suspended {
-    /// Seconds until it is tried again.
-    pub for_secs: u64,
-    /// Why.
-    pub why: String,
+#[serde(tag = "name", rename_all = "kebab-case")]
+pub enum ModeReport {
+    /// Uprobes at every per-call site.
+    PerCall {
+        /// Why watchpoints were asked for and not used.
+        watch_fallback: Option<String>,
+        /// Threads whose state was pre-filled (3.11+).
+        prefilled_threads: usize,
+        /// Target functions whose identity was pre-filled (3.8-3.10).
+        prefilled_identities: usize,
+    },
+    /// Hardware watchpoints on the targets' body starts.
+    Watch {
+        /// Body starts known under watchpoints.
+        watched_units: usize,
+        /// Whether those share the debug registers over time.
+        rotating: bool,
+        /// Targets whose module has not run yet.
+        pending_targets: usize,
+    },
+    /// Over budget: nothing attached, every target blind until it is
+    /// tried again.
+    Suspended {
+        /// Seconds until it is tried again.
+        for_secs: u64,
+        /// Why.
+        why: String,
+    },
+    /// Nothing attached any more.
+    Detached,
+}
+
+/// How one target is observed in one process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetStrategy {
+    /// Its body start is under a watchpoint.
+    Watch,
+    /// Its module has not run yet: found when it does.
+    Pending,
+    /// Every call is probed.
+    PerCall,
+    /// Seen, and no longer paid for.
+    Reached,
+    /// Not observed (suspended, or not found).
+    None,
+}
+
+/// The `attached` event: the process's report, and how each target is
+/// observed, at which sites.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttachedReport {
+    /// The process.
+    #[serde(flatten)]
+    pub process: ProcessReport,
+    /// The active targets.
+    pub targets: Vec<String>,
+    /// How each is observed.
+    pub target_strategies: BTreeMap<String, TargetStrategy>,
+    /// The sites probed now (under watchpoints, the rare-event ones only).
+    pub sites: Vec<SiteReport>,
+}
+
+/// A probed site.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteReport {
+    /// The interpreter function or handler it is in.
+    pub handler: String,
+    /// Its address in the binary.
+    pub addr: u64,
+    /// Its address in the process.
+    pub runtime_addr: u64,
+    /// The instruction probed.
+    pub instruction: String,
+    /// Whether the kernel emulates it (no single-step).
+    pub emulated: bool,
 }
 
 impl ProcessWatch {
     /// This process as reported, `targets` being the active set.
     pub fn report(&self, targets: &TargetSet) -> ProcessReport {
-        let now = Instant::now();
         ProcessReport {
             pid: self.process.pid,
             binary: self.process.object.path.clone(),
             version: self.process.analysis.version.to_string(),
             strategy: self.mode(),
-            targets_by_strategy: self
-                .targets_by_strategy(targets.len())
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
+            mode: self.mode_report(),
+            reachability: self.reachability(),
+            targets_by_strategy: self.targets_by_strategy(targets.len()),
             probes: self.probes(),
-            watched_units: self.watched_units(),
-            rotating: self.rotating(),
-            pending_targets: self.pending_targets(),
-            watch_fallback: self.fallback().map(str::to_owned),
             overhead_percent: self.meter.share.map(|s| s * 100.0),
             budget: self.budget_note.clone(),
-            suspended: self.suspension().map(|(until, why)| Suspended {
-                for_secs: until.saturating_duration_since(now).as_secs(),
-                why: why.to_owned(),
-            }),
             sampled_calls_per_sec: self
                 .samples
                 .rates()
@@ -100,6 +152,47 @@ impl ProcessWatch {
                 .filter_map(|(t, r)| Some((targets.get(t)?.to_string(), r)))
                 .collect(),
             service: self.service.clone(),
+        }
+    }
+
+    /// The `attached` event for this process.
+    pub fn attached_report(&self, targets: &TargetSet) -> AttachedReport {
+        let bias = self.process.bias;
+        let sites = (self.process.analysis.sites.iter())
+            .filter(|s| self.probes_role(s.role))
+            .map(|s| SiteReport {
+                handler: s.handler.clone(),
+                addr: s.addr,
+                runtime_addr: bias.wrapping_add(s.addr),
+                instruction: s.instruction.clone(),
+                emulated: s.emulated,
+            })
+            .collect();
+        AttachedReport {
+            process: self.report(targets),
+            targets: targets.iter().map(|(t, _)| t.to_string()).collect(),
+            target_strategies: targets.iter().map(|(t, id)| (t.to_string(), self.target_strategy(id))).collect(),
+            sites,
+        }
+    }
+
+    fn mode_report(&self) -> ModeReport {
+        match &self.mode {
+            Mode::PerCall(pc) => ModeReport::PerCall {
+                watch_fallback: pc.fallback.clone(),
+                prefilled_threads: pc.links.prefilled_threads,
+                prefilled_identities: pc.links.prefilled_identities,
+            },
+            Mode::Watch(w) => ModeReport::Watch {
+                watched_units: w.armed.units(),
+                rotating: w.armed.rotating(),
+                pending_targets: w.armed.pending().len(),
+            },
+            Mode::Suspended(s) => ModeReport::Suspended {
+                for_secs: s.until.saturating_duration_since(Instant::now()).as_secs(),
+                why: s.why.clone(),
+            },
+            Mode::Detached => ModeReport::Detached,
         }
     }
 
@@ -122,22 +215,6 @@ impl ProcessWatch {
         match &self.mode {
             Mode::Suspended(s) => Some((s.until, &s.why)),
             _ => None,
-        }
-    }
-
-    /// Why watchpoints were asked for and not used.
-    pub fn fallback(&self) -> Option<&str> {
-        match &self.mode {
-            Mode::PerCall(pc) => pc.fallback.as_deref(),
-            _ => None,
-        }
-    }
-
-    /// Threads and 3.8-3.10 functions pre-filled for per-call probes.
-    pub fn prefilled(&self) -> (usize, usize) {
-        match &self.mode {
-            Mode::PerCall(pc) => (pc.links.prefilled_threads, pc.links.prefilled_identities),
-            _ => (0, 0),
         }
     }
 
@@ -164,48 +241,36 @@ impl ProcessWatch {
         }
     }
 
-    /// How `target` is observed in this process: `watch`, `per-call`,
-    /// `pending` (its module has not run yet: found when it does),
-    /// `reached` (seen, and no longer paid for) or `none` (suspended).
-    pub fn target_strategy(&self, target: u32) -> &'static str {
+    /// How `target` is observed in this process.
+    pub fn target_strategy(&self, target: u32) -> TargetStrategy {
         match &self.mode {
-            Mode::Watch(w) if w.armed.watches(target) => "watch",
-            Mode::Watch(w) if w.armed.pending().contains_key(&target) => "pending",
-            Mode::PerCall(_) => "per-call",
-            _ if self.counting.seen(target) => "reached",
-            _ => "none",
+            Mode::Watch(w) if w.armed.watches(target) => TargetStrategy::Watch,
+            Mode::Watch(w) if w.armed.pending().contains_key(&target) => TargetStrategy::Pending,
+            Mode::PerCall(_) => TargetStrategy::PerCall,
+            _ if self.counting.seen(target) => TargetStrategy::Reached,
+            _ => TargetStrategy::None,
         }
     }
 
     /// How many of its `targets` are observed each way (as
     /// [`ProcessWatch::target_strategy`] says), without a pass over them:
     /// a node may have thousands of targets and processes.
-    pub fn targets_by_strategy(&self, targets: usize) -> BTreeMap<&'static str, usize> {
+    pub fn targets_by_strategy(&self, targets: usize) -> BTreeMap<TargetStrategy, usize> {
         let (watched, pending) = self.armed().map_or((0, 0), |a| (a.targets(), a.pending().len()));
         let rest = targets.saturating_sub(watched + pending);
         let per_call = matches!(self.mode, Mode::PerCall(_));
         // Reached targets are disarmed, so none of them is among the watched.
         let reached = if per_call { 0 } else { self.seen().map_or(0, |r| r.len().min(rest)) };
-        let other = if per_call { "per-call" } else { "none" };
-        [("watch", watched), ("pending", pending), ("reached", reached), (other, rest - reached)]
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    }
-
-    /// Whether its watchpoints share the debug registers over time.
-    pub fn rotating(&self) -> bool {
-        self.armed().is_some_and(|a| a.rotating())
-    }
-
-    /// Targets waiting for their module to run.
-    pub fn pending_targets(&self) -> usize {
-        self.armed().map_or(0, |a| a.pending().len())
-    }
-
-    /// Units under a watchpoint.
-    pub fn watched_units(&self) -> usize {
-        self.armed().map_or(0, |a| a.units())
+        let other = if per_call { TargetStrategy::PerCall } else { TargetStrategy::None };
+        [
+            (TargetStrategy::Watch, watched),
+            (TargetStrategy::Pending, pending),
+            (TargetStrategy::Reached, reached),
+            (other, rest - reached),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
     }
 
     /// What it is watched with, as reported: `per-call`, `watch`,

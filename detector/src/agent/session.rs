@@ -188,6 +188,11 @@ impl Session {
         self.watches.0.contains_key(&pid)
     }
 
+    /// The watch of `pid`, if watched.
+    pub fn watch_of(&self, pid: u32) -> Option<&ProcessWatch> {
+        self.watches.0.get(&pid)
+    }
+
     /// Probes detached and not yet unregistered by the kernel.
     pub fn detaching(&self) -> usize {
         self.probes.detaching()
@@ -269,10 +274,7 @@ impl Session {
         // What a forked child ran before this attach: reachability only.
         let ran_before = match self.forks.remove(&pid) {
             Some((parent, forked)) if self.reachability => match self.watches.0.get(&parent) {
-                Some(p) => {
-                    let all: Vec<u32> = self.targets.iter().map(|(_, id)| id).collect();
-                    fork::runs_since_fork(&watch.process, p, forked, &self.targets, &all)
-                }
+                Some(p) => fork::runs_since_fork(&watch.process, p, forked, &self.targets),
                 None => Vec::new(),
             },
             _ => Vec::new(),

@@ -220,7 +220,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         session.discover().context("starting process discovery")?;
         info!(attach_all = args.attach_all, "discovering Python processes");
         session.printer().discovering(args.attach_all);
-        node.rescan();
+        node.rescan(&session);
     }
     let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_interval.max(1)));
     let mut refresh = tokio::time::interval(REFRESH);
@@ -228,7 +228,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             Some(update) = updates.recv() => apply(&mut sources, &mut session, update, max_targets, &metrics)?,
             decided = node.decided() => node.settle(&mut session, decided),
-            _ = rescan.tick(), if !explicit => node.rescan(),
+            _ = rescan.tick(), if !explicit => node.rescan(&session),
             _ = refresh.tick() => node.refresh(&mut session, rc_stats.as_deref()),
             activity = session.next() => match activity {
                 Activity::Exited(pid) => {
@@ -244,7 +244,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     }
                 }
                 Activity::Exec(pid) if !explicit => node.exec(&mut session, pid),
-                Activity::Fork { child, .. } if !explicit => node.consider(child, true),
+                Activity::Fork { child, .. } if !explicit => node.consider(&session, child, true),
                 Activity::Exec(_) | Activity::Fork { .. } => {}
                 Activity::OutputClosed => break,
             },

@@ -8,7 +8,7 @@ use tokio::sync::broadcast;
 
 use super::Hit;
 use crate::{
-    agent::{ProcessWatch, discovery::Service},
+    agent::{ProcessWatch, discovery::Service, report::ModeReport},
     targets::{Target, TargetSet},
 };
 
@@ -73,44 +73,30 @@ impl Printer {
     /// Probes are live on a process: its report, and how each target is
     /// observed, at which sites.
     pub fn attached(&self, w: &ProcessWatch, targets: &TargetSet) {
-        let a = &w.process.analysis;
-        // The sites probed now: under watchpoints, the rare-event ones only.
-        let sites: Vec<Value> = a
-            .sites
-            .iter()
-            .filter(|s| w.probes_role(s.role))
-            .map(|s| {
-                json!({"handler": s.handler, "addr": s.addr, "runtime_addr": w.process.bias.wrapping_add(s.addr),
-                           "instruction": s.instruction, "emulated": s.emulated})
-            })
-            .collect();
-        let names: Vec<String> = targets.iter().map(|(t, _)| t.to_string()).collect();
-        let by_target: serde_json::Map<String, Value> =
-            targets.iter().map(|(t, id)| (t.to_string(), w.target_strategy(id).into())).collect();
-        let report = w.report(targets);
-        let (threads, identities) = w.prefilled();
+        let report = w.attached_report(targets);
         let mut line = serde_json::to_value(&report).unwrap_or_default();
         line["type"] = "attached".into();
-        line["target_strategies"] = by_target.into();
-        line["sites"] = sites.into();
-        line["prefilled_threads"] = threads.into();
-        line["prefilled_identities"] = identities.into();
-        line["targets"] = names.clone().into();
         self.emit(line, || {
+            let p = &report.process;
+            let how = match &p.mode {
+                ModeReport::Watch { watched_units, rotating, pending_targets } => format!(
+                    ", {watched_units} watchpoints{}{}",
+                    if *rotating { " (rotating)" } else { "" },
+                    match pending_targets {
+                        0 => String::new(),
+                        n => format!(", {n} pending until their module runs"),
+                    }
+                ),
+                _ => String::new(),
+            };
             format!(
-                "attached to pid {} (CPython {}, {}): {}, {} probes, {} watchpoints{}{}, watching {}",
-                report.pid,
-                report.version,
-                report.binary,
-                report.strategy,
-                report.probes,
-                report.watched_units,
-                if report.rotating { " (rotating)" } else { "" },
-                match report.pending_targets {
-                    0 => String::new(),
-                    n => format!(", {n} pending until their module runs"),
-                },
-                names.join(", ")
+                "attached to pid {} (CPython {}, {}): {}, {} probes{how}, watching {}",
+                p.pid,
+                p.version,
+                p.binary,
+                p.strategy,
+                p.probes,
+                report.targets.join(", ")
             )
         });
     }
