@@ -18,6 +18,7 @@ pub(crate) mod bpf;
 pub mod cli;
 pub(crate) mod events;
 pub(crate) mod interp;
+pub(crate) mod listen;
 pub(crate) mod metrics;
 pub(crate) mod pyproc;
 pub(crate) mod rc;

@@ -16,11 +16,16 @@ use tokio::{
 };
 use tracing::{debug, info};
 
+use crate::listen::Gate;
+
 /// Where the agent listens unless told otherwise, and where `dump` looks.
 pub const DEFAULT_PATH: &str = "/run/detector/tap.sock";
 
 /// Events buffered per client before the slowest starts losing them.
 const BACKLOG: usize = 4096;
+
+/// Clients served at once (`detector dump` sessions on the node).
+const MAX_CLIENTS: usize = 64;
 
 /// The agent's side of the tap.
 pub struct Tap {
@@ -48,9 +53,20 @@ impl Tap {
         let tx = sender.clone();
         info!(path = %path.display(), "serving the event tap");
         tokio::spawn(async move {
+            let mut gate = Gate::new("tap", MAX_CLIENTS, MAX_CLIENTS);
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                tokio::spawn(serve(stream, tx.subscribe()));
+                let slot = gate.room().await;
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        gate.accepted();
+                        let events = tx.subscribe();
+                        tokio::spawn(async move {
+                            serve(stream, events).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(e) => gate.failed(e).await,
+                }
             }
         });
         Ok(Tap { sender, path: path.to_owned() })

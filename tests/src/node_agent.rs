@@ -26,6 +26,21 @@ pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `/healthz` asked over and over (see [`NodeAgent::watch_health`]).
+pub struct HealthWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<std::time::Duration, String>>,
+}
+
+impl HealthWatch {
+    /// Stops asking; the slowest answer, or the first that did not come
+    /// within a second.
+    pub fn stop(self) -> Result<std::time::Duration, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// A running node agent.
 pub struct NodeAgent {
     /// Its event stream (JSON lines on stdout).
@@ -52,6 +67,11 @@ impl NodeAgent {
         let mut events = spawn_with_env(&argv, &[("DD_SCA_DETECTION_ENABLED", "true")]);
         events.wait_for("discovering");
         NodeAgent { events, metrics_port, tap }
+    }
+
+    /// The port of its metrics server (on 127.0.0.1).
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
     }
 
     /// The agent's pid.
@@ -93,6 +113,28 @@ impl NodeAgent {
             Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
             Err(e) => panic!("GET {path}: {e}"),
         }
+    }
+
+    /// Starts asking `/healthz` every 100 ms, each answer allowed 1 s,
+    /// until the returned watch is stopped.
+    pub fn watch_health(&self) -> HealthWatch {
+        let url = format!("http://127.0.0.1:{}/healthz", self.metrics_port);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(1)).build();
+            let mut worst = std::time::Duration::ZERO;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let asked = Instant::now();
+                if let Err(e) = agent.get(&url).call() {
+                    return Err(format!("/healthz after {:?}: {e}", asked.elapsed()));
+                }
+                worst = worst.max(asked.elapsed());
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Ok(worst)
+        });
+        HealthWatch { stop, thread }
     }
 
     /// What `/processes` says about `pid` (null if it is not watched).

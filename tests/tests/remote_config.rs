@@ -136,6 +136,14 @@ fn malformed_configs_are_reported_and_the_others_keep_working() {
         }
         round(&mut fixture, &mut det, &[("f", 2), ("g", 2)], 1);
         assert_eq!((det.hits(F), det.hits(G)), (2, 0));
+        // A bad update of the good config: reported, and the good version
+        // stays in force.
+        agent.set_response(&response(2, &[(A, b"{\"targets\": [\"wl.rounds:f\"")], None));
+        agent.wait_for_request("cfg-a's bad update reported", |r| {
+            config_states(r).iter().any(|(id, st, _)| id == "cfg-a" && *st == 3)
+        });
+        round(&mut fixture, &mut det, &[("f", 3)], 2);
+        assert_eq!(det.hits(F), 5, "cfg-a's last good version still counts f");
         det.stop();
         fixture.finish();
     });

@@ -80,6 +80,8 @@ impl Refusal {
             e @ ProcessError::PermissionDenied { .. } => {
                 Refusal::Other { reason: "permission", message: e.to_string() }
             }
+            // Looking again would cost the same: not retried.
+            e @ ProcessError::OverBudget { .. } => Refusal::Other { reason: "over_budget", message: e.to_string() },
             e => Refusal::Other { reason: "unreadable", message: format!("{:#}", anyhow::Error::from(e)) },
         }
     }

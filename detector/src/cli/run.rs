@@ -145,6 +145,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     args.sources.flags()?; // a bad --target is a usage error, before anything starts
     require_privileges()?;
+    raise_fd_limit();
     let metrics: SharedMetrics = Arc::default();
     if let Some(addr) = args.metrics_addr {
         server::start(addr, metrics.clone()).await.with_context(|| format!("serving metrics on {addr}"))?;
@@ -192,7 +193,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // What is known right away (flags, files) is in place before the first
     // attach, so the first calls already count.
     while let Ok(update) = updates.try_recv() {
-        apply(&mut sources, &mut session, update, max_targets, &metrics)?;
+        apply(&mut sources, &mut session, update, max_targets, &metrics);
     }
     for &pid in &args.pids {
         let service = Environ::read(pid).map(|e| e.service).unwrap_or_default();
@@ -226,7 +227,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut refresh = tokio::time::interval(REFRESH);
     loop {
         tokio::select! {
-            Some(update) = updates.recv() => apply(&mut sources, &mut session, update, max_targets, &metrics)?,
+            Some(update) = updates.recv() => apply(&mut sources, &mut session, update, max_targets, &metrics),
             decided = node.decided() => node.settle(&mut session, decided),
             _ = rescan.tick(), if !explicit => node.rescan(&session),
             _ = refresh.tick() => node.refresh(&mut session, rc_stats.as_deref()),
@@ -257,13 +258,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apply(
-    sources: &mut Sources,
-    session: &mut Session,
-    update: Update,
-    max: usize,
-    metrics: &Metrics,
-) -> anyhow::Result<()> {
+fn apply(sources: &mut Sources, session: &mut Session, update: Update, max: usize, metrics: &Metrics) {
     if sources.apply(update) {
         let mut want: BTreeSet<Target> = sources.effective().into_keys().collect();
         if want.len() > max {
@@ -271,8 +266,28 @@ fn apply(
             metrics.cap_reached("targets");
             want = want.into_iter().take(max).collect();
         }
-        session.set_targets(&want)?;
+        // The kernel refusing a change leaves the last targets it took:
+        // said, counted, and no reason to stop watching.
+        if let Err(e) = session.set_targets(&want) {
+            error!(error = %format!("{:#}", anyhow::Error::from(e)), "cannot apply the targets: the previous ones stay");
+            return;
+        }
         metrics.targets.set(want.len() as i64);
     }
-    Ok(())
+}
+
+/// Raises the soft limit on open descriptors to the hard one: every probe,
+/// watchpoint and connection takes one, and running out blinds the agent.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 || limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let from = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: a valid rlimit, read above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        info!(from, to = limit.rlim_cur, "raised the open-descriptor limit");
+    }
 }

@@ -93,7 +93,7 @@ impl Printer {
                 "attached to pid {} (CPython {}, {}): {}, {} probes{how}, watching {}",
                 p.pid,
                 p.version,
-                p.binary,
+                escaped(&p.binary),
                 p.strategy,
                 p.probes,
                 report.targets.join(", ")
@@ -185,19 +185,41 @@ impl Printer {
     }
 }
 
-/// The text form of a hit's JSON (also used by `dump` on the tap).
+/// The text form of a hit's JSON (also used by `dump` on the tap). What the
+/// process wrote (its file names, its service identity) is escaped: a
+/// control character in it cannot forge a line or move the terminal.
 pub fn hit_text(h: &Value) -> String {
     let at = match (h["filename"].as_str(), h["lineno"].as_u64()) {
-        (Some(f), Some(l)) => format!(" ({f}:{l})"),
+        (Some(f), Some(l)) => format!(" ({}:{l})", escaped(f)),
         _ => String::new(),
     };
     let service = match h["service"].as_object() {
         Some(s) => {
-            let parts: Vec<String> = s.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect();
+            let parts: Vec<String> =
+                s.iter().map(|(k, v)| format!("{}={}", escaped(k), escaped(v.as_str().unwrap_or("")))).collect();
             format!(" [{}]", parts.join(" "))
         }
         None => String::new(),
     };
     let how = if h["seen_by"] == "warmup_mark" { " (seen from its code object's warm-up mark)" } else { "" };
     format!("hit pid={} tid={} {}{at}{service}{how}", h["pid"], h["tid"], h["target"].as_str().unwrap_or("?"))
+}
+
+/// `s` with control characters escaped (`\n`, `\u{1b}`), the rest as is.
+fn escaped(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_hits_escape_what_the_process_wrote() {
+        let h = json!({"pid": 1, "tid": 2, "target": "m:f", "filename": "/a\nhit pid=9 forged.py", "lineno": 3,
+            "service": {"service": "svc\u{1b}[2J"}});
+        let line = hit_text(&h);
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line}");
+        assert!(line.contains("/a\\nhit pid=9 forged.py:3") && line.contains("service=svc\\u{1b}[2J"), "{line}");
+    }
 }

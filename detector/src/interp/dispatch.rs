@@ -31,6 +31,10 @@ const MAX_DISTANCE: usize = 24;
 /// Bytes decoded after a handler that lies outside the evaluation function
 /// (another text section, as GCC 16 builds of 3.14 place them).
 const HANDLER_SPAN: u64 = 4096;
+
+/// The most of the evaluation function decoded, whatever size its symbol
+/// declares (the largest build seen here has it well under 1 MiB).
+const MAX_EVAL_BYTES: u64 = 4 << 20;
 /// More dispatch loads than this is not an evaluation loop.
 pub const MAX_READS: usize = 4096;
 
@@ -63,8 +67,9 @@ pub enum Follow {
 /// start outside it, less the re-dispatches of the handlers at `redispatchers`
 /// (see the module). `None` if there are none or implausibly many.
 pub fn find(elf: &ElfImage, eval: u64, size: u64, handlers: &[u64], redispatchers: &[u64]) -> Option<DispatchReads> {
-    let mut regions = vec![(eval, size)];
-    let mut outside: Vec<u64> = handlers.iter().copied().filter(|&h| h < eval || h >= eval + size).collect();
+    let mut regions = vec![(eval, size.min(MAX_EVAL_BYTES))];
+    let end = eval.saturating_add(size);
+    let mut outside: Vec<u64> = handlers.iter().copied().filter(|&h| h < eval || h >= end).collect();
     outside.sort_unstable();
     outside.dedup();
     regions.extend(outside.into_iter().map(|h| (h, HANDLER_SPAN)));

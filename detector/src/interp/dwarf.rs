@@ -86,8 +86,15 @@ impl DwarfInfo {
             SectionId::DebugTypes,
         ] {
             if let Some(s) = file.section_by_name(id.name()) {
-                let bytes = s.uncompressed_data().map_err(|e| bad(format!("{}: {e}", id.name())))?;
-                sections.insert(id, bytes);
+                let what = |e: object::Error| bad(format!("{}: {e}", id.name()));
+                // A compressed section declares the size it expands to:
+                // bounded before anything is allocated for it.
+                let compressed = s.compressed_data().map_err(what)?;
+                if compressed.uncompressed_size > super::file::MAX_FILE {
+                    let size = compressed.uncompressed_size;
+                    return Err(bad(format!("{}: declares {size} bytes uncompressed", id.name())));
+                }
+                sections.insert(id, compressed.decompress().map_err(what)?);
             }
         }
         let dwarf = gimli::Dwarf::load(|id| -> Result<Reader<'_>, gimli::Error> {
@@ -251,14 +258,22 @@ fn leb128(b: &[u8]) -> Option<u64> {
     None
 }
 
+/// Whether a `.gnu_debuglink` name is a plain file name, as the format
+/// has it: a name with a `/` (or `.`, `..`) would lead elsewhere.
+fn is_file_name(link: &str) -> bool {
+    !link.is_empty() && !link.contains('/') && link != "." && link != ".."
+}
+
 fn bad(msg: String) -> AnalysisError {
     AnalysisError::Unsupported(format!("malformed DWARF: {msg}"))
 }
 
 /// Finds DWARF for `elf`: its own, else a separate debug file by build id or
 /// `.gnu_debuglink`. `object` is its path as the process sees it and `root`
-/// the process's root directory (`/proc/PID/root`, or `/`). A debug file
-/// whose build id differs from the object's is ignored.
+/// the process's root directory (`/proc/PID/root`, or `/`). Debug files are
+/// read inside a root only (see [`super::file`]); a debuglink that is not a
+/// plain file name, and a debug file whose build id differs from the
+/// object's, are ignored.
 pub fn find(elf: &ElfImage, object: &str, root: &Path) -> Result<Option<(DwarfInfo, DebugSource)>, AnalysisError> {
     if let Some(info) = DwarfInfo::parse(elf.data())? {
         return Ok(Some((info, DebugSource::Embedded)));
@@ -266,16 +281,16 @@ pub fn find(elf: &ElfImage, object: &str, root: &Path) -> Result<Option<(DwarfIn
     // Paths in /proc/PID/maps are relative to the process's root in another
     // mount namespace, but to ours for a chroot: try both roots.
     let roots: Vec<&Path> = if root == Path::new("/") { vec![root] } else { vec![root, Path::new("/")] };
-    let mut candidates: Vec<(PathBuf, DebugSource)> = Vec::new();
+    let mut candidates: Vec<(&Path, PathBuf, DebugSource)> = Vec::new();
     for base in roots {
         if let Some(id) = &elf.build_id
             && id.len() >= 2
         {
             let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
             let rel = format!("usr/lib/debug/.build-id/{}/{}.debug", &hex[..2], &hex[2..]);
-            candidates.push((base.join(&rel), DebugSource::BuildId(format!("/{rel}"))));
+            candidates.push((base, PathBuf::from(&rel), DebugSource::BuildId(format!("/{rel}"))));
         }
-        if let Some(link) = &elf.debuglink {
+        if let Some(link) = elf.debuglink.as_ref().filter(|l| is_file_name(l)) {
             let dir = Path::new(object).parent().unwrap_or(Path::new("/"));
             let rel_dir = dir.strip_prefix("/").unwrap_or(dir);
             for p in [
@@ -283,12 +298,13 @@ pub fn find(elf: &ElfImage, object: &str, root: &Path) -> Result<Option<(DwarfIn
                 rel_dir.join(".debug").join(link),
                 Path::new("usr/lib/debug").join(rel_dir).join(link),
             ] {
-                candidates.push((base.join(&p), DebugSource::DebugLink(format!("/{}", p.display()))));
+                let source = DebugSource::DebugLink(format!("/{}", p.display()));
+                candidates.push((base, p, source));
             }
         }
     }
-    for (path, source) in candidates {
-        let Ok(data) = std::fs::read(&path) else { continue };
+    for (base, path, source) in candidates {
+        let Ok(data) = super::file::read_in_root(base, &path) else { continue };
         let Ok(debug) = ElfImage::parse(data) else { continue };
         if elf.build_id.is_some() && debug.build_id.is_some() && debug.build_id != elf.build_id {
             continue;
@@ -312,6 +328,14 @@ mod tests {
         // symbols by the integration tests.
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert!(DwarfInfo::parse(&exe).unwrap().is_some(), "test binaries carry DWARF");
+    }
+
+    #[test]
+    fn debuglinks_are_plain_file_names() {
+        assert!(is_file_name("libpython3.12.so.1.0.debug"));
+        for bad in ["", ".", "..", "/dev/zero", "../../etc/shadow", "a/b"] {
+            assert!(!is_file_name(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -72,10 +72,13 @@ pub struct ElfImage {
 }
 
 impl ElfImage {
-    /// Reads and parses `path`.
+    /// Reads and parses `path` (a regular file of bounded size, opened
+    /// without blocking).
     pub fn open(path: &Path) -> Result<Self, AnalysisError> {
-        let data = std::fs::read(path).map_err(|source| AnalysisError::Io { path: path.to_owned(), source })?;
-        Self::parse(data)
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| AnalysisError::Io { path: path.to_owned(), source };
+        let file = std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
+        Self::parse(super::file::read_capped(file).map_err(io)?)
     }
 
     /// Parses an object already in memory.
@@ -95,12 +98,19 @@ impl ElfImage {
         let debuglink =
             file.gnu_debuglink().ok().flatten().map(|(name, _crc)| String::from_utf8_lossy(name).into_owned());
 
+        // Sizes as the header says them, bounded by the bytes the file has
+        // (a section without any, such as `.bss`, by the file's size):
+        // scans over a section never outrun the file.
+        let file_len = data.len() as u64;
         let sections = file
             .sections()
             .map(|s| Section {
                 name: s.name().unwrap_or("").to_owned(),
                 addr: s.address(),
-                size: s.size(),
+                size: match s.file_range() {
+                    Some((offset, len)) => len.min(file_len.saturating_sub(offset)),
+                    None => s.size().min(file_len),
+                },
                 code: s.kind() == SectionKind::Text,
             })
             .collect();
@@ -177,17 +187,18 @@ impl ElfImage {
 
     /// Whether `addr` lies in an executable section.
     pub fn is_code(&self, addr: u64) -> bool {
-        self.sections.iter().any(|s| s.code && addr >= s.addr && addr < s.addr + s.size)
+        self.sections.iter().any(|s| s.code && addr >= s.addr && addr < s.addr.saturating_add(s.size))
     }
 
     /// File offset of the byte at virtual address `addr`.
     pub fn file_offset(&self, addr: u64) -> Option<u64> {
-        self.segments.iter().find(|s| addr >= s.vaddr && addr < s.vaddr + s.filesz).map(|s| s.offset + (addr - s.vaddr))
+        let inside = |s: &&Segment| addr >= s.vaddr && addr < s.vaddr.saturating_add(s.filesz);
+        self.segments.iter().find(inside).and_then(|s| s.offset.checked_add(addr - s.vaddr))
     }
 
     /// `len` bytes at virtual address `addr`, as stored in the file.
     pub fn bytes_at(&self, addr: u64, len: usize) -> Option<&[u8]> {
-        let off = self.file_offset(addr)? as usize;
+        let off = usize::try_from(self.file_offset(addr)?).ok()?;
         self.data.get(off..off.checked_add(len)?)
     }
 

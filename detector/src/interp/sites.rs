@@ -125,8 +125,8 @@ pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
         let Some(section) = elf.section(name) else {
             continue;
         };
-        let mut addr = (section.addr + 7) & !7;
-        while addr + 256 * 8 <= section.addr + section.size {
+        let mut addr = section.addr.saturating_add(7) & !7;
+        while addr.saturating_add(256 * 8) <= section.addr.saturating_add(section.size) {
             // Cheap rejection before reading the whole candidate.
             if elf.pointer_at(addr).is_some_and(|p| elf.is_code(p))
                 && let Some(t) = table_at(elf, addr, HandlerSource::Scan, MAX_SHARED_HANDLERS)

@@ -1,5 +1,8 @@
 //! `/metrics` (Prometheus text format), `/healthz` and `/processes` over
-//! HTTP/1, for the kubelet's probes and the node's Prometheus.
+//! HTTP/1, for the kubelet's probes and the node's Prometheus. Anyone who
+//! can reach the port can open connections: they are capped, each must send
+//! its request head within seconds and is closed after a bounded time, and
+//! a failing accept (no descriptors left) backs off instead of spinning.
 
 use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
@@ -7,14 +10,24 @@ use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode, body::Bytes, header::CONTENT_TYPE, server::conn::http1, service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use super::SharedMetrics;
+use crate::listen::Gate;
 
 /// The agent loop goes round at least this often; longer means it is stuck.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 512;
+/// Connections from one address at once; more are closed at once.
+const PER_PEER: usize = 16;
+/// Time a client has to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a connection is kept, keep-alive included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Binds `addr` now (so a taken port is an error at start) and serves from a
 /// task of its own.
@@ -22,22 +35,44 @@ pub async fn start(addr: SocketAddr, metrics: SharedMetrics) -> std::io::Result<
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     info!(addr = %bound, "serving /metrics, /healthz and /processes");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else { continue };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
-                });
-                if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                    debug!(%peer, error = %e, "metrics connection");
-                }
-            });
-        }
-    });
+    tokio::spawn(serve(listener, metrics));
     Ok(bound)
+}
+
+async fn serve(listener: TcpListener, metrics: SharedMetrics) {
+    let mut gate = Gate::new("metrics", MAX_CONNECTIONS, PER_PEER);
+    loop {
+        let slot = gate.room().await;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                gate.failed(e).await;
+                continue;
+            }
+        };
+        gate.accepted();
+        let Some(peer_slot) = gate.peer(peer.ip()) else {
+            debug!(%peer, "metrics connection refused: that address has its share open");
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Ok(Err(e)) => debug!(%peer, error = %e, "metrics connection"),
+                Err(_) => debug!(%peer, "metrics connection closed after its time"),
+                Ok(Ok(())) => {}
+            }
+            drop((slot, peer_slot));
+        });
+    }
 }
 
 fn respond<B>(req: &Request<B>, metrics: &SharedMetrics) -> Response<Full<Bytes>> {

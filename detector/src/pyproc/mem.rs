@@ -1,20 +1,53 @@
-//! Reading another process's memory through `/proc/PID/mem`.
+//! Reading another process's memory through `/proc/PID/mem`. Each handle is
+//! one look (a walk of its objects, a resolution, an attach) with a work
+//! budget: the process owns what is read, and may make it as large or as
+//! cyclic as it likes, but it can only make its own look end early.
 
-use std::{fs::File, os::unix::fs::FileExt};
+use std::{
+    cell::Cell,
+    fs::File,
+    os::unix::fs::FileExt,
+    time::{Duration, Instant},
+};
 
 use super::ProcessError;
 
-/// Read access to a process's address space.
+/// Most reads in one look (the largest legitimate one, a rescan of a big
+/// application's `sys.modules` for a catalog, takes tens of thousands).
+const MAX_READS: u32 = 200_000;
+/// Most bytes read in one look.
+const MAX_BYTES: u64 = 64 << 20;
+/// Longest a look may take.
+const MAX_TIME: Duration = Duration::from_millis(500);
+
+/// Read access to a process's address space, for one look.
 pub struct ProcessMemory {
     pid: u32,
     file: File,
+    reads: Cell<u32>,
+    bytes: Cell<u64>,
+    opened: Instant,
 }
 
 impl ProcessMemory {
     /// Opens `/proc/PID/mem` (needs ptrace access: root or CAP_SYS_PTRACE).
     pub fn open(pid: u32) -> Result<Self, ProcessError> {
         let file = File::open(format!("/proc/{pid}/mem")).map_err(|e| ProcessError::io(pid, e))?;
-        Ok(ProcessMemory { pid, file })
+        Ok(ProcessMemory { pid, file, reads: Cell::new(0), bytes: Cell::new(0), opened: Instant::now() })
+    }
+
+    /// Counts a read of `len` bytes against the look's budget.
+    fn spend(&self, len: usize) -> Result<(), ProcessError> {
+        let (reads, bytes) = (self.reads.get() + 1, self.bytes.get().saturating_add(len as u64));
+        self.reads.set(reads);
+        self.bytes.set(bytes);
+        // The clock is read every 1024 reads: reads cost about a microsecond.
+        let late = reads % 1024 == 0 && self.opened.elapsed() > MAX_TIME;
+        if reads > MAX_READS || bytes > MAX_BYTES || late {
+            let ms = self.opened.elapsed().as_millis() as u64;
+            return Err(ProcessError::OverBudget { pid: self.pid, reads, bytes, ms });
+        }
+        Ok(())
     }
 
     /// The process.
@@ -27,6 +60,7 @@ impl ProcessMemory {
         if addr == 0 {
             return Err(ProcessError::BadAddress { pid: self.pid, addr });
         }
+        self.spend(buf.len())?;
         self.file.read_exact_at(buf, addr).map_err(|_| ProcessError::BadAddress { pid: self.pid, addr })
     }
 
@@ -67,6 +101,9 @@ impl ProcessMemory {
     /// (`process_vm_readv`, no file): whether every byte was read.
     pub fn read_many(&self, parts: &mut [(u64, &mut [u8])]) -> bool {
         let total: usize = parts.iter().map(|(_, b)| b.len()).sum();
+        if self.spend(total).is_err() {
+            return false;
+        }
         let local: Vec<libc::iovec> =
             parts.iter_mut().map(|(_, b)| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
         let remote: Vec<libc::iovec> = parts
@@ -95,7 +132,8 @@ impl ProcessMemory {
         if off == detector_common::NO_OFFSET {
             return Err(ProcessError::BadAddress { pid: self.pid, addr: base });
         }
-        self.u64(base + off as u64)
+        let addr = base.checked_add(off as u64).ok_or(ProcessError::BadAddress { pid: self.pid, addr: base })?;
+        self.u64(addr)
     }
 
     /// A NUL-terminated C string at `addr`, at most `max` bytes.
@@ -104,10 +142,10 @@ impl ProcessMemory {
         let mut chunk = [0u8; 64];
         while out.len() < max {
             // A chunk may cross into an unmapped page; fall back to bytes.
-            let n = match self.read(addr + out.len() as u64, &mut chunk) {
+            let n = match self.read(addr.saturating_add(out.len() as u64), &mut chunk) {
                 Ok(()) => chunk.len(),
                 Err(_) => {
-                    self.read(addr + out.len() as u64, &mut chunk[..1])?;
+                    self.read(addr.saturating_add(out.len() as u64), &mut chunk[..1])?;
                     1
                 }
             };

@@ -56,6 +56,21 @@ pub enum ProcessError {
         /// Address.
         addr: u64,
     },
+    /// One look at its memory needed more than a look may take.
+    #[error(
+        "process {pid}: left unread after {reads} reads ({bytes} bytes, {ms} ms): its objects are too many, too \
+         large or cyclic for one look"
+    )]
+    OverBudget {
+        /// Process.
+        pid: u32,
+        /// Reads made.
+        reads: u32,
+        /// Bytes read.
+        bytes: u64,
+        /// Time taken.
+        ms: u64,
+    },
     /// Anything else from `/proc`.
     #[error("process {pid}")]
     Io {

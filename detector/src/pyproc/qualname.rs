@@ -14,6 +14,10 @@ use crate::targets::Target;
 /// How deep wrappers (`__wrapped__`, closure cells) are followed.
 const MAX_WRAP_DEPTH: u32 = 4;
 
+/// Most objects a wrapper's definitions are looked for in: a closure may
+/// hold any number of cells, and they may point anywhere, itself included.
+const MAX_WRAPPED: usize = 256;
+
 /// Pointers looked at in each place a wrapper of unknown type may hold the
 /// function it wraps (see [`held_functions`]).
 const HELD_WORDS: usize = 16;
@@ -148,12 +152,12 @@ fn walk(objs: &Objects<'_>, scope: Scope, parts: &[&str], qualname: &str) -> Res
     let mut out = Vec::new();
     for obj in found {
         match rest.first() {
-            None => match codes_of(objs, obj, 0)? {
+            None => match codes_of(objs, obj)? {
                 defs if defs.is_empty() => out.extend(held_functions(objs, obj, qualname)),
                 defs => out.extend(defs),
             },
             Some(&"<locals>") => {
-                for d in codes_of(objs, obj, 0)? {
+                for d in codes_of(objs, obj)? {
                     out.extend(walk(objs, Scope::Code(d.code), &rest[1..], qualname)?);
                 }
             }
@@ -237,8 +241,19 @@ fn nested_code(objs: &Objects<'_>, code: u64, name: &str) -> Result<Vec<u64>, Pr
 /// The definitions whose body calling `obj` runs: a function (and, for
 /// decorated functions, what it wraps), the function inside a
 /// `staticmethod`, `classmethod` or `property`, or a code object itself.
-fn codes_of(objs: &Objects<'_>, obj: u64, depth: u32) -> Result<Vec<Definition>, ProcessError> {
-    if depth > MAX_WRAP_DEPTH {
+fn codes_of(objs: &Objects<'_>, obj: u64) -> Result<Vec<Definition>, ProcessError> {
+    let mut seen = std::collections::HashSet::new();
+    wrapped_codes(objs, obj, 0, &mut seen)
+}
+
+/// [`codes_of`], `depth` wrappers in, each object looked at once (`seen`).
+fn wrapped_codes(
+    objs: &Objects<'_>,
+    obj: u64,
+    depth: u32,
+    seen: &mut std::collections::HashSet<u64>,
+) -> Result<Vec<Definition>, ProcessError> {
+    if depth > MAX_WRAP_DEPTH || seen.len() >= MAX_WRAPPED || !seen.insert(obj) {
         return Ok(Vec::new());
     }
     let o = objs.o;
@@ -250,27 +265,29 @@ fn codes_of(objs: &Objects<'_>, obj: u64, depth: u32) -> Result<Vec<Definition>,
             if dict != 0
                 && let Some(w) = objs.dict_get(dict, "__wrapped__")?
             {
-                out.extend(codes_of(objs, w, depth + 1)?);
+                out.extend(wrapped_codes(objs, w, depth + 1, seen)?);
             }
             let closure = objs.mem.ptr(obj, o.func_closure)?;
             if closure != 0 {
                 for cell in objs.tuple_items(closure)? {
                     let inner = objs.mem.ptr(cell, o.cell_ref)?;
                     if inner != 0 && objs.type_name(inner)? == "function" {
-                        out.extend(codes_of(objs, inner, depth + 1)?);
+                        out.extend(wrapped_codes(objs, inner, depth + 1, seen)?);
                     }
                 }
             }
             out
         }
-        "staticmethod" | "classmethod" => codes_of(objs, objs.mem.ptr(obj, o.method_wrapper_callable)?, depth + 1)?,
+        "staticmethod" | "classmethod" => {
+            wrapped_codes(objs, objs.mem.ptr(obj, o.method_wrapper_callable)?, depth + 1, seen)?
+        }
         "property" => {
             // fget, fset, fdel follow the object header.
             let mut out = Vec::new();
             for off in [16u64, 24, 32] {
                 let f = objs.mem.u64(obj + off)?;
                 if f != 0 {
-                    out.extend(codes_of(objs, f, depth + 1)?);
+                    out.extend(wrapped_codes(objs, f, depth + 1, seen)?);
                 }
             }
             out

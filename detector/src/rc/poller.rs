@@ -26,6 +26,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const UNSUPPORTED_RETRY: Duration = Duration::from_secs(30);
 /// Per-request timeout.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response read (a catalog of the most targets a config may name
+/// is far smaller).
+const MAX_BODY: usize = 16 << 20;
 
 /// Where and how often to poll.
 #[derive(Clone, Debug)]
@@ -142,10 +145,19 @@ pub async fn run(settings: Settings, tx: mpsc::Sender<Update>, stats: Arc<Stats>
                                 Change::Put { path, raw } => {
                                     let result = payload::parse(&raw).map_err(|e| e.to_string());
                                     client.acknowledge(&path, result.as_ref().map(|_| ()).map_err(Clone::clone));
-                                    if let Err(e) = &result {
-                                        warn!(config = %path, error = %e, "rejected remote configuration");
+                                    match result {
+                                        Ok(targets) => {
+                                            parsed.insert(path, Ok(targets));
+                                        }
+                                        // A bad update of a good config: the good one stays.
+                                        Err(e) if matches!(parsed.get(&path), Some(Ok(_))) => {
+                                            warn!(config = %path, error = %e, "rejected remote configuration update: its last good version stays");
+                                        }
+                                        Err(e) => {
+                                            warn!(config = %path, error = %e, "rejected remote configuration");
+                                            parsed.insert(path, Err(e));
+                                        }
                                     }
-                                    parsed.insert(path, result);
                                 }
                                 Change::Remove { path } => {
                                     parsed.remove(&path);
@@ -227,7 +239,7 @@ async fn discover(http: &reqwest::Client, url: &str) -> Result<bool, String> {
 
 async fn poll(http: &reqwest::Client, url: &str, client: &RcClient) -> Result<Response, PollError> {
     let fail = |e: String| PollError::Failed(format!("{url}/v0.7/config: {e}"));
-    let resp =
+    let mut resp =
         http.post(format!("{url}/v0.7/config")).json(&client.request()).send().await.map_err(|e| fail(chain(&e)))?;
     match resp.status().as_u16() {
         404 => return Err(PollError::NotFound),
@@ -235,7 +247,17 @@ async fn poll(http: &reqwest::Client, url: &str, client: &RcClient) -> Result<Re
         s if !(200..300).contains(&s) => return Err(fail(format!("HTTP {s}"))),
         _ => {}
     }
-    let body = resp.bytes().await.map_err(|e| fail(chain(&e)))?;
+    let too_large = || fail(format!("response larger than {MAX_BODY} bytes"));
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(chain(&e)))? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Response::default());
     }

@@ -27,7 +27,7 @@ fn err(msg: impl Into<String>) -> PayloadError {
 /// The targets a payload names, deduplicated, in order of appearance.
 pub fn parse(bytes: &[u8]) -> Result<Vec<Target>, PayloadError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| err(format!("invalid JSON: {e}")))?;
-    let mut out: Vec<Target> = Vec::new();
+    let mut out = Targets::default();
     match &value {
         Value::Object(o) if o.contains_key("sca_instrumentation") => {
             let inner =
@@ -47,11 +47,18 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Target>, PayloadError> {
             ));
         }
     }
-    Ok(out)
+    Ok(out.list)
+}
+
+/// Targets in order of appearance, each once.
+#[derive(Default)]
+struct Targets {
+    list: Vec<Target>,
+    seen: std::collections::HashSet<Target>,
 }
 
 /// One reachability entry.
-fn entry(e: &Value, at: &str, out: &mut Vec<Target>) -> Result<(), PayloadError> {
+fn entry(e: &Value, at: &str, out: &mut Targets) -> Result<(), PayloadError> {
     let o = e.as_object().ok_or_else(|| err(format!("entry {at} must be an object")))?;
     for (field, ok) in [
         ("id", o.get("id").is_none_or(Value::is_string)),
@@ -68,18 +75,20 @@ fn entry(e: &Value, at: &str, out: &mut Vec<Target>) -> Result<(), PayloadError>
 }
 
 /// Appends the targets of a `targets` array.
-fn collect(v: Option<&Value>, at: &str, out: &mut Vec<Target>) -> Result<(), PayloadError> {
+fn collect(v: Option<&Value>, at: &str, out: &mut Targets) -> Result<(), PayloadError> {
     let list = v.ok_or_else(|| err(format!("`{at}` is missing")))?;
     let list = list.as_array().ok_or_else(|| err(format!("`{at}` must be a list of strings")))?;
+    // Counted as given, before any is parsed: a payload of a million
+    // duplicates is refused as fast as a million distinct targets.
+    if out.list.len() + list.len() > MAX_TARGETS {
+        return Err(err(format!("more than {MAX_TARGETS} targets")));
+    }
     for (i, t) in list.iter().enumerate() {
         let s = t.as_str().ok_or_else(|| err(format!("`{at}[{i}]` must be a string, not {t}")))?;
         let target = Target::parse(s).map_err(|e| err(e.to_string()))?;
-        if !out.contains(&target) {
-            out.push(target);
+        if out.seen.insert(target.clone()) {
+            out.list.push(target);
         }
-    }
-    if out.len() > MAX_TARGETS {
-        return Err(err(format!("more than {MAX_TARGETS} targets")));
     }
     Ok(())
 }

@@ -1,0 +1,130 @@
+//! Hostile tenants: a process on the node that makes its own objects, files
+//! or requests into an attack on the agent. Each test mounts one attack and
+//! asserts that the agent stays healthy (`/healthz` answers within a second
+//! throughout) and that an innocent process watched at the same time keeps
+//! exact counts.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream},
+    os::fd::FromRawFd,
+    time::Duration,
+};
+
+use detector::agent::report::TargetStrategy;
+use detector_tests::{
+    Fixture, NodeAgent, attached_report, interpreters,
+    node_agent::{one_at_a_time, opted_in},
+};
+
+const F: &str = "wl.plain:f";
+
+fn pyenv(minor: u8) -> detector_tests::Interpreter {
+    interpreters().into_iter().find(|i| i.name.starts_with("pyenv") && i.minor == minor).unwrap()
+}
+
+fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Runs the innocent `plain` workload under `agent`: its exact counts.
+fn innocent_counts(agent: &mut NodeAgent) -> usize {
+    let mut innocent = Fixture::start_with_env(&pyenv(12), "plain", &env(&opted_in("innocent")));
+    let pid = innocent.pid();
+    let attached = attached_report(&agent.wait_attached(pid));
+    // Attached during its start, its module may have been imported before
+    // the agent could read the module's body: its calls count from when
+    // the target is armed.
+    if attached.target_strategies[F] != TargetStrategy::Watch {
+        agent.events.wait_match("f armed", |v| {
+            v["type"] == "armed" && v["pid"] == pid && v["targets"].as_array().is_some_and(|t| t.iter().any(|t| t == F))
+        });
+    }
+    innocent.go();
+    innocent.wait_done();
+    agent.wait_hits(pid, 25);
+    innocent.finish();
+    agent.wait_exited(pid);
+    agent.lines("hit", pid).iter().filter(|h| h["target"] == F).count()
+}
+
+/// A closure whose 24 cells all hold the function itself: a walk that
+/// followed every cell at every level would take hours. The walk remembers
+/// what it saw and has a budget, so the hostile process's analysis ends at
+/// once and the agent answers throughout.
+#[test]
+fn a_cyclic_closure_costs_only_its_own_analysis() {
+    let _turn = one_at_a_time();
+    let mut agent = NodeAgent::start(&["wl.cycle:victim", F], &["--strategy", "watch", "--reachability", "false"]);
+    let health = agent.watch_health();
+    let mut hostile = Fixture::start_with_env(&pyenv(12), "cycle", &env(&opted_in("hostile")));
+    agent.wait_attached(hostile.pid());
+    assert_eq!(innocent_counts(&mut agent), 25);
+    hostile.go();
+    hostile.wait_done();
+    hostile.finish();
+    let worst = health.stop().expect("the agent answered throughout");
+    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    agent.events.stop_with(libc::SIGTERM);
+}
+
+/// 400 half-sent requests from one address (slowloris): that address gets
+/// its share of connections, each closed two seconds into its unfinished
+/// head, and the rest at once; the kubelet's probes, from another address,
+/// are answered throughout.
+#[test]
+fn half_sent_requests_hold_nothing() {
+    let _turn = one_at_a_time();
+    let agent = NodeAgent::start(&[F], &[]);
+    let health = agent.watch_health();
+    let attacker = Ipv4Addr::new(127, 0, 0, 2);
+    let mut held: Vec<TcpStream> = (0..400)
+        .map(|_| {
+            let mut s = connect_from(attacker, agent.metrics_port());
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: detector\r\n");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    let open = held.iter_mut().map(still_open).filter(|open| *open).count();
+    assert_eq!(open, 0, "half-sent requests still held after 4 s");
+    let worst = health.stop().expect("the agent answered throughout");
+    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the address `from`.
+fn connect_from(from: Ipv4Addr, port: u16) -> TcpStream {
+    let addr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain integer arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor just returned, owned from here.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let (src, dst) = (addr(from, 0), addr(Ipv4Addr::LOCALHOST, port));
+    // SAFETY: valid sockaddr_in values of the length given, on a live socket.
+    unsafe {
+        assert_eq!(libc::bind(fd, (&raw const src).cast(), len), 0, "bind: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::connect(fd, (&raw const dst).cast(), len), 0, "connect: {}", std::io::Error::last_os_error());
+    }
+    stream
+}
+
+/// Whether the peer has not closed `s` (past whatever it answered, a read
+/// would still wait).
+fn still_open(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) => return matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    }
+}
