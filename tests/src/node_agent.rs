@@ -122,12 +122,16 @@ impl NodeAgent {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(1)).build();
+            // A connection per probe, as the kubelet makes them.
+            let agent =
+                ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(1)).max_idle_connections(0).build();
             let mut worst = std::time::Duration::ZERO;
+            let started = Instant::now();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let asked = Instant::now();
                 if let Err(e) = agent.get(&url).call() {
-                    return Err(format!("/healthz after {:?}: {e}", asked.elapsed()));
+                    let at = asked.duration_since(started);
+                    return Err(format!("/healthz asked {at:?} in took {:?}: {e}", asked.elapsed()));
                 }
                 worst = worst.max(asked.elapsed());
                 std::thread::sleep(std::time::Duration::from_millis(100));

@@ -13,6 +13,9 @@ use crate::pyproc::ProcessError;
 /// SCA must already be enabled".
 pub const OPT_IN: &str = "DD_APPSEC_SCA_ENABLED";
 
+/// Most bytes of a process's environment read.
+const MAX_ENVIRON: u64 = 4 << 20;
+
 /// A process's unified service tagging, carried on its hits.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Service {
@@ -59,9 +62,13 @@ impl Environ {
         env
     }
 
-    /// The environment of `pid` as it was at exec.
+    /// The environment of `pid` as it was at exec (its first
+    /// [`MAX_ENVIRON`] bytes: the kernel bounds it near there anyway).
     pub fn read(pid: u32) -> Result<Self, ProcessError> {
-        let block = std::fs::read(format!("/proc/{pid}/environ")).map_err(|e| ProcessError::io(pid, e))?;
+        use std::io::Read;
+        let file = std::fs::File::open(format!("/proc/{pid}/environ")).map_err(|e| ProcessError::io(pid, e))?;
+        let mut block = Vec::new();
+        file.take(MAX_ENVIRON).read_to_end(&mut block).map_err(|e| ProcessError::io(pid, e))?;
         Ok(Environ::parse(&block))
     }
 }
@@ -99,8 +106,7 @@ pub fn looks_like_python(pid: u32) -> bool {
     if base.starts_with("python") {
         return true;
     }
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .is_ok_and(|maps| maps.lines().any(|l| l.rsplit('/').next().is_some_and(|b| b.starts_with("libpython"))))
+    crate::pyproc::maps::any_line(pid, |l| l.rsplit('/').next().is_some_and(|b| b.starts_with("libpython")))
 }
 
 /// The executable's path, for logs.

@@ -43,6 +43,10 @@ const RETRY_DELAYS: [Duration; 10] = [
     Duration::from_millis(5120),
 ];
 
+/// Decisions made at once on the blocking pool: a fork or exec storm queues
+/// its decisions instead of taking a thread (and its reads of `/proc`) each.
+const MAX_DECIDING: usize = 8;
+
 /// What the operator decides about processes.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -118,6 +122,8 @@ pub struct Node {
     /// the session, never both.
     known: HashMap<u32, (Option<u64>, State)>,
     jobs: JoinSet<Evaluated>,
+    /// Room for decisions being made at once.
+    deciding: Arc<tokio::sync::Semaphore>,
     /// Hits of processes that have ended, per target, for the metrics.
     ended_hits: BTreeMap<String, u64>,
 }
@@ -125,7 +131,16 @@ pub struct Node {
 impl Node {
     /// Nothing considered yet.
     pub fn new(opts: NodeOptions, metrics: SharedMetrics, cache: Arc<AnalysisCache>) -> Self {
-        Node { opts, metrics, cache, known: HashMap::new(), jobs: JoinSet::new(), ended_hits: BTreeMap::new() }
+        let deciding = Arc::new(tokio::sync::Semaphore::new(MAX_DECIDING));
+        Node {
+            opts,
+            metrics,
+            cache,
+            known: HashMap::new(),
+            jobs: JoinSet::new(),
+            deciding,
+            ended_hits: BTreeMap::new(),
+        }
     }
 
     /// Considers every process not considered yet (at start, and as the
@@ -174,7 +189,7 @@ impl Node {
 
     /// Decides about `pid` once `old` (its previous image's probes) are closed.
     fn spawn(&mut self, pid: u32, start: Option<u64>, attempt: usize, old: Vec<Buried>) {
-        let (cache, attach_all) = (self.cache.clone(), self.opts.attach_all);
+        let (cache, attach_all, deciding) = (self.cache.clone(), self.opts.attach_all, self.deciding.clone());
         let delay = attempt.checked_sub(1).map(|i| RETRY_DELAYS[i]);
         let new_image = !old.is_empty();
         self.jobs.spawn(async move {
@@ -184,6 +199,7 @@ impl Node {
             if let Some(d) = delay {
                 tokio::time::sleep(d).await;
             }
+            let _room = deciding.acquire_owned().await;
             let result = tokio::task::spawn_blocking(move || evaluate(pid, attach_all, &cache))
                 .await
                 .unwrap_or_else(|e| Err(Refusal::Other { reason: "internal", message: e.to_string() }));

@@ -1,19 +1,24 @@
-//! Analyses cached per binary: by (device, inode), and across copies of one
-//! build (containers of the same image) by GNU build id, so a node running
-//! 200 processes of one interpreter analyses it once. Refusals are cached too.
+//! Analyses cached per binary: by file identity (device, inode, size and
+//! change times), and across copies of one build (containers of the same
+//! image) by a SHA-256 of the whole file, so a node running 200 processes of
+//! one interpreter analyses it once. A build id is not trusted as a key: a
+//! hostile image could carry a genuine one over other bytes and so hand its
+//! analysis (or its refusal) to every tenant of that build. Refusals are
+//! cached too. Analyses of different files run in parallel; processes of one
+//! file started together wait for its first analysis.
 
 use std::{
     collections::HashMap,
-    fs::File,
-    os::unix::fs::{FileExt, MetadataExt},
-    path::Path,
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
 
-use super::{Analysis, AnalysisError, analyze, elf::ElfImage};
+use sha2::{Digest, Sha256};
+
+use super::{Analysis, AnalysisError, analyze, elf::ElfImage, file};
 use crate::pyproc::maps::MappedFile;
 
 /// Most binaries remembered by default; beyond the cap the cache starts over.
@@ -38,16 +43,17 @@ impl Cached {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Key {
-    Inode { dev: u64, inode: u64, size: u64, mtime: i64 },
-    BuildId(Vec<u8>),
+    /// One file as it is now: a write changes its change time.
+    File { dev: u64, inode: u64, size: u64, mtime: (i64, i64), ctime: (i64, i64) },
+    /// Any file with these bytes.
+    Content([u8; 32]),
 }
 
 /// A cache of analyses, shared by every process watcher.
 pub struct AnalysisCache {
     entries: Mutex<HashMap<Key, Cached>>,
-    /// Held while a binary is analysed: processes of one image started
-    /// together wait for the first analysis instead of repeating it.
-    analysing: Mutex<()>,
+    /// One lock per file being analysed.
+    analysing: Mutex<HashMap<Key, Arc<Mutex<()>>>>,
     max_entries: usize,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -78,44 +84,81 @@ impl AnalysisCache {
         self.resets.load(Ordering::Relaxed)
     }
 
-    /// The analysis of `file`, computed at most once per binary.
-    pub fn analyze(&self, file: &MappedFile) -> Result<Arc<Analysis>, AnalysisError> {
-        let io = |source| AnalysisError::Io { path: file.open_path.clone(), source };
-        let md = std::fs::metadata(&file.open_path).map_err(io)?;
-        let inode_key = Key::Inode { dev: md.dev(), inode: md.ino(), size: md.size(), mtime: md.mtime() };
-        let build_key = build_id(&file.open_path).map(Key::BuildId);
-        let lookup = || {
-            let entries = self.entries.lock().unwrap();
-            let found = entries.get(&inode_key).or_else(|| build_key.as_ref().and_then(|k| entries.get(k)));
-            found.map(|c| {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                c.result()
-            })
+    /// The analysis of `file`, computed at most once per binary. The file
+    /// is opened once: its identity, its digest and its analysis all come
+    /// from the same descriptor.
+    pub fn analyze(&self, mapped: &MappedFile) -> Result<Arc<Analysis>, AnalysisError> {
+        let io = |source| AnalysisError::Io { path: mapped.open_path.clone(), source };
+        let opened = std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(&mapped.open_path);
+        let opened = opened.map_err(io)?;
+        let md = opened.metadata().map_err(io)?;
+        let file_key = Key::File {
+            dev: md.dev(),
+            inode: md.ino(),
+            size: md.size(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
         };
-        if let Some(r) = lookup() {
+        if let Some(r) = self.lookup(&file_key) {
             return r;
         }
-        let _turn = self.analysing.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = lookup() {
-            return r;
+        let turn = self.turn(&file_key);
+        let result = {
+            let _held = turn.lock().unwrap_or_else(|e| e.into_inner());
+            self.lookup(&file_key).unwrap_or_else(|| self.analyse_new(mapped, opened, file_key.clone()))
+        };
+        self.analysing.lock().unwrap_or_else(|e| e.into_inner()).remove(&file_key);
+        result
+    }
+
+    fn lookup(&self, key: &Key) -> Option<Result<Arc<Analysis>, AnalysisError>> {
+        let found = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()?;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(found.result())
+    }
+
+    /// The lock of the file `key`: held while it is analysed.
+    fn turn(&self, key: &Key) -> Arc<Mutex<()>> {
+        self.analysing.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone()
+    }
+
+    /// Reads `opened` whole, and analyses it unless a file with the same
+    /// bytes was.
+    fn analyse_new(
+        &self,
+        mapped: &MappedFile,
+        opened: std::fs::File,
+        file_key: Key,
+    ) -> Result<Arc<Analysis>, AnalysisError> {
+        let data =
+            file::read_capped(opened).map_err(|source| AnalysisError::Io { path: mapped.open_path.clone(), source })?;
+        let content_key = Key::Content(Sha256::digest(&data).into());
+        let found = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(&content_key).cloned();
+        if let Some(found) = found {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            self.insert([file_key], &found);
+            return found.result();
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let cached = match ElfImage::open(&file.open_path).and_then(|elf| analyze(&elf, &file.path, &file.root, None)) {
+        let cached = match ElfImage::parse(data).and_then(|elf| analyze(&elf, &mapped.path, &mapped.root, None)) {
             Ok(a) => Cached::Ok(Arc::new(a)),
             Err(AnalysisError::NotPython(m) | AnalysisError::NotElf(m)) => Cached::NotPython(m),
             Err(AnalysisError::Unsupported(m)) => Cached::Unsupported(m),
             Err(e @ AnalysisError::Io { .. }) => return Err(e),
         };
-        let mut entries = self.entries.lock().unwrap();
-        if entries.len() + 2 > self.max_entries {
+        self.insert([file_key, content_key], &cached);
+        cached.result()
+    }
+
+    fn insert<const N: usize>(&self, keys: [Key; N], cached: &Cached) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() + N > self.max_entries {
             entries.clear();
             self.resets.fetch_add(1, Ordering::Relaxed);
         }
-        entries.insert(inode_key, cached.clone());
-        if let Some(k) = build_key {
+        for k in keys {
             entries.insert(k, cached.clone());
         }
-        cached.result()
     }
 
     /// (hits, misses) so far.
@@ -124,79 +167,37 @@ impl AnalysisCache {
     }
 }
 
-/// The GNU build id from the program headers' notes, reading only the
-/// headers and the notes (not the whole, possibly huge, file).
-pub fn build_id(path: &Path) -> Option<Vec<u8>> {
-    let f = File::open(path).ok()?;
-    let mut eh = [0u8; 64];
-    f.read_exact_at(&mut eh, 0).ok()?;
-    if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
-        return None; // not 64-bit little-endian
-    }
-    let phoff = u64::from_le_bytes(eh[32..40].try_into().ok()?);
-    let phentsize = u16::from_le_bytes(eh[54..56].try_into().ok()?) as u64;
-    let phnum = u16::from_le_bytes(eh[56..58].try_into().ok()?) as u64;
-    if phentsize < 56 || phnum > 256 {
-        return None;
-    }
-    for i in 0..phnum {
-        let mut ph = [0u8; 56];
-        f.read_exact_at(&mut ph, phoff + i * phentsize).ok()?;
-        if u32::from_le_bytes(ph[0..4].try_into().ok()?) != 4 {
-            continue; // PT_NOTE only
-        }
-        let off = u64::from_le_bytes(ph[8..16].try_into().ok()?);
-        let size = u64::from_le_bytes(ph[32..40].try_into().ok()?).min(4096);
-        let mut notes = vec![0u8; size as usize];
-        f.read_exact_at(&mut notes, off).ok()?;
-        if let Some(id) = find_build_id(&notes) {
-            return Some(id);
-        }
-    }
-    None
-}
-
-fn find_build_id(mut notes: &[u8]) -> Option<Vec<u8>> {
-    let align4 = |n: usize| (n + 3) & !3;
-    while notes.len() >= 12 {
-        let namesz = u32::from_le_bytes(notes[0..4].try_into().ok()?) as usize;
-        let descsz = u32::from_le_bytes(notes[4..8].try_into().ok()?) as usize;
-        let kind = u32::from_le_bytes(notes[8..12].try_into().ok()?);
-        let desc_at = 12 + align4(namesz);
-        let end = desc_at + align4(descsz);
-        if end > notes.len() && desc_at + descsz > notes.len() {
-            return None;
-        }
-        // NT_GNU_BUILD_ID with name "GNU\0".
-        if kind == 3 && notes.get(12..12 + namesz) == Some(b"GNU\0") {
-            return Some(notes[desc_at..desc_at + descsz].to_vec());
-        }
-        notes = notes.get(end..)?;
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_binary_is_analysed_once() {
-        let exe = std::env::current_exe().unwrap();
-        let file = MappedFile { path: exe.display().to_string(), open_path: exe.clone(), base: 0, root: "/".into() };
-        let cache = AnalysisCache::default();
-        for _ in 0..3 {
-            // Not Python: the refusal is cached like an analysis.
-            assert!(matches!(cache.analyze(&file), Err(AnalysisError::NotPython(_))));
-        }
-        assert_eq!(cache.stats(), (2, 1));
+    fn mapped(path: &std::path::Path) -> MappedFile {
+        MappedFile { path: path.display().to_string(), open_path: path.to_owned(), base: 0, root: "/".into() }
     }
 
     #[test]
-    fn build_id_matches_the_full_parser() {
+    fn a_binary_is_analysed_once_and_a_lookalike_on_its_own() {
         let exe = std::env::current_exe().unwrap();
-        let full = ElfImage::open(&exe).unwrap().build_id;
-        assert_eq!(build_id(&exe), full);
-        assert!(build_id(Path::new("/proc/self/status")).is_none());
+        let cache = AnalysisCache::default();
+        for _ in 0..3 {
+            // Not Python: the refusal is cached like an analysis.
+            assert!(matches!(cache.analyze(&mapped(&exe)), Err(AnalysisError::NotPython(_))));
+        }
+        assert_eq!(cache.stats(), (2, 1));
+        let dir = std::env::temp_dir().join(format!("detector-cache-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A copy (another inode, the same bytes): found by its content.
+        let copy = dir.join("copy");
+        std::fs::copy(&exe, &copy).unwrap();
+        assert!(cache.analyze(&mapped(&copy)).is_err());
+        assert_eq!(cache.stats(), (3, 1));
+        // Its build id and all but one byte: analysed on its own.
+        let mut bytes = std::fs::read(&exe).unwrap();
+        *bytes.last_mut().unwrap() ^= 0xff;
+        let lookalike = dir.join("lookalike");
+        std::fs::write(&lookalike, bytes).unwrap();
+        assert!(cache.analyze(&mapped(&lookalike)).is_err());
+        assert_eq!(cache.stats(), (3, 2));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,6 +20,8 @@ use crate::listen::Gate;
 /// The agent loop goes round at least this often; longer means it is stuck.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
 
+/// Connections waiting to be accepted.
+const BACKLOG: i32 = 4096;
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 512;
 /// Connections from one address at once; more are closed at once.
@@ -32,10 +34,27 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Binds `addr` now (so a taken port is an error at start) and serves from a
 /// task of its own.
 pub async fn start(addr: SocketAddr, metrics: SharedMetrics) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = std::net::TcpListener::bind(addr)?;
+    // A longer queue than std's 128: a burst of connections waits to be
+    // accepted instead of having its handshakes dropped.
+    // SAFETY: a listening socket this function owns.
+    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), BACKLOG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
+    // A thread of its own: the kubelet's probes are answered even while the
+    // agent loop is busy (a stalled loop shows in `/healthz` as such).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("detector-metrics".into()).spawn(move || {
+        runtime.block_on(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => serve(listener, metrics).await,
+                Err(e) => tracing::error!(error = %e, "cannot serve metrics"),
+            }
+        })
+    })?;
     info!(addr = %bound, "serving /metrics, /healthz and /processes");
-    tokio::spawn(serve(listener, metrics));
     Ok(bound)
 }
 

@@ -47,10 +47,36 @@ pub fn parse_line(line: &str) -> Option<Mapping> {
     })
 }
 
-/// The mappings of `pid`.
+/// Most lines of `/proc/PID/maps` read: a process may map as much as it
+/// likes (65k mappings took an agent that read them whole to 500 MB).
+const MAX_LINES: usize = 1 << 20;
+/// Most file mappings kept (an interpreter's are a handful).
+const MAX_FILE_MAPPINGS: usize = 8192;
+
+/// The file-backed mappings of `pid`, read a line at a time.
 pub fn read(pid: u32) -> Result<Vec<Mapping>, ProcessError> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| ProcessError::io(pid, e))?;
-    Ok(text.lines().filter_map(parse_line).collect())
+    let file = std::fs::File::open(format!("/proc/{pid}/maps")).map_err(|e| ProcessError::io(pid, e))?;
+    let mut out = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(file)).take(MAX_LINES) {
+        let line = line.map_err(|e| ProcessError::io(pid, e))?;
+        if let Some(m) = parse_line(&line).filter(Mapping::is_file) {
+            if out.len() == MAX_FILE_MAPPINGS {
+                return Err(ProcessError::NotPython {
+                    pid,
+                    reason: format!("more than {MAX_FILE_MAPPINGS} file mappings"),
+                });
+            }
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether any line of `/proc/PID/maps` satisfies `pred`, read a line at a
+/// time and at most [`MAX_LINES`].
+pub fn any_line(pid: u32, pred: impl Fn(&str) -> bool) -> bool {
+    let Ok(file) = std::fs::File::open(format!("/proc/{pid}/maps")) else { return false };
+    std::io::BufRead::lines(std::io::BufReader::new(file)).take(MAX_LINES).map_while(Result::ok).any(|l| pred(&l))
 }
 
 /// A file mapped into a process.
