@@ -299,6 +299,10 @@ pub struct Slot {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Scratch {
+    /// Written by each program before it builds a key here: a program that
+    /// preempted it on its CPU and used the space leaves another value, and
+    /// the first then knows its key may have changed under its lookup.
+    pub claim: u64,
     /// Key being built.
     pub key: TargetKey,
 }

@@ -20,8 +20,12 @@ pub const HIT_RECORDS: u32 = 7;
 /// Module executions seen (`PyEval_EvalCode` in a process with targets
 /// not found yet).
 pub const MODULE_EXECS: u32 = 8;
+/// Classifications given up because a program that preempted this one on
+/// its CPU used the scratch key meanwhile: that pass is not counted, and
+/// the next pass of the code object classifies it again.
+pub const SCRATCH_RACES: u32 = 9;
 /// Number of counters.
-pub const COUNT: u32 = 9;
+pub const COUNT: u32 = 10;
 
 /// Counter names, by index, for metrics and summaries.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -34,4 +38,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "redispatch_skips",
     "hit_records",
     "module_execs",
+    "scratch_races",
 ];

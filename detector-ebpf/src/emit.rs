@@ -12,7 +12,7 @@ use detector_common::{
 };
 
 use crate::{
-    maps::{CELLS, CONFIG, COUNTS, EVENTS, PENDING, bump},
+    maps::{CELLS, CONFIG, COUNTS, EVENTS, PENDING, atomic_add, bump},
     mem::{field, read},
 };
 
@@ -38,16 +38,6 @@ macro_rules! increment {
             },
         }
     }};
-}
-
-/// `*p += 1` as one atomic instruction (the BPF target has no `AtomicU64`);
-/// returns `*p` as read just after.
-#[inline(always)]
-fn atomic_add(p: *mut u64) -> u64 {
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, 1);
-        core::ptr::read_volatile(p)
-    }
 }
 
 /// Flags for submitting a record of `size` bytes: wake the reader only when

@@ -76,12 +76,22 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 
+/// `*p += 1` as one atomic instruction (the BPF target has no `AtomicU64`);
+/// returns `*p` as read just after. Per-CPU values too: a program may be
+/// preempted on its CPU by another that adds to the same one.
+#[inline(always)]
+pub fn atomic_add(p: *mut u64) -> u64 {
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, 1);
+        core::ptr::read_volatile(p)
+    }
+}
+
 /// Adds one to a per-CPU counter.
 #[inline(always)]
 pub fn bump(stat: u32) {
     if let Some(p) = STATS.get_ptr_mut(stat) {
-        // Per-CPU slot, and a BPF program is not preempted on its CPU.
-        unsafe { *p += 1 };
+        atomic_add(p);
     }
 }
 
@@ -101,9 +111,8 @@ pub struct Pass {
 #[inline(always)]
 pub fn pass(slot: u16, mode: u32) -> Pass {
     match SLOTS.get_ptr_mut(slot as u32) {
-        // Per-CPU, and a BPF program is not preempted on its CPU.
         Some(p) => unsafe {
-            (*p).passes += 1;
+            atomic_add(&raw mut (*p).passes);
             Pass { counts: (*p).mode == mode, sparse: (*p).events == EVENTS_SPARSE, instance: (*p).instance }
         },
         None => Pass { counts: true, sparse: false, instance: 0 },

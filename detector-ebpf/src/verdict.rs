@@ -3,10 +3,11 @@
 //! most recent verdicts in a direct-mapped array in front of it, so the
 //! common case on the hot path is an array lookup the kernel inlines.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use detector_common::{
     CELL_SHARED, CELL_UNKNOWN, CO_OPTIMIZED, CO_RESUMABLE, CellKey, CodeIdentity, CodeKey, CountKey, Layout, NAME_LEN,
-    NO_SLOT, NameKey, SLOT_CELLS, TARGET_NONE, TARGET_PENDING, Verdict, VerdictLine, stats, verdict_line,
+    NO_SLOT, NameKey, SLOT_CELLS, Scratch, TARGET_NONE, TARGET_PENDING, TargetKey, Verdict, VerdictLine, stats,
+    verdict_line,
 };
 
 use crate::{
@@ -14,6 +15,9 @@ use crate::{
     maps::{CELL_CLAIMS, CELL_OF, CODE_EPOCH, CONFIG, NAMES, SCRATCH, TARGETS, VERDICT_CACHE, VERDICTS, bump},
     mem::{field, object_field, read, read_ascii},
 };
+
+/// A classification given up (see [`Claim::held`]): never stored.
+const TARGET_UNKNOWN: u32 = u32::MAX - 2;
 
 /// What the hot path needs to know of the code object running at a site.
 pub struct Known {
@@ -61,7 +65,13 @@ pub fn verdict(
     let code_key = CodeKey { tgid, instance, code };
     let mut v = match unsafe { VERDICTS.get(&code_key) } {
         Some(v) if v.generation == generation => *v,
-        _ => store(layout, &code_key, slot, generation, classify(code)?),
+        _ => match classify(code)? {
+            TARGET_UNKNOWN => {
+                bump(stats::SCRATCH_RACES);
+                return None;
+            }
+            target => store(layout, &code_key, slot, generation, target),
+        },
     };
     // A target's verdict that user space wrote (3.8-3.10 resolution).
     if v.target < TARGET_PENDING && v.cell == CELL_UNKNOWN {
@@ -156,17 +166,19 @@ pub fn classify_resume(layout: &Layout, tgid: u32, frame: u64, code: u64) -> u32
     let Some(module) = field(func, layout.func_module) else {
         return TARGET_NONE;
     };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return TARGET_NONE;
-    };
-    let key = unsafe { &mut (*scratch).key };
+    let Some(claim) = Claim::take() else { return TARGET_NONE };
+    let key = claim.key();
     key.module = [0; NAME_LEN];
     key.qualname = [0; NAME_LEN];
     if !read_ascii(layout, module, &mut key.module) || !read_ascii(layout, qualname, &mut key.qualname) {
         return TARGET_NONE;
     }
-    match unsafe { TARGETS.get(&*key) } {
-        Some(&target) => {
+    let found = unsafe { TARGETS.get(&*key) }.copied();
+    if !claim.held() {
+        return TARGET_UNKNOWN;
+    }
+    match found {
+        Some(target) => {
             emit::code(layout, tgid, target, code);
             target
         }
@@ -184,16 +196,20 @@ pub fn classify_identity(layout: &Layout, tgid: u32, code: u64, name: u64, ident
         return Some(TARGET_NONE);
     }
     let module = module_name(layout, identity.globals)?;
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    let key = unsafe { &mut (*scratch).key };
+    let claim = Claim::take()?;
+    let key = claim.key();
     key.module = [0; NAME_LEN];
     key.qualname = [0; NAME_LEN];
     let qualname = if identity.qualname != 0 { identity.qualname } else { name };
     if !read_ascii(layout, module, &mut key.module) || !read_ascii(layout, qualname, &mut key.qualname) {
         return Some(TARGET_NONE);
     }
-    Some(match unsafe { TARGETS.get(&*key) } {
-        Some(&target) => {
+    let found = unsafe { TARGETS.get(&*key) }.copied();
+    if !claim.held() {
+        return Some(TARGET_UNKNOWN);
+    }
+    Some(match found {
+        Some(target) => {
             emit::code(layout, tgid, target, code);
             target
         }
@@ -220,10 +236,10 @@ fn module_name(layout: &Layout, globals: u64) -> Option<u64> {
     let entry = keys + layout.dictkeys_indices as u64 + (size * index_bytes) as u64;
     // An entry is (hash, key, value).
     let key = read::<u64>(entry + 8)?;
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    let buf = unsafe { &mut (*scratch).key.qualname };
+    let claim = Claim::take()?;
+    let buf = &mut claim.key().qualname;
     *buf = [0; NAME_LEN];
-    if !read_ascii(layout, key, buf) || buf[..9] != *b"__name__\0" {
+    if !read_ascii(layout, key, buf) || buf[..9] != *b"__name__\0" || !claim.held() {
         return None;
     }
     read::<u64>(entry + 16)
@@ -241,15 +257,48 @@ pub fn classify_name(layout: &Layout, code: u64, name: u64) -> u32 {
     if flags & CO_OPTIMIZED == 0 {
         return TARGET_NONE;
     }
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return TARGET_NONE;
-    };
-    let key = unsafe { &mut (*scratch).key };
+    let Some(claim) = Claim::take() else { return TARGET_NONE };
+    let key = claim.key();
     key.module = [0; NAME_LEN];
     if !read_ascii(layout, name, &mut key.module) {
         return TARGET_NONE;
     }
     // `NameKey` is a `#[repr(C)]` wrapper of the same array.
     let name_key = unsafe { &*(&key.module as *const _ as *const NameKey) };
-    if unsafe { NAMES.get(name_key) }.is_some() { TARGET_PENDING } else { TARGET_NONE }
+    let found = unsafe { NAMES.get(name_key) }.is_some();
+    match (claim.held(), found) {
+        (false, _) => TARGET_UNKNOWN,
+        (true, true) => TARGET_PENDING,
+        (true, false) => TARGET_NONE,
+    }
+}
+
+/// This CPU's scratch key, taken for one lookup (see
+/// [`detector_common::Scratch::claim`]).
+struct Claim {
+    scratch: *mut Scratch,
+    mark: u64,
+}
+
+impl Claim {
+    #[inline(always)]
+    fn take() -> Option<Claim> {
+        let scratch = SCRATCH.get_ptr_mut(0)?;
+        // A nanosecond clock: no two programs on one CPU read the same.
+        let mark = unsafe { bpf_ktime_get_ns() };
+        unsafe { core::ptr::write_volatile(&raw mut (*scratch).claim, mark) };
+        Some(Claim { scratch, mark })
+    }
+
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    fn key(&self) -> &mut TargetKey {
+        unsafe { &mut (*self.scratch).key }
+    }
+
+    /// Whether no other program took the space since: the key is as built.
+    #[inline(always)]
+    fn held(&self) -> bool {
+        unsafe { core::ptr::read_volatile(&raw const (*self.scratch).claim) == self.mark }
+    }
 }
