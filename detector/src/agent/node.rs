@@ -342,7 +342,14 @@ impl Node {
     /// metrics.
     pub fn refresh(&mut self, session: &mut Session, rc: Option<&poller::Stats>) {
         if let Some(budget) = &self.opts.budget {
-            for c in session.enforce(budget) {
+            let changes = session.enforce(budget);
+            // `/processes` first: the metrics server runs on its own thread,
+            // and a reader that sees a budget action counted must find the
+            // process's new state too.
+            if !changes.is_empty() {
+                self.publish(session);
+            }
+            for c in changes {
                 self.metrics.budget_action(c.action.name());
                 let binary = session.watches().find(|w| w.process.pid == c.pid).map(|w| w.process.object.path.clone());
                 let (pid, from, to, why) = (c.pid, &c.from, &c.to, c.why.as_deref().unwrap_or(""));
@@ -389,9 +396,12 @@ impl Node {
         m.beat();
     }
 
-    /// Publishes what is watched: `/processes` and its gauges.
+    /// Publishes what is watched: `/processes`, then its gauges (a reader
+    /// that sees a gauge move finds `/processes` already agreeing).
     fn publish(&self, session: &Session) {
         let m = &self.metrics;
+        let processes: Vec<_> = session.watches().map(|w| w.report(session.targets())).collect();
+        m.set_processes(serde_json::to_string(&processes).unwrap_or_default());
         m.processes_watched.set(session.watches().count() as i64);
         m.probes.set(session.watches().map(|w| w.probes()).sum::<usize>() as i64);
         m.detaching.set(session.detaching() as i64);
@@ -401,8 +411,6 @@ impl Node {
         }
         m.strategy("suspended", session.watches().filter(|w| w.suspension().is_some()).count() as i64);
         m.probe_overhead.set(session.watches().filter_map(|w| w.meter.share).sum());
-        let processes: Vec<_> = session.watches().map(|w| w.report(session.targets())).collect();
-        m.set_processes(serde_json::to_string(&processes).unwrap_or_default());
     }
 }
 
