@@ -87,11 +87,15 @@ pub fn atomic_add(p: *mut u64) -> u64 {
     }
 }
 
-/// Adds one to a per-CPU counter.
+/// Adds one to a per-CPU diagnostic counter. A plain add: an increment
+/// lost to a program preempting this one on its CPU costs a diagnostic one
+/// count, while an atomic add measured 3% more per hit (`HITS` and
+/// `HIT_RECORDS` are bumped on every hit). Hit counts themselves are
+/// atomic ([`atomic_add`]).
 #[inline(always)]
 pub fn bump(stat: u32) {
     if let Some(p) = STATS.get_ptr_mut(stat) {
-        atomic_add(p);
+        unsafe { *p += 1 };
     }
 }
 
@@ -111,8 +115,12 @@ pub struct Pass {
 #[inline(always)]
 pub fn pass(slot: u16, mode: u32) -> Pass {
     match SLOTS.get_ptr_mut(slot as u32) {
+        // A plain add, on every call of a process probed per call: the
+        // passes are the budget's rate estimate, and an increment lost to a
+        // preempting program on this CPU moves it by one in millions, where
+        // an atomic add would cost every call.
         Some(p) => unsafe {
-            atomic_add(&raw mut (*p).passes);
+            (*p).passes += 1;
             Pass { counts: (*p).mode == mode, sparse: (*p).events == EVENTS_SPARSE, instance: (*p).instance }
         },
         None => Pass { counts: true, sparse: false, instance: 0 },
