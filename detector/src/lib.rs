@@ -16,10 +16,12 @@
 pub mod agent;
 pub(crate) mod bpf;
 pub mod cli;
+pub(crate) mod confine;
 pub(crate) mod events;
 pub(crate) mod interp;
 pub(crate) mod listen;
 pub(crate) mod metrics;
+pub(crate) mod privileges;
 pub(crate) mod pyproc;
 pub(crate) mod rc;
 pub(crate) mod sources;

@@ -85,6 +85,12 @@ pub fn run_reaching(pid: u32, targets: &[&str], extra: &[&str]) -> Dump {
 /// whatever the defaults (tests of the defaults, of reachability and of the
 /// budget pass them explicitly).
 pub fn spawn_with_env(args: &[String], env: &[(&str, &str)]) -> Dump {
+    spawn_wrapped(&[], args, env)
+}
+
+/// As [`spawn_with_env`], with the detector started by `wrapper` (a command
+/// that executes its arguments, such as `setpriv` with a capability set).
+pub fn spawn_wrapped(wrapper: &[String], args: &[String], env: &[(&str, &str)]) -> Dump {
     let mut args = args.to_vec();
     let has = |flag: &str| args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
     let mut defaults = Vec::new();
@@ -101,8 +107,11 @@ pub fn spawn_with_env(args: &[String], env: &[(&str, &str)]) -> Dump {
     for (i, a) in defaults.into_iter().enumerate() {
         args.insert(1 + i, a.to_owned());
     }
-    let mut child = Command::new(detector_bin())
-        .args(&args)
+    let mut argv: Vec<std::ffi::OsString> = wrapper.iter().map(Into::into).collect();
+    argv.push(detector_bin().into());
+    argv.extend(args.iter().map(Into::into));
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -3,6 +3,7 @@
 //! path in `DETECTOR_BIN`). Nothing is mocked and nothing is skipped: a
 //! missing interpreter or binary fails the test.
 
+pub mod deploy;
 pub mod dump;
 pub mod fixture;
 pub mod interpreters;
@@ -12,7 +13,7 @@ pub mod rc_agent;
 
 use std::{path::PathBuf, time::Duration};
 
-pub use dump::{Dump, Summary, run_reaching, spawn as spawn_detector, spawn_with_env};
+pub use dump::{Dump, Summary, run_reaching, spawn as spawn_detector, spawn_with_env, spawn_wrapped};
 pub use fixture::{Fixture, pin};
 pub use interpreters::{Interpreter, interpreters};
 pub use node_agent::NodeAgent;
@@ -85,6 +86,27 @@ pub fn for_each_interpreter(check: impl Fn(&Interpreter) + Sync) {
 pub fn signal(pid: u32, signal: i32) {
     // SAFETY: plain integer arguments.
     unsafe { libc::kill(pid as i32, signal) };
+}
+
+/// Forked workers, named by the `workers PID...` line their parent
+/// printed; killed when dropped, so a failed test leaves none behind (they
+/// would hold the test's output open).
+pub struct Workers(pub Vec<u32>);
+
+impl Workers {
+    /// The workers a `workers PID...` line names.
+    pub fn from_line(line: &str) -> Self {
+        let pids = line.strip_prefix("workers ").unwrap_or_else(|| panic!("not a workers line: {line}"));
+        Workers(pids.split(' ').map(|p| p.parse().unwrap()).collect())
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &self.0 {
+            signal(*w, libc::SIGKILL);
+        }
+    }
 }
 
 /// An `attached` line, typed.

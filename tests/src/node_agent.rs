@@ -7,7 +7,7 @@ use std::{path::PathBuf, sync::Mutex, time::Instant};
 use detector::agent::report::ProcessReport;
 use serde_json::Value;
 
-use crate::{Dump, STEP_TIMEOUT, free_port, spawn_with_env};
+use crate::{Dump, STEP_TIMEOUT, free_port, spawn_wrapped};
 
 /// An opted-in process's environment, with `service` as its identity.
 pub fn opted_in(service: &str) -> Vec<(&'static str, String)> {
@@ -54,6 +54,11 @@ impl NodeAgent {
     /// Starts `detector run` discovering processes, with `targets` and extra
     /// `args`, and waits until discovery is live.
     pub fn start(targets: &[&str], args: &[&str]) -> Self {
+        Self::start_wrapped(&[], targets, args)
+    }
+
+    /// As [`NodeAgent::start`], started by `wrapper` (see [`crate::spawn_wrapped`]).
+    pub fn start_wrapped(wrapper: &[String], targets: &[&str], args: &[&str]) -> Self {
         let metrics_port = free_port();
         let tap = std::env::temp_dir().join(format!("detector-tap-{}-{metrics_port}.sock", std::process::id()));
         let mut argv: Vec<String> = vec!["run".into(), "--no-rc".into(), "--events".into(), "json".into()];
@@ -64,7 +69,7 @@ impl NodeAgent {
             argv.extend(["--target".into(), (*t).into()]);
         }
         argv.extend(args.iter().map(|a| a.to_string()));
-        let mut events = spawn_with_env(&argv, &[("DD_SCA_DETECTION_ENABLED", "true")]);
+        let mut events = spawn_wrapped(wrapper, &argv, &[("DD_SCA_DETECTION_ENABLED", "true")]);
         events.wait_for("discovering");
         NodeAgent { events, metrics_port, tap }
     }

@@ -4,27 +4,10 @@
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
-use detector_tests::detector_bin;
-use yaml_rust2::{Yaml, YamlLoader};
-
-fn deploy_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy")
-}
-
-fn manifests() -> Vec<Yaml> {
-    let text = std::fs::read_to_string(deploy_dir().join("detector.yaml")).unwrap();
-    YamlLoader::load_from_str(&text).expect("deploy/detector.yaml parses")
-}
-
-fn of_kind(docs: &[Yaml], kind: &str) -> Yaml {
-    let found: Vec<&Yaml> = docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).collect();
-    assert_eq!(found.len(), 1, "one {kind}");
-    found[0].clone()
-}
-
-fn strs(y: &Yaml) -> Vec<String> {
-    y.as_vec().map(|v| v.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
-}
+use detector_tests::{
+    deploy::{capabilities, deploy_dir, manifests, of_kind, strs},
+    detector_bin,
+};
 
 /// A string constant's value in the agent's source, e.g. `TRACEFS`.
 fn source_const(file: &str, name: &str) -> String {
@@ -46,9 +29,14 @@ fn daemonset_runs_on_every_node_with_least_privilege() {
     assert_eq!(sc["privileged"].as_bool(), Some(false));
     assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
     assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
-    let caps: BTreeSet<String> = strs(&sc["capabilities"]["add"]).into_iter().collect();
-    let want: BTreeSet<String> = ["BPF", "PERFMON", "SYS_PTRACE", "SYS_RESOURCE"].map(String::from).into();
-    assert_eq!(caps, want, "no SYS_ADMIN, nothing else");
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(spec["automountServiceAccountToken"].as_bool(), Some(false), "the agent never calls the API");
+    // Each one is needed on Linux 6.16+ (see detector/src/privileges.rs and
+    // deploy/README.md); `privileges.rs` runs the agent under exactly these.
+    let caps: BTreeSet<String> = capabilities().into_iter().collect();
+    let want: BTreeSet<String> =
+        ["BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"].map(String::from).into();
+    assert_eq!(caps, want, "these and nothing else");
     assert_eq!(strs(&c["args"])[0], "run");
     assert_eq!(c["env"][0]["name"].as_str(), Some("DD_AGENT_HOST"));
     assert_eq!(c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("status.hostIP"));
@@ -77,9 +65,15 @@ fn mounts_are_the_paths_the_agent_opens() {
     let config = of_kind(&docs, "ConfigMap");
     assert_eq!(config["data"]["DETECTOR_TAP"].as_str(), Some(tap.as_str()));
     assert!(tap.starts_with(&format!("{}/", mount("run"))), "{tap} is under the run mount");
-    // The metrics port the probes use is the one the agent binds.
-    let port: u16 =
-        config["data"]["DETECTOR_METRICS_ADDR"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+    // The metrics port the probes use is the one the agent binds, on the
+    // pod's own address.
+    let env = c["env"].as_vec().unwrap();
+    let var = |name: &str| env.iter().find(|e| e["name"].as_str() == Some(name)).cloned();
+    let addr = var("DETECTOR_METRICS_ADDR").expect("DETECTOR_METRICS_ADDR in the container's env");
+    let addr = addr["value"].as_str().unwrap();
+    assert!(addr.starts_with("$(POD_IP):"), "bound to the pod's address: {addr}");
+    assert_eq!(var("POD_IP").unwrap()["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("status.podIP"));
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(c["ports"][0]["containerPort"].as_i64(), Some(port as i64));
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(c[probe]["httpGet"]["path"].as_str(), Some("/healthz"));

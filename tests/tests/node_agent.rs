@@ -330,16 +330,6 @@ fn forked_children_and_new_images_are_followed() {
 }
 
 /// Forked workers, killed if the test fails before they exit.
-struct Workers(Vec<u32>);
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for w in &self.0 {
-            detector_tests::signal(*w, libc::SIGKILL);
-        }
-    }
-}
-
 #[test]
 fn prefork_workers_that_call_at_once_after_the_fork_are_each_reported() {
     let _turn = one_at_a_time();
@@ -362,7 +352,7 @@ fn prefork_round(agent: &mut NodeAgent, minor: u8, strategy: &str) {
     agent.wait_attached(master.pid());
     master.go();
     let line = master.read_line();
-    let workers = Workers(line.strip_prefix("workers ").unwrap().split(' ').map(|p| p.parse().unwrap()).collect());
+    let workers = detector_tests::Workers::from_line(&line);
     let workers = &workers.0;
     // Each worker made its call before the agent could attach it: its
     // code object's warm-up mark, changed since the fork while the

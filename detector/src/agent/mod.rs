@@ -11,6 +11,8 @@ pub mod report;
 pub(crate) mod sampling;
 pub(crate) mod session;
 pub(crate) mod spawn;
+pub(crate) mod tenant;
+mod walks;
 pub(crate) mod watchpoints;
 
 pub(crate) use process::ProcessWatch;

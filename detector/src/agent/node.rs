@@ -18,6 +18,7 @@ use super::{
     budget::{Action, Budget},
     discovery::{self, Environ, Service},
     session::Session,
+    tenant::{self, Tenant, Tenants},
 };
 use crate::{
     bpf::reaper::Buried,
@@ -47,6 +48,15 @@ const RETRY_DELAYS: [Duration; 10] = [
 /// its decisions instead of taking a thread (and its reads of `/proc`) each.
 const MAX_DECIDING: usize = 8;
 
+/// Decisions one tenant may have waiting; more of its processes are refused
+/// for now and considered again at the next rescan.
+const MAX_QUEUED_PER_TENANT: usize = 64;
+
+/// Detached probes whose closing is still pending beyond which no process is
+/// attached (each holds a descriptor; the kernel closes about ten a second):
+/// attaching waits for the backlog instead of growing it.
+const MAX_DETACHING: usize = 4096;
+
 /// What the operator decides about processes.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -54,6 +64,8 @@ pub struct NodeOptions {
     pub attach_all: bool,
     /// Most processes watched at once.
     pub max_processes: usize,
+    /// Most processes watched at once in one pod (or cgroup).
+    pub max_per_tenant: usize,
     /// The overhead budget per process, if any.
     pub budget: Option<Budget>,
 }
@@ -69,6 +81,8 @@ enum Refusal {
     NotOptedIn,
     /// Another reason, reported under `reason` in the metrics.
     Other { reason: &'static str, message: String },
+    /// No room now (a cap or quota): considered again at the next rescan.
+    Full { reason: &'static str, message: String },
 }
 
 impl Refusal {
@@ -95,6 +109,7 @@ impl Refusal {
 pub struct Evaluated {
     pid: u32,
     start: Option<u64>,
+    tenant: Tenant,
     attempt: usize,
     /// The previous image's probes were closed first: forget its state.
     new_image: bool,
@@ -106,10 +121,9 @@ pub struct Evaluated {
 enum State {
     /// A decision is being made; `again` if the process executed a new
     /// image meanwhile, so the decision may be about the old one.
-    Deciding {
-        again: bool,
-    },
-    Refused,
+    Deciding { again: bool },
+    /// `retry` if only a cap or quota was in the way.
+    Refused { retry: bool },
 }
 
 /// The agent's view of the node's processes.
@@ -124,6 +138,8 @@ pub struct Node {
     jobs: JoinSet<Evaluated>,
     /// Room for decisions being made at once.
     deciding: Arc<tokio::sync::Semaphore>,
+    /// Each tenant's pending decisions.
+    tenants: Tenants,
     /// Hits of processes that have ended, per target, for the metrics.
     ended_hits: BTreeMap<String, u64>,
 }
@@ -133,6 +149,7 @@ impl Node {
     pub fn new(opts: NodeOptions, metrics: SharedMetrics, cache: Arc<AnalysisCache>) -> Self {
         let deciding = Arc::new(tokio::sync::Semaphore::new(MAX_DECIDING));
         Node {
+            tenants: Tenants::new(opts.max_per_tenant, MAX_QUEUED_PER_TENANT),
             opts,
             metrics,
             cache,
@@ -175,21 +192,42 @@ impl Node {
         if session.watch_of(pid).is_some_and(|w| w.start_time == start) {
             return;
         }
-        match self.known.get_mut(&pid) {
-            Some((s, State::Deciding { again })) if *s == start => {
-                *again |= fresh;
+        match self.known.get(&pid).copied() {
+            Some((s, State::Deciding { again })) if s == start => {
+                self.known.insert(pid, (s, State::Deciding { again: again || fresh }));
                 return;
             }
-            Some((s, State::Refused)) if *s == start && !fresh => return,
+            Some((s, State::Refused { retry }))
+                if s == start && !fresh && (!retry || self.still_full(session, pid)) =>
+            {
+                return;
+            }
             _ => {}
+        }
+        let tenant = Tenant::of(pid);
+        if let Err(message) = self.tenants.may_queue(&tenant) {
+            self.metrics.refused("tenant_queue_full");
+            debug!(pid, %tenant, "not watching for now: {message}");
+            self.known.insert(pid, (start, State::Refused { retry: true }));
+            return;
         }
         self.known.insert(pid, (start, State::Deciding { again: false }));
         self.spawn(pid, start, 0, Vec::new());
     }
 
+    /// Whether the cap or quota that refused `pid` still holds, so deciding
+    /// again would be refused the same way.
+    fn still_full(&self, session: &Session, pid: u32) -> bool {
+        let tenant = Tenant::of(pid);
+        session.watches().count() >= self.opts.max_processes
+            || self.tenants.may_watch(session.watches().filter(|w| w.tenant == tenant).count()).is_err()
+    }
+
     /// Decides about `pid` once `old` (its previous image's probes) are closed.
     fn spawn(&mut self, pid: u32, start: Option<u64>, attempt: usize, old: Vec<Buried>) {
         let (cache, attach_all, deciding) = (self.cache.clone(), self.opts.attach_all, self.deciding.clone());
+        let tenant = Tenant::of(pid);
+        let mine = self.tenants.enqueue(&tenant);
         let delay = attempt.checked_sub(1).map(|i| RETRY_DELAYS[i]);
         let new_image = !old.is_empty();
         self.jobs.spawn(async move {
@@ -199,11 +237,11 @@ impl Node {
             if let Some(d) = delay {
                 tokio::time::sleep(d).await;
             }
-            let _room = deciding.acquire_owned().await;
+            let _room = tenant::room(mine, deciding).await;
             let result = tokio::task::spawn_blocking(move || evaluate(pid, attach_all, &cache))
                 .await
                 .unwrap_or_else(|e| Err(Refusal::Other { reason: "internal", message: e.to_string() }));
-            Evaluated { pid, start, attempt, new_image, result }
+            Evaluated { pid, start, tenant, attempt, new_image, result }
         });
     }
 
@@ -221,8 +259,9 @@ impl Node {
 
     /// Acts on a decision: attaches, retries, or records the refusal.
     pub fn settle(&mut self, session: &mut Session, e: Evaluated) {
-        let Evaluated { pid, start, attempt, new_image, result } = e;
+        let Evaluated { pid, start, tenant, attempt, new_image, result } = e;
         tracing::trace!(pid, attempt, ok = result.is_ok(), "decided");
+        self.tenants.done(&tenant);
         if new_image {
             session.forget(pid);
         }
@@ -240,7 +279,7 @@ impl Node {
             return;
         }
         let refusal = match result {
-            Ok((process, service)) => match self.attach(session, process, service) {
+            Ok((process, service)) => match self.attach(session, process, service, &tenant) {
                 Ok(()) => {
                     self.known.remove(&pid);
                     self.publish(session);
@@ -282,25 +321,50 @@ impl Node {
                 self.metrics.refused(reason);
                 warn!(pid, binary, reason, "not watching: {message}");
             }
+            Refusal::Full { reason, message } => {
+                self.metrics.refused(reason);
+                warn!(pid, binary, %tenant, reason, "not watching for now: {message}");
+                self.known.insert(pid, (start, State::Refused { retry: true }));
+                return;
+            }
         }
-        self.known.insert(pid, (start, State::Refused));
+        self.known.insert(pid, (start, State::Refused { retry: false }));
     }
 
-    fn attach(&mut self, session: &mut Session, process: PythonProcess, service: Service) -> Result<(), Refusal> {
+    fn attach(
+        &mut self,
+        session: &mut Session,
+        process: PythonProcess,
+        service: Service,
+        tenant: &Tenant,
+    ) -> Result<(), Refusal> {
         let watched = session.watches().count();
         if watched >= self.opts.max_processes {
             self.metrics.cap_reached("processes");
-            return Err(Refusal::Other {
+            return Err(Refusal::Full {
                 reason: "cap_processes",
                 message: format!("already watching {watched} processes (--max-processes)"),
             });
+        }
+        let detaching = session.detaching();
+        if detaching >= MAX_DETACHING {
+            self.metrics.cap_reached("detaching");
+            return Err(Refusal::Full {
+                reason: "detach_backlog",
+                message: format!("{detaching} detached probes are still being closed by the kernel"),
+            });
+        }
+        let theirs = session.watches().filter(|w| &w.tenant == tenant).count();
+        if let Err(message) = self.tenants.may_watch(theirs) {
+            self.metrics.cap_reached("processes_per_tenant");
+            return Err(Refusal::Full { reason: "cap_tenant", message });
         }
         let (pid, binary) = (process.pid, process.object.path.clone());
         session.watch_as(process, service.clone()).map_err(|e| match e {
             super::AttachError::Process(p) => Refusal::from_process(p),
             e => Refusal::Other { reason: "attach_failed", message: format!("{:#}", anyhow::Error::from(e)) },
         })?;
-        info!(pid, binary, service = service.service.as_deref().unwrap_or(""), "watching");
+        info!(pid, binary, %tenant, service = service.service.as_deref().unwrap_or(""), "watching");
         Ok(())
     }
 

@@ -13,6 +13,8 @@ use super::{
     AttachError, Strategy,
     attach::{self, PerCallLinks},
     budget, discovery, sampling,
+    tenant::Tenant,
+    walks::WalkBudget,
     watchpoints::{Armed, CannotWatch, Fit},
 };
 use crate::{
@@ -149,6 +151,8 @@ pub struct ProcessWatch {
     pub process: PythonProcess,
     /// The service its hits are reported for.
     pub service: discovery::Service,
+    /// The pod (or cgroup) it belongs to, which its quota is counted in.
+    pub tenant: Tenant,
     pub(super) mode: Mode,
     pub(super) counting: Counting,
     /// Its probe passes, for the overhead budget.
@@ -162,6 +166,8 @@ pub struct ProcessWatch {
     pub budget_note: Option<String>,
     /// Reachability's sampled counts of reached targets.
     pub samples: sampling::Samples,
+    /// The agent loop's time its walks may take.
+    pub walks: WalkBudget,
 }
 
 impl ProcessWatch {
@@ -183,6 +189,7 @@ impl ProcessWatch {
     fn with_mode(process: PythonProcess, mode: Mode, counting: Counting) -> Self {
         let start_time = discovery::start_time(process.pid);
         ProcessWatch {
+            tenant: Tenant::of(process.pid),
             process,
             service: Default::default(),
             mode,
@@ -192,6 +199,7 @@ impl ProcessWatch {
             start_time,
             budget_note: None,
             samples: Default::default(),
+            walks: Default::default(),
         }
     }
 
@@ -327,7 +335,13 @@ impl ProcessWatch {
         if !w.armed.unreached_modules(targets).contains(module.as_str()) {
             return Vec::new();
         }
+        let started = Instant::now();
+        if !self.walks.allows(started) {
+            debug!(pid = self.process.pid, module, "module body walk deferred: the process used its walk time");
+            return Vec::new();
+        }
         let result = w.armed.module_body(probes, &self.process, targets, &module, code);
+        self.walks.charge(started.elapsed());
         self.after_finding(probes, targets, result)
     }
 
@@ -339,7 +353,13 @@ impl ProcessWatch {
         if !w.armed.follows_imports() {
             return Vec::new();
         }
+        let force = self.walks.take_deferred() || force;
+        let started = Instant::now();
+        if !self.walks.allows(started) {
+            return Vec::new();
+        }
         let result = w.armed.rescan(probes, &self.process, targets, force);
+        self.walks.charge(started.elapsed());
         self.after_finding(probes, targets, result)
     }
 

@@ -49,6 +49,11 @@ pub struct ProcessReport {
     pub sampled_calls_per_sec: BTreeMap<String, f64>,
     /// The service its hits are reported for.
     pub service: Service,
+    /// The pod (or cgroup) it belongs to, which its quota is counted in.
+    pub tenant: String,
+    /// Walks of its objects put off because it had used its share of the
+    /// agent loop (they are made later by the safety net).
+    pub walks_deferred: u64,
 }
 
 /// A process's mode, as reported: each carries only what it has.
@@ -152,6 +157,8 @@ impl ProcessWatch {
                 .filter_map(|(t, r)| Some((targets.get(t)?.to_string(), r)))
                 .collect(),
             service: self.service.clone(),
+            tenant: self.tenant.to_string(),
+            walks_deferred: self.walks.deferrals,
         }
     }
 

@@ -360,9 +360,12 @@ impl Probes {
         let point =
             UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(offset), cookie: Some(cookie.encode()) };
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never watched"));
-        let id = prog.attach(point, path, scope).map_err(|e| BpfError::Program {
-            what: format!("attaching {} at {}+{offset:#x} for pid {pid}", kind.name(), path.display()),
-            source: Box::new(e),
+        let id = prog.attach(point, path, scope).map_err(|e| {
+            let hint = crate::privileges::attach_hint(&e).map(|h| format!(" ({h})")).unwrap_or_default();
+            BpfError::Program {
+                what: format!("attaching {} at {}+{offset:#x} for pid {pid}{hint}", kind.name(), path.display()),
+                source: Box::new(e),
+            }
         })?;
         Ok(Link { program: kind, id })
     }

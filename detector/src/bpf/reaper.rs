@@ -14,6 +14,10 @@ use std::{
     time::Duration,
 };
 
+/// Longest a detached probe waits for attaches to finish: a stream of
+/// attaches cannot starve closing (each held probe is a descriptor).
+const MAX_GIVE_WAY: Duration = Duration::from_millis(200);
+
 /// A detached probe, closed when dropped.
 pub type Buried = Box<dyn Send>;
 
@@ -42,7 +46,8 @@ impl Reaper {
         let (p, a) = (pending.clone(), attaching.clone());
         let spawned = std::thread::Builder::new().name("detector-reaper".into()).spawn(move || {
             for link in rx {
-                while a.load(Ordering::SeqCst) > 0 {
+                let since = std::time::Instant::now();
+                while a.load(Ordering::SeqCst) > 0 && since.elapsed() < MAX_GIVE_WAY {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 drop(link);
@@ -118,5 +123,18 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(closed.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn attaches_without_end_delay_closing_only_so_long() {
+        let r = Reaper::start();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let _forever = r.attaching();
+        r.bury(Box::new(Flag(closed.clone())));
+        let deadline = std::time::Instant::now() + 10 * MAX_GIVE_WAY;
+        while closed.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "starved by an attach that never ends");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }

@@ -100,37 +100,7 @@ pub enum Command {
 }
 
 /// Fails with a clear message unless this process may load eBPF programs,
-/// attach uprobes and read other processes' memory.
+/// open perf events and read other processes' memory.
 pub fn require_privileges() -> anyhow::Result<()> {
-    const CAP_SYS_PTRACE: u32 = 19;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |c: u32| eff & (1 << c) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_SYS_ADMIN) {
-        if !has(CAP_BPF) {
-            missing.push("CAP_BPF");
-        }
-        if !has(CAP_PERFMON) {
-            missing.push("CAP_PERFMON");
-        }
-    }
-    if !has(CAP_SYS_PTRACE) {
-        missing.push("CAP_SYS_PTRACE");
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        anyhow::bail!(
-            "insufficient privileges: run as root, or grant {} (eBPF, uprobes and reading /proc/PID/mem)",
-            missing.join(", ")
-        )
-    }
+    crate::privileges::require().map_err(anyhow::Error::msg)
 }

@@ -20,11 +20,12 @@ use crate::{
         spawn,
     },
     bpf::Capacities,
+    confine,
     events::output::{Format, Printer},
     interp::cache::{AnalysisCache, MAX_ENTRIES},
     metrics::{Metrics, SharedMetrics, server},
     pyproc,
-    sources::{Sources, Update},
+    sources::{Delivery, Sources, Update},
     tap::{self, Tap},
     targets::Target,
 };
@@ -104,6 +105,12 @@ pub struct RunArgs {
     /// detector_cap_reached_total{cap="processes"}).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=capacity::WATCHED as i64), env = "DETECTOR_MAX_PROCESSES")]
     pub max_processes: u32,
+    /// Most processes watched at once in one tenant: a Kubernetes pod where
+    /// the process's cgroup names one, else its cgroup. A fork storm in one
+    /// pod then cannot fill --max-processes for the others. Processes
+    /// refused by a cap or quota are considered again at each rescan.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..), env = "DETECTOR_MAX_PROCESSES_PER_TENANT")]
+    pub max_processes_per_tenant: u32,
     /// Most active targets; beyond it the rest are ignored, in name order.
     #[arg(long, default_value_t = capacity::TARGETS, value_parser = clap::value_parser!(u32).range(1..=capacity::TARGETS as i64), env = "DETECTOR_MAX_TARGETS")]
     pub max_targets: u32,
@@ -146,10 +153,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     args.sources.flags()?; // a bad --target is a usage error, before anything starts
     require_privileges()?;
     raise_fd_limit();
-    let metrics: SharedMetrics = Arc::default();
-    if let Some(addr) = args.metrics_addr {
-        server::start(addr, metrics.clone()).await.with_context(|| format!("serving metrics on {addr}"))?;
-    }
     // Explicit processes (--pid, a command) end the run when they are gone;
     // without them the agent discovers processes until it is stopped.
     let explicit = !args.pids.is_empty() || !args.command.is_empty();
@@ -159,10 +162,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None if explicit => None,
         None => Some(PathBuf::from(tap::DEFAULT_PATH)),
     };
+    let metrics: SharedMetrics = Arc::default();
+    if let Some(addr) = args.metrics_addr {
+        server::start(addr, metrics.clone()).await.with_context(|| format!("serving metrics on {addr}"))?;
+    }
     let tap = match &tap_path {
         Some(p) => Some(Tap::bind(p).with_context(|| format!("serving the tap on {}", p.display()))?),
         None => None,
     };
+    // After the tap's socket is made, before any process is read.
+    if args.command.is_empty() {
+        confine::confine().context("confining the agent")?;
+        info!("confined: no file opened for writing, made or changed; no ptrace, process_vm_writev, mounts or modules");
+    }
     let mut printer = Printer::new(match args.events {
         Events::Json => Some(Format::Json),
         Events::Text => Some(Format::Text),
@@ -185,15 +197,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         costs: session.calibrate(),
         retry: Duration::from_secs(args.budget_retry),
     });
-    let opts = NodeOptions { attach_all: args.attach_all, max_processes: args.max_processes as usize, budget };
+    let opts = NodeOptions {
+        attach_all: args.attach_all,
+        max_processes: args.max_processes as usize,
+        max_per_tenant: args.max_processes_per_tenant as usize,
+        budget,
+    };
     let mut node = Node::new(opts, metrics.clone(), cache);
     let mut sources = Sources::default();
     let (mut updates, rc_stats) = args.sources.start().await?;
     let max_targets = args.max_targets as usize;
     // What is known right away (flags, files) is in place before the first
     // attach, so the first calls already count.
-    while let Ok(update) = updates.try_recv() {
-        apply(&mut sources, &mut session, update, max_targets, &metrics);
+    while let Ok(delivery) = updates.try_recv() {
+        apply(&mut sources, &mut session, delivery, max_targets, &metrics);
     }
     for &pid in &args.pids {
         let service = Environ::read(pid).map(|e| e.service).unwrap_or_default();
@@ -227,7 +244,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut refresh = tokio::time::interval(REFRESH);
     loop {
         tokio::select! {
-            Some(update) = updates.recv() => apply(&mut sources, &mut session, update, max_targets, &metrics),
+            Some(delivery) = updates.recv() => apply(&mut sources, &mut session, delivery, max_targets, &metrics),
             decided = node.decided() => node.settle(&mut session, decided),
             _ = rescan.tick(), if !explicit => node.rescan(&session),
             _ = refresh.tick() => node.refresh(&mut session, rc_stats.as_deref()),
@@ -258,7 +275,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apply(sources: &mut Sources, session: &mut Session, update: Update, max: usize, metrics: &Metrics) {
+/// Applies an update's targets, and tells its sender whether the kernel
+/// took them.
+fn apply(sources: &mut Sources, session: &mut Session, delivery: Delivery, max: usize, metrics: &Metrics) {
+    let result = apply_update(sources, session, delivery.update, max, metrics);
+    if let Some(applied) = delivery.applied {
+        let _ = applied.send(result);
+    }
+}
+
+fn apply_update(
+    sources: &mut Sources,
+    session: &mut Session,
+    update: Update,
+    max: usize,
+    metrics: &Metrics,
+) -> Result<(), String> {
     if sources.apply(update) {
         let mut want: BTreeSet<Target> = sources.effective().into_keys().collect();
         if want.len() > max {
@@ -269,11 +301,13 @@ fn apply(sources: &mut Sources, session: &mut Session, update: Update, max: usiz
         // The kernel refusing a change leaves the last targets it took:
         // said, counted, and no reason to stop watching.
         if let Err(e) = session.set_targets(&want) {
-            error!(error = %format!("{:#}", anyhow::Error::from(e)), "cannot apply the targets: the previous ones stay");
-            return;
+            let e = format!("{:#}", anyhow::Error::from(e));
+            error!(error = %e, "cannot apply the targets: the previous ones stay");
+            return Err(format!("the kernel refused the targets: {e}"));
         }
         metrics.targets.set(want.len() as i64);
     }
+    Ok(())
 }
 
 /// Raises the soft limit on open descriptors to the hard one: every probe,

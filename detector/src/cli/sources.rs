@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     rc::poller::{self, Settings},
-    sources::{Config, Origin, Update, file},
+    sources::{Config, Delivery, Origin, Update, file},
     targets::Target,
 };
 
@@ -65,15 +65,15 @@ impl SourceArgs {
     /// Starts every source; each publishes its configs on the returned
     /// channel (the flags at once). Returns the RC poller's counters if RC
     /// is on.
-    pub async fn start(&self) -> anyhow::Result<(mpsc::Receiver<Update>, Option<std::sync::Arc<poller::Stats>>)> {
+    pub async fn start(&self) -> anyhow::Result<(mpsc::Receiver<Delivery>, Option<std::sync::Arc<poller::Stats>>)> {
         let (tx, rx) = mpsc::channel(16);
         if let Some(flags) = self.flags()? {
-            tx.send(Update { origin: Origin::Flags, configs: vec![flags] }).await?;
+            tx.send(Update { origin: Origin::Flags, configs: vec![flags] }.into()).await?;
         }
         if !self.files.is_empty() {
             // Read now, so the files' targets are in place before anything
             // is attached; the watcher then only reports changes.
-            tx.send(Update { origin: Origin::File, configs: file::read(&self.files) }).await?;
+            tx.send(Update { origin: Origin::File, configs: file::read(&self.files) }.into()).await?;
             tokio::spawn(file::watch(self.files.clone(), tx.clone()));
         }
         let stats = match self.rc()? {

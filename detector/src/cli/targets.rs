@@ -34,9 +34,14 @@ pub async fn run(args: TargetsArgs) -> anyhow::Result<()> {
     // Flags and files arrive at once; Remote Configuration after a poll.
     loop {
         tokio::select! {
-            Some(update) = updates.recv() => {
+            Some(delivery) = updates.recv() => {
+                let update = delivery.update;
                 rc_answered |= update.origin == Origin::RemoteConfig;
                 sources.apply(update);
+                // Nothing to apply to: parsed is all there is.
+                if let Some(applied) = delivery.applied {
+                    let _ = applied.send(Ok(()));
+                }
                 if rc_stats.is_none() || rc_answered {
                     // Everything that will answer has answered.
                     if updates.is_empty() { break; }

@@ -25,10 +25,12 @@ pub enum ProcessError {
         pid: u32,
     },
     /// Not ours to read.
-    #[error("not permitted to inspect process {pid}: run as root (or with CAP_SYS_PTRACE)")]
+    #[error("not permitted to inspect process {pid}: {why}")]
     PermissionDenied {
         /// Process.
         pid: u32,
+        /// What the kernel checked, and what the agent lacks.
+        why: String,
     },
     /// No CPython in it.
     #[error("process {pid} is not a Python process: {reason}")]
@@ -86,7 +88,9 @@ impl ProcessError {
     pub fn io(pid: u32, e: io::Error) -> Self {
         match e.raw_os_error() {
             Some(libc::ENOENT) | Some(libc::ESRCH) => ProcessError::NoSuchProcess { pid },
-            Some(libc::EACCES) | Some(libc::EPERM) => ProcessError::PermissionDenied { pid },
+            Some(libc::EACCES) | Some(libc::EPERM) => {
+                ProcessError::PermissionDenied { pid, why: crate::privileges::process_denied(pid) }
+            }
             _ => ProcessError::Io { pid, source: e },
         }
     }

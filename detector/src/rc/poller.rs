@@ -18,7 +18,7 @@ use super::{
     client::{Change, Identity, RcClient},
     protocol::Response,
 };
-use crate::sources::{Config, Origin, Update, payload};
+use crate::sources::{Config, Delivery, Origin, Update, payload};
 
 /// Longest wait between attempts after errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -97,7 +97,7 @@ enum PollError {
 }
 
 /// Polls until `tx` closes, publishing every change of the RC configs.
-pub async fn run(settings: Settings, tx: mpsc::Sender<Update>, stats: Arc<Stats>) {
+pub async fn run(settings: Settings, tx: mpsc::Sender<Delivery>, stats: Arc<Stats>) {
     let http = match reqwest::Client::builder().timeout(TIMEOUT).build() {
         Ok(h) => h,
         Err(e) => {
@@ -140,13 +140,18 @@ pub async fn run(settings: Settings, tx: mpsc::Sender<Update>, stats: Arc<Stats>
                     // readers that the agent answered.
                     Ok(changes) if !changes.is_empty() || !published => {
                         published = true;
+                        // Parsed configs are acknowledged once the kernel has their targets.
+                        let mut to_apply = Vec::new();
                         for change in changes {
                             match change {
                                 Change::Put { path, raw } => {
                                     let result = payload::parse(&raw).map_err(|e| e.to_string());
-                                    client.acknowledge(&path, result.as_ref().map(|_| ()).map_err(Clone::clone));
+                                    if let Err(e) = &result {
+                                        client.acknowledge(&path, Err(e.clone()));
+                                    }
                                     match result {
                                         Ok(targets) => {
+                                            to_apply.push(path.clone());
                                             parsed.insert(path, Ok(targets));
                                         }
                                         // A bad update of a good config: the good one stays.
@@ -173,8 +178,17 @@ pub async fn run(settings: Settings, tx: mpsc::Sender<Update>, stats: Arc<Stats>
                                 targets: targets.clone(),
                             })
                             .collect();
-                        if tx.send(Update { origin: Origin::RemoteConfig, configs }).await.is_err() {
+                        let (applied, answer) = tokio::sync::oneshot::channel();
+                        let update = Update { origin: Origin::RemoteConfig, configs };
+                        if tx.send(Delivery { update, applied: Some(applied) }).await.is_err() {
                             return;
+                        }
+                        let Ok(result) = answer.await else { return };
+                        if let Err(e) = &result {
+                            warn!(configs = ?to_apply, error = %e, "remote configuration parsed but not applied");
+                        }
+                        for path in to_apply {
+                            client.acknowledge(&path, result.clone());
                         }
                     }
                     Ok(_) => {}

@@ -10,7 +10,7 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::{Config, Origin, Update, payload};
+use super::{Config, Delivery, Origin, Update, payload};
 
 /// The name that selects the embedded default.
 pub const BUILTIN: &str = "builtin";
@@ -59,12 +59,12 @@ fn config(name: String, bytes: Result<Vec<u8>, String>) -> Config {
 }
 
 /// Publishes the configs of `paths` now and whenever they change.
-pub async fn watch(paths: Vec<PathBuf>, tx: mpsc::Sender<Update>) {
+pub async fn watch(paths: Vec<PathBuf>, tx: mpsc::Sender<Delivery>) {
     let mut last: Option<Vec<Config>> = None;
     loop {
         let now = read(&paths);
         if last.as_ref() != Some(&now) {
-            if tx.send(Update { origin: Origin::File, configs: now.clone() }).await.is_err() {
+            if tx.send(Update { origin: Origin::File, configs: now.clone() }.into()).await.is_err() {
                 return;
             }
             last = Some(now);

@@ -44,6 +44,23 @@ pub struct Update {
     pub configs: Vec<Config>,
 }
 
+/// An update on its way to the agent loop, with where to say whether the
+/// kernel took its targets: Remote Configuration acknowledges a config only
+/// once it is applied.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The update.
+    pub update: Update,
+    /// Told whether its targets are applied, or why not.
+    pub applied: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+impl From<Update> for Delivery {
+    fn from(update: Update) -> Self {
+        Delivery { update, applied: None }
+    }
+}
+
 /// Every config from every source.
 #[derive(Debug, Default)]
 pub struct Sources {
