@@ -18,6 +18,8 @@ pub(crate) mod bpf;
 pub mod cli;
 pub(crate) mod confine;
 pub(crate) mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod interp;
 pub(crate) mod listen;
 pub(crate) mod metrics;

@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod catalog;
 mod footprint;
+mod fuzz;
 mod harness;
 mod latency;
 mod peers;
@@ -68,6 +69,18 @@ enum Cmd {
         #[arg(long, conflicts_with_all = ["suite_only", "calls_only"])]
         catalog_only: bool,
     },
+    /// Fuzz every parser of untrusted input (interpreter images, payloads,
+    /// Remote Configuration responses, /proc files) for SECS seconds each,
+    /// with cargo-fuzz on nightly (installed into the cache on first use).
+    /// New inputs join the committed corpus under detector/fuzz/corpus,
+    /// which the unit tests replay.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Only targets whose name contains this.
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +92,7 @@ fn main() -> ExitCode {
         Cmd::Bench { suite_only, calls_only, catalog_only } => {
             bench::run(suite_only, calls_only.as_deref(), catalog_only)
         }
+        Cmd::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

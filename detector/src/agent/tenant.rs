@@ -32,7 +32,7 @@ impl Tenant {
     }
 
     /// The tenant named by the text of a `/proc/PID/cgroup` file.
-    fn from_cgroup_file(text: &str) -> Self {
+    pub(crate) fn from_cgroup_file(text: &str) -> Self {
         let path = cgroup_path(text).unwrap_or("?");
         Tenant(pod_of(path).to_owned())
     }

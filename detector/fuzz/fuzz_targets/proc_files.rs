@@ -1,0 +1,4 @@
+//! Fuzzes detector::fuzzing::proc_files (see there for what it covers).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| detector::fuzzing::proc_files(data));

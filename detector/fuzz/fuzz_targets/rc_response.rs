@@ -1,0 +1,4 @@
+//! Fuzzes detector::fuzzing::rc_response (see there for what it covers).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| detector::fuzzing::rc_response(data));
