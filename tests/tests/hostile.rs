@@ -221,3 +221,88 @@ impl Drop for Cgroup {
         }
     }
 }
+
+/// Stripped interpreters whose debug link names a FIFO, or a symlink to
+/// `/dev/zero`, beside them: the analysis opens neither (regular files
+/// only, never blocking), finds the layout from the interpreter's own
+/// bytes, and counts exactly; the agent answers throughout.
+#[test]
+fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
+    let _turn = one_at_a_time();
+    let mut agent = NodeAgent::start(&[F], &[]);
+    let health = agent.watch_health();
+    for (what, plant) in [("fifo", plant_fifo as fn(&std::path::Path)), ("dev-zero", plant_dev_zero)] {
+        let dir = std::env::temp_dir().join(format!("detector-debuglink-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("evil.debug");
+        std::fs::write(&link, b"").unwrap(); // objcopy reads it for the link's CRC
+        let python = dir.join("python3.11");
+        let made = std::process::Command::new("objcopy")
+            .arg("--remove-section=.gnu_debuglink")
+            .arg(format!("--add-gnu-debuglink={}", link.display()))
+            .args(["/usr/bin/python3.11".as_ref(), python.as_os_str()])
+            .status()
+            .unwrap();
+        assert!(made.success(), "objcopy");
+        std::fs::remove_file(&link).unwrap();
+        plant(&link);
+        let interp = detector_tests::Interpreter {
+            name: format!("debian-3.11-debuglink-{what}"),
+            minor: 11,
+            argv: vec![python.display().to_string()],
+            fixtures: detector_tests::fixtures_dir(),
+            rootfs: None,
+        };
+        let mut w = Fixture::start_with_env(&interp, "plain", &env(&opted_in(what)));
+        let pid = w.pid();
+        agent.wait_attached(pid);
+        w.go();
+        w.wait_done();
+        agent.wait_hits(pid, 25);
+        w.finish();
+        agent.wait_exited(pid);
+        assert!(agent.lines("hit", pid).iter().all(|h| h["target"] == F), "{what}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    let worst = health.stop().expect("the agent answered throughout");
+    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    agent.events.stop_with(libc::SIGTERM);
+}
+
+fn plant_fifo(path: &std::path::Path) {
+    let made = std::process::Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(made.success(), "mkfifo");
+}
+
+fn plant_dev_zero(path: &std::path::Path) {
+    std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+}
+
+/// A process with 60,000 mappings of a file (a 6 MB `/proc/PID/maps`): the
+/// agent reads it streaming and capped, stays under 200 MiB, answers
+/// throughout, and counts an innocent process exactly.
+#[test]
+fn sixty_thousand_mappings_cost_only_their_own_analysis() {
+    let _turn = one_at_a_time();
+    let mut agent = NodeAgent::start(&[F], &[]);
+    let health = agent.watch_health();
+    let mut hostile = Fixture::start_with_env(&pyenv(12), "mappings", &env(&opted_in("mappings")));
+    let lines = std::fs::read_to_string(format!("/proc/{}/maps", hostile.pid())).unwrap().lines().count();
+    assert!(lines > 60_000, "the fixture made its mappings: {lines}");
+    assert_eq!(innocent_counts(&mut agent), 25);
+    hostile.go();
+    hostile.wait_done();
+    hostile.finish();
+    let peak_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!("agent peak RSS: {peak_kib} KiB");
+    assert!(peak_kib < 200 * 1024, "the agent's peak RSS is {peak_kib} KiB");
+    let worst = health.stop().expect("the agent answered throughout");
+    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    agent.events.stop_with(libc::SIGTERM);
+}

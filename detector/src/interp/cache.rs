@@ -49,8 +49,42 @@ enum Key {
     Content([u8; 32]),
 }
 
+/// Analyses of new files made at once. One holds its file and the DWARF
+/// parsed from it: about 100 MB for a 30 MB libpython with full debug
+/// information, measured; the DaemonSet's memory limit allows two.
+const MAX_ANALYSING: usize = 2;
+
+/// Room for [`MAX_ANALYSING`] analyses: waiting for it blocks only the
+/// decision that needs it (on the blocking pool), never the agent loop.
+#[derive(Default)]
+struct Room {
+    used: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Room {
+    fn take(&self) -> RoomTaken<'_> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used >= MAX_ANALYSING {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += 1;
+        RoomTaken(self)
+    }
+}
+
+struct RoomTaken<'a>(&'a Room);
+
+impl Drop for RoomTaken<'_> {
+    fn drop(&mut self) {
+        *self.0.used.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
 /// A cache of analyses, shared by every process watcher.
 pub struct AnalysisCache {
+    room: Room,
     entries: Mutex<HashMap<Key, Cached>>,
     /// One lock per file being analysed.
     analysing: Mutex<HashMap<Key, Arc<Mutex<()>>>>,
@@ -70,6 +104,7 @@ impl AnalysisCache {
     /// An empty cache of at most `max_entries` keys.
     pub fn new(max_entries: usize) -> Self {
         AnalysisCache {
+            room: Room::default(),
             entries: Mutex::default(),
             analysing: Mutex::default(),
             max_entries: max_entries.max(2),
@@ -130,6 +165,7 @@ impl AnalysisCache {
         opened: std::fs::File,
         file_key: Key,
     ) -> Result<Arc<Analysis>, AnalysisError> {
+        let _room = self.room.take();
         let data =
             file::read_capped(opened).map_err(|source| AnalysisError::Io { path: mapped.open_path.clone(), source })?;
         let content_key = Key::Content(Sha256::digest(&data).into());

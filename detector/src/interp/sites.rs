@@ -172,7 +172,7 @@ fn distinct(entries: &[u64]) -> usize {
 fn table_at(elf: &ElfImage, addr: u64, source: HandlerSource, shared: usize) -> Option<HandlerTable> {
     let mut entries = Vec::with_capacity(256);
     for i in 0..256 {
-        let p = elf.pointer_at(addr + i * 8)?;
+        let p = elf.pointer_at(addr.checked_add(i * 8)?)?;
         if !elf.is_code(p) {
             return None;
         }

@@ -135,7 +135,7 @@ pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile>
     Some(MappedFile {
         path: path.to_owned(),
         open_path,
-        base: first.start - first.offset,
+        base: first.start.wrapping_sub(first.offset),
         root: PathBuf::from(format!("/proc/{pid}/root")),
     })
 }

@@ -43,16 +43,22 @@ impl<'a> Objects<'a> {
         ProcessError::BadAddress { pid: self.mem.pid(), addr }
     }
 
+    /// `base + off`, for a `base` read from the process: past the address
+    /// space is a bad address, not a wrapped one.
+    fn at(&self, base: u64, off: impl Into<u64>) -> Result<u64, ProcessError> {
+        base.checked_add(off.into()).ok_or_else(|| self.bad(base))
+    }
+
     /// A `str` object's value (compact strings of any kind).
     pub fn str(&self, obj: u64) -> Result<String, ProcessError> {
-        let state = self.mem.u32(obj + self.o.unicode_state as u64)?;
-        let len = self.mem.i64(obj + self.o.unicode_length as u64)?;
+        let state = self.mem.u32(self.at(obj, self.o.unicode_state)?)?;
+        let len = self.mem.i64(self.at(obj, self.o.unicode_length)?)?;
         let kind = (state >> unicode_state::KIND_SHIFT) & unicode_state::KIND_MASK;
         let (compact, ascii) = (state & unicode_state::COMPACT != 0, state & unicode_state::ASCII != 0);
         if !compact || !(0..=MAX_STR).contains(&len) {
             return Err(self.bad(obj));
         }
-        let data = obj + if ascii { self.o.unicode_ascii_data } else { self.o.unicode_compact_data } as u64;
+        let data = self.at(obj, if ascii { self.o.unicode_ascii_data } else { self.o.unicode_compact_data })?;
         let len = len as usize;
         match kind {
             1 => Ok(self.mem.bytes(data, len)?.into_iter().map(char::from).collect()),
@@ -94,7 +100,7 @@ impl<'a> Objects<'a> {
     /// Whether `obj` is a class (its type is a subclass of `type`).
     pub fn is_class(&self, obj: u64) -> bool {
         self.type_of(obj)
-            .and_then(|t| self.mem.u64(t + self.o.type_flags as u64))
+            .and_then(|t| self.mem.u64(self.at(t, self.o.type_flags)?))
             .is_ok_and(|flags| flags & TPFLAGS_TYPE_SUBCLASS != 0)
     }
 
@@ -105,11 +111,11 @@ impl<'a> Objects<'a> {
 
     /// A tuple's items.
     pub fn tuple_items(&self, tuple: u64) -> Result<Vec<u64>, ProcessError> {
-        let n = self.mem.i64(tuple + self.o.tuple_size as u64)?;
+        let n = self.mem.i64(self.at(tuple, self.o.tuple_size)?)?;
         if !(0..=MAX_ITEMS).contains(&n) {
             return Err(self.bad(tuple));
         }
-        let raw = self.mem.bytes(tuple + self.o.tuple_items as u64, n as usize * 8)?;
+        let raw = self.mem.bytes(self.at(tuple, self.o.tuple_items)?, n as usize * 8)?;
         Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
     }
 
@@ -123,24 +129,25 @@ impl<'a> Objects<'a> {
         }
         let (nentries, entries, stride, key_at) = if self.minor <= 10 {
             // dk_refcnt, dk_size, dk_lookup, dk_usable, dk_nentries, dk_indices[]
-            let size = self.mem.i64(keys + u64::from(self.o.dictkeys_size))?;
-            let nentries = self.mem.i64(keys + u64::from(self.o.dictkeys_indices) - 8)?;
+            let size = self.mem.i64(self.at(keys, self.o.dictkeys_size)?)?;
+            let nentries = self.mem.i64(self.at(keys, u64::from(self.o.dictkeys_indices).saturating_sub(8))?)?;
             let ix = match size {
                 ..=0xff => 1,
                 0x100..=0xffff => 2,
                 0x1_0000..=0xffff_ffff => 4,
                 _ => 8,
             };
-            (nentries, keys + u64::from(self.o.dictkeys_indices) + (size as u64) * ix, 24u64, 8u64)
+            let indices = (size as u64).checked_mul(ix).ok_or_else(|| self.bad(keys))?;
+            (nentries, self.at(self.at(keys, self.o.dictkeys_indices)?, indices)?, 24u64, 8u64)
         } else {
             // dk_refcnt, dk_log2_size, dk_log2_index_bytes, dk_kind, .., dk_nentries, dk_indices[]
-            let log2_index_bytes = self.mem.u8(keys + 9)? as u32;
-            let kind = self.mem.u8(keys + 10)?;
-            let nentries = self.mem.i64(keys + 24)?;
+            let log2_index_bytes = self.mem.u8(self.at(keys, 9u64)?)? as u32;
+            let kind = self.mem.u8(self.at(keys, 10u64)?)?;
+            let nentries = self.mem.i64(self.at(keys, 24u64)?)?;
             if log2_index_bytes > 40 {
                 return Err(self.bad(keys));
             }
-            let entries = keys + 32 + (1u64 << log2_index_bytes);
+            let entries = self.at(keys, 32 + (1u64 << log2_index_bytes))?;
             // General keys hold (hash, key, value); unicode keys (key, value).
             if kind == 0 { (nentries, entries, 24, 8) } else { (nentries, entries, 16, 0) }
         };
@@ -174,7 +181,7 @@ impl<'a> Objects<'a> {
         let mut found = std::collections::BTreeMap::new();
         for (k, v) in self.dict_items(dict)? {
             // Keys that are not strings (or unreadable) simply do not match.
-            let Ok(len) = self.mem.i64(k + self.o.unicode_length as u64) else { continue };
+            let Ok(len) = self.at(k, self.o.unicode_length).and_then(|a| self.mem.i64(a)) else { continue };
             if !keys.iter().any(|key| key.len() as i64 == len) {
                 continue;
             }
@@ -192,6 +199,6 @@ impl<'a> Objects<'a> {
 
     /// How many items a dict holds.
     pub fn dict_len(&self, dict: u64) -> Result<i64, ProcessError> {
-        self.mem.i64(dict + self.o.dict_used as u64)
+        self.mem.i64(self.at(dict, self.o.dict_used)?)
     }
 }
