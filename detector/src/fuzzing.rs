@@ -48,7 +48,8 @@ mod tests {
     #[test]
     fn the_committed_corpus_runs_clean() {
         let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let targets: [(&str, fn(&[u8])); 4] =
+        type Target = fn(&[u8]);
+        let targets: [(&str, Target); 4] =
             [("elf", elf), ("payload", payload), ("rc_response", rc_response), ("proc_files", proc_files)];
         for (name, target) in targets {
             let dir = corpus.join(name);
