@@ -12,7 +12,7 @@ pub(crate) mod sampling;
 pub(crate) mod session;
 pub(crate) mod spawn;
 pub(crate) mod tenant;
-mod walks;
+pub(crate) mod walks;
 pub(crate) mod watchpoints;
 
 pub(crate) use process::ProcessWatch;

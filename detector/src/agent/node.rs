@@ -19,6 +19,7 @@ use super::{
     discovery::{self, Environ, Service},
     session::Session,
     tenant::{self, Tenant, Tenants},
+    walks::{LoopShare, TENANT_ATTACHES},
 };
 use crate::{
     bpf::reaper::Buried,
@@ -140,6 +141,8 @@ pub struct Node {
     deciding: Arc<tokio::sync::Semaphore>,
     /// Each tenant's pending decisions.
     tenants: Tenants,
+    /// Each tenant's share of the agent loop for attaching.
+    attach_shares: HashMap<Tenant, LoopShare>,
     /// Hits of processes that have ended, per target, for the metrics.
     ended_hits: BTreeMap<String, u64>,
 }
@@ -150,6 +153,7 @@ impl Node {
         let deciding = Arc::new(tokio::sync::Semaphore::new(MAX_DECIDING));
         Node {
             tenants: Tenants::new(opts.max_per_tenant, MAX_QUEUED_PER_TENANT),
+            attach_shares: HashMap::new(),
             opts,
             metrics,
             cache,
@@ -173,6 +177,7 @@ impl Node {
         };
         let alive: std::collections::HashSet<u32> = pids.iter().copied().collect();
         self.known.retain(|pid, _| alive.contains(pid));
+        self.attach_shares.retain(|_, share| !share.is_full());
         for pid in pids {
             self.consider(session, pid, false);
         }
@@ -289,10 +294,23 @@ impl Node {
             },
             Err(r) => r,
         };
+        self.refused(pid, start, &tenant, attempt, refusal);
+    }
+
+    /// Acts on a refusal of decision `attempt` about `pid`: looks again
+    /// later, or records it (and says why).
+    fn refused(&mut self, pid: u32, start: Option<u64>, tenant: &Tenant, attempt: usize, refusal: Refusal) {
         let binary = discovery::exe(pid);
         match refusal {
             Refusal::Gone => {
                 self.known.remove(&pid);
+                return;
+            }
+            // Its tenant used its share of the loop: attached a little later.
+            Refusal::Full { reason: "tenant_loop_share", message } if attempt < RETRY_DELAYS.len() => {
+                self.metrics.refused("tenant_loop_share");
+                debug!(pid, binary, %tenant, attempt, "attach deferred: {message}");
+                self.spawn(pid, start, attempt + 1, Vec::new());
                 return;
             }
             // A read that failed may be a race with the process itself (a
@@ -360,7 +378,17 @@ impl Node {
             return Err(Refusal::Full { reason: "cap_tenant", message });
         }
         let (pid, binary) = (process.pid, process.object.path.clone());
-        session.watch_as(process, service.clone()).map_err(|e| match e {
+        let share = self.attach_shares.entry(tenant.clone()).or_insert_with(|| LoopShare::new(TENANT_ATTACHES));
+        let started = std::time::Instant::now();
+        if !share.allows(started) {
+            return Err(Refusal::Full {
+                reason: "tenant_loop_share",
+                message: "its pod or cgroup has used its share of the agent loop for attaching".into(),
+            });
+        }
+        let attached = session.watch_as(process, service.clone());
+        share.charge(started.elapsed());
+        attached.map_err(|e| match e {
             super::AttachError::Process(p) => Refusal::from_process(p),
             e => Refusal::Other { reason: "attach_failed", message: format!("{:#}", anyhow::Error::from(e)) },
         })?;

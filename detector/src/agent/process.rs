@@ -14,7 +14,7 @@ use super::{
     attach::{self, PerCallLinks},
     budget, discovery, sampling,
     tenant::Tenant,
-    walks::WalkBudget,
+    walks::LoopShare,
     watchpoints::{Armed, CannotWatch, Fit},
 };
 use crate::{
@@ -167,7 +167,7 @@ pub struct ProcessWatch {
     /// Reachability's sampled counts of reached targets.
     pub samples: sampling::Samples,
     /// The agent loop's time its walks may take.
-    pub walks: WalkBudget,
+    pub walks: LoopShare,
 }
 
 impl ProcessWatch {

@@ -1,21 +1,26 @@
-//! The agent loop's time one watched process's walks may take. Walking a
-//! process's objects after its attach (a module body ran, the safety net's
-//! look at `sys.modules`) happens on the agent loop; each walk is bounded
-//! by its own budget, and this bounds how often: a process whose modules
-//! keep running (or whose walks are slow) waits its turn, and its walks are
-//! deferred to the safety net rather than taken from other processes.
+//! The agent loop's time one process or tenant may take. Attaching and
+//! walking a process's objects after its attach (a module body ran, the
+//! safety net's look at `sys.modules`) happen on the agent loop; each walk
+//! is bounded by its own budget, and this bounds how often: a process whose
+//! modules keep running (or whose walks are slow) has its walks deferred to
+//! the safety net, and a tenant whose attaches keep coming has them retried
+//! later, rather than taking the loop from everyone else.
 
 use std::time::{Duration, Instant};
 
-/// Loop time a process earns per second for its walks (5% of the loop).
-const EARNED_PER_SEC: Duration = Duration::from_millis(50);
+/// A process's walks: 5% of the loop, 200 ms at once.
+pub const PROCESS_WALKS: (Duration, Duration) = (Duration::from_millis(50), Duration::from_millis(200));
 
-/// Most time saved up, so a quiet process can still walk at once.
-const MAX_CREDIT: Duration = Duration::from_millis(200);
+/// A tenant's attaches: 20% of the loop, a second at once (a prefork
+/// server's forty workers attach at once at about 10 ms each).
+pub const TENANT_ATTACHES: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(1));
 
-/// A process's walk time: spending beyond its credit defers its walks.
+/// Loop time earned per second and saved up to a most: spending beyond the
+/// credit defers the owner's work.
 #[derive(Debug)]
-pub struct WalkBudget {
+pub struct LoopShare {
+    earned_per_sec: Duration,
+    max_credit: Duration,
     /// Credit in nanoseconds (negative: time owed).
     credit_ns: i128,
     at: Instant,
@@ -25,17 +30,34 @@ pub struct WalkBudget {
     pub deferrals: u64,
 }
 
-impl Default for WalkBudget {
+impl Default for LoopShare {
     fn default() -> Self {
-        WalkBudget { credit_ns: MAX_CREDIT.as_nanos() as i128, at: Instant::now(), deferred: false, deferrals: 0 }
+        LoopShare::new(PROCESS_WALKS)
     }
 }
 
-impl WalkBudget {
+impl LoopShare {
+    /// A share earning `earned_per_sec` per second of loop time, up to `max_credit`; full at first.
+    pub fn new((earned_per_sec, max_credit): (Duration, Duration)) -> Self {
+        LoopShare {
+            earned_per_sec,
+            max_credit,
+            credit_ns: max_credit.as_nanos() as i128,
+            at: Instant::now(),
+            deferred: false,
+            deferrals: 0,
+        }
+    }
+
+    /// Whether nothing is owed and no time was spent lately.
+    pub fn is_full(&self) -> bool {
+        self.credit_ns >= self.max_credit.as_nanos() as i128
+    }
+
     /// Whether a walk may run now; if not, it is counted as deferred.
     pub fn allows(&mut self, now: Instant) -> bool {
-        let earned = now.saturating_duration_since(self.at).as_nanos() * EARNED_PER_SEC.as_nanos() / 1_000_000_000;
-        self.credit_ns = (self.credit_ns + earned as i128).min(MAX_CREDIT.as_nanos() as i128);
+        let earned = now.saturating_duration_since(self.at).as_nanos() * self.earned_per_sec.as_nanos() / 1_000_000_000;
+        self.credit_ns = (self.credit_ns + earned as i128).min(self.max_credit.as_nanos() as i128);
         self.at = now;
         if self.credit_ns > 0 {
             return true;
@@ -63,7 +85,7 @@ mod tests {
     #[test]
     fn a_slow_walk_is_paid_back_before_the_next() {
         let t0 = Instant::now();
-        let mut b = WalkBudget::default();
+        let mut b = LoopShare::default();
         assert!(b.allows(t0));
         b.charge(Duration::from_millis(500));
         assert!(!b.allows(t0 + Duration::from_secs(1)), "300 ms owed, 50 earned");
@@ -75,7 +97,7 @@ mod tests {
     #[test]
     fn credit_is_capped() {
         let t0 = Instant::now();
-        let mut b = WalkBudget::default();
+        let mut b = LoopShare::default();
         assert!(b.allows(t0 + Duration::from_secs(3600)));
         b.charge(Duration::from_millis(250));
         assert!(!b.allows(t0 + Duration::from_secs(3600)), "an hour's quiet saves 200 ms, not 3 minutes");
