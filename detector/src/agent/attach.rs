@@ -45,7 +45,7 @@ pub(crate) fn role(
             code_reg: site.registers.code,
             instr_reg: site.registers.instr,
         };
-        match probes.attach(kind, &p.object.open_path, site.file_offset, p.pid, cookie) {
+        match probes.attach(kind, &p.probe_path(), site.file_offset, p.pid, cookie) {
             Ok(link) => links.push(link),
             Err(e) => {
                 detach_all(probes, links);

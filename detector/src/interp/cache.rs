@@ -9,7 +9,7 @@
 
 use std::{
     collections::HashMap,
-    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    os::unix::fs::MetadataExt,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -122,10 +122,8 @@ impl AnalysisCache {
     /// The analysis of `file`, computed at most once per binary. The file
     /// is opened once: its identity, its digest and its analysis all come
     /// from the same descriptor.
-    pub fn analyze(&self, mapped: &MappedFile) -> Result<Arc<Analysis>, AnalysisError> {
+    pub fn analyze(&self, mapped: &MappedFile, opened: &std::fs::File) -> Result<Arc<Analysis>, AnalysisError> {
         let io = |source| AnalysisError::Io { path: mapped.open_path.clone(), source };
-        let opened = std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(&mapped.open_path);
-        let opened = opened.map_err(io)?;
         let md = opened.metadata().map_err(io)?;
         let file_key = Key::File {
             dev: md.dev(),
@@ -140,7 +138,12 @@ impl AnalysisCache {
         let turn = self.turn(&file_key);
         let result = {
             let _held = turn.lock().unwrap_or_else(|e| e.into_inner());
-            self.lookup(&file_key).unwrap_or_else(|| self.analyse_new(mapped, opened, file_key.clone()))
+            match opened.try_clone() {
+                Ok(reader) => {
+                    self.lookup(&file_key).unwrap_or_else(|| self.analyse_new(mapped, reader, file_key.clone()))
+                }
+                Err(e) => Err(io(e)),
+            }
         };
         self.analysing.lock().unwrap_or_else(|e| e.into_inner()).remove(&file_key);
         result
@@ -208,7 +211,13 @@ mod tests {
     use super::*;
 
     fn mapped(path: &std::path::Path) -> MappedFile {
-        MappedFile { path: path.display().to_string(), open_path: path.to_owned(), base: 0, root: "/".into() }
+        let inode = std::fs::metadata(path).unwrap().ino();
+        MappedFile { path: path.display().to_string(), open_path: path.to_owned(), base: 0, inode, root: "/".into() }
+    }
+
+    fn analyze(cache: &AnalysisCache, path: &std::path::Path) -> Result<Arc<Analysis>, AnalysisError> {
+        let m = mapped(path);
+        cache.analyze(&m, &m.open().unwrap())
     }
 
     #[test]
@@ -217,7 +226,7 @@ mod tests {
         let cache = AnalysisCache::default();
         for _ in 0..3 {
             // Not Python: the refusal is cached like an analysis.
-            assert!(matches!(cache.analyze(&mapped(&exe)), Err(AnalysisError::NotPython(_))));
+            assert!(matches!(analyze(&cache, &exe), Err(AnalysisError::NotPython(_))));
         }
         assert_eq!(cache.stats(), (2, 1));
         let dir = std::env::temp_dir().join(format!("detector-cache-test-{}", std::process::id()));
@@ -225,14 +234,14 @@ mod tests {
         // A copy (another inode, the same bytes): found by its content.
         let copy = dir.join("copy");
         std::fs::copy(&exe, &copy).unwrap();
-        assert!(cache.analyze(&mapped(&copy)).is_err());
+        assert!(analyze(&cache, &copy).is_err());
         assert_eq!(cache.stats(), (3, 1));
         // Its build id and all but one byte: analysed on its own.
         let mut bytes = std::fs::read(&exe).unwrap();
         *bytes.last_mut().unwrap() ^= 0xff;
         let lookalike = dir.join("lookalike");
         std::fs::write(&lookalike, bytes).unwrap();
-        assert!(cache.analyze(&mapped(&lookalike)).is_err());
+        assert!(analyze(&cache, &lookalike).is_err());
         assert_eq!(cache.stats(), (3, 2));
         std::fs::remove_dir_all(&dir).unwrap();
     }

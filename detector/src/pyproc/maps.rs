@@ -89,9 +89,32 @@ pub struct MappedFile {
     pub open_path: PathBuf,
     /// Lowest address it is mapped at, with file offset 0.
     pub base: u64,
+    /// The inode the process maps.
+    pub inode: u64,
     /// The process's root directory (`/proc/PID/root`), where files it names
     /// (separate debug files) are looked up.
     pub root: PathBuf,
+}
+
+impl MappedFile {
+    /// Opens the file, never blocking, and checks that it is a regular file
+    /// and the inode the process maps: this one descriptor is then read for
+    /// the analysis and named for every uprobe (`/proc/self/fd/N`), so the
+    /// file cannot be swapped between the check, the analysis and the attach.
+    pub fn open(&self) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(&self.open_path)?;
+        let md = file.metadata()?;
+        if !md.is_file() || md.ino() != self.inode {
+            return Err(std::io::Error::other(format!(
+                "{} is not the file the process maps (inode {}, found {})",
+                self.open_path.display(),
+                self.inode,
+                md.ino()
+            )));
+        }
+        Ok(file)
+    }
 }
 
 /// Mapped files whose name suggests a Python interpreter, most specific
@@ -136,6 +159,7 @@ pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile>
         path: path.to_owned(),
         open_path,
         base: first.start.wrapping_sub(first.offset),
+        inode: first.inode,
         root: PathBuf::from(format!("/proc/{pid}/root")),
     })
 }

@@ -103,6 +103,9 @@ pub struct PythonProcess {
     pub pid: u32,
     /// The object holding the interpreter.
     pub object: MappedFile,
+    /// The object, opened once: analysed from this descriptor, and every
+    /// uprobe names it (see [`PythonProcess::probe_path`]).
+    pub file: Arc<std::fs::File>,
     /// Added to the object's virtual addresses to get the process's.
     pub bias: u64,
     /// The interpreter's analysis.
@@ -113,6 +116,13 @@ impl PythonProcess {
     /// Address of `_PyRuntime` in the process.
     pub fn runtime(&self) -> Option<u64> {
         self.analysis.symbol("_PyRuntime").map(|a| a + self.bias)
+    }
+
+    /// The path uprobes are attached through: the analysed descriptor, so
+    /// the probes go into exactly the bytes whose sites were decoded.
+    pub fn probe_path(&self) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd;
+        format!("/proc/self/fd/{}", self.file.as_raw_fd()).into()
     }
 
     /// Whether it has exited (or is exiting: its memory is gone).
@@ -127,10 +137,18 @@ pub fn locate(pid: u32, cache: &AnalysisCache) -> Result<PythonProcess, ProcessE
     let candidates = maps::interpreter_candidates(pid, &maps);
     let mut looked = Vec::new();
     for object in candidates {
-        match cache.analyze(&object) {
+        let file = object.open().map_err(|e| match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => ProcessError::io(pid, e),
+            _ => ProcessError::Analysis {
+                pid,
+                object: object.path.clone(),
+                source: AnalysisError::Io { path: object.open_path.clone(), source: e },
+            },
+        })?;
+        match cache.analyze(&object, &file) {
             Ok(analysis) => {
                 let bias = maps::load_bias(&object, analysis.load_vaddr);
-                let p = PythonProcess { pid, object, bias, analysis };
+                let p = PythonProcess { pid, object, file: Arc::new(file), bias, analysis };
                 verify_live_runtime(&p)?;
                 return Ok(p);
             }
