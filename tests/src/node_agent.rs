@@ -120,6 +120,17 @@ impl NodeAgent {
         }
     }
 
+    /// GET `path` within a second: (status, body), or nothing if the agent
+    /// did not answer.
+    pub fn try_get(&self, path: &str) -> Option<(u16, String)> {
+        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(1)).build();
+        match agent.get(&format!("http://127.0.0.1:{}{path}", self.metrics_port)).call() {
+            Ok(r) => Some((r.status(), r.into_string().ok()?)),
+            Err(ureq::Error::Status(code, r)) => Some((code, r.into_string().unwrap_or_default())),
+            Err(_) => None,
+        }
+    }
+
     /// Starts asking `/healthz` every 100 ms, each answer allowed 1 s,
     /// until the returned watch is stopped.
     pub fn watch_health(&self) -> HealthWatch {

@@ -306,3 +306,61 @@ fn sixty_thousand_mappings_cost_only_their_own_analysis() {
     assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
     agent.events.stop_with(libc::SIGTERM);
 }
+
+/// A payload of 65,536 targets: refused whole as that file's error (a
+/// config holds at most 4,096), counted before anything is deduplicated or
+/// sent to the kernel, so the agent starts at once; the target given on the
+/// command line keeps working, the agent answers throughout, and an
+/// innocent process is counted exactly.
+#[test]
+fn sixty_four_thousand_targets_are_refused_not_stalled() {
+    let _turn = one_at_a_time();
+    let dir = std::env::temp_dir().join(format!("detector-64k-targets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("targets.json");
+    let targets: Vec<String> = (0..65_536).map(|n| format!("zz.flood{n}:f{n}")).collect();
+    std::fs::write(&file, serde_json::json!({ "targets": targets }).to_string()).unwrap();
+    let started = std::time::Instant::now();
+    let mut agent = NodeAgent::start(&[F], &["--targets", &file.display().to_string()]);
+    assert!(started.elapsed() < Duration::from_secs(5), "discovery live after {:?}", started.elapsed());
+    let health = agent.watch_health();
+    agent.wait_metric("detector_targets", 1.0);
+    assert_eq!(innocent_counts(&mut agent), 25);
+    let worst = health.stop().expect("the agent answered throughout");
+    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    agent.events.stop_with(libc::SIGTERM);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The agent at its descriptor limit: 300 connections from 60 addresses
+/// (each within its per-peer share) take every descriptor it has. Accepting
+/// then fails and backs off instead of spinning a core, and once the flood
+/// is gone `/healthz` answers again.
+#[test]
+fn running_out_of_descriptors_neither_spins_nor_sticks() {
+    let _turn = one_at_a_time();
+    let limit = ["prlimit", "--nofile=256:256", "--"].map(String::from);
+    let agent = NodeAgent::start_wrapped(&limit, &[F], &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu_before = cpu_ticks(agent.pid());
+    let flood: Vec<TcpStream> =
+        (0..300).map(|n| connect_from(Ipv4Addr::new(127, 0, 1, 1 + (n % 60) as u8), agent.metrics_port())).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = cpu_ticks(agent.pid()) - cpu_before;
+    // 100 ticks a second: a spinning accept loop would use about 300.
+    assert!(ticks < 100, "the agent used {ticks} ticks of CPU in 3 s at its descriptor limit");
+    drop(flood);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.try_get("/healthz").is_none() {
+        assert!(std::time::Instant::now() < deadline, "/healthz never answered again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// User and system CPU time of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let field = |n: usize| rest.split_whitespace().nth(n).unwrap().parse::<u64>().unwrap();
+    field(11) + field(12)
+}
