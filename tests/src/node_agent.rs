@@ -111,6 +111,40 @@ impl NodeAgent {
         assert_eq!(self.lines("hit", pid).len(), n, "{pid}: more hits than expected");
     }
 
+    /// Runs the `plain` workload (25 calls of `wl.plain:f`) on `interp` with
+    /// `env`, watched by this agent; `started` sees its pid first. Returns
+    /// its hits of `wl.plain:f`, every hit being one of them.
+    pub fn count_plain(
+        &mut self,
+        interp: &crate::Interpreter,
+        env: &[(&str, &str)],
+        started: impl FnOnce(u32),
+    ) -> usize {
+        const F: &str = "wl.plain:f";
+        let mut w = crate::Fixture::start_with_env(interp, "plain", env);
+        let pid = w.pid();
+        started(pid);
+        let attached = crate::attached_report(&self.wait_attached(pid));
+        // Attached during its start, its module may have been imported
+        // before the agent could read the module's body: its calls count
+        // from when the target is armed.
+        if attached.target_strategies.get(F) == Some(&detector::agent::report::TargetStrategy::Pending) {
+            self.events.wait_match("f armed", |v| {
+                v["type"] == "armed"
+                    && v["pid"] == pid
+                    && v["targets"].as_array().is_some_and(|t| t.iter().any(|t| t == F))
+            });
+        }
+        w.go();
+        w.wait_done();
+        self.wait_hits(pid, 25);
+        w.finish();
+        self.wait_exited(pid);
+        let hits = self.lines("hit", pid);
+        assert!(hits.iter().all(|h| h["target"] == F), "{}: {hits:?}", interp.name);
+        hits.len()
+    }
+
     /// GET `path` on the metrics server: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         match ureq::get(&format!("http://127.0.0.1:{}{path}", self.metrics_port)).call() {

@@ -11,9 +11,8 @@ use std::{
     time::Duration,
 };
 
-use detector::agent::report::TargetStrategy;
 use detector_tests::{
-    Fixture, NodeAgent, attached_report, interpreters,
+    Fixture, NodeAgent, interpreters,
     node_agent::{one_at_a_time, opted_in},
 };
 
@@ -29,23 +28,7 @@ fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> 
 
 /// Runs the innocent `plain` workload under `agent`: its exact counts.
 fn innocent_counts(agent: &mut NodeAgent) -> usize {
-    let mut innocent = Fixture::start_with_env(&pyenv(12), "plain", &env(&opted_in("innocent")));
-    let pid = innocent.pid();
-    let attached = attached_report(&agent.wait_attached(pid));
-    // Attached during its start, its module may have been imported before
-    // the agent could read the module's body: its calls count from when
-    // the target is armed.
-    if attached.target_strategies[F] == TargetStrategy::Pending {
-        agent.events.wait_match("f armed", |v| {
-            v["type"] == "armed" && v["pid"] == pid && v["targets"].as_array().is_some_and(|t| t.iter().any(|t| t == F))
-        });
-    }
-    innocent.go();
-    innocent.wait_done();
-    agent.wait_hits(pid, 25);
-    innocent.finish();
-    agent.wait_exited(pid);
-    agent.lines("hit", pid).iter().filter(|h| h["target"] == F).count()
+    agent.count_plain(&pyenv(12), &env(&opted_in("innocent")), |_| {})
 }
 
 /// A closure whose 24 cells all hold the function itself: a walk that
@@ -254,15 +237,7 @@ fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
             fixtures: detector_tests::fixtures_dir(),
             rootfs: None,
         };
-        let mut w = Fixture::start_with_env(&interp, "plain", &env(&opted_in(what)));
-        let pid = w.pid();
-        agent.wait_attached(pid);
-        w.go();
-        w.wait_done();
-        agent.wait_hits(pid, 25);
-        w.finish();
-        agent.wait_exited(pid);
-        assert!(agent.lines("hit", pid).iter().all(|h| h["target"] == F), "{what}");
+        assert_eq!(agent.count_plain(&interp, &env(&opted_in(what)), |_| {}), 25, "{what}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
     let worst = health.stop().expect("the agent answered throughout");

@@ -6,7 +6,7 @@
 use std::{os::unix::fs::PermissionsExt, path::PathBuf, process::Command};
 
 use detector_tests::{
-    Fixture, Interpreter, NodeAgent, deploy,
+    Interpreter, NodeAgent, deploy,
     node_agent::{one_at_a_time, opted_in},
 };
 
@@ -21,16 +21,9 @@ fn the_daemonsets_capabilities_watch_another_users_process_with_exact_counts() {
     assert_eq!(effective_capabilities(agent.pid()), wanted_capabilities(), "the agent runs with the manifest's set");
     let env = opted_in("non-root");
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut w = Fixture::start_with_env(&home.interpreter(), "plain", &env);
-    let pid = w.pid();
-    assert_eq!(status_field(pid, "Uid:").split_whitespace().nth(1), Some(UID.to_string().as_str()));
-    agent.wait_attached(pid);
-    w.go();
-    w.wait_done();
-    agent.wait_hits(pid, 25);
-    w.finish();
-    agent.wait_exited(pid);
-    assert!(agent.lines("hit", pid).iter().all(|h| h["target"] == F));
+    let uid = |pid| status_field(pid, "Uid:").split_whitespace().nth(1).map(str::to_owned);
+    let hits = agent.count_plain(&home.interpreter(), &env, |pid| assert_eq!(uid(pid), Some(UID.to_string())));
+    assert_eq!(hits, 25);
     agent.events.stop_with(libc::SIGTERM);
 }
 
