@@ -269,13 +269,7 @@ fn sixty_thousand_mappings_cost_only_their_own_analysis() {
     hostile.go();
     hostile.wait_done();
     hostile.finish();
-    let peak_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    eprintln!("agent peak RSS: {peak_kib} KiB");
+    let peak_kib = peak_rss_kib(agent.pid());
     assert!(peak_kib < 200 * 1024, "the agent's peak RSS is {peak_kib} KiB");
     let worst = health.stop().expect("the agent answered throughout");
     assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
@@ -338,4 +332,34 @@ fn cpu_ticks(pid: u32) -> u64 {
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let field = |n: usize| rest.split_whitespace().nth(n).unwrap().parse::<u64>().unwrap();
     field(11) + field(12)
+}
+
+/// Huge containers: the target's module has a million and a half globals,
+/// its class 200,000 methods. The walk reads only what it needs, within its
+/// caps and budget, and finds the target; the agent stays under 200 MiB and
+/// answers throughout, and an innocent process is counted exactly.
+#[test]
+fn huge_containers_cost_only_their_own_analysis() {
+    let _turn = one_at_a_time();
+    let mut agent = NodeAgent::start(&["wl.huge:Box.victim", F], &["--strategy", "watch"]);
+    let health = agent.watch_health();
+    let mut hostile = Fixture::start_with_env(&pyenv(12), "huge", &env(&opted_in("huge")));
+    agent.wait_attached(hostile.pid());
+    assert_eq!(innocent_counts(&mut agent), 25);
+    hostile.go();
+    hostile.wait_done();
+    // Its own target is found too, past a million and a half globals.
+    agent.wait_hits(hostile.pid(), 5);
+    hostile.finish();
+    assert!(peak_rss_kib(agent.pid()) < 200 * 1024, "the agent's peak RSS is {} KiB", peak_rss_kib(agent.pid()));
+    let worst = health.stop().expect("the agent answered throughout");
+    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    agent.events.stop_with(libc::SIGTERM);
+}
+
+/// The peak resident memory of `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap();
+    peak.trim().trim_end_matches("kB").trim().parse().unwrap()
 }
