@@ -1,21 +1,30 @@
-//! The agent confines itself before it reads any process: whatever a
-//! hostile process's bytes could make of it, the kernel refuses it the
-//! means to change a watched process or the node's files. A seccomp filter
-//! on every thread refuses with EPERM:
+//! The agent confines itself once its programs are loaded and before it
+//! reads the processes it discovers. This guards against a misdirected
+//! write (a bug, or a hostile process's bytes steering a path): the kernel
+//! refuses the agent the means to change a watched process or the node's
+//! files. It does not contain an agent whose code is taken over: that one
+//! still holds `bpf()` and its maps. A seccomp filter on every thread
+//! refuses with EPERM:
 //!
 //! - opening a file for writing, creating or truncating one (`open`,
 //!   `openat`, `creat`), so `/proc/PID/mem` cannot be opened for writing;
 //!   `openat2`'s flags are out of a filter's reach, and its one caller
 //!   (`interp::file`) passes `O_RDONLY` only;
 //! - making, linking, renaming or changing files (`mknod`, `link`,
-//!   `symlink`, `rename`, `truncate`, `chmod`, `chown`, `mkdir`);
-//! - `process_vm_writev`, `ptrace` and `pidfd_getfd`;
+//!   `symlink`, `rename`, `truncate`, `chmod`, `fchmod`, `chown`, `mkdir`,
+//!   extended attributes, times); removing is allowed, for the tap's socket;
+//! - `process_vm_writev`, `ptrace`, `pidfd_getfd`, `execve`, io_uring
+//!   (whose operations no filter sees), unix sockets (a container runtime's
+//!   socket is one), new namespaces (`unshare`, `setns`, `clone` flags);
 //! - file handles (`open_by_handle_at` reaches outside any mount namespace
-//!   with `CAP_DAC_READ_SEARCH`), mounts, namespaces, modules, kexec and
-//!   reboot.
+//!   with `CAP_DAC_READ_SEARCH`), mounts, modules, kexec and reboot.
 //!
-//! Landlock would say "no writes" more simply, but a Landlock domain may not
-//! pass the ptrace check on processes outside it, which is every process the
+//! `clone3`, whose flags are out of reach too, returns ENOSYS, so the C
+//! library starts threads with `clone`. x32 system calls are not filtered.
+//! Loading BPF programs stays allowed: aya checks a helper's support by
+//! loading a probe program at every attach with a cookie.
+//! Landlock would say "no writes" more simply, but a Landlock domain fails
+//! the ptrace check on every process outside it, which is every process the
 //! agent reads. Only `run` without a command is confined: a command it
 //! starts would inherit the filter, and starting it uses ptrace.
 
@@ -43,8 +52,32 @@ pub fn confine() -> Result<(), ConfineError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
     rules.insert(libc::SYS_open, opens_for_writing(1).map_err(backend)?);
     rules.insert(libc::SYS_openat, opens_for_writing(2).map_err(backend)?);
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)
-        .map_err(backend)?;
+    let arg0 = |op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, op, value).and_then(|c| SeccompRule::new(vec![c]))
+    };
+    rules.insert(libc::SYS_socket, vec![arg0(SeccompCmpOp::Eq, libc::AF_UNIX as u64).map_err(backend)?]);
+    rules.insert(
+        libc::SYS_clone,
+        NAMESPACES
+            .iter()
+            .map(|&flag| {
+                SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag as u64), flag as u64)
+                    .and_then(|c| SeccompRule::new(vec![c]))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(backend)?,
+    );
+    install(rules, libc::EPERM, arch)?;
+    // Threads are started with clone, which the C library falls back to.
+    install([(libc::SYS_clone3, Vec::new())].into(), libc::ENOSYS, arch)?;
+    Ok(())
+}
+
+/// Installs a filter refusing the calls `rules` match with `errno`.
+fn install(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32, arch: TargetArch) -> Result<(), ConfineError> {
+    let backend = seccompiler::Error::Backend;
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(errno as u32), arch).map_err(backend)?;
     let program: seccompiler::BpfProgram = filter.try_into().map_err(backend)?;
     seccompiler::apply_filter_all_threads(&program)?;
     Ok(())
@@ -60,10 +93,22 @@ fn opens_for_writing(arg: u8) -> Result<Vec<SeccompRule>, seccompiler::BackendEr
     Ok(vec![
         flags(libc::O_ACCMODE, libc::O_WRONLY)?,
         flags(libc::O_ACCMODE, libc::O_RDWR)?,
+        flags(libc::O_ACCMODE, libc::O_ACCMODE)?,
         flags(libc::O_CREAT, libc::O_CREAT)?,
         flags(libc::O_TRUNC, libc::O_TRUNC)?,
     ])
 }
+
+/// `clone` flags that make a namespace: any one is refused.
+const NAMESPACES: [libc::c_int; 7] = [
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWCGROUP,
+];
 
 /// Calls the agent never makes, refused with EPERM on every thread.
 const DENIED: &[libc::c_long] = &[
@@ -81,7 +126,24 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_renameat2,
     libc::SYS_truncate,
     libc::SYS_chmod,
+    libc::SYS_fchmod,
     libc::SYS_fchmodat,
+    libc::SYS_fchmodat2,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fremovexattr,
+    libc::SYS_utime,
+    libc::SYS_utimes,
+    libc::SYS_utimensat,
+    libc::SYS_futimesat,
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
     libc::SYS_chown,
     libc::SYS_lchown,
     libc::SYS_fchownat,
@@ -146,6 +208,13 @@ mod tests {
         // SAFETY: one-byte iovecs over a live local buffer, in this process.
         let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
         assert!(n == -1 && refused(Err::<(), _>(io::Error::last_os_error())), "process_vm_writev");
+        let file = std::fs::File::open(dir.join("existing")).unwrap();
+        assert!(refused(file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o777))), "fchmod");
+        assert!(std::thread::spawn(|| 7).join().unwrap() == 7, "threads still start (clone3 falls back to clone)");
+        // SAFETY: plain integer arguments.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        assert!(fd == -1 && refused(Err::<(), _>(io::Error::last_os_error())), "unix socket");
+        assert!(std::net::UdpSocket::bind("127.0.0.1:0").is_ok(), "inet sockets stay allowed");
         // SAFETY: PTRACE_TRACEME takes no pointers.
         let r = unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
         assert!(r == -1 && refused(Err::<(), _>(io::Error::last_os_error())), "ptrace");

@@ -7,7 +7,9 @@
 //!   process's user: root without `CAP_DAC_READ_SEARCH` fails the file's
 //!   permission check before the ptrace check (`CAP_SYS_PTRACE`) is reached.
 //!   The same holds for a binary under a 0700 directory.
-//! - Since Linux 6.16 a uprobe perf event needs `CAP_SYS_ADMIN`
+//! - Since Linux 6.16, and the stable kernels that took the same change in
+//!   2025 (5.10.240, 5.15.189, 6.1.146, 6.6.99, 6.12.39, 6.15.7), a uprobe
+//!   perf event needs `CAP_SYS_ADMIN`
 //!   (`perf_uprobe_event_init`); `CAP_PERFMON` suffices for watchpoints,
 //!   but every watched process has uprobes too (deallocations at least).
 
@@ -20,9 +22,9 @@ pub enum Cap {
     DacReadSearch = 2,
     /// The ptrace access check of `/proc/PID/mem`, `maps`, `root`.
     SysPtrace = 19,
-    /// Uprobes (Linux 6.16 and later); implies BPF and PERFMON on older kernels.
+    /// Uprobes on kernels patched since 2025; implies BPF and PERFMON.
     SysAdmin = 21,
-    /// Perf events: watchpoints, tracepoints, and uprobes before Linux 6.16.
+    /// Perf events: watchpoints, tracepoints, and uprobes on older kernels.
     Perfmon = 38,
     /// Loading programs and maps.
     Bpf = 39,
@@ -82,7 +84,10 @@ pub fn require() -> Result<(), String> {
         ));
     }
     if !held.has(Cap::SysAdmin) {
-        tracing::warn!("without CAP_SYS_ADMIN, Linux 6.16 and later refuse uprobes, which every watched process needs");
+        tracing::warn!(
+            "without CAP_SYS_ADMIN, kernels since Linux 6.16 (and stable kernels patched in 2025) refuse uprobes, \
+             which every watched process needs"
+        );
     }
     if !held.has(Cap::DacReadSearch) {
         tracing::warn!("without CAP_DAC_READ_SEARCH, processes of users other than the agent's cannot be read");
@@ -121,8 +126,9 @@ pub fn attach_hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str
         }
         source = s.source();
     }
-    (denied && !Held::now().has(Cap::SysAdmin))
-        .then_some("Linux 6.16 and later allow uprobes only with CAP_SYS_ADMIN (perf_uprobe_event_init)")
+    (denied && !Held::now().has(Cap::SysAdmin)).then_some(
+        "uprobes need CAP_SYS_ADMIN since Linux 6.16 and stable kernels patched in 2025 (perf_uprobe_event_init)",
+    )
 }
 
 #[cfg(test)]

@@ -152,7 +152,7 @@ fn is_identifier(s: &str) -> bool {
 
 /// The active targets with stable ids: an id is never reused within a run,
 /// so counts keyed by id always belong to one target.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct TargetSet {
     ids: BTreeMap<Target, u32>,
     next: u32,

@@ -103,8 +103,12 @@ impl Workers {
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        for w in &self.0 {
-            signal(*w, libc::SIGKILL);
+        // Only a failed test leaves them running; otherwise they are reaped
+        // already and their pids may be another process's.
+        if std::thread::panicking() {
+            for w in &self.0 {
+                signal(*w, libc::SIGKILL);
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use detector::agent::report::TargetStrategy;
 use detector_tests::{
     Fixture, NodeAgent, interpreters,
     node_agent::{one_at_a_time, opted_in},
@@ -123,7 +124,9 @@ fn still_open(s: &mut TcpStream) -> bool {
 fn a_fork_storm_fills_only_its_own_quota() {
     let _turn = one_at_a_time();
     const QUOTA: usize = 4;
-    let mut agent = NodeAgent::start(&[F], &["--max-processes-per-tenant", &QUOTA.to_string()]);
+    // Room for the storm's quota and the innocent process, not for the storm.
+    let args = ["--max-processes-per-tenant", &QUOTA.to_string(), "--max-processes", "6"];
+    let mut agent = NodeAgent::start(&[F], &args);
     let health = agent.watch_health();
     let pod = Cgroup::new("storm");
     let mut master = Fixture::start_with_env(&pod.runs(&pyenv(12)), "storm", &env(&opted_in("storm")));
@@ -218,11 +221,13 @@ fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
         let dir = std::env::temp_dir().join(format!("detector-debuglink-{what}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let link = dir.join("evil.debug");
+        // A name of its own and no build id: each is a new analysis, which
+        // finds only the debug link to look for.
+        let link = dir.join(format!("evil-{what}.debug"));
         std::fs::write(&link, b"").unwrap(); // objcopy reads it for the link's CRC
         let python = dir.join("python3.11");
         let made = std::process::Command::new("objcopy")
-            .arg("--remove-section=.gnu_debuglink")
+            .args(["--remove-section=.gnu_debuglink", "--remove-section=.note.gnu.build-id"])
             .arg(format!("--add-gnu-debuglink={}", link.display()))
             .args(["/usr/bin/python3.11".as_ref(), python.as_os_str()])
             .status()
@@ -237,9 +242,12 @@ fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
             fixtures: detector_tests::fixtures_dir(),
             rootfs: None,
         };
+        let analysed = agent.metric("detector_analysis_cache_misses_total");
         assert_eq!(agent.count_plain(&interp, &env(&opted_in(what)), |_| {}), 25, "{what}");
+        agent.wait_metric("detector_analysis_cache_misses_total", analysed + 1.0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+    assert!(peak_rss_kib(agent.pid()) < 200 * 1024, "the agent's peak RSS is {} KiB", peak_rss_kib(agent.pid()));
     let worst = health.stop().expect("the agent answered throughout");
     assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
     agent.events.stop_with(libc::SIGTERM);
@@ -278,9 +286,8 @@ fn sixty_thousand_mappings_cost_only_their_own_analysis() {
 
 /// A payload of 65,536 targets: refused whole as that file's error (a
 /// config holds at most 4,096), counted before anything is deduplicated or
-/// sent to the kernel, so the agent starts at once; the target given on the
-/// command line keeps working, the agent answers throughout, and an
-/// innocent process is counted exactly.
+/// sent to the kernel; the target given on the command line keeps working,
+/// the agent answers throughout, and an innocent process is counted exactly.
 #[test]
 fn sixty_four_thousand_targets_are_refused_not_stalled() {
     let _turn = one_at_a_time();
@@ -289,9 +296,7 @@ fn sixty_four_thousand_targets_are_refused_not_stalled() {
     let file = dir.join("targets.json");
     let targets: Vec<String> = (0..65_536).map(|n| format!("zz.flood{n}:f{n}")).collect();
     std::fs::write(&file, serde_json::json!({ "targets": targets }).to_string()).unwrap();
-    let started = std::time::Instant::now();
     let mut agent = NodeAgent::start(&[F], &["--targets", &file.display().to_string()]);
-    assert!(started.elapsed() < Duration::from_secs(5), "discovery live after {:?}", started.elapsed());
     let health = agent.watch_health();
     agent.wait_metric("detector_targets", 1.0);
     assert_eq!(innocent_counts(&mut agent), 25);
@@ -335,9 +340,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 /// Huge containers: the target's module has a million and a half globals,
-/// its class 200,000 methods. The walk reads only what it needs, within its
-/// caps and budget, and finds the target; the agent stays under 200 MiB and
-/// answers throughout, and an innocent process is counted exactly.
+/// its class 200,000 methods. The walk stays within its caps and budget and
+/// finds the target; the agent stays under 200 MiB and answers throughout,
+/// and an innocent process is counted exactly.
 #[test]
 fn huge_containers_cost_only_their_own_analysis() {
     let _turn = one_at_a_time();
@@ -348,8 +353,11 @@ fn huge_containers_cost_only_their_own_analysis() {
     assert_eq!(innocent_counts(&mut agent), 25);
     hostile.go();
     hostile.wait_done();
-    // Its own target is found too, past a million and a half globals.
+    // Its own target is found too, past a million and a half globals, and
+    // watched, not left to a fallback.
     agent.wait_hits(hostile.pid(), 5);
+    let report = agent.process(hostile.pid()).expect("watched");
+    assert_eq!(report.targets_by_strategy.get(&TargetStrategy::Watch), Some(&1), "{report:?}");
     hostile.finish();
     assert!(peak_rss_kib(agent.pid()) < 200 * 1024, "the agent's peak RSS is {} KiB", peak_rss_kib(agent.pid()));
     let worst = health.stop().expect("the agent answered throughout");

@@ -19,7 +19,7 @@ use super::{
     discovery::{self, Environ, Service},
     session::Session,
     tenant::{self, Tenant, Tenants},
-    walks::{LoopShare, TENANT_ATTACHES},
+    walks::{ALL_ATTACHES, LoopShare, TENANT_ATTACHES},
 };
 use crate::{
     bpf::reaper::Buried,
@@ -143,6 +143,8 @@ pub struct Node {
     tenants: Tenants,
     /// Each tenant's share of the agent loop for attaching.
     attach_shares: HashMap<Tenant, LoopShare>,
+    /// Every tenant's attaches' share of the loop, together.
+    all_attaches: LoopShare,
     /// Hits of processes that have ended, per target, for the metrics.
     ended_hits: BTreeMap<String, u64>,
 }
@@ -154,6 +156,7 @@ impl Node {
         Node {
             tenants: Tenants::new(opts.max_per_tenant, MAX_QUEUED_PER_TENANT),
             attach_shares: HashMap::new(),
+            all_attaches: LoopShare::new(ALL_ATTACHES),
             opts,
             metrics,
             cache,
@@ -177,7 +180,8 @@ impl Node {
         };
         let alive: std::collections::HashSet<u32> = pids.iter().copied().collect();
         self.known.retain(|pid, _| alive.contains(pid));
-        self.attach_shares.retain(|_, share| !share.is_full());
+        let now = std::time::Instant::now();
+        self.attach_shares.retain(|_, share| !share.is_full(now));
         for pid in pids {
             self.consider(session, pid, false);
         }
@@ -380,14 +384,16 @@ impl Node {
         let (pid, binary) = (process.pid, process.object.path.clone());
         let share = self.attach_shares.entry(tenant.clone()).or_insert_with(|| LoopShare::new(TENANT_ATTACHES));
         let started = std::time::Instant::now();
-        if !share.allows(started) {
+        if !(share.allows(started) && self.all_attaches.allows(started)) {
             return Err(Refusal::Full {
                 reason: "tenant_loop_share",
-                message: "its pod or cgroup has used its share of the agent loop for attaching".into(),
+                message: "its pod or cgroup (or every tenant together) used its share of the agent loop for attaching"
+                    .into(),
             });
         }
         let attached = session.watch_as(process, service.clone());
         share.charge(started.elapsed());
+        self.all_attaches.charge(started.elapsed());
         attached.map_err(|e| match e {
             super::AttachError::Process(p) => Refusal::from_process(p),
             e => Refusal::Other { reason: "attach_failed", message: format!("{:#}", anyhow::Error::from(e)) },

@@ -319,7 +319,13 @@ impl ProcessWatch {
 
     /// A module body is about to run: arms the unreached targets it
     /// defines. Returns their ids (none if the module has no such target).
-    pub fn module_body(&mut self, probes: &mut Probes, targets: &TargetSet, code: u64, globals: u64) -> Vec<u32> {
+    pub fn module_body(
+        &mut self,
+        probes: &mut Probes,
+        targets: &TargetSet,
+        (code, globals): (u64, u64),
+        all: &mut LoopShare,
+    ) -> Vec<u32> {
         let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
         if !w.armed.follows_imports() {
             return Vec::new();
@@ -336,30 +342,42 @@ impl ProcessWatch {
             return Vec::new();
         }
         let started = Instant::now();
-        if !self.walks.allows(started) {
-            debug!(pid = self.process.pid, module, "module body walk deferred: the process used its walk time");
+        if !(self.walks.allows(started) && all.allows(started)) {
+            debug!(pid = self.process.pid, module, "module body walk deferred: out of walk time");
+            self.walks.defer();
             return Vec::new();
         }
         let result = w.armed.module_body(probes, &self.process, targets, &module, code);
         self.walks.charge(started.elapsed());
+        all.charge(started.elapsed());
         self.after_finding(probes, targets, result)
     }
 
     /// The safety net for a module body the probe did not report: looks for
     /// pending targets in `sys.modules` (if a module was imported since the
     /// last look, or at once if `force`). Returns the targets armed.
-    pub fn rescan_pending(&mut self, probes: &mut Probes, targets: &TargetSet, force: bool) -> Vec<u32> {
+    pub fn rescan_pending(
+        &mut self,
+        probes: &mut Probes,
+        targets: &TargetSet,
+        force: bool,
+        all: &mut LoopShare,
+    ) -> Vec<u32> {
         let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
         if !w.armed.follows_imports() {
             return Vec::new();
         }
         let force = self.walks.take_deferred() || force;
         let started = Instant::now();
-        if !self.walks.allows(started) {
+        if !(self.walks.allows(started) && all.allows(started)) {
+            if force {
+                self.walks.defer();
+            }
             return Vec::new();
         }
         let result = w.armed.rescan(probes, &self.process, targets, force);
         self.walks.charge(started.elapsed());
+        all.charge(started.elapsed());
         self.after_finding(probes, targets, result)
     }
 
@@ -389,7 +407,13 @@ impl ProcessWatch {
     /// they are shared and a slice is over; reads the warm-up marks of
     /// those waiting (reachability); looks for the targets of a module body
     /// that ran and were not found in it, when due.
-    pub(crate) fn tick(&mut self, probes: &mut Probes, targets: &TargetSet, now: Instant) -> Ticked {
+    pub(crate) fn tick(
+        &mut self,
+        probes: &mut Probes,
+        targets: &TargetSet,
+        now: Instant,
+        all: &mut LoopShare,
+    ) -> Ticked {
         let Mode::Watch(w) = &mut self.mode else { return Ticked::default() };
         let pid = self.process.pid;
         let ran = match self.counting {
@@ -397,7 +421,7 @@ impl ProcessWatch {
             Counting::Exact => Vec::new(),
         };
         w.armed.rotate(probes, pid, now);
-        let armed = if w.armed.recheck_due(now) { self.rescan_pending(probes, targets, true) } else { Vec::new() };
+        let armed = if w.armed.recheck_due(now) { self.rescan_pending(probes, targets, true, all) } else { Vec::new() };
         Ticked { armed, ran }
     }
 

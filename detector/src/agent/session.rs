@@ -19,7 +19,12 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{AttachError, ProcessWatch, Strategy, discovery::Service, fork};
+use super::{
+    AttachError, ProcessWatch, Strategy,
+    discovery::Service,
+    fork,
+    walks::{ALL_WALKS, LoopShare},
+};
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
     events::{
@@ -101,6 +106,8 @@ pub struct Session {
     sample_every: Option<Duration>,
     /// When pending targets were last looked for.
     rescanned: Instant,
+    /// Every watched process's walks' share of the agent loop, together.
+    walks: LoopShare,
     /// Children of watched processes not attached yet: their parent, and
     /// when the fork was seen.
     forks: BTreeMap<u32, (u32, Instant)>,
@@ -131,6 +138,7 @@ impl Session {
             reachability: false,
             sample_every: None,
             rescanned: Instant::now(),
+            walks: LoopShare::new(ALL_WALKS),
             forks: BTreeMap::new(),
         })
     }
@@ -232,11 +240,19 @@ impl Session {
         if gone.is_empty() && new.is_empty() {
             return Ok(false);
         }
-        let retired: Vec<u32> = gone.iter().filter_map(|t| self.targets.remove(t)).collect();
+        // The kernel's maps first; the agent's set only once they took it.
+        let mut next = self.targets.clone();
+        let retired: Vec<u32> = gone.iter().filter_map(|t| next.remove(t)).collect();
         for t in &new {
-            self.targets.insert(t.clone());
+            next.insert(t.clone());
         }
-        self.probes.sync_targets(&self.targets)?;
+        if let Err(e) = self.probes.sync_targets(&next) {
+            // Put back what a partial write changed (best effort: it is
+            // what the maps held a moment ago).
+            let _ = self.probes.sync_targets(&self.targets);
+            return Err(e);
+        }
+        self.targets = next;
         self.probes.retire_targets(&retired);
         info!(added = new.len(), removed = gone.len(), active = self.targets.len(), "targets changed");
         for w in self.watches.0.values().filter(|w| w.process.analysis.layout.family == FAMILY_FRAME_ARG) {
@@ -331,7 +347,7 @@ impl Session {
     fn rescan_pending(&mut self) {
         self.rescanned = Instant::now();
         for (&pid, w) in self.watches.0.iter_mut() {
-            let found = w.rescan_pending(&mut self.probes, &self.targets, false);
+            let found = w.rescan_pending(&mut self.probes, &self.targets, false, &mut self.walks);
             announce_armed(&self.targets, &self.printer, pid, &found, "rescan", None);
         }
     }
@@ -342,7 +358,7 @@ impl Session {
         let now = Instant::now();
         let mut marked = Vec::new();
         for (&pid, w) in self.watches.0.iter_mut() {
-            let ticked = w.tick(&mut self.probes, &self.targets, now);
+            let ticked = w.tick(&mut self.probes, &self.targets, now, &mut self.walks);
             announce_armed(&self.targets, &self.printer, pid, &ticked.armed, "module ran", None);
             marked.extend(ticked.ran.into_iter().map(|(target, code)| (pid, target, code)));
         }
@@ -376,7 +392,7 @@ impl Session {
             seen_after_us = monotonic_ns().saturating_sub(e.ts_ns) / 1000,
             "module body event"
         );
-        let found = w.module_body(&mut self.probes, &self.targets, e.code, e.globals);
+        let found = w.module_body(&mut self.probes, &self.targets, (e.code, e.globals), &mut self.walks);
         let latency = Duration::from_nanos(monotonic_ns().saturating_sub(e.ts_ns));
         announce_armed(&self.targets, &self.printer, e.pid, &found, "module body", Some(latency));
     }

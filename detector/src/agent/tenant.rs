@@ -67,19 +67,20 @@ fn names_pod(path: &str) -> bool {
     path.split('/').any(|c| c.starts_with("pod") || c.contains("-pod"))
 }
 
-/// The path up to its pod's component (`kubepods-burstable-pod<uid>.slice`
-/// with the systemd driver, `pod<uid>` with cgroupfs), or the whole path.
+/// The path up to its first pod component (`kubepods-burstable-pod<uid>.slice`
+/// with the systemd driver, `pod<uid>` with cgroupfs), or the whole path. The
+/// first: cgroups a workload makes below its pod, whatever their names, stay
+/// its pod's.
 fn pod_of(path: &str) -> &str {
-    let mut end = None;
     let mut at = 0;
     for component in path.split('/') {
         at += component.len();
         if names_pod(component) {
-            end = Some(at);
+            return &path[..at];
         }
         at += 1;
     }
-    end.map_or(path, |e| &path[..e])
+    path
 }
 
 /// The decisions each tenant has pending, and its room to make them.
@@ -162,6 +163,8 @@ mod tests {
         );
         let cgroupfs = "0::/kubepods/besteffort/pod12ab/9f\n";
         assert_eq!(Tenant::from_cgroup_file(cgroupfs).0, "/kubepods/besteffort/pod12ab");
+        let nested = "0::/kubepods/pod12ab/9f/pod-made-by-the-workload/x\n";
+        assert_eq!(Tenant::from_cgroup_file(nested).0, "/kubepods/pod12ab", "the workload cannot split its pod");
         assert_eq!(Tenant::from_cgroup_file("0::/system.slice/ssh.service\n").0, "/system.slice/ssh.service");
     }
 

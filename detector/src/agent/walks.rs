@@ -1,15 +1,23 @@
-//! The agent loop's time one process or tenant may take. Attaching and
-//! walking a process's objects after its attach (a module body ran, the
-//! safety net's look at `sys.modules`) happen on the agent loop; each walk
-//! is bounded by its own budget, and this bounds how often: a process whose
-//! modules keep running (or whose walks are slow) has its walks deferred to
-//! the safety net, and a tenant whose attaches keep coming has them retried
-//! later, rather than taking the loop from everyone else.
+//! The agent loop's time a process, a tenant, or all of them together may
+//! take. Attaching and walking a process's objects after its attach (a
+//! module body ran, the safety net's look at `sys.modules`) happen on the
+//! agent loop. Each walk is bounded by the process memory's budget (500 ms
+//! at most); these shares bound how often. Walks: 5% of the loop per
+//! process, 25% for all; attaches: 20% per tenant, 50% for all. So at least
+//! a quarter of the loop stays for events, Remote Configuration and the
+//! tap, and beyond its share a process's walks are deferred to the safety
+//! net, a tenant's attaches retried later.
 
 use std::time::{Duration, Instant};
 
 /// A process's walks: 5% of the loop, 200 ms at once.
 pub const PROCESS_WALKS: (Duration, Duration) = (Duration::from_millis(50), Duration::from_millis(200));
+
+/// Every process's walks together: 25% of the loop, a second at once.
+pub const ALL_WALKS: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(1));
+
+/// Every tenant's attaches together: 50% of the loop, two seconds at once.
+pub const ALL_ATTACHES: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(2));
 
 /// A tenant's attaches: 20% of the loop, a second at once (a prefork
 /// server's forty workers attach at once at about 10 ms each).
@@ -49,22 +57,26 @@ impl LoopShare {
         }
     }
 
-    /// Whether nothing is owed and no time was spent lately.
-    pub fn is_full(&self) -> bool {
-        self.credit_ns >= self.max_credit.as_nanos() as i128
+    /// Whether, at `now`, nothing is owed and the credit is whole again.
+    pub fn is_full(&self, now: Instant) -> bool {
+        self.credit_ns + self.earned_since(now) >= self.max_credit.as_nanos() as i128
     }
 
-    /// Whether a walk may run now; if not, it is counted as deferred.
+    fn earned_since(&self, now: Instant) -> i128 {
+        (now.saturating_duration_since(self.at).as_nanos() * self.earned_per_sec.as_nanos() / 1_000_000_000) as i128
+    }
+
+    /// Whether work may run now.
     pub fn allows(&mut self, now: Instant) -> bool {
-        let earned = now.saturating_duration_since(self.at).as_nanos() * self.earned_per_sec.as_nanos() / 1_000_000_000;
-        self.credit_ns = (self.credit_ns + earned as i128).min(self.max_credit.as_nanos() as i128);
+        self.credit_ns = (self.credit_ns + self.earned_since(now)).min(self.max_credit.as_nanos() as i128);
         self.at = now;
-        if self.credit_ns > 0 {
-            return true;
-        }
+        self.credit_ns > 0
+    }
+
+    /// Work was put off: counted, and remembered for [`LoopShare::take_deferred`].
+    pub fn defer(&mut self) {
         self.deferred = true;
         self.deferrals += 1;
-        false
     }
 
     /// A walk took `took`.
@@ -89,9 +101,20 @@ mod tests {
         assert!(b.allows(t0));
         b.charge(Duration::from_millis(500));
         assert!(!b.allows(t0 + Duration::from_secs(1)), "300 ms owed, 50 earned");
+        b.defer();
         assert!(b.take_deferred() && !b.take_deferred());
         assert!(b.allows(t0 + Duration::from_millis(6100)), "paid back after about 6 s");
         assert_eq!(b.deferrals, 1);
+    }
+
+    #[test]
+    fn a_share_is_full_again_once_paid_back() {
+        let t0 = Instant::now();
+        let mut b = LoopShare::new(TENANT_ATTACHES);
+        assert!(b.allows(t0));
+        b.charge(Duration::from_millis(400));
+        assert!(!b.is_full(t0 + Duration::from_secs(1)));
+        assert!(b.is_full(t0 + Duration::from_secs(3)), "400 ms paid back at 200 ms a second");
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Events::Json, env = "DETECTOR_EVENTS")]
     pub events: Events,
     /// Serve /metrics (Prometheus), /healthz and /processes on this address.
-    #[arg(long, value_name = "ADDR:PORT", env = "DETECTOR_METRICS_ADDR")]
+    #[arg(long, value_name = "ADDR:PORT", env = "DETECTOR_METRICS_ADDR", value_parser = listen_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Serve the live event stream on this unix socket, for `detector dump`
     /// with no targets; `none` turns it off. Default: /run/detector/tap.sock
@@ -125,6 +125,19 @@ pub struct RunArgs {
     /// ends when it exits.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// An address to listen on: `IP:PORT`, `[IPv6]:PORT`, or a bare IPv6
+/// address and port (`fd00::5:9187`, as `$(POD_IP):9187` makes on an IPv6
+/// cluster).
+fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let (ip, port) = s.rsplit_once(':').ok_or_else(|| format!("{s}: expected ADDR:PORT"))?;
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| format!("{s}: expected ADDR:PORT"))?;
+    let port: u16 = port.parse().map_err(|_| format!("{s}: bad port"))?;
+    Ok((ip, port).into())
 }
 
 /// `DD_SCA_DETECTION_ENABLED` is `true` or `1`.
@@ -170,11 +183,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(p) => Some(Tap::bind(p).with_context(|| format!("serving the tap on {}", p.display()))?),
         None => None,
     };
-    // After the tap's socket is made, before any process is read.
-    if args.command.is_empty() {
-        confine::confine().context("confining the agent")?;
-        info!("confined: no file opened for writing, made or changed; no ptrace, process_vm_writev, mounts or modules");
-    }
     let mut printer = Printer::new(match args.events {
         Events::Json => Some(Format::Json),
         Events::Text => Some(Format::Text),
@@ -238,6 +246,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         session.discover().context("starting process discovery")?;
         info!(attach_all = args.attach_all, "discovering Python processes");
         session.printer().discovering(args.attach_all);
+    }
+    // Every program is loaded and the tap's socket made: nothing the agent
+    // does from here needs to write a file, load code or trace a process.
+    if args.command.is_empty() {
+        confine::confine().context("confining the agent")?;
+        info!(
+            "confined: no file opened for writing or changed, \
+             no ptrace, process_vm_writev, exec, unix socket, namespace, mount or module"
+        );
+    }
+    if !explicit {
         node.rescan(&session);
     }
     let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_interval.max(1)));
@@ -291,6 +310,7 @@ fn apply_update(
     max: usize,
     metrics: &Metrics,
 ) -> Result<(), String> {
+    let before = sources.clone();
     if sources.apply(update) {
         let mut want: BTreeSet<Target> = sources.effective().into_keys().collect();
         if want.len() > max {
@@ -303,6 +323,8 @@ fn apply_update(
         if let Err(e) = session.set_targets(&want) {
             let e = format!("{:#}", anyhow::Error::from(e));
             error!(error = %e, "cannot apply the targets: the previous ones stay");
+            // As if the update never came: the same update again is tried again.
+            *sources = before;
             return Err(format!("the kernel refused the targets: {e}"));
         }
         metrics.targets.set(want.len() as i64);
@@ -323,5 +345,19 @@ fn raise_fd_limit() {
     // SAFETY: a valid rlimit, read above.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
         info!(from, to = limit.rlim_cur, "raised the open-descriptor limit");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_of_both_families() {
+        assert_eq!(listen_addr("10.0.0.5:9187").unwrap().to_string(), "10.0.0.5:9187");
+        assert_eq!(listen_addr("[fd00::5]:9187").unwrap().to_string(), "[fd00::5]:9187");
+        assert_eq!(listen_addr("fd00::5:9187").unwrap().to_string(), "[fd00::5]:9187");
+        assert!(listen_addr("fd00::5").is_err(), "a port is required");
+        assert!(listen_addr("nonsense").is_err());
     }
 }

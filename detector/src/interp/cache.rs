@@ -49,10 +49,11 @@ enum Key {
     Content([u8; 32]),
 }
 
-/// Analyses of new files made at once. One holds its file and the DWARF
-/// parsed from it: about 100 MB for a 30 MB libpython with full debug
-/// information, measured; the DaemonSet's memory limit allows two.
-const MAX_ANALYSING: usize = 2;
+/// Analyses of new files made at once. One holds its file (at most
+/// `file::MAX_FILE`, 64 MiB) and the DWARF parsed from it: about 100 MB for
+/// a 30 MB libpython with full debug information, measured, so about 210 MB
+/// at the largest; the DaemonSet's memory limit (320 MiB) allows one.
+const MAX_ANALYSING: usize = 1;
 
 /// Room for [`MAX_ANALYSING`] analyses: waiting for it blocks only the
 /// decision that needs it (on the blocking pool), never the agent loop.

@@ -17,7 +17,7 @@ use std::{
 
 /// The largest interpreter image or debug file read (the largest seen,
 /// Debian's `libpython3.14d.so`, is 39 MB).
-pub(crate) const MAX_FILE: u64 = 256 << 20;
+pub(crate) const MAX_FILE: u64 = 64 << 20;
 
 /// The kernel's `struct open_how` (libc's cannot be built field by field).
 #[repr(C)]

@@ -137,14 +137,9 @@ pub fn locate(pid: u32, cache: &AnalysisCache) -> Result<PythonProcess, ProcessE
     let candidates = maps::interpreter_candidates(pid, &maps);
     let mut looked = Vec::new();
     for object in candidates {
-        let file = object.open().map_err(|e| match e.raw_os_error() {
-            Some(libc::EACCES | libc::EPERM) => ProcessError::io(pid, e),
-            _ => ProcessError::Analysis {
-                pid,
-                object: object.path.clone(),
-                source: AnalysisError::Io { path: object.open_path.clone(), source: e },
-            },
-        })?;
+        // Refused, gone, or out of descriptors: each is the process's state
+        // now (a refusal says why; the rest are looked at again).
+        let file = object.open().map_err(|e| ProcessError::io(pid, e))?;
         match cache.analyze(&object, &file) {
             Ok(analysis) => {
                 let bias = maps::load_bias(&object, analysis.load_vaddr);

@@ -183,7 +183,10 @@ pub async fn run(settings: Settings, tx: mpsc::Sender<Delivery>, stats: Arc<Stat
                         if tx.send(Delivery { update, applied: Some(applied) }).await.is_err() {
                             return;
                         }
-                        let Ok(result) = answer.await else { return };
+                        let Ok(result) = answer.await else {
+                            warn!("the agent loop is gone: remote configuration polling stops");
+                            return;
+                        };
                         if let Err(e) = &result {
                             warn!(configs = ?to_apply, error = %e, "remote configuration parsed but not applied");
                         }

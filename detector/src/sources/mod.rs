@@ -62,7 +62,7 @@ impl From<Update> for Delivery {
 }
 
 /// Every config from every source.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Sources {
     configs: BTreeMap<(Origin, String), Config>,
 }
