@@ -145,6 +145,8 @@ pub struct Node {
     attach_shares: HashMap<Tenant, LoopShare>,
     /// Every tenant's attaches' share of the loop, together.
     all_attaches: LoopShare,
+    /// (tenant, reason) of cap refusals warned about since the last rescan.
+    warned: std::collections::HashSet<(Tenant, &'static str)>,
     /// Hits of processes that have ended, per target, for the metrics.
     ended_hits: BTreeMap<String, u64>,
 }
@@ -157,6 +159,7 @@ impl Node {
             tenants: Tenants::new(opts.max_per_tenant, MAX_QUEUED_PER_TENANT),
             attach_shares: HashMap::new(),
             all_attaches: LoopShare::new(ALL_ATTACHES),
+            warned: Default::default(),
             opts,
             metrics,
             cache,
@@ -182,6 +185,7 @@ impl Node {
         self.known.retain(|pid, _| alive.contains(pid));
         let now = std::time::Instant::now();
         self.attach_shares.retain(|_, share| !share.is_full(now));
+        self.warned.clear();
         for pid in pids {
             self.consider(session, pid, false);
         }
@@ -345,7 +349,13 @@ impl Node {
             }
             Refusal::Full { reason, message } => {
                 self.metrics.refused(reason);
-                warn!(pid, binary, %tenant, reason, "not watching for now: {message}");
+                // Once per tenant and reason between rescans: a storm is one
+                // warning, its processes are counted.
+                if self.warned.insert((tenant.clone(), reason)) {
+                    warn!(pid, binary, %tenant, reason, "not watching for now (more alike until the next rescan are counted, not logged): {message}");
+                } else {
+                    debug!(pid, binary, %tenant, reason, "not watching for now: {message}");
+                }
                 self.known.insert(pid, (start, State::Refused { retry: true }));
                 return;
             }
