@@ -188,12 +188,9 @@ mod tests {
         matches!(r.map(|_| ()).map_err(|e| e.raw_os_error()), Err(Some(libc::EACCES | libc::EPERM)))
     }
 
-    /// Run only by the test below, in a process of its own (confinement
-    /// cannot be undone).
-    #[test]
-    #[ignore = "run in its own process by confinement_refuses_writes_and_process_changes"]
-    fn confined_child() {
-        let dir = PathBuf::from(std::env::var_os(CHILD_DIR).expect("run by the parent test"));
+    /// The checks, in the test's own child process (confinement cannot be
+    /// undone): the test below runs itself again with [`CHILD_DIR`] set.
+    fn confined_child(dir: PathBuf) {
         std::fs::write(dir.join("existing"), b"x").unwrap();
         confine().unwrap();
         assert!(refused(std::fs::write(dir.join("new"), b"x")), "creating a file");
@@ -222,10 +219,13 @@ mod tests {
 
     #[test]
     fn confinement_refuses_writes_and_process_changes() {
+        if let Some(dir) = std::env::var_os(CHILD_DIR) {
+            return confined_child(dir.into());
+        }
         let dir = std::env::temp_dir().join(format!("detector-confine-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "confine::tests::confined_child", "--ignored", "--test-threads=1"])
+            .args(["--exact", "confine::tests::confinement_refuses_writes_and_process_changes", "--test-threads=1"])
             .env(CHILD_DIR, &dir)
             .output()
             .unwrap();

@@ -47,8 +47,7 @@ fn a_cyclic_closure_costs_only_its_own_analysis() {
     hostile.go();
     hostile.wait_done();
     hostile.finish();
-    let worst = health.stop().expect("the agent answered throughout");
-    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    answered_throughout(health);
     agent.events.stop_with(libc::SIGTERM);
 }
 
@@ -75,8 +74,7 @@ fn half_sent_requests_hold_nothing() {
     std::thread::sleep(Duration::from_secs(4));
     let open = held.iter_mut().map(still_open).filter(|open| *open).count();
     assert_eq!(open, 0, "half-sent requests still held after 4 s");
-    let worst = health.stop().expect("the agent answered throughout");
-    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    answered_throughout(health);
 }
 
 /// A TCP connection to 127.0.0.1:`port` from the address `from`.
@@ -155,8 +153,7 @@ fn a_fork_storm_fills_only_its_own_quota() {
     let after = Fixture::start_with_env(&pod.runs(&pyenv(12)), "plain", &env(&opted_in("after")));
     agent.wait_attached(after.pid());
     drop(after);
-    let worst = health.stop().expect("the agent answered throughout");
-    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    answered_throughout(health);
     agent.events.stop_with(libc::SIGTERM);
 }
 
@@ -248,8 +245,7 @@ fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
     assert!(peak_rss_kib(agent.pid()) < 200 * 1024, "the agent's peak RSS is {} KiB", peak_rss_kib(agent.pid()));
-    let worst = health.stop().expect("the agent answered throughout");
-    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    answered_throughout(health);
     agent.events.stop_with(libc::SIGTERM);
 }
 
@@ -279,8 +275,7 @@ fn sixty_thousand_mappings_cost_only_their_own_analysis() {
     hostile.finish();
     let peak_kib = peak_rss_kib(agent.pid());
     assert!(peak_kib < 200 * 1024, "the agent's peak RSS is {peak_kib} KiB");
-    let worst = health.stop().expect("the agent answered throughout");
-    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    answered_throughout(health);
     agent.events.stop_with(libc::SIGTERM);
 }
 
@@ -300,8 +295,7 @@ fn sixty_four_thousand_targets_are_refused_not_stalled() {
     let health = agent.watch_health();
     agent.wait_metric("detector_targets", 1.0);
     assert_eq!(innocent_counts(&mut agent), 25);
-    let worst = health.stop().expect("the agent answered throughout");
-    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    answered_throughout(health);
     agent.events.stop_with(libc::SIGTERM);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -360,8 +354,7 @@ fn huge_containers_cost_only_their_own_analysis() {
     assert_eq!(report.targets_by_strategy.get(&TargetStrategy::Watch), Some(&1), "{report:?}");
     hostile.finish();
     assert!(peak_rss_kib(agent.pid()) < 200 * 1024, "the agent's peak RSS is {} KiB", peak_rss_kib(agent.pid()));
-    let worst = health.stop().expect("the agent answered throughout");
-    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
+    answered_throughout(health);
     agent.events.stop_with(libc::SIGTERM);
 }
 
@@ -370,4 +363,10 @@ fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let peak = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap();
     peak.trim().trim_end_matches("kB").trim().parse().unwrap()
+}
+
+/// Stops `health`, asserting that every `/healthz` was answered within a second.
+fn answered_throughout(health: detector_tests::node_agent::HealthWatch) {
+    let worst = health.stop().expect("the agent answered throughout");
+    assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
 }

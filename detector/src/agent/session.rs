@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod drain;
 mod enforce;
 
 use aya::maps::{MapData, RingBuf};
@@ -27,11 +28,7 @@ use super::{
 };
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
-    events::{
-        EventProcessor, Hit, ProcessLookup,
-        output::Printer,
-        record::{self, ModuleExec, Record},
-    },
+    events::{EventProcessor, Hit, ProcessLookup, output::Printer, record::ModuleExec},
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
     targets::{Target, TargetSet},
@@ -315,7 +312,7 @@ impl Session {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     if let Ok(mut guard) = guard {
-                        let drained = drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
+                        let drained = drain::drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
                         guard.clear_ready();
                         drop(guard);
                         self.handle(drained);
@@ -411,11 +408,12 @@ impl Session {
 
     /// Handles everything waiting in the ring buffer.
     pub fn drain(&mut self) {
-        let drained = drain(self.ring.get_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
+        let drained =
+            drain::drain(self.ring.get_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
         self.handle(drained);
     }
 
-    fn handle(&mut self, mut drained: Drained) {
+    fn handle(&mut self, mut drained: drain::Drained) {
         for a in &drained.found {
             if let Activity::Fork { parent, child } = *a {
                 if self.forks.len() >= MAX_FORKS_AWAITING {
@@ -526,42 +524,6 @@ impl Session {
             );
         }
     }
-}
-
-/// What the ring buffer held.
-#[derive(Default)]
-struct Drained {
-    /// Processes to consider.
-    found: Vec<Activity>,
-    /// Hits to report.
-    hits: Vec<Hit>,
-    /// Watched code objects deallocated: (process, code).
-    freed: Vec<(u32, u64)>,
-    /// Module bodies about to run.
-    module_bodies: Vec<ModuleExec>,
-}
-
-/// Reads every waiting record.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    processor: &mut EventProcessor,
-    probes: &mut Probes,
-    targets: &TargetSet,
-    watches: &Watches,
-) -> Drained {
-    let mut d = Drained::default();
-    while let Some(item) = ring.next() {
-        let Some(rec) = record::decode(&item) else { continue };
-        drop(item);
-        match rec {
-            Record::Exec { pid } => d.found.push(Activity::Exec(pid)),
-            Record::Fork { parent, child } => d.found.push(Activity::Fork { parent, child }),
-            Record::WatchFreed { pid, code } => d.freed.push((pid, code)),
-            Record::ModuleExec(e) => d.module_bodies.push(e),
-            other => d.hits.extend(processor.hit(other, probes, targets, watches)),
-        }
-    }
-    d
 }
 
 /// Logs and prints targets armed after the attach (`source` found them,

@@ -1,0 +1,50 @@
+//! Reading the ring buffer: every waiting record, sorted by what the
+//! session does with it.
+
+use aya::maps::{MapData, RingBuf};
+
+use super::{Activity, Watches};
+use crate::{
+    bpf::Probes,
+    events::{
+        EventProcessor, Hit,
+        record::{self, ModuleExec, Record},
+    },
+    targets::TargetSet,
+};
+
+/// What the ring buffer held.
+#[derive(Default)]
+pub(super) struct Drained {
+    /// Processes to consider.
+    pub(super) found: Vec<Activity>,
+    /// Hits to report.
+    pub(super) hits: Vec<Hit>,
+    /// Watched code objects deallocated: (process, code).
+    pub(super) freed: Vec<(u32, u64)>,
+    /// Module bodies about to run.
+    pub(super) module_bodies: Vec<ModuleExec>,
+}
+
+/// Reads every waiting record.
+pub(super) fn drain(
+    ring: &mut RingBuf<MapData>,
+    processor: &mut EventProcessor,
+    probes: &mut Probes,
+    targets: &TargetSet,
+    watches: &Watches,
+) -> Drained {
+    let mut d = Drained::default();
+    while let Some(item) = ring.next() {
+        let Some(rec) = record::decode(&item) else { continue };
+        drop(item);
+        match rec {
+            Record::Exec { pid } => d.found.push(Activity::Exec(pid)),
+            Record::Fork { parent, child } => d.found.push(Activity::Fork { parent, child }),
+            Record::WatchFreed { pid, code } => d.freed.push((pid, code)),
+            Record::ModuleExec(e) => d.module_bodies.push(e),
+            other => d.hits.extend(processor.hit(other, probes, targets, watches)),
+        }
+    }
+    d
+}
