@@ -4,7 +4,10 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read},
     process::{Child, Command, Stdio},
-    sync::mpsc::{Receiver, channel},
+    sync::{
+        Arc, Mutex,
+        mpsc::{Receiver, channel},
+    },
     time::Instant,
 };
 
@@ -16,6 +19,9 @@ use crate::{STEP_TIMEOUT, detector_bin};
 pub struct Dump {
     child: Child,
     lines: Receiver<Value>,
+    /// Everything printed on stderr so far (the logs), read as it comes so
+    /// that verbose logs never fill the pipe and stall the detector.
+    stderr: Arc<Mutex<String>>,
     /// Every JSON line printed so far.
     pub seen: Vec<Value>,
 }
@@ -46,7 +52,7 @@ impl Summary {
     /// Asserts exact counts for every `(target, hits)`.
     pub fn assert_counts(&self, expected: &[(&str, u64)]) {
         let got: Vec<(&str, u64)> = expected.iter().map(|(t, _)| (*t, self.count(t))).collect();
-        assert_eq!(got, expected, "stats: {}", self.stats);
+        assert_eq!(got, expected, "stats: {}; hits: {:#?}", self.stats, self.hits);
         // Every counted hit is also reported as an event when nothing dropped.
         if self.stats["ringbuf_drops"] == 0 {
             let total: u64 = expected.iter().map(|(_, n)| n).sum();
@@ -131,7 +137,16 @@ pub fn spawn_wrapped(wrapper: &[String], args: &[String], env: &[(&str, &str)]) 
             }
         }
     });
-    Dump { child, lines, seen: Vec::new() }
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let sink = stderr.clone();
+    let mut pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    Dump { child, lines, stderr, seen: Vec::new() }
 }
 
 fn dump_args(targets: &[&str]) -> Vec<String> {
@@ -190,12 +205,20 @@ impl Dump {
                 }
                 Err(_) => {
                     let _ = self.child.kill();
-                    let mut err = String::new();
-                    let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
-                    panic!("detector printed no {what}; stderr: {err}");
+                    let _ = self.child.wait();
+                    let last: Vec<String> = self.seen.iter().rev().take(8).map(Value::to_string).collect();
+                    panic!(
+                        "detector printed no {what}; last lines (newest first): {last:#?}; stderr: {}",
+                        self.stderr()
+                    );
                 }
             }
         }
+    }
+
+    /// What the detector logged so far (its stderr).
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// The detector's pid.
@@ -256,13 +279,11 @@ impl Dump {
             }
         }
         let code = self.child.wait().unwrap().code();
-        let mut err = String::new();
-        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
         // The reader thread ends at EOF; take everything it got.
         while let Ok(v) = self.lines.recv_timeout(std::time::Duration::from_secs(5)) {
             self.seen.push(v);
         }
-        assert_eq!(code, Some(0), "detector failed: {err}");
+        assert_eq!(code, Some(0), "detector failed: {}", self.stderr());
         let mut s = Summary { code, ..Summary::default() };
         for v in std::mem::take(&mut self.seen) {
             match v["type"].as_str() {

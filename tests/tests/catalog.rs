@@ -27,7 +27,12 @@ fn wait_armed(d: &mut Dump, targets: &[&str]) -> Vec<Value> {
 fn attach_before_imports(i: &Interpreter, targets: &[&str]) -> (Fixture, Dump) {
     let mut fixture = Fixture::start(i, "lazy");
     fixture.go();
-    let d = Dump::attach_with(fixture.pid(), targets, &["--strategy", "watch"]);
+    // The watch module's decisions are logged: a failure shows them.
+    let d = Dump::attach_with(
+        fixture.pid(),
+        targets,
+        &["--strategy", "watch", "--log-level", "warn,detector::agent=debug"],
+    );
     let attached = attached_report(&d.seen[0]);
     assert_eq!(attached.process.strategy, "watch", "{}: {attached:?}", i.name);
     // The deallocation and module-execution probes: nothing per call.

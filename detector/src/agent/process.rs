@@ -334,7 +334,8 @@ impl ProcessWatch {
             Ok(Some(m)) => m,
             Ok(None) => return Vec::new(),
             Err(e) => {
-                debug!(pid = self.process.pid, error = %e, "cannot read a module body's name");
+                debug!(pid = self.process.pid, error = %e, "cannot read a module body's name: looking in sys.modules");
+                w.armed.recheck();
                 return Vec::new();
             }
         };

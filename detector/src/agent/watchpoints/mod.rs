@@ -311,22 +311,34 @@ impl Armed {
     }
 
     /// Points the registers at the units whose turn it is: all of them when
-    /// they fit, else the [`DEBUG_REGISTERS`] from the cursor on.
+    /// they fit, else the [`DEBUG_REGISTERS`] from the cursor on. A register
+    /// already on one of them stays; the others move to the rest. Two
+    /// registers are never on one address, even between two moves: each
+    /// would trap, and one start would count twice.
     fn assign(&mut self, probes: &mut Probes, pid: u32, mem: &ProcessMemory) -> Result<(), CannotWatch> {
         let n = self.units.len();
-        let want = n.min(DEBUG_REGISTERS);
-        self.registers.truncate(want);
         if n == 0 {
+            self.registers.clear();
             self.cursor = 0;
             return Ok(());
         }
         self.cursor %= n;
-        for i in 0..want {
-            let u = (self.cursor + i) % n;
-            let addr = self.units[u].key.addr;
-            if self.registers.get(i).is_some_and(|r| r.addr == addr) {
-                continue;
+        let mut turn: Vec<usize> = Vec::with_capacity(DEBUG_REGISTERS);
+        for u in (0..n).map(|i| (self.cursor + i) % n) {
+            if turn.len() == DEBUG_REGISTERS {
+                break;
             }
+            if !turn.iter().any(|&t| self.units[t].key.addr == self.units[u].key.addr) {
+                turn.push(u);
+            }
+        }
+        let on: Vec<u64> = self.registers.iter().map(|r| r.addr).collect();
+        let addrs: Vec<u64> = turn.iter().map(|&u| self.units[u].key.addr).collect();
+        let moves = register::reassign(&on, &addrs);
+        let mut old: Vec<Option<Register>> = std::mem::take(&mut self.registers).into_iter().map(Some).collect();
+        self.registers = moves.kept.iter().filter_map(|&i| old[i].take()).collect();
+        for (from, addr) in moves.moves {
+            let u = turn[addrs.iter().position(|a| *a == addr).expect("a move goes to a unit whose turn it is")];
             // It may have been rewritten while no register watched it.
             if let Ok(op) = mem.u8(addr)
                 && op != self.units[u].entry.last_op
@@ -334,14 +346,15 @@ impl Armed {
                 self.units[u].entry.last_op = op;
                 probes.set_watch(self.units[u].key, self.units[u].entry)?;
             }
-            match self.registers.get_mut(i) {
-                Some(r) => r.move_to(addr),
-                None => {
-                    let r = Register::arm(probes, pid, addr)?;
-                    self.threads = self.threads.max(r.threads.len());
-                    self.registers.push(r);
+            let r = match from.and_then(|i| old[i].take()) {
+                Some(mut r) => {
+                    r.move_to(addr);
+                    r
                 }
-            }
+                None => Register::arm(probes, pid, addr)?,
+            };
+            self.threads = self.threads.max(r.threads.len());
+            self.registers.push(r);
         }
         Ok(())
     }
@@ -426,10 +439,16 @@ impl Armed {
             // The body may have ended (and its code object gone) before the
             // agent looked, or made a function some other way: its module
             // is looked up in `sys.modules` at the next tick, and later again.
-            let now = Instant::now();
-            self.rechecks.extend(RECHECKS.iter().map(|d| now + *d));
+            self.recheck();
         }
         Ok(armed)
+    }
+
+    /// Looks in `sys.modules` again [`RECHECKS`] from now: a module body
+    /// ran that could not be read whole.
+    pub fn recheck(&mut self) {
+        let now = Instant::now();
+        self.rechecks.extend(RECHECKS.iter().map(|d| now + *d));
     }
 
     /// Whether a module body that ran left targets to look for again now.
@@ -454,9 +473,18 @@ impl Armed {
         if !force && modules.is_some() && modules == self.modules_seen {
             return Ok(Vec::new());
         }
-        self.modules_seen = modules;
         let ids: Vec<u32> = self.unreached().into_iter().collect();
-        self.arm_found(probes, p, targets, ids, |ts| body::find_all(p, ts))
+        // A look that could not read the modules looks again next time.
+        let mut looked = false;
+        let armed = self.arm_found(probes, p, targets, ids, |ts| {
+            let found = body::find_all(p, ts);
+            looked = found.is_ok();
+            found
+        });
+        if looked {
+            self.modules_seen = modules;
+        }
+        armed
     }
 
     fn arm_found(
