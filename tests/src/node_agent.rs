@@ -124,17 +124,8 @@ impl NodeAgent {
         let mut w = crate::Fixture::start_with_env(interp, "plain", env);
         let pid = w.pid();
         started(pid);
-        let attached = crate::attached_report(&self.wait_attached(pid));
-        // Attached during its start, its module may have been imported
-        // before the agent could read the module's body: its calls count
-        // from when the target is armed.
-        if attached.target_strategies.get(F) == Some(&detector::agent::report::TargetStrategy::Pending) {
-            self.events.wait_match("f armed", |v| {
-                v["type"] == "armed"
-                    && v["pid"] == pid
-                    && v["targets"].as_array().is_some_and(|t| t.iter().any(|t| t == F))
-            });
-        }
+        let attached = self.wait_attached(pid);
+        self.wait_armed(&attached, F);
         w.go();
         w.wait_done();
         self.wait_hits(pid, 25);
@@ -143,6 +134,23 @@ impl NodeAgent {
         let hits = self.lines("hit", pid);
         assert!(hits.iter().all(|h| h["target"] == F), "{}: {hits:?}", interp.name);
         hits.len()
+    }
+
+    /// Waits until `target` is armed in the process of `attached`, if it
+    /// was pending then: attached during its start, its module may have
+    /// been imported before the agent could read the module's body, and
+    /// its calls count from when the target is armed.
+    pub fn wait_armed(&mut self, attached: &Value, target: &str) {
+        let report = crate::attached_report(attached);
+        if report.target_strategies.get(target) != Some(&detector::agent::report::TargetStrategy::Pending) {
+            return;
+        }
+        let pid = report.process.pid;
+        self.events.wait_match(&format!("{target} armed"), |v| {
+            v["type"] == "armed"
+                && v["pid"] == pid
+                && v["targets"].as_array().is_some_and(|t| t.iter().any(|t| t == target))
+        });
     }
 
     /// GET `path` on the metrics server: (status, body).
@@ -288,4 +296,43 @@ pub fn site_bytes(attached: &Value) -> Vec<u8> {
             b[0]
         })
         .collect()
+}
+
+/// An innocent process watched through an attack: the `plain` workload,
+/// attached before the attack and run after it. Its counts must be exact,
+/// and once the agent stops no breakpoint may be left in it.
+pub struct Bystander {
+    fixture: crate::Fixture,
+    attached: Value,
+}
+
+impl Bystander {
+    /// Starts it on `interp` and waits until `agent` watches it, every
+    /// probe site holding its breakpoint.
+    pub fn start(agent: &mut NodeAgent, interp: &crate::Interpreter) -> Self {
+        let env = opted_in("bystander");
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let fixture = crate::Fixture::start_with_env(interp, "plain", &env);
+        let attached = agent.wait_attached(fixture.pid());
+        agent.wait_armed(&attached, "wl.plain:f");
+        let sites = site_bytes(&attached);
+        assert!(!sites.is_empty() && sites.iter().all(|&b| b == 0xcc), "the bystander's sites: {sites:x?}");
+        Bystander { fixture, attached }
+    }
+
+    /// Runs its 25 calls of `wl.plain:f`; returns the hits `agent` saw.
+    pub fn count(&mut self, agent: &mut NodeAgent) -> usize {
+        self.fixture.go();
+        self.fixture.wait_done();
+        let pid = self.fixture.pid();
+        agent.wait_hits(pid, 25);
+        agent.lines("hit", pid).len()
+    }
+
+    /// Once the agent has stopped: not one breakpoint is left in it.
+    pub fn assert_untouched(self) {
+        let sites = site_bytes(&self.attached);
+        assert!(sites.iter().all(|&b| b != 0xcc), "a breakpoint outlived the agent in the bystander: {sites:x?}");
+        self.fixture.finish();
+    }
 }

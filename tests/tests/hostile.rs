@@ -1,8 +1,9 @@
 //! Hostile tenants: a process on the node that makes its own objects, files
 //! or requests into an attack on the agent. Each test mounts one attack and
 //! asserts that the agent stays healthy (`/healthz` answers within a second
-//! throughout) and that an innocent process watched at the same time keeps
-//! exact counts.
+//! throughout), that an innocent process watched through it keeps exact
+//! counts, and that once the agent stops no breakpoint is left in that
+//! process.
 
 use std::{
     io::{Read, Write},
@@ -14,7 +15,7 @@ use std::{
 use detector::agent::report::TargetStrategy;
 use detector_tests::{
     Fixture, NodeAgent, interpreters,
-    node_agent::{one_at_a_time, opted_in},
+    node_agent::{Bystander, HealthWatch, one_at_a_time, opted_in},
 };
 
 const F: &str = "wl.plain:f";
@@ -41,14 +42,61 @@ fn a_cyclic_closure_costs_only_its_own_analysis() {
     let _turn = one_at_a_time();
     let mut agent = NodeAgent::start(&["wl.cycle:victim", F], &["--strategy", "watch", "--reachability", "false"]);
     let health = agent.watch_health();
+    let bystander = Bystander::start(&mut agent, &pyenv(12));
     let mut hostile = Fixture::start_with_env(&pyenv(12), "cycle", &env(&opted_in("hostile")));
     agent.wait_attached(hostile.pid());
     assert_eq!(innocent_counts(&mut agent), 25);
     hostile.go();
     hostile.wait_done();
     hostile.finish();
+    assert_unharmed(agent, health, bystander);
+}
+
+/// A process that runs a module body without end, each body a walk of
+/// thousands of constants: its walks run off the agent loop and wait for
+/// its own share, its queue folds, and another process's import during the
+/// storm is walked at once and counted exactly.
+#[test]
+fn an_endless_importer_waits_for_its_own_walks() {
+    let _turn = one_at_a_time();
+    const LAZY: &str = "wl.lazy_mod:f";
+    let targets = ["wl.reimport_body:never", LAZY, F];
+    let mut agent = NodeAgent::start(&targets, &["--strategy", "watch", "--reachability", "false"]);
+    let health = agent.watch_health();
+    let bystander = Bystander::start(&mut agent, &pyenv(12));
+    let mut innocent = Fixture::start_with_env(&pyenv(12), "lazy", &env(&opted_in("innocent")));
+    innocent.go();
+    agent.wait_attached(innocent.pid());
+    let mut hostile = Fixture::start_with_env(&pyenv(12), "reimport", &env(&opted_in("importer")));
+    agent.wait_attached(hostile.pid());
+    hostile.go();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(innocent.ask("import wl.lazy_mod"), "ok");
+    let pid = innocent.pid();
+    let armed = agent.events.wait_match("the innocent's import armed", |v| {
+        v["type"] == "armed" && v["pid"] == pid && v["targets"].as_array().is_some_and(|t| t.iter().any(|t| t == LAZY))
+    });
+    // Found as its body ran (or right after), not by the safety net 10 s on.
+    assert!(["module body", "module ran"].contains(&armed["source"].as_str().unwrap()), "{armed}");
+    assert_eq!(innocent.ask("lazy_mod:use_f 3"), "ok");
+    agent.wait_hits(pid, 3);
+    let report = agent.process(hostile.pid()).expect("the importer is watched");
+    assert!(report.walks_deferred > 0, "the importer never waited for its share: {report:?}");
+    assert!(agent.metric("detector_cap_reached_total{cap=\"walk_queue\"}") > 0.0, "its looks never folded");
+    hostile.wait_done();
+    hostile.finish();
+    innocent.finish();
+    assert_unharmed(agent, health, bystander);
+}
+
+/// What every attack must leave: the bystander counted exactly, `/healthz`
+/// answered within a second throughout, and, once the agent stops, no
+/// breakpoint in the bystander.
+fn assert_unharmed(mut agent: NodeAgent, health: HealthWatch, mut bystander: Bystander) {
+    assert_eq!(bystander.count(&mut agent), 25);
     answered_throughout(health);
-    agent.events.stop_with(libc::SIGTERM);
+    assert_eq!(agent.events.stop_with(libc::SIGTERM).code, Some(0));
+    bystander.assert_untouched();
 }
 
 /// 400 half-sent requests from one address (slowloris): that address gets
@@ -122,10 +170,12 @@ fn still_open(s: &mut TcpStream) -> bool {
 fn a_fork_storm_fills_only_its_own_quota() {
     let _turn = one_at_a_time();
     const QUOTA: usize = 4;
-    // Room for the storm's quota and the innocent process, not for the storm.
-    let args = ["--max-processes-per-tenant", &QUOTA.to_string(), "--max-processes", "6"];
+    // Room for the storm's quota, the bystander and the innocent process,
+    // not for the storm.
+    let args = ["--max-processes-per-tenant", &QUOTA.to_string(), "--max-processes", "7"];
     let mut agent = NodeAgent::start(&[F], &args);
     let health = agent.watch_health();
+    let bystander = Bystander::start(&mut agent, &pyenv(12));
     let pod = Cgroup::new("storm");
     let mut master = Fixture::start_with_env(&pod.runs(&pyenv(12)), "storm", &env(&opted_in("storm")));
     agent.wait_attached(master.pid());
@@ -153,8 +203,7 @@ fn a_fork_storm_fills_only_its_own_quota() {
     let after = Fixture::start_with_env(&pod.runs(&pyenv(12)), "plain", &env(&opted_in("after")));
     agent.wait_attached(after.pid());
     drop(after);
-    answered_throughout(health);
-    agent.events.stop_with(libc::SIGTERM);
+    assert_unharmed(agent, health, bystander);
 }
 
 /// A cgroup of this test's own, below the test's (the memory controller's
@@ -214,6 +263,10 @@ fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
     let _turn = one_at_a_time();
     let mut agent = NodeAgent::start(&[F], &[]);
     let health = agent.watch_health();
+    let bystander = Bystander::start(&mut agent, &pyenv(12));
+    // Its interpreter is the one analysis so far (the metrics are published
+    // a moment after).
+    agent.wait_metric("detector_analysis_cache_misses_total", 1.0);
     for (what, plant) in [("fifo", plant_fifo as fn(&std::path::Path)), ("dev-zero", plant_dev_zero)] {
         let dir = std::env::temp_dir().join(format!("detector-debuglink-{what}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -245,8 +298,7 @@ fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
     assert!(peak_rss_kib(agent.pid()) < 200 * 1024, "the agent's peak RSS is {} KiB", peak_rss_kib(agent.pid()));
-    answered_throughout(health);
-    agent.events.stop_with(libc::SIGTERM);
+    assert_unharmed(agent, health, bystander);
 }
 
 fn plant_fifo(path: &std::path::Path) {
@@ -266,6 +318,7 @@ fn sixty_thousand_mappings_cost_only_their_own_analysis() {
     let _turn = one_at_a_time();
     let mut agent = NodeAgent::start(&[F], &[]);
     let health = agent.watch_health();
+    let bystander = Bystander::start(&mut agent, &pyenv(12));
     let mut hostile = Fixture::start_with_env(&pyenv(12), "mappings", &env(&opted_in("mappings")));
     let lines = std::fs::read_to_string(format!("/proc/{}/maps", hostile.pid())).unwrap().lines().count();
     assert!(lines > 60_000, "the fixture made its mappings: {lines}");
@@ -275,8 +328,7 @@ fn sixty_thousand_mappings_cost_only_their_own_analysis() {
     hostile.finish();
     let peak_kib = peak_rss_kib(agent.pid());
     assert!(peak_kib < 200 * 1024, "the agent's peak RSS is {peak_kib} KiB");
-    answered_throughout(health);
-    agent.events.stop_with(libc::SIGTERM);
+    assert_unharmed(agent, health, bystander);
 }
 
 /// A payload of 65,536 targets: refused whole as that file's error (a
@@ -294,9 +346,8 @@ fn sixty_four_thousand_targets_are_refused_not_stalled() {
     let mut agent = NodeAgent::start(&[F], &["--targets", &file.display().to_string()]);
     let health = agent.watch_health();
     agent.wait_metric("detector_targets", 1.0);
-    assert_eq!(innocent_counts(&mut agent), 25);
-    answered_throughout(health);
-    agent.events.stop_with(libc::SIGTERM);
+    let bystander = Bystander::start(&mut agent, &pyenv(12));
+    assert_unharmed(agent, health, bystander);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -342,6 +393,7 @@ fn huge_containers_cost_only_their_own_analysis() {
     let _turn = one_at_a_time();
     let mut agent = NodeAgent::start(&["wl.huge:Box.victim", F], &["--strategy", "watch"]);
     let health = agent.watch_health();
+    let bystander = Bystander::start(&mut agent, &pyenv(12));
     let mut hostile = Fixture::start_with_env(&pyenv(12), "huge", &env(&opted_in("huge")));
     agent.wait_attached(hostile.pid());
     assert_eq!(innocent_counts(&mut agent), 25);
@@ -354,8 +406,7 @@ fn huge_containers_cost_only_their_own_analysis() {
     assert_eq!(report.targets_by_strategy.get(&TargetStrategy::Watch), Some(&1), "{report:?}");
     hostile.finish();
     assert!(peak_rss_kib(agent.pid()) < 200 * 1024, "the agent's peak RSS is {} KiB", peak_rss_kib(agent.pid()));
-    answered_throughout(health);
-    agent.events.stop_with(libc::SIGTERM);
+    assert_unharmed(agent, health, bystander);
 }
 
 /// The peak resident memory of `pid`, in KiB.
@@ -366,7 +417,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 }
 
 /// Stops `health`, asserting that every `/healthz` was answered within a second.
-fn answered_throughout(health: detector_tests::node_agent::HealthWatch) {
+fn answered_throughout(health: HealthWatch) {
     let worst = health.stop().expect("the agent answered throughout");
     assert!(worst.as_secs_f64() < 1.0, "slowest /healthz {worst:?}");
 }

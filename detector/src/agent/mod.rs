@@ -12,6 +12,7 @@ pub(crate) mod sampling;
 pub(crate) mod session;
 pub(crate) mod spawn;
 pub(crate) mod tenant;
+pub(crate) mod walker;
 pub(crate) mod walks;
 pub(crate) mod watchpoints;
 

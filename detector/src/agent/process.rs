@@ -14,12 +14,13 @@ use super::{
     attach::{self, PerCallLinks},
     budget, discovery, sampling,
     tenant::Tenant,
+    walker::{Job, Look, Walked},
     walks::LoopShare,
     watchpoints::{Armed, CannotWatch, Fit},
 };
 use crate::{
     bpf::{Link, Probes, reaper::Buried},
-    pyproc::{PythonProcess, body},
+    pyproc::PythonProcess,
     targets::{Target, TargetSet},
 };
 
@@ -54,8 +55,8 @@ pub(crate) struct Watching {
 /// What a tick found.
 #[derive(Default)]
 pub(crate) struct Ticked {
-    /// Targets armed (found after their module body ran).
-    pub armed: Vec<u32>,
+    /// A look for targets a module body that ran made.
+    pub look: Option<Job>,
     /// Targets whose code objects show they ran (reachability), with the
     /// code object.
     pub ran: Vec<(u32, u64)>,
@@ -317,68 +318,37 @@ impl ProcessWatch {
         }
     }
 
-    /// A module body is about to run: arms the unreached targets it
-    /// defines. Returns their ids (none if the module has no such target).
-    pub fn module_body(
-        &mut self,
-        probes: &mut Probes,
-        targets: &TargetSet,
-        (code, globals): (u64, u64),
-        all: &mut LoopShare,
-    ) -> Vec<u32> {
-        let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
-        if !w.armed.follows_imports() {
-            return Vec::new();
-        }
-        let module = match body::module_name(&self.process, globals) {
-            Ok(Some(m)) => m,
-            Ok(None) => return Vec::new(),
-            Err(e) => {
-                debug!(pid = self.process.pid, error = %e, "cannot read a module body's name: looking in sys.modules");
-                w.armed.recheck();
-                return Vec::new();
-            }
-        };
-        if !w.armed.unreached_modules(targets).contains(module.as_str()) {
-            return Vec::new();
-        }
-        let started = Instant::now();
-        if !(self.walks.allows(started) && all.allows(started)) {
-            debug!(pid = self.process.pid, module, "module body walk deferred: out of walk time");
-            self.walks.defer();
-            return Vec::new();
-        }
-        let result = w.armed.module_body(probes, &self.process, targets, &module, code);
-        self.walks.charge(started.elapsed());
-        all.charge(started.elapsed());
-        self.after_finding(probes, targets, result)
+    /// The walk a module body about to run asks for, if targets are
+    /// pending (its module may define them).
+    pub fn module_body(&self, targets: &TargetSet, code: u64, globals: u64, ts_ns: u64) -> Option<Job> {
+        self.job(targets, Look::Body { code, globals, ts_ns })
     }
 
-    /// The safety net for a module body the probe did not report: looks for
-    /// pending targets in `sys.modules` (if a module was imported since the
-    /// last look, or at once if `force`). Returns the targets armed.
-    pub fn rescan_pending(
-        &mut self,
-        probes: &mut Probes,
-        targets: &TargetSet,
-        force: bool,
-        all: &mut LoopShare,
-    ) -> Vec<u32> {
-        let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
-        if !w.armed.follows_imports() {
-            return Vec::new();
-        }
+    /// The safety net's walk for a module body the probe did not report:
+    /// a look for pending targets in `sys.modules` (if a module was
+    /// imported since the last look, or in any case if `force` or a walk
+    /// was deferred). `source` says why.
+    pub fn rescan_pending(&mut self, targets: &TargetSet, force: bool, source: &'static str) -> Option<Job> {
         let force = self.walks.take_deferred() || force;
-        let started = Instant::now();
-        if !(self.walks.allows(started) && all.allows(started)) {
-            if force {
-                self.walks.defer();
-            }
-            return Vec::new();
+        let Mode::Watch(w) = &self.mode else { return None };
+        let seen = w.armed.modules_seen();
+        self.job(targets, Look::Modules { force, seen, source })
+    }
+
+    fn job(&self, targets: &TargetSet, look: Look) -> Option<Job> {
+        let Mode::Watch(w) = &self.mode else { return None };
+        if !w.armed.follows_imports() {
+            return None;
         }
-        let result = w.armed.rescan(probes, &self.process, targets, force);
-        self.walks.charge(started.elapsed());
-        all.charge(started.elapsed());
+        let targets = w.armed.looking_for(targets);
+        Some(Job { pid: self.process.pid, since: self.since, look, process: self.process.clone(), targets })
+    }
+
+    /// Applies what a walk of this process found. Returns the targets armed.
+    pub fn walked(&mut self, probes: &mut Probes, targets: &TargetSet, walked: Walked) -> Vec<u32> {
+        self.walks.charge(walked.took);
+        let Mode::Watch(w) = &mut self.mode else { return Vec::new() };
+        let result = w.armed.apply(probes, &self.process, targets, &walked.look, walked.finding);
         self.after_finding(probes, targets, result)
     }
 
@@ -408,13 +378,7 @@ impl ProcessWatch {
     /// they are shared and a slice is over; reads the warm-up marks of
     /// those waiting (reachability); looks for the targets of a module body
     /// that ran and were not found in it, when due.
-    pub(crate) fn tick(
-        &mut self,
-        probes: &mut Probes,
-        targets: &TargetSet,
-        now: Instant,
-        all: &mut LoopShare,
-    ) -> Ticked {
+    pub(crate) fn tick(&mut self, probes: &mut Probes, targets: &TargetSet, now: Instant) -> Ticked {
         let Mode::Watch(w) = &mut self.mode else { return Ticked::default() };
         let pid = self.process.pid;
         let ran = match self.counting {
@@ -422,8 +386,8 @@ impl ProcessWatch {
             Counting::Exact => Vec::new(),
         };
         w.armed.rotate(probes, pid, now);
-        let armed = if w.armed.recheck_due(now) { self.rescan_pending(probes, targets, true, all) } else { Vec::new() };
-        Ticked { armed, ran }
+        let look = if w.armed.recheck_due(now) { self.rescan_pending(targets, true, "module ran") } else { None };
+        Ticked { look, ran }
     }
 
     /// From now on each target is reported once and, where watched,

@@ -51,8 +51,8 @@ pub struct ProcessReport {
     pub service: Service,
     /// The pod (or cgroup) it belongs to, which its quota is counted in.
     pub tenant: String,
-    /// Walks of its objects put off because it had used its share of the
-    /// agent loop (they are made later by the safety net).
+    /// Times walks of its objects waited because it had used its share
+    /// of the walkers' time, or were left to the safety net.
     pub walks_deferred: u64,
 }
 

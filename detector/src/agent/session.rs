@@ -11,6 +11,7 @@ use std::{
 
 mod drain;
 mod enforce;
+mod walking;
 
 use aya::maps::{MapData, RingBuf};
 use detector_common::FAMILY_FRAME_ARG;
@@ -24,11 +25,12 @@ use super::{
     AttachError, ProcessWatch, Strategy,
     discovery::Service,
     fork,
+    walker::Walker,
     walks::{ALL_WALKS, LoopShare},
 };
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
-    events::{EventProcessor, Hit, ProcessLookup, output::Printer, record::ModuleExec},
+    events::{EventProcessor, Hit, ProcessLookup, output::Printer},
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
     targets::{Target, TargetSet},
@@ -103,8 +105,10 @@ pub struct Session {
     sample_every: Option<Duration>,
     /// When pending targets were last looked for.
     rescanned: Instant,
-    /// Every watched process's walks' share of the agent loop, together.
+    /// Every watched process's walks' share of the pool, together.
     walks: LoopShare,
+    /// Walks after the attach, made on the blocking pool.
+    walker: Walker,
     /// Children of watched processes not attached yet: their parent, and
     /// when the fork was seen.
     forks: BTreeMap<u32, (u32, Instant)>,
@@ -136,6 +140,7 @@ impl Session {
             sample_every: None,
             rescanned: Instant::now(),
             walks: LoopShare::new(ALL_WALKS),
+            walker: Walker::default(),
             forks: BTreeMap::new(),
         })
     }
@@ -207,6 +212,11 @@ impl Session {
     pub fn kernel_stats(&self) -> Vec<(&'static str, u64)> {
         let stats = self.probes.stats();
         detector_common::stats::NAMES.iter().copied().zip(stats.iter().copied()).collect()
+    }
+
+    /// Looks folded into one because a process's walk queue was full.
+    pub fn walks_folded(&self) -> u64 {
+        self.walker.folded
     }
 
     /// Exact hits of every target in `pid` so far.
@@ -331,6 +341,7 @@ impl Session {
                         return Activity::OutputClosed;
                     }
                 }
+                walked = self.walker.done() => self.walked(walked),
                 Some(pid) = self.exits_rx.recv() => {
                     if self.watches.0.contains_key(&pid) {
                         return Activity::Exited(pid);
@@ -340,26 +351,22 @@ impl Session {
         }
     }
 
-    /// Looks for pending targets in `sys.modules` (the safety net).
-    fn rescan_pending(&mut self) {
-        self.rescanned = Instant::now();
-        for (&pid, w) in self.watches.0.iter_mut() {
-            let found = w.rescan_pending(&mut self.probes, &self.targets, false, &mut self.walks);
-            announce_armed(&self.targets, &self.printer, pid, &found, "rescan", None);
-        }
-    }
-
     /// Gives body starts waiting for a debug register their turn, and
     /// arms targets that a module body made and the probe did not find.
     fn tick(&mut self) {
         let now = Instant::now();
         let mut marked = Vec::new();
+        let mut looks = Vec::new();
         for (&pid, w) in self.watches.0.iter_mut() {
-            let ticked = w.tick(&mut self.probes, &self.targets, now, &mut self.walks);
-            announce_armed(&self.targets, &self.printer, pid, &ticked.armed, "module ran", None);
+            let ticked = w.tick(&mut self.probes, &self.targets, now);
+            looks.extend(ticked.look);
             marked.extend(ticked.ran.into_iter().map(|(target, code)| (pid, target, code)));
         }
         self.report_marked(marked);
+        for job in looks {
+            self.look(Some(job));
+        }
+        self.start_walks();
     }
 
     /// Reports reaches seen from warm-up marks: (process, target, code).
@@ -378,20 +385,6 @@ impl Session {
             hits.push(self.processor.marked_hit(pid, target, code, ts_ns, &self.watches));
         }
         self.report(hits);
-    }
-
-    /// A module body is about to run in a watched process: arms the pending
-    /// targets it defines, and says how long after the body started.
-    fn module_body(&mut self, e: ModuleExec) {
-        let Some(w) = self.watches.0.get_mut(&e.pid) else { return };
-        tracing::debug!(
-            pid = e.pid,
-            seen_after_us = monotonic_ns().saturating_sub(e.ts_ns) / 1000,
-            "module body event"
-        );
-        let found = w.module_body(&mut self.probes, &self.targets, (e.code, e.globals), &mut self.walks);
-        let latency = Duration::from_nanos(monotonic_ns().saturating_sub(e.ts_ns));
-        announce_armed(&self.targets, &self.printer, e.pid, &found, "module body", Some(latency));
     }
 
     /// Opens and closes reachability's sampling windows; prints what closed.
@@ -497,6 +490,7 @@ impl Session {
         let active: Vec<u32> = self.targets.iter().map(|(_, id)| id).collect();
         self.probes.forget_process(pid, active);
         self.processor.forget(pid);
+        self.walker.forget(pid);
     }
 
     fn summarize(&mut self, pid: u32) {

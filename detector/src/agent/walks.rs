@@ -1,19 +1,17 @@
-//! The agent loop's time a process, a tenant, or all of them together may
-//! take. Attaching and walking a process's objects after its attach (a
-//! module body ran, the safety net's look at `sys.modules`) happen on the
-//! agent loop. Each walk is bounded by the process memory's budget (500 ms
-//! at most); these shares bound how often. Walks: 5% of the loop per
-//! process, 25% for all; attaches: 20% per tenant, 50% for all. So at least
-//! a quarter of the loop stays for events, Remote Configuration and the
-//! tap, and beyond its share a process's walks are deferred to the safety
-//! net, a tenant's attaches retried later.
+//! Shares of time: how much a process, a tenant, or all of them together
+//! may take. Walks after an attach (a module body ran, the safety net's
+//! look at `sys.modules`) run on the blocking pool ([`super::walker`]):
+//! 5% of it per process, 25% for all. Attaches run on the agent loop: 20%
+//! of it per tenant, 50% for all, so at least half of the loop stays for
+//! events, Remote Configuration and the tap. Beyond its share a process's
+//! walks wait, a tenant's attaches are retried later.
 
 use std::time::{Duration, Instant};
 
-/// A process's walks: 5% of the loop, 200 ms at once.
+/// A process's walks: 5% of a core, 200 ms at once.
 pub const PROCESS_WALKS: (Duration, Duration) = (Duration::from_millis(50), Duration::from_millis(200));
 
-/// Every process's walks together: 25% of the loop, a second at once.
+/// Every process's walks together: 25% of a core, a second at once.
 pub const ALL_WALKS: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(1));
 
 /// Every tenant's attaches together: 50% of the loop, two seconds at once.
@@ -34,6 +32,8 @@ pub struct LoopShare {
     at: Instant,
     /// A walk was deferred: the safety net looks at once when it may.
     deferred: bool,
+    /// Work is waiting for the share now.
+    held: bool,
     /// Walks deferred so far.
     pub deferrals: u64,
 }
@@ -53,6 +53,7 @@ impl LoopShare {
             credit_ns: max_credit.as_nanos() as i128,
             at: Instant::now(),
             deferred: false,
+            held: false,
             deferrals: 0,
         }
     }
@@ -73,6 +74,14 @@ impl LoopShare {
         self.credit_ns > 0
     }
 
+    /// Work waits for the share: counted once until the next [`LoopShare::charge`].
+    pub fn hold(&mut self) {
+        if !self.held {
+            self.held = true;
+            self.deferrals += 1;
+        }
+    }
+
     /// Work was put off: counted, and remembered for [`LoopShare::take_deferred`].
     pub fn defer(&mut self) {
         self.deferred = true;
@@ -81,6 +90,7 @@ impl LoopShare {
 
     /// A walk took `took`.
     pub fn charge(&mut self, took: Duration) {
+        self.held = false;
         self.credit_ns -= took.as_nanos() as i128;
     }
 

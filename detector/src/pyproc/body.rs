@@ -63,6 +63,41 @@ pub struct BodyStart {
     pub unit: u32,
     /// The opcode there now (quickening and instrumentation rewrite it).
     pub opname: &'static str,
+    /// What its code object was when read.
+    #[serde(skip)]
+    pub seen: CodeSeen,
+}
+
+/// A code object's type, name and file as read: read again once its unit
+/// is watched (from then on its deallocation is reported), so that one
+/// freed since the walk, its memory on a free list or reused, is never
+/// watched.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodeSeen {
+    ty: u64,
+    name: u64,
+    filename: u64,
+}
+
+impl CodeSeen {
+    fn of(objs: &Objects<'_>, code: u64) -> Result<Self, ProcessError> {
+        Ok(CodeSeen {
+            ty: objs.type_of(code)?,
+            name: objs.mem.ptr(code, objs.o.code_name)?,
+            filename: objs.mem.ptr(code, objs.o.code_filename)?,
+        })
+    }
+}
+
+impl BodyStart {
+    /// Whether its code object is still the one read. A free list writes a
+    /// link over a freed object's reference count, which in a live one fits
+    /// 32 bits (immortal ones included); an object reused has another type,
+    /// name or file.
+    pub fn still_there(&self, objs: &Objects<'_>) -> bool {
+        matches!(objs.mem.u64(self.code), Ok(1..=0xFFFF_FFFF))
+            && CodeSeen::of(objs, self.code).is_ok_and(|seen| seen == self.seen)
+    }
 }
 
 /// What was found for one target.
@@ -186,7 +221,8 @@ fn starts_of(objs: &Objects<'_>, defs: &[qualname::Definition]) -> Result<Found,
             if jumps_to_start(minor, &mem.bytes(base, len)?) {
                 return nothing("a jump leads back to its first instruction (a loop at the top of the function)");
             }
-            starts.push(BodyStart { code: d.code, unit_addr: base, unit: 0, opname: "co_code[0]" });
+            let seen = CodeSeen::of(objs, d.code)?;
+            starts.push(BodyStart { code: d.code, unit_addr: base, unit: 0, opname: "co_code[0]", seen });
         }
         starts.dedup_by_key(|s| s.code);
         return Ok(Found::Code { starts });
@@ -205,7 +241,8 @@ fn starts_of(objs: &Objects<'_>, defs: &[qualname::Definition]) -> Result<Found,
         });
         match start {
             Some((i, opname)) => {
-                starts.push(BodyStart { code: d.code, unit_addr: base + 2 * i as u64, unit: i as u32, opname })
+                let seen = CodeSeen::of(objs, d.code)?;
+                starts.push(BodyStart { code: d.code, unit_addr: base + 2 * i as u64, unit: i as u32, opname, seen })
             }
             None => return nothing("no RESUME 0 in the code object's prologue"),
         }

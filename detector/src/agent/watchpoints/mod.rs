@@ -31,12 +31,14 @@ use tracing::debug;
 pub use plan::plan;
 use register::Register;
 
+use super::walker::{Finding, Look};
 use crate::{
     bpf::{BpfError, Probes},
     pyproc::{
         PythonProcess,
-        body::{self, BodyStart, Found},
+        body::{BodyStart, Found},
         mem::ProcessMemory,
+        objects::Objects,
         warmup,
     },
     targets::{Target, TargetSet},
@@ -211,6 +213,7 @@ impl Armed {
         let layout = probes.layout_id(&p.analysis.layout)?;
         let slot = probes.slot(p.pid)?;
         let mem = ProcessMemory::open(p.pid)?;
+        let objs = Objects::of(p, &mem);
         let mut new = Vec::new();
         for (target, s) in starts {
             let key = WatchKey { tgid: p.pid, _pad: 0, addr: s.unit_addr };
@@ -218,6 +221,13 @@ impl Armed {
             let last_op = mem.u8(s.unit_addr)?;
             let entry = WatchEntry { code: s.code, target, layout, last_op, reported: 0, slot, _pad: [0; 4] };
             probes.set_watch(key, entry)?;
+            // Its deallocation is reported from now on; one before is seen here.
+            if !s.still_there(&objs) {
+                debug!(pid = p.pid, target, code = s.code, "a code object found was freed before it was watched");
+                probes.remove_watch(&key, s.code);
+                self.recheck();
+                continue;
+            }
             let mark = self.start_mark(p, &mem, &s, target, made);
             new.push(Unit { target, code: s.code, key, entry, mark, armed_at: Instant::now() });
         }
@@ -403,41 +413,72 @@ impl Armed {
         !self.pending.is_empty() || !self.units.is_empty()
     }
 
-    /// The modules of targets not reached.
-    pub fn unreached_modules<'a>(&self, targets: &'a TargetSet) -> BTreeSet<&'a str> {
-        self.unreached().into_iter().filter_map(|id| targets.get(id)).map(|t| t.module()).collect()
+    /// The targets a walk looks for: those not reached, with their ids.
+    pub fn looking_for(&self, targets: &TargetSet) -> Vec<(u32, Target)> {
+        self.unreached().into_iter().filter_map(|id| Some((id, targets.get(id)?.clone()))).collect()
     }
 
-    /// A module body is about to run: arms the unreached targets it
-    /// defines (found as code objects in `code.co_consts`). Returns the
-    /// targets armed.
-    pub fn module_body(
+    /// How many modules `sys.modules` held at the last look there.
+    pub fn modules_seen(&self) -> Option<i64> {
+        self.modules_seen
+    }
+
+    /// Arms what a walk found (a module body's code objects, or the
+    /// definitions in `sys.modules`). Returns the targets armed.
+    pub fn apply(
         &mut self,
         probes: &mut Probes,
         p: &PythonProcess,
         targets: &TargetSet,
-        module: &str,
-        code: u64,
+        look: &Look,
+        finding: Result<Finding, crate::pyproc::ProcessError>,
     ) -> Result<Vec<u32>, CannotWatch> {
-        let ids: Vec<u32> =
-            self.unreached().into_iter().filter(|id| targets.get(*id).is_some_and(|t| t.module() == module)).collect();
-        // A read that fails, or a refusal read from a body that may be gone
-        // (its memory reused), is left to the look in `sys.modules` below,
-        // which reads live objects.
-        let in_body = |ts: &[&Target]| -> Result<Vec<Found>, crate::pyproc::ProcessError> {
-            Ok(ts
-                .iter()
-                .map(|t| match body::find_in_body(p, code, t) {
-                    Ok(Found::Code { starts }) => Found::Code { starts },
-                    Ok(Found::Nothing { reason, .. }) => Found::Nothing { reason, later: true },
-                    Err(e) => Found::Nothing { reason: e.to_string(), later: true },
-                })
-                .collect())
+        let in_body = matches!(look, Look::Body { .. });
+        let (found, modules) = match finding {
+            Ok(Finding::Nothing) => return Ok(Vec::new()),
+            Ok(Finding::Found { found, modules }) => (found, modules),
+            // A read that fails (the process exiting, a body gone) leaves
+            // them pending; a body is looked for in `sys.modules` next.
+            Err(e) => {
+                debug!(pid = p.pid, error = %e, "looking for pending targets");
+                if in_body {
+                    self.recheck();
+                }
+                return Ok(Vec::new());
+            }
         };
-        let armed = self.arm_found(probes, p, targets, ids.clone(), in_body)?;
-        if armed.len() < ids.len() {
+        if !in_body {
+            self.modules_seen = modules;
+        }
+        // Targets changed or reached meanwhile are not this walk's to arm.
+        let unreached = self.unreached();
+        let found: Vec<(u32, Target, Found)> =
+            found.into_iter().filter(|(id, t, _)| unreached.contains(id) && targets.get(*id) == Some(t)).collect();
+        let wanted = found.len();
+        let mut starts = Vec::new();
+        let mut armed = Vec::new();
+        for (id, t, found) in found {
+            match found {
+                Found::Code { starts: s } => {
+                    starts.extend(s.into_iter().map(|s| (id, s)));
+                    armed.push(id);
+                }
+                Found::Nothing { later: true, .. } => {}
+                Found::Nothing { reason, later: false } => {
+                    return Err(CannotWatch::Refused { target: t.to_string(), reason });
+                }
+            }
+        }
+        self.add_units(probes, p, starts, Made::AfterAttach)?;
+        // A target whose code objects were freed before they were watched
+        // stays pending.
+        armed.retain(|id| self.units.iter().any(|u| u.target == *id));
+        for id in &armed {
+            self.pending.remove(id);
+        }
+        if in_body && armed.len() < wanted {
             // The body may have ended (and its code object gone) before the
-            // agent looked, or made a function some other way: its module
+            // walk read it, or made a function some other way: its module
             // is looked up in `sys.modules` at the next tick, and later again.
             self.recheck();
         }
@@ -456,74 +497,6 @@ impl Armed {
         let before = self.rechecks.len();
         self.rechecks.retain(|at| *at >= now);
         self.rechecks.len() != before && self.follows_imports()
-    }
-
-    /// Looks for the unreached targets in every interpreter's `sys.modules`
-    /// again (the safety net for a module body the probe did not report):
-    /// at once if `force` (a module body ran), else only if a module was
-    /// imported since the last look. Returns the targets armed.
-    pub fn rescan(
-        &mut self,
-        probes: &mut Probes,
-        p: &PythonProcess,
-        targets: &TargetSet,
-        force: bool,
-    ) -> Result<Vec<u32>, CannotWatch> {
-        let modules = body::modules_count(p).ok();
-        if !force && modules.is_some() && modules == self.modules_seen {
-            return Ok(Vec::new());
-        }
-        let ids: Vec<u32> = self.unreached().into_iter().collect();
-        // A look that could not read the modules looks again next time.
-        let mut looked = false;
-        let armed = self.arm_found(probes, p, targets, ids, |ts| {
-            let found = body::find_all(p, ts);
-            looked = found.is_ok();
-            found
-        });
-        if looked {
-            self.modules_seen = modules;
-        }
-        armed
-    }
-
-    fn arm_found(
-        &mut self,
-        probes: &mut Probes,
-        p: &PythonProcess,
-        targets: &TargetSet,
-        ids: Vec<u32>,
-        find: impl FnOnce(&[&Target]) -> Result<Vec<Found>, crate::pyproc::ProcessError>,
-    ) -> Result<Vec<u32>, CannotWatch> {
-        let ids: Vec<(u32, &Target)> = ids.into_iter().filter_map(|id| Some((id, targets.get(id)?))).collect();
-        let ts: Vec<&Target> = ids.iter().map(|(_, t)| *t).collect();
-        // A read that fails (the process exiting) leaves them pending.
-        let founds = match find(&ts) {
-            Ok(founds) => founds,
-            Err(e) => {
-                debug!(pid = p.pid, error = %e, "looking for pending targets");
-                return Ok(Vec::new());
-            }
-        };
-        let mut starts = Vec::new();
-        let mut armed = Vec::new();
-        for ((id, t), found) in ids.into_iter().zip(founds) {
-            match found {
-                Found::Code { starts: s } => {
-                    starts.extend(s.into_iter().map(|s| (id, s)));
-                    armed.push(id);
-                }
-                Found::Nothing { later: true, .. } => {}
-                Found::Nothing { reason, later: false } => {
-                    return Err(CannotWatch::Refused { target: t.to_string(), reason });
-                }
-            }
-        }
-        self.add_units(probes, p, starts, Made::AfterAttach)?;
-        for id in &armed {
-            self.pending.remove(id);
-        }
-        Ok(armed)
     }
 
     /// Arms `targets` too (reachability's samples of reached targets); on

@@ -1,0 +1,80 @@
+//! The session's side of walks after the attach: looks are queued as
+//! module bodies run and the safety net comes due, made on the blocking
+//! pool within each process's share, and what they found is armed here.
+
+use std::time::{Duration, Instant};
+
+use super::{Session, announce_armed, monotonic_ns};
+use crate::{
+    agent::walker::{Full, Job, Look, Walked},
+    events::record::ModuleExec,
+};
+
+impl Session {
+    /// Queues a look, and starts walks if there is room. A look that finds
+    /// no room is left to the process's next look in `sys.modules`.
+    pub(super) fn look(&mut self, job: Option<Job>) {
+        let Some(job) = job else { return };
+        let pid = job.pid;
+        if self.walker.submit(job) == Err(Full)
+            && let Some(w) = self.watches.0.get_mut(&pid)
+        {
+            w.walks.defer();
+        }
+        self.start_walks();
+    }
+
+    /// Starts the walks whose turn it is and whose process's share (and
+    /// all processes' share) allows one now.
+    pub(super) fn start_walks(&mut self) {
+        let now = Instant::now();
+        let (watches, all) = (&mut self.watches, &mut self.walks);
+        self.walker.start(|pid| {
+            let Some(w) = watches.0.get_mut(&pid) else { return true };
+            if !w.walks.allows(now) {
+                w.walks.hold();
+                return false;
+            }
+            all.allows(now)
+        });
+    }
+
+    /// A module body is about to run in a watched process: looks for the
+    /// pending targets it defines.
+    pub(super) fn module_body(&mut self, e: ModuleExec) {
+        let Some(w) = self.watches.0.get(&e.pid) else { return };
+        tracing::debug!(
+            pid = e.pid,
+            seen_after_us = monotonic_ns().saturating_sub(e.ts_ns) / 1000,
+            "module body event"
+        );
+        let job = w.module_body(&self.targets, e.code, e.globals, e.ts_ns);
+        self.look(job);
+    }
+
+    /// Looks for pending targets in `sys.modules` (the safety net).
+    pub(super) fn rescan_pending(&mut self) {
+        self.rescanned = Instant::now();
+        let jobs: Vec<Job> =
+            self.watches.0.values_mut().filter_map(|w| w.rescan_pending(&self.targets, false, "rescan")).collect();
+        for job in jobs {
+            self.look(Some(job));
+        }
+    }
+
+    /// Arms what a walk found, if its process is still the one watched.
+    pub(super) fn walked(&mut self, walked: Walked) {
+        self.walks.charge(walked.took);
+        let pid = walked.pid;
+        let Some(w) = self.watches.0.get_mut(&pid).filter(|w| w.since == walked.since) else { return };
+        let (source, latency) = match walked.look {
+            Look::Body { ts_ns, .. } => {
+                ("module body", Some(Duration::from_nanos(monotonic_ns().saturating_sub(ts_ns))))
+            }
+            Look::Modules { source, .. } => (source, None),
+        };
+        let found = w.walked(&mut self.probes, &self.targets, walked);
+        announce_armed(&self.targets, &self.printer, pid, &found, source, latency);
+        self.start_walks();
+    }
+}

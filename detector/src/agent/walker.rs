@@ -1,0 +1,205 @@
+//! Walks of watched processes' objects after their attach, on the blocking
+//! pool: a module body about to run (the constants of its code object), and
+//! the look in `sys.modules` for targets not found yet. A walk only reads
+//! the process; the agent loop applies what it found (a few map writes),
+//! after checking that each code object found is still the one read.
+//!
+//! One walk per process at a time, [`MAX_RUNNING`] in all, taken from the
+//! processes in turn, each within its share of the pool's time
+//! ([`super::walks`]): a process that imports without end waits for its
+//! own walks, never another's. Looks wait in bounded queues; a process
+//! whose queue is full has its looks folded into one look in `sys.modules`.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    pyproc::{
+        ProcessError, PythonProcess,
+        body::{self, Found},
+    },
+    targets::Target,
+};
+
+/// Walks running at once: the pool also decides about new processes and
+/// analyses interpreters, and a node agent gets a core or two.
+const MAX_RUNNING: usize = 2;
+
+/// Looks waiting per process; more fold into one look in `sys.modules`.
+const MAX_WAITING_PER_PROCESS: usize = 8;
+
+/// Processes with looks waiting; the looks of more are left to the safety
+/// net's next look (the caller defers them).
+const MAX_WAITING_PROCESSES: usize = 4096;
+
+/// What a walk looks at.
+#[derive(Clone, Debug)]
+pub(crate) enum Look {
+    /// A module body about to run: its code object and globals, and when
+    /// the kernel saw it start.
+    Body { code: u64, globals: u64, ts_ns: u64 },
+    /// The targets' modules in `sys.modules`: always if `force`, else only
+    /// if the modules are not the `seen` ones any more. `source` says why.
+    Modules { force: bool, seen: Option<i64>, source: &'static str },
+}
+
+/// A walk to make.
+pub(crate) struct Job {
+    pub(crate) pid: u32,
+    /// When the watch it is for began: a pid reused by a new process is
+    /// another watch, and the walk's findings are not its.
+    pub(crate) since: Instant,
+    pub(crate) look: Look,
+    pub(crate) process: PythonProcess,
+    /// The targets looked for, with their ids.
+    pub(crate) targets: Vec<(u32, Target)>,
+}
+
+/// What a walk found.
+pub(crate) enum Finding {
+    /// Nothing to look at: the body is not a target's module, or no module
+    /// was imported since the last look.
+    Nothing,
+    /// What was found for each target looked for, and how many modules
+    /// `sys.modules` held (a look there only).
+    Found { found: Vec<(u32, Target, Found)>, modules: Option<i64> },
+}
+
+/// A walk done.
+pub(crate) struct Walked {
+    pub(crate) pid: u32,
+    pub(crate) since: Instant,
+    pub(crate) look: Look,
+    pub(crate) finding: Result<Finding, ProcessError>,
+    /// How long it took: charged to the process's share.
+    pub(crate) took: Duration,
+}
+
+/// Why a look was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Full;
+
+/// The queues of looks and the walks running.
+pub(crate) struct Walker {
+    waiting: BTreeMap<u32, VecDeque<Job>>,
+    /// The process whose looks were taken last: the next turn is the one after.
+    last: u32,
+    running: usize,
+    tx: mpsc::Sender<Walked>,
+    rx: mpsc::Receiver<Walked>,
+    /// Looks folded into one look in `sys.modules` (a queue was full).
+    pub(crate) folded: u64,
+}
+
+impl Default for Walker {
+    fn default() -> Self {
+        // Each running walk sends one result, taken before the next starts.
+        let (tx, rx) = mpsc::channel(MAX_RUNNING);
+        Walker { waiting: BTreeMap::new(), last: 0, running: 0, tx, rx, folded: 0 }
+    }
+}
+
+impl Walker {
+    /// Queues `job`; a process with a full queue gets one forced look in
+    /// `sys.modules` instead, which finds whatever its looks would have.
+    pub(crate) fn submit(&mut self, job: Job) -> Result<(), Full> {
+        if !self.waiting.contains_key(&job.pid) && self.waiting.len() >= MAX_WAITING_PROCESSES {
+            return Err(Full);
+        }
+        let queue = self.waiting.entry(job.pid).or_default();
+        // One look in `sys.modules` waiting finds what another would.
+        if let Look::Modules { force, .. } = job.look {
+            for queued in queue.iter_mut() {
+                if let Look::Modules { force: f, .. } = &mut queued.look {
+                    *f |= force;
+                    return Ok(());
+                }
+            }
+        }
+        if queue.len() >= MAX_WAITING_PER_PROCESS {
+            self.folded += queue.len() as u64;
+            queue.clear();
+            queue.push_back(Job { look: Look::Modules { force: true, seen: None, source: "module ran" }, ..job });
+            return Ok(());
+        }
+        queue.push_back(job);
+        Ok(())
+    }
+
+    /// Drops the looks waiting for `pid` (it is no longer watched).
+    pub(crate) fn forget(&mut self, pid: u32) {
+        self.waiting.remove(&pid);
+    }
+
+    /// Starts walks while there is room: the processes take turns, and one
+    /// whose share does not allow a walk now (`allows`) waits.
+    pub(crate) fn start(&mut self, mut allows: impl FnMut(u32) -> bool) {
+        while self.running < MAX_RUNNING {
+            let turn: Vec<u32> =
+                self.waiting.range(self.last + 1..).chain(self.waiting.range(..=self.last)).map(|(p, _)| *p).collect();
+            let Some(pid) = turn.into_iter().find(|&pid| allows(pid)) else { return };
+            self.last = pid;
+            let queue = self.waiting.get_mut(&pid).expect("a process in turn has looks waiting");
+            let job = queue.pop_front().expect("a queue in the map is not empty");
+            if queue.is_empty() {
+                self.waiting.remove(&pid);
+            }
+            self.running += 1;
+            let tx = self.tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let finding = walk(&job);
+                let Job { pid, since, look, .. } = job;
+                let _ = tx.try_send(Walked { pid, since, look, finding, took: started.elapsed() });
+            });
+        }
+    }
+
+    /// The next walk done.
+    pub(crate) async fn done(&mut self) -> Walked {
+        let walked = self.rx.recv().await.expect("the walker holds a sender");
+        self.running -= 1;
+        walked
+    }
+}
+
+/// Makes the walk `job` asks for.
+fn walk(job: &Job) -> Result<Finding, ProcessError> {
+    let p = &job.process;
+    match job.look {
+        Look::Body { code, globals, .. } => {
+            let Some(module) = body::module_name(p, globals)? else { return Ok(Finding::Nothing) };
+            let found: Vec<(u32, Target, Found)> = job
+                .targets
+                .iter()
+                .filter(|(_, t)| t.module() == module)
+                .map(|(id, t)| {
+                    // A read that fails, or a refusal read from a body that
+                    // may be gone (its memory reused), is left to the look
+                    // in `sys.modules`, which reads live objects.
+                    let found = match body::find_in_body(p, code, t) {
+                        Ok(Found::Code { starts }) => Found::Code { starts },
+                        Ok(Found::Nothing { reason, .. }) => Found::Nothing { reason, later: true },
+                        Err(e) => Found::Nothing { reason: e.to_string(), later: true },
+                    };
+                    (*id, t.clone(), found)
+                })
+                .collect();
+            Ok(if found.is_empty() { Finding::Nothing } else { Finding::Found { found, modules: None } })
+        }
+        Look::Modules { force, seen, .. } => {
+            let modules = body::modules_count(p).ok();
+            if !force && modules.is_some() && modules == seen {
+                return Ok(Finding::Nothing);
+            }
+            let ts: Vec<&Target> = job.targets.iter().map(|(_, t)| t).collect();
+            let found = body::find_all(p, &ts)?;
+            let found = job.targets.iter().zip(found).map(|((id, t), f)| (*id, t.clone(), f)).collect();
+            Ok(Finding::Found { found, modules })
+        }
+    }
+}
