@@ -264,9 +264,7 @@ fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
     let mut agent = NodeAgent::start(&[F], &[]);
     let health = agent.watch_health();
     let bystander = Bystander::start(&mut agent, &pyenv(12));
-    // Its interpreter is the one analysis so far (the metrics are published
-    // a moment after).
-    agent.wait_metric("detector_analysis_cache_misses_total", 1.0);
+    settled_analyses(&agent);
     for (what, plant) in [("fifo", plant_fifo as fn(&std::path::Path)), ("dev-zero", plant_dev_zero)] {
         let dir = std::env::temp_dir().join(format!("detector-debuglink-{what}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -299,6 +297,66 @@ fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
     }
     assert!(peak_rss_kib(agent.pid()) < 200 * 1024, "the agent's peak RSS is {} KiB", peak_rss_kib(agent.pid()));
     assert_unharmed(agent, health, bystander);
+}
+
+/// A lookalike interpreter: Debian's python3.11 with one byte of its
+/// read-only data changed and its build id kept. The analysis cache keys on
+/// content, so the lookalike is analysed anew rather than given the genuine
+/// file's analysis (or refusal); both count exactly, and a copy with the
+/// genuine content is not analysed again.
+#[test]
+fn a_lookalike_with_a_genuine_build_id_is_analysed_anew() {
+    let _turn = one_at_a_time();
+    let mut agent = NodeAgent::start(&[F], &[]);
+    let health = agent.watch_health();
+    let bystander = Bystander::start(&mut agent, &pyenv(12));
+    let before = settled_analyses(&agent);
+    let dir = std::env::temp_dir().join(format!("detector-lookalike-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("copy")).unwrap();
+    let genuine = std::fs::read("/usr/bin/python3.11").unwrap();
+    let banner: &[u8] = b"Type \"help\", \"copyright\"";
+    let at = genuine.windows(banner.len()).position(|w| w == banner).expect("the interactive banner");
+    let mut lookalike = genuine.clone();
+    lookalike[at + 6..at + 10].copy_from_slice(b"HELP");
+    let write = |path: &std::path::Path, bytes: &[u8]| {
+        std::fs::write(path, bytes).unwrap();
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    write(&dir.join("python3.11"), &lookalike);
+    write(&dir.join("copy/python3.11"), &genuine);
+    let interp = |path: std::path::PathBuf, name: &str| detector_tests::Interpreter {
+        name: name.into(),
+        minor: 11,
+        argv: vec![path.display().to_string()],
+        fixtures: detector_tests::fixtures_dir(),
+        rootfs: None,
+    };
+    let runs = [
+        ("/usr/bin/python3.11".into(), "genuine", 1.0),
+        (dir.join("python3.11"), "lookalike", 2.0),
+        (dir.join("copy/python3.11"), "copy", 2.0),
+    ];
+    for (path, name, analyses) in runs {
+        assert_eq!(agent.count_plain(&interp(path, name), &env(&opted_in(name)), |_| {}), 25, "{name}");
+        agent.wait_metric("detector_analysis_cache_misses_total", before + analyses);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_unharmed(agent, health, bystander);
+}
+
+/// The analyses made so far, once the metric has stopped moving for a
+/// second (it is published a moment after each).
+fn settled_analyses(agent: &NodeAgent) -> f64 {
+    let mut last = agent.metric("detector_analysis_cache_misses_total");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = agent.metric("detector_analysis_cache_misses_total");
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
 }
 
 fn plant_fifo(path: &std::path::Path) {

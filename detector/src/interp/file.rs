@@ -30,6 +30,13 @@ struct OpenHow {
 /// `path` inside `root` (a directory such as `/proc/PID/root`), read whole
 /// if it is a regular file of at most [`MAX_FILE`] bytes.
 pub(crate) fn read_in_root(root: &Path, path: &Path) -> io::Result<Vec<u8>> {
+    read_capped(open_in_root(root, path)?)
+}
+
+/// `path` opened read-only inside `root`, as a process whose root it is
+/// would open it: symlinks, `..` and absolute names resolve there, never
+/// in the agent's root, and never through a magic link.
+pub(crate) fn open_in_root(root: &Path, path: &Path) -> io::Result<File> {
     let root = open_dir(root)?;
     let name = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let how = OpenHow {
@@ -52,7 +59,7 @@ pub(crate) fn read_in_root(root: &Path, path: &Path) -> io::Result<Vec<u8>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a descriptor just returned by the kernel, owned from here.
-    read_capped(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
 }
 
 /// `file` read whole, if it is a regular file of at most [`MAX_FILE`] bytes.

@@ -7,7 +7,7 @@ pub mod debug_offsets;
 pub mod dispatch;
 pub mod dwarf;
 pub mod elf;
-mod file;
+pub(crate) mod file;
 pub mod offsets;
 pub mod registers;
 pub mod sites;

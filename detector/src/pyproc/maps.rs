@@ -1,8 +1,12 @@
 //! `/proc/PID/maps`, and finding the object that holds a process's interpreter.
 
-use std::{os::unix::fs::MetadataExt, path::PathBuf};
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 use super::ProcessError;
+use crate::interp::file;
 
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,7 +107,12 @@ impl MappedFile {
     /// file cannot be swapped between the check, the analysis and the attach.
     pub fn open(&self) -> std::io::Result<std::fs::File> {
         use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(&self.open_path)?;
+        let file = if self.open_path.starts_with(&self.root) {
+            // Symlinks the process's files hold resolve inside its root.
+            file::open_in_root(&self.root, Path::new(&self.path))?
+        } else {
+            std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(&self.open_path)?
+        };
         let md = file.metadata()?;
         if !md.is_file() || md.ino() != self.inode {
             return Err(std::io::Error::other(format!(
@@ -149,9 +158,9 @@ pub fn interpreter_candidates(pid: u32, maps: &[Mapping]) -> Vec<MappedFile> {
 pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile> {
     let mine: Vec<&Mapping> = maps.iter().filter(|m| m.path.as_deref() == Some(path)).collect();
     let first = mine.iter().find(|m| m.offset == 0).or(mine.first())?;
-    let via_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
-    let open_path = match std::fs::metadata(&via_root) {
-        Ok(md) if md.ino() == first.inode => via_root,
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let open_path = match file::open_in_root(&root, Path::new(path)).and_then(|f| f.metadata()) {
+        Ok(md) if md.ino() == first.inode => root.join(path.trim_start_matches('/')),
         // Replaced on disk, or another namespace we cannot see into.
         _ => PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end)),
     };
@@ -160,7 +169,7 @@ pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile>
         open_path,
         base: first.start.wrapping_sub(first.offset),
         inode: first.inode,
-        root: PathBuf::from(format!("/proc/{pid}/root")),
+        root,
     })
 }
 
@@ -172,7 +181,34 @@ pub fn load_bias(file: &MappedFile, first_vaddr: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
     use super::*;
+
+    #[test]
+    fn a_symlink_in_the_process_root_resolves_there_not_in_ours() {
+        let root = std::env::temp_dir().join(format!("detector-maps-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        // Its `/lib` links to `/usr/lib`: resolved in the agent's root, the
+        // name is the host's file, inode and all.
+        std::os::unix::fs::symlink("/usr/lib", root.join("lib")).unwrap();
+        let host = std::fs::metadata("/usr/lib/os-release").expect("the host has /usr/lib/os-release");
+        let named = |inode| MappedFile {
+            path: "/lib/os-release".into(),
+            open_path: root.join("lib/os-release"),
+            base: 0,
+            inode,
+            root: root.clone(),
+        };
+        assert!(named(host.ino()).open().is_err(), "a host file was opened through the process's symlink");
+        std::fs::write(root.join("usr/lib/os-release"), b"ID=inside\n").unwrap();
+        let inside = std::fs::metadata(root.join("usr/lib/os-release")).unwrap();
+        let mut read = String::new();
+        named(inside.ino()).open().unwrap().read_to_string(&mut read).unwrap();
+        assert_eq!(read, "ID=inside\n");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn parses_maps_lines() {
