@@ -119,6 +119,27 @@ impl Watching {
         }
     }
 
+    /// Watches nothing yet: every unreached target is pending until the
+    /// first walk (off the agent loop) finds it; the caller has attached
+    /// the deallocation probe.
+    fn pending(
+        probes: &mut Probes,
+        p: &PythonProcess,
+        targets: &TargetSet,
+        counting: &Counting,
+        dealloc: Vec<Link>,
+    ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
+        let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id));
+        match Armed::pending_all(probes, p, unreached, counting.fit()) {
+            Ok(armed) => {
+                let mut w = Watching { armed, dealloc, imports: Vec::new() };
+                w.follow_imports(probes, p);
+                Ok(w)
+            }
+            Err(e) => Err((e, dealloc)),
+        }
+    }
+
     /// Attaches the module-execution probe while a target is not reached
     /// (pending, or armed: an interpreter of its own, or a reload, may
     /// define it anew), and detaches it once every one is.
@@ -273,40 +294,30 @@ impl ProcessWatch {
     }
 
     /// A code object was deallocated while one of its units was watched
-    /// (a module reloaded, a function redefined): re-arms on what the
-    /// targets name now. Returns whether the code was watched here.
-    pub fn code_freed(&mut self, probes: &mut Probes, targets: &TargetSet, code: u64) -> bool {
-        let Mode::Watch(w) = &self.mode else { return false };
+    /// (a module reloaded, a function redefined): the walk that looks for
+    /// what the targets name now, or `None` if the code was not watched.
+    pub fn code_freed(&mut self, probes: &mut Probes, targets: &TargetSet, code: u64) -> Option<Job> {
+        let Mode::Watch(w) = &mut self.mode else { return None };
         // An exiting process frees every code object: nothing to follow.
         if !w.armed.watches_code(code) || self.process.gone() {
-            return false;
+            return None;
         }
-        self.retarget(probes, targets);
-        true
+        w.armed.code_freed(probes, self.process.pid, code);
+        w.follow_imports(probes, &self.process);
+        self.rescan_pending(targets, true, "code freed")
     }
 
-    /// Follows a change of targets: watchpoints are re-armed on the new body
-    /// starts, or, where that is no longer possible, the process is probed
-    /// per call from now on. Per-call probes need nothing (they read the
-    /// targets from the kernel's map) but, on 3.8-3.10, the identities of
-    /// functions that already exist.
-    pub fn retarget(&mut self, probes: &mut Probes, targets: &TargetSet) {
-        match std::mem::replace(&mut self.mode, Mode::Detached) {
-            Mode::Watch(mut w) => {
-                w.armed.disarm(probes);
-                // The module-execution probe is kept as it is (attached
-                // again only if needed).
-                let imports = std::mem::take(&mut w.imports);
-                match Watching::arm(probes, &self.process, targets, &self.counting, w.dealloc, imports) {
-                    Ok(new) => self.mode = Mode::Watch(new),
-                    Err((e, dealloc)) => {
-                        let per_call = attach::per_call(probes, &self.process, targets);
-                        self.enter_per_call(probes, per_call, dealloc, &e);
-                    }
-                }
-            }
-            other => self.mode = other,
-        }
+    /// Follows a change of targets. Watchpoints of targets that stay keep
+    /// counting, those of targets gone are disarmed, and new targets are
+    /// looked for by the walk returned. Per-call probes need nothing (they
+    /// read the targets from the kernel's map) but, on 3.8-3.10, the
+    /// identities of functions that already exist.
+    pub fn retarget(&mut self, probes: &mut Probes, targets: &TargetSet) -> Option<Job> {
+        let Mode::Watch(w) = &mut self.mode else { return None };
+        let counting = &self.counting;
+        let new = w.armed.follow_targets(probes, self.process.pid, targets, |id| counting.seen(id));
+        w.follow_imports(probes, &self.process);
+        if new { self.rescan_pending(targets, true, "targets changed") } else { None }
     }
 
     /// 3.8-3.10, probed per call: records the identities of `new` targets'
@@ -501,7 +512,7 @@ fn start(
     let (dealloc, fallback) = if strategy == Strategy::PerCall {
         (dealloc, None)
     } else {
-        match Watching::arm(probes, p, targets, counting, dealloc, Vec::new()) {
+        match Watching::pending(probes, p, targets, counting, dealloc) {
             Ok(w) => {
                 if let Err(e) = probes.set_mode(p.pid, MODE_WATCH) {
                     let links = w.close(probes);

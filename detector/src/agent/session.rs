@@ -13,6 +13,8 @@ mod drain;
 mod enforce;
 mod walking;
 
+use walking::Announce;
+
 use aya::maps::{MapData, RingBuf};
 use detector_common::FAMILY_FRAME_ARG;
 use tokio::{
@@ -109,6 +111,9 @@ pub struct Session {
     walks: LoopShare,
     /// Walks after the attach, made on the blocking pool.
     walker: Walker,
+    /// Processes whose walk has not been applied yet, and what is to be
+    /// announced once it has.
+    announcing: BTreeMap<u32, Announce>,
     /// Children of watched processes not attached yet: their parent, and
     /// when the fork was seen.
     forks: BTreeMap<u32, (u32, Instant)>,
@@ -141,6 +146,7 @@ impl Session {
             rescanned: Instant::now(),
             walks: LoopShare::new(ALL_WALKS),
             walker: Walker::default(),
+            announcing: BTreeMap::new(),
             forks: BTreeMap::new(),
         })
     }
@@ -267,8 +273,10 @@ impl Session {
                 warn!(pid = w.process.pid, error = %e, "cannot look up new targets among existing functions");
             }
         }
-        for w in self.watches.0.values_mut() {
-            w.retarget(&mut self.probes, &self.targets);
+        let jobs: Vec<_> =
+            self.watches.0.values_mut().filter_map(|w| w.retarget(&mut self.probes, &self.targets)).collect();
+        for job in jobs {
+            self.look(Some(job));
         }
         Ok(true)
     }
@@ -306,9 +314,19 @@ impl Session {
             watch.detach(&mut self.probes);
             return Err(e.into());
         }
-        self.printer.attached(&watch, &self.targets);
+        let ran_before: Vec<(u32, u32, u64)> =
+            ran_before.into_iter().map(|(target, code)| (pid, target, code)).collect();
+        // Under watchpoints the targets are found by a walk off the loop:
+        // the process is announced once it has armed what it found.
+        let first_look = watch.rescan_pending(&self.targets, true, "attach");
         self.watches.0.insert(pid, watch);
-        self.report_marked(ran_before.into_iter().map(|(target, code)| (pid, target, code)).collect());
+        match first_look {
+            Some(job) => {
+                self.announcing.insert(pid, Announce::Attached(ran_before));
+                self.look(Some(job));
+            }
+            None => self.announce(pid, ran_before),
+        }
         Ok(())
     }
 
@@ -429,10 +447,16 @@ impl Session {
         self.report(hits);
         for (pid, code) in drained.freed {
             let Some(w) = self.watches.0.get_mut(&pid) else { continue };
-            if w.code_freed(&mut self.probes, &self.targets, code) {
-                info!(pid, code, strategy = w.mode(), "a watched code object was deallocated: watching anew");
+            if let Some(job) = w.code_freed(&mut self.probes, &self.targets, code) {
+                info!(
+                    pid,
+                    code,
+                    strategy = w.mode(),
+                    "a watched code object was deallocated: looking for its target anew"
+                );
                 let why = format!("watched code object {code:#x} deallocated");
-                self.printer.strategy(pid, &w.mode(), &why);
+                self.announcing.entry(pid).or_insert(Announce::Rearmed(why));
+                self.look(Some(job));
             }
         }
     }
@@ -491,6 +515,7 @@ impl Session {
         self.probes.forget_process(pid, active);
         self.processor.forget(pid);
         self.walker.forget(pid);
+        self.announcing.remove(&pid);
     }
 
     fn summarize(&mut self, pid: u32) {

@@ -10,7 +10,22 @@ use crate::{
     events::record::ModuleExec,
 };
 
+/// What is announced about a process once a walk has armed what it found.
+pub(super) enum Announce {
+    /// It is attached; what it ran before (a forked child) is reported too.
+    Attached(Vec<(u32, u32, u64)>),
+    /// It is watching anew, and why.
+    Rearmed(String),
+}
+
 impl Session {
+    /// Reports `pid` attached, and what it ran before (a forked child).
+    pub(super) fn announce(&mut self, pid: u32, ran_before: Vec<(u32, u32, u64)>) {
+        let Some(w) = self.watches.0.get(&pid) else { return };
+        self.printer.attached(w, &self.targets);
+        self.report_marked(ran_before);
+    }
+
     /// Queues a look, and starts walks if there is room. A look that finds
     /// no room is left to the process's next look in `sys.modules`.
     pub(super) fn look(&mut self, job: Option<Job>) {
@@ -67,14 +82,25 @@ impl Session {
         self.walks.charge(walked.took);
         let pid = walked.pid;
         let Some(w) = self.watches.0.get_mut(&pid).filter(|w| w.since == walked.since) else { return };
-        let (source, latency) = match walked.look {
+        let (source, latency, whole) = match walked.look {
             Look::Body { ts_ns, .. } => {
-                ("module body", Some(Duration::from_nanos(monotonic_ns().saturating_sub(ts_ns))))
+                ("module body", Some(Duration::from_nanos(monotonic_ns().saturating_sub(ts_ns))), false)
             }
-            Look::Modules { source, .. } => (source, None),
+            Look::Modules { source, force, .. } => (source, None, force),
         };
         let found = w.walked(&mut self.probes, &self.targets, walked);
-        announce_armed(&self.targets, &self.printer, pid, &found, source, latency);
+        // Announced after a whole look in `sys.modules` (the one asked for
+        // then, or one that took its place), not after a module body's.
+        let announce = if whole { self.announcing.remove(&pid) } else { None };
+        match announce {
+            // What the first walk armed is in the attached report.
+            Some(Announce::Attached(ran_before)) => self.announce(pid, ran_before),
+            Some(Announce::Rearmed(why)) => {
+                self.printer.strategy(pid, &w.mode(), &why);
+                announce_armed(&self.targets, &self.printer, pid, &found, source, latency);
+            }
+            None => announce_armed(&self.targets, &self.printer, pid, &found, source, latency),
+        }
         self.start_walks();
     }
 }

@@ -17,6 +17,7 @@
 //!   shared bytecode, a loop back to the first instruction): the caller
 //!   probes the process per call instead.
 
+mod looks;
 mod plan;
 mod register;
 
@@ -31,17 +32,10 @@ use tracing::debug;
 pub use plan::plan;
 use register::Register;
 
-use super::walker::{Finding, Look};
 use crate::{
     bpf::{BpfError, Probes},
-    pyproc::{
-        PythonProcess,
-        body::{BodyStart, Found},
-        mem::ProcessMemory,
-        objects::Objects,
-        warmup,
-    },
-    targets::{Target, TargetSet},
+    pyproc::{PythonProcess, body::BodyStart, mem::ProcessMemory, objects::Objects, warmup},
+    targets::Target,
 };
 
 /// Debug registers per x86 thread.
@@ -158,21 +152,7 @@ impl Armed {
         targets: impl IntoIterator<Item = (&'a Target, u32)>,
         fit: Fit,
     ) -> Result<Armed, CannotWatch> {
-        let mut armed = Armed {
-            units: Vec::new(),
-            registers: Vec::new(),
-            reads: Vec::new(),
-            pending: BTreeMap::new(),
-            fit,
-            cursor: 0,
-            rotated: Instant::now(),
-            rotations: 0,
-            rechecks: Vec::new(),
-            modules_seen: None,
-            threads: 0,
-            suspects: Vec::new(),
-            marked: Instant::now(),
-        };
+        let mut armed = Armed::empty(fit);
         let result = plan(process, targets, fit).and_then(|plan| {
             armed.pending = plan.pending;
             // Now, not when a pending target is found: its module body is
@@ -186,6 +166,24 @@ impl Armed {
                 armed.disarm(probes);
                 Err(e)
             }
+        }
+    }
+
+    fn empty(fit: Fit) -> Armed {
+        Armed {
+            units: Vec::new(),
+            registers: Vec::new(),
+            reads: Vec::new(),
+            pending: BTreeMap::new(),
+            fit,
+            cursor: 0,
+            rotated: Instant::now(),
+            rotations: 0,
+            rechecks: Vec::new(),
+            modules_seen: None,
+            threads: 0,
+            suspects: Vec::new(),
+            marked: Instant::now(),
         }
     }
 
@@ -411,92 +409,6 @@ impl Armed {
     /// Whether module bodies are to be reported: a target is not reached.
     pub fn follows_imports(&self) -> bool {
         !self.pending.is_empty() || !self.units.is_empty()
-    }
-
-    /// The targets a walk looks for: those not reached, with their ids.
-    pub fn looking_for(&self, targets: &TargetSet) -> Vec<(u32, Target)> {
-        self.unreached().into_iter().filter_map(|id| Some((id, targets.get(id)?.clone()))).collect()
-    }
-
-    /// How many modules `sys.modules` held at the last look there.
-    pub fn modules_seen(&self) -> Option<i64> {
-        self.modules_seen
-    }
-
-    /// Arms what a walk found (a module body's code objects, or the
-    /// definitions in `sys.modules`). Returns the targets armed.
-    pub fn apply(
-        &mut self,
-        probes: &mut Probes,
-        p: &PythonProcess,
-        targets: &TargetSet,
-        look: &Look,
-        finding: Result<Finding, crate::pyproc::ProcessError>,
-    ) -> Result<Vec<u32>, CannotWatch> {
-        let in_body = matches!(look, Look::Body { .. });
-        let (found, modules) = match finding {
-            Ok(Finding::Nothing) => return Ok(Vec::new()),
-            Ok(Finding::Found { found, modules }) => (found, modules),
-            // A read that fails (the process exiting, a body gone) leaves
-            // them pending; a body is looked for in `sys.modules` next.
-            Err(e) => {
-                debug!(pid = p.pid, error = %e, "looking for pending targets");
-                if in_body {
-                    self.recheck();
-                }
-                return Ok(Vec::new());
-            }
-        };
-        if !in_body {
-            self.modules_seen = modules;
-        }
-        // Targets changed or reached meanwhile are not this walk's to arm.
-        let unreached = self.unreached();
-        let found: Vec<(u32, Target, Found)> =
-            found.into_iter().filter(|(id, t, _)| unreached.contains(id) && targets.get(*id) == Some(t)).collect();
-        let wanted = found.len();
-        let mut starts = Vec::new();
-        let mut armed = Vec::new();
-        for (id, t, found) in found {
-            match found {
-                Found::Code { starts: s } => {
-                    starts.extend(s.into_iter().map(|s| (id, s)));
-                    armed.push(id);
-                }
-                Found::Nothing { later: true, .. } => {}
-                Found::Nothing { reason, later: false } => {
-                    return Err(CannotWatch::Refused { target: t.to_string(), reason });
-                }
-            }
-        }
-        self.add_units(probes, p, starts, Made::AfterAttach)?;
-        // A target whose code objects were freed before they were watched
-        // stays pending.
-        armed.retain(|id| self.units.iter().any(|u| u.target == *id));
-        for id in &armed {
-            self.pending.remove(id);
-        }
-        if in_body && armed.len() < wanted {
-            // The body may have ended (and its code object gone) before the
-            // walk read it, or made a function some other way: its module
-            // is looked up in `sys.modules` at the next tick, and later again.
-            self.recheck();
-        }
-        Ok(armed)
-    }
-
-    /// Looks in `sys.modules` again [`RECHECKS`] from now: a module body
-    /// ran that could not be read whole.
-    pub fn recheck(&mut self) {
-        let now = Instant::now();
-        self.rechecks.extend(RECHECKS.iter().map(|d| now + *d));
-    }
-
-    /// Whether a module body that ran left targets to look for again now.
-    pub fn recheck_due(&mut self, now: Instant) -> bool {
-        let before = self.rechecks.len();
-        self.rechecks.retain(|at| *at >= now);
-        self.rechecks.len() != before && self.follows_imports()
     }
 
     /// Arms `targets` too (reachability's samples of reached targets); on
