@@ -291,8 +291,10 @@ pub struct Slot {
     /// Which watch of which process holds the slot: unique over the agent's
     /// life, never 0 (what a process without a slot reads).
     pub instance: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// Events of this process dropped on this CPU because the ring buffer
+    /// was full (a plain add: a drop is rare, and a lost one is a count
+    /// of a diagnostic).
+    pub drops: u32,
 }
 
 /// Per-CPU scratch space for keys that do not fit on the eBPF stack.

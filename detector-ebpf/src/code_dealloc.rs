@@ -28,6 +28,6 @@ pub fn run(ctx: &ProbeContext) {
     if let Some(&addr) = unsafe { WATCHED_CODES.get(&key) } {
         let _ = WATCHES.remove(&WatchKey { tgid, _pad: 0, addr });
         let _ = WATCHED_CODES.remove(&key);
-        emit::freed(tgid, code);
+        emit::freed(cookie.slot, tgid, code);
     }
 }

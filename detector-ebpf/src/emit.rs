@@ -8,11 +8,11 @@ use aya_ebpf::{
 };
 use detector_common::{
     CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EVENT_WATCH_FREED, EventHeader,
-    FreedEvent, HitEvent, Layout, PendingEntry, PendingKey, SLOT_CELLS, stats, unicode_state,
+    FreedEvent, HitEvent, Layout, NO_SLOT, PendingEntry, PendingKey, SLOT_CELLS, stats, unicode_state,
 };
 
 use crate::{
-    maps::{CELLS, CONFIG, COUNTS, EVENTS, PENDING, atomic_add, bump},
+    maps::{CELLS, CONFIG, COUNTS, EVENTS, PENDING, atomic_add, bump, dropped},
     mem::{field, read},
 };
 
@@ -56,12 +56,13 @@ fn submit_flags(size: u64) -> u64 {
     }
 }
 
-/// Space for one `T` in the ring buffer, or `None` with the drop counted.
+/// Space for one `T` in the ring buffer, or `None` with the drop counted
+/// (for the process in `slot` too).
 #[inline(always)]
-fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
+fn reserve<T: 'static>(slot: u16) -> Option<RingBufEntry<T>> {
     let entry = EVENTS.reserve::<T>(0);
     if entry.is_none() {
-        bump(stats::RINGBUF_DROPS);
+        dropped(slot);
     }
     entry
 }
@@ -87,7 +88,7 @@ pub fn hit(slot: u16, tgid: u32, tid: u32, target: u32, cell: u32, code: u64, sp
     if sparse && count & count.wrapping_sub(1) != 0 {
         return;
     }
-    let Some(mut entry) = reserve::<HitEvent>() else { return };
+    let Some(mut entry) = reserve::<HitEvent>(slot) else { return };
     bump(stats::HIT_RECORDS);
     entry.write(HitEvent {
         header: EventHeader { kind: EVENT_HIT, tgid },
@@ -102,7 +103,7 @@ pub fn hit(slot: u16, tgid: u32, tid: u32, target: u32, cell: u32, code: u64, sp
 /// Reports where a newly matched code object comes from.
 #[inline(always)]
 pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
-    let Some(mut entry) = reserve::<CodeEvent>() else { return };
+    let Some(mut entry) = reserve::<CodeEvent>(NO_SLOT) else { return };
     let ev = entry.as_mut_ptr();
     unsafe {
         (*ev).header = EventHeader { kind: EVENT_CODE, tgid };
@@ -128,10 +129,10 @@ pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
 /// 3.8-3.10: counts a start of a code object awaiting resolution and asks
 /// user space to resolve it.
 #[inline(always)]
-pub fn candidate(tgid: u32, tid: u32, generation: u32, code: u64, name: u64, globals: u64) {
+pub fn candidate(slot: u16, tgid: u32, tid: u32, generation: u32, code: u64, name: u64, globals: u64) {
     let entry = PendingEntry { hits: 1, name, globals };
     let _ = increment!(PENDING, PendingKey { tgid, generation, code }, entry, |p| unsafe { &raw mut (*p).hits });
-    let Some(mut entry) = reserve::<CandidateEvent>() else { return };
+    let Some(mut entry) = reserve::<CandidateEvent>(slot) else { return };
     entry.write(CandidateEvent {
         header: EventHeader { kind: EVENT_CANDIDATE, tgid },
         tid,
@@ -147,8 +148,8 @@ pub fn candidate(tgid: u32, tid: u32, generation: u32, code: u64, name: u64, glo
 
 /// A watched code object is being deallocated.
 #[inline(always)]
-pub fn freed(tgid: u32, code: u64) {
-    let Some(mut entry) = reserve::<FreedEvent>() else { return };
+pub fn freed(slot: u16, tgid: u32, code: u64) {
+    let Some(mut entry) = reserve::<FreedEvent>(slot) else { return };
     entry.write(FreedEvent { header: EventHeader { kind: EVENT_WATCH_FREED, tgid }, code });
     // Rare, and the target is unwatched until user space acts: wake it now.
     entry.submit(BPF_RB_FORCE_WAKEUP as u64);

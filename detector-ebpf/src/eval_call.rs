@@ -57,7 +57,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
     if target == TARGET_PENDING {
         let name = field(code, layout.code_name)?;
         let globals = field(frame, layout.frame_globals).unwrap_or(0);
-        emit::candidate(tgid, tid, known.generation, code, name, globals);
+        emit::candidate(cookie.slot, tgid, tid, known.generation, code, name, globals);
     } else {
         emit::hit(cookie.slot, tgid, tid, target, known.cell, code, pass.sparse);
     }

@@ -99,6 +99,16 @@ pub fn bump(stat: u32) {
     }
 }
 
+/// An event of the process in `slot` (or of none: [`detector_common::NO_SLOT`])
+/// was dropped: the ring buffer is full.
+#[inline(always)]
+pub fn dropped(slot: u16) {
+    bump(stats::RINGBUF_DROPS);
+    if let Some(p) = SLOTS.get_ptr_mut(slot as u32) {
+        unsafe { (*p).drops = (*p).drops.wrapping_add(1) };
+    }
+}
+
 /// What a process's slot says about one pass of its probes.
 #[derive(Clone, Copy)]
 pub struct Pass {

@@ -12,7 +12,7 @@
 //!   loop in user space, and listed per process in `DISPATCH_READS`).
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::PerfEventContext};
-use detector_common::{CELL_SHARED, MODE_WATCH, NO_SLOT, WatchKey};
+use detector_common::{CELL_SHARED, MODE_WATCH, WatchKey};
 
 use crate::{
     emit,
@@ -38,7 +38,7 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
     let entry = WATCHES.get_ptr_mut(&WatchKey { tgid, _pad: 0, addr })?;
     let pass = pass(unsafe { (*entry).slot }, MODE_WATCH);
     let op = read::<u8>(addr)?;
-    let (code, target, layout) = unsafe {
+    let (code, target, slot, layout) = unsafe {
         let e = &mut *entry;
         let seen = e.last_op;
         e.last_op = op;
@@ -50,12 +50,13 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
         }
         let first = e.reported == 0;
         e.reported = 1;
-        (e.code, e.target, if first { Some(e.layout) } else { None })
+        (e.code, e.target, e.slot, if first { Some(e.layout) } else { None })
     };
     if let Some(l) = layout.and_then(|l| LAYOUTS.get(l)) {
         emit::code(l, tgid, target, code);
     }
     // A trap costs microseconds: the shared count is cheap enough.
-    emit::hit(NO_SLOT, tgid, tid, target, CELL_SHARED, code, pass.sparse);
+    // The shared count: a cell is for a process's hottest per-call targets.
+    emit::hit(slot, tgid, tid, target, CELL_SHARED, code, pass.sparse);
     Some(())
 }

@@ -320,6 +320,11 @@ impl Bystander {
         Bystander { fixture, attached }
     }
 
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.fixture.pid()
+    }
+
     /// Runs its 25 calls of `wl.plain:f`; returns the hits `agent` saw.
     pub fn count(&mut self, agent: &mut NodeAgent) -> usize {
         self.fixture.go();

@@ -89,6 +89,48 @@ fn an_endless_importer_waits_for_its_own_walks() {
     assert_unharmed(agent, health, bystander);
 }
 
+/// A process that floods the ring buffer while the agent cannot read it
+/// (stopped): the kernel drops its events and counts them against it in
+/// `/processes`; its counts stay exact, and a bystander's events are its
+/// own, none dropped.
+#[test]
+fn a_flood_of_events_is_dropped_on_its_own_account() {
+    let _turn = one_at_a_time();
+    const R: &str = "wl.rounds:f";
+    const CALLS: u64 = 100_000;
+    let mut agent = NodeAgent::start(&[R, F], &[]);
+    let mut bystander = Bystander::start(&mut agent, &pyenv(12));
+    let mut flood = Fixture::start_with_env(&pyenv(12), "rounds", &env(&opted_in("flood")));
+    flood.go();
+    agent.wait_attached(flood.pid());
+    // A hit event each (counting exactly): 100,000 of them, and a 1 MiB ring.
+    detector_tests::signal(agent.pid(), libc::SIGSTOP);
+    flood.call("f", CALLS as u32);
+    detector_tests::signal(agent.pid(), libc::SIGCONT);
+    let health = agent.watch_health();
+    let pid = flood.pid();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let dropped = loop {
+        let dropped = agent.process(pid).expect("the flood is watched").events_dropped;
+        if dropped > 0 {
+            break dropped;
+        }
+        assert!(std::time::Instant::now() < deadline, "no drop counted against the flood");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(dropped < CALLS, "{dropped} of {CALLS} dropped");
+    flood.finish();
+    agent.wait_exited(pid);
+    let summary = agent.lines("summary", pid).into_iter().find(|s| s["target"] == R).expect("a summary");
+    assert_eq!(summary["hits"], CALLS, "counts stay exact: {summary}");
+    assert_eq!(bystander.count(&mut agent), 25);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(agent.process(bystander.pid()).expect("watched").events_dropped, 0);
+    answered_throughout(health);
+    assert_eq!(agent.events.stop_with(libc::SIGTERM).code, Some(0));
+    bystander.assert_untouched();
+}
+
 /// What every attack must leave: the bystander counted exactly, `/healthz`
 /// answered within a second throughout, and, once the agent stops, no
 /// breakpoint in the bystander.

@@ -509,7 +509,7 @@ impl Node {
     /// that sees a gauge move finds `/processes` already agreeing).
     fn publish(&self, session: &Session) {
         let m = &self.metrics;
-        let processes: Vec<_> = session.watches().map(|w| w.report(session.targets())).collect();
+        let processes = session.reports();
         m.set_processes(serde_json::to_string(&processes).unwrap_or_default());
         m.processes_watched.set(session.watches().count() as i64);
         m.probes.set(session.watches().map(|w| w.probes()).sum::<usize>() as i64);

@@ -54,6 +54,9 @@ pub struct ProcessReport {
     /// Times walks of its objects waited because it had used its share
     /// of the walkers' time, or were left to the safety net.
     pub walks_deferred: u64,
+    /// Its events (hits, mostly) the full ring buffer dropped: reported
+    /// late or not at all, while its counts stay exact.
+    pub events_dropped: u64,
 }
 
 /// A process's mode, as reported: each carries only what it has.
@@ -159,6 +162,7 @@ impl ProcessWatch {
             service: self.service.clone(),
             tenant: self.tenant.to_string(),
             walks_deferred: self.walks.deferrals,
+            events_dropped: 0,
         }
     }
 

@@ -27,6 +27,7 @@ use super::{
     AttachError, ProcessWatch, Strategy,
     discovery::Service,
     fork,
+    report::ProcessReport,
     walker::Walker,
     walks::{ALL_WALKS, LoopShare},
 };
@@ -218,6 +219,13 @@ impl Session {
     pub fn kernel_stats(&self) -> Vec<(&'static str, u64)> {
         let stats = self.probes.stats();
         detector_common::stats::NAMES.iter().copied().zip(stats.iter().copied()).collect()
+    }
+
+    /// Every watched process as reported, with the events of each that the
+    /// kernel dropped.
+    pub fn reports(&self) -> Vec<ProcessReport> {
+        let reports = self.watches.0.values().map(|w| w.report(&self.targets));
+        reports.map(|r| ProcessReport { events_dropped: self.probes.events_dropped(r.pid), ..r }).collect()
     }
 
     /// Looks folded into one because a process's walk queue was full.

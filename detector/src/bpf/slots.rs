@@ -44,7 +44,7 @@ impl super::Probes {
         };
         // 0 is what a probe without a slot reads: never an instance.
         t.instances = t.instances.checked_add(1).unwrap_or(1);
-        let state = Slot { passes: 0, mode: MODE_PER_CALL, events: EVENTS_EVERY, instance: t.instances, _pad: 0 };
+        let state = Slot { passes: 0, mode: MODE_PER_CALL, events: EVENTS_EVERY, instance: t.instances, drops: 0 };
         // The last process's cells are still there: nothing counts in them
         // before its probes are attached, after this.
         if let Err(e) = self.write_slot(slot, state).and_then(|()| self.cells.reset(slot)) {
@@ -112,6 +112,13 @@ impl super::Probes {
 
     fn write_slot(&mut self, slot: u16, state: Slot) -> Result<(), BpfError> {
         self.slots.set(slot as u32, per_cpu(Slot { passes: 0, ..state })?, 0).map_err(map_err(maps::SLOTS))
+    }
+
+    /// Events of process `pid` the full ring buffer dropped, summed over
+    /// CPUs (its counts stay exact: they are kept in maps).
+    pub(crate) fn events_dropped(&self, pid: u32) -> u64 {
+        let Some(&(slot, _)) = self.slot_table.by_pid.get(&pid) else { return 0 };
+        self.slots.get(&u32::from(slot), 0).map_or(0, |cpus| cpus.iter().map(|s| u64::from(s.drops)).sum())
     }
 
     /// Hits of `key` counted in its cell, summed over CPUs (0 if it has none).
