@@ -22,6 +22,8 @@ pub struct Dump {
     /// Everything printed on stderr so far (the logs), read as it comes so
     /// that verbose logs never fill the pipe and stall the detector.
     stderr: Arc<Mutex<String>>,
+    /// The thread reading it, done once the detector has exited.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
     /// Every JSON line printed so far.
     pub seen: Vec<Value>,
 }
@@ -140,13 +142,13 @@ pub fn spawn_wrapped(wrapper: &[String], args: &[String], env: &[(&str, &str)]) 
     let stderr = Arc::new(Mutex::new(String::new()));
     let sink = stderr.clone();
     let mut pipe = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
+    let stderr_reader = std::thread::spawn(move || {
         let mut buf = [0u8; 8192];
         while let Ok(n @ 1..) = pipe.read(&mut buf) {
             sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    Dump { child, lines, stderr, seen: Vec::new() }
+    Dump { child, lines, stderr, stderr_reader: Some(stderr_reader), seen: Vec::new() }
 }
 
 fn dump_args(targets: &[&str]) -> Vec<String> {
@@ -206,6 +208,7 @@ impl Dump {
                 Err(_) => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
+                    self.logs_complete();
                     let last: Vec<String> = self.seen.iter().rev().take(8).map(Value::to_string).collect();
                     panic!(
                         "detector printed no {what}; last lines (newest first): {last:#?}; stderr: {}",
@@ -213,6 +216,15 @@ impl Dump {
                     );
                 }
             }
+        }
+    }
+
+    /// Waits (up to 5 s: a command the detector started may hold the pipe
+    /// open) for the stderr reader to reach the end once the detector exited.
+    fn logs_complete(&mut self) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while self.stderr_reader.as_ref().is_some_and(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 
@@ -279,6 +291,7 @@ impl Dump {
             }
         }
         let code = self.child.wait().unwrap().code();
+        self.logs_complete();
         // The reader thread ends at EOF; take everything it got.
         while let Ok(v) = self.lines.recv_timeout(std::time::Duration::from_secs(5)) {
             self.seen.push(v);

@@ -496,7 +496,9 @@ impl Node {
         raise(&m.analysis_cache_hits, cache_hits);
         raise(&m.analysis_cache_misses, cache_misses);
         m.cap_reached_total("analysis_cache", self.cache.resets());
-        m.cap_reached_total("walk_queue", session.walks_folded());
+        let (folded, refused) = session.walks_capped();
+        m.cap_reached_total("walk_queue", folded);
+        m.cap_reached_total("walk_processes", refused);
         if let Some(rc) = rc {
             use std::sync::atomic::Ordering::Relaxed;
             raise(&m.rc_polls, rc.polls.load(Relaxed));

@@ -94,28 +94,25 @@ impl Counting {
 }
 
 impl Watching {
-    /// Arms the unreached targets' body starts; the caller has attached the
-    /// deallocation probe, and may hand over a module-execution probe
-    /// (`imports`, closed on failure).
+    /// Arms the unreached targets' body starts, walking the process on the
+    /// loop (a budget's switch, where the watchpoints must be armed before
+    /// the per-call probes go); the caller has attached the deallocation
+    /// probe.
     fn arm(
         probes: &mut Probes,
         p: &PythonProcess,
         targets: &TargetSet,
         counting: &Counting,
         dealloc: Vec<Link>,
-        imports: Vec<Link>,
     ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
         let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id));
         match Armed::arm(probes, p, unreached, counting.fit()) {
             Ok(armed) => {
-                let mut w = Watching { armed, dealloc, imports };
+                let mut w = Watching { armed, dealloc, imports: Vec::new() };
                 w.follow_imports(probes, p);
                 Ok(w)
             }
-            Err(e) => {
-                attach::detach_all(probes, imports);
-                Err((e, dealloc))
-            }
+            Err(e) => Err((e, dealloc)),
         }
     }
 
@@ -242,7 +239,7 @@ impl ProcessWatch {
             return Ok(());
         }
         let Mode::PerCall(pc) = std::mem::replace(&mut self.mode, Mode::Detached) else { unreachable!() };
-        let armed = match Watching::arm(probes, &self.process, targets, &self.counting, pc.dealloc, Vec::new()) {
+        let armed = match Watching::arm(probes, &self.process, targets, &self.counting, pc.dealloc) {
             Ok(w) => w,
             Err((e, dealloc)) => {
                 self.mode = Mode::PerCall(PerCall { dealloc, ..pc });
@@ -340,9 +337,12 @@ impl ProcessWatch {
     /// imported since the last look, or in any case if `force` or a walk
     /// was deferred). `source` says why.
     pub fn rescan_pending(&mut self, targets: &TargetSet, force: bool, source: &'static str) -> Option<Job> {
-        let force = self.walks.take_deferred() || force;
         let Mode::Watch(w) = &self.mode else { return None };
+        if !w.armed.follows_imports() {
+            return None;
+        }
         let seen = w.armed.modules_seen();
+        let force = self.walks.take_deferred() || force;
         self.job(targets, Look::Modules { force, seen, source })
     }
 
@@ -352,7 +352,7 @@ impl ProcessWatch {
             return None;
         }
         let targets = w.armed.looking_for(targets);
-        Some(Job { pid: self.process.pid, since: self.since, look, process: self.process.clone(), targets })
+        Some(Job { pid: self.process.pid, since: self.since, look, process: self.process.clone(), targets, seq: 0 })
     }
 
     /// Applies what a walk of this process found. Returns the targets armed.
@@ -378,6 +378,8 @@ impl ProcessWatch {
                 }
                 ids
             }
+            // An exiting process is not worth per-call probes.
+            Err(_) if self.process.gone() => Vec::new(),
             Err(e) => {
                 self.fall_back_to_per_call(probes, targets, &e);
                 Vec::new()

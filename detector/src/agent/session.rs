@@ -112,9 +112,9 @@ pub struct Session {
     walks: LoopShare,
     /// Walks after the attach, made on the blocking pool.
     walker: Walker,
-    /// Processes whose walk has not been applied yet, and what is to be
-    /// announced once it has.
-    announcing: BTreeMap<u32, Announce>,
+    /// Processes whose walk has not been applied yet: what is to be
+    /// announced once a look numbered at least this has been.
+    announcing: BTreeMap<u32, (Announce, u64)>,
     /// Children of watched processes not attached yet: their parent, and
     /// when the fork was seen.
     forks: BTreeMap<u32, (u32, Instant)>,
@@ -228,9 +228,10 @@ impl Session {
         reports.map(|r| ProcessReport { events_dropped: self.probes.events_dropped(r.pid), ..r }).collect()
     }
 
-    /// Looks folded into one because a process's walk queue was full.
-    pub fn walks_folded(&self) -> u64 {
-        self.walker.folded
+    /// Times a process's walk queue was full (its looks folded into one),
+    /// and looks refused because too many processes had looks waiting.
+    pub fn walks_capped(&self) -> (u64, u64) {
+        (self.walker.folded, self.walker.refused)
     }
 
     /// Exact hits of every target in `pid` so far.
@@ -330,8 +331,8 @@ impl Session {
         self.watches.0.insert(pid, watch);
         match first_look {
             Some(job) => {
-                self.announcing.insert(pid, Announce::Attached(ran_before));
-                self.look(Some(job));
+                let after = self.look(Some(job));
+                self.announcing.insert(pid, (Announce::Attached(ran_before), after));
             }
             None => self.announce(pid, ran_before),
         }
@@ -463,8 +464,10 @@ impl Session {
                     "a watched code object was deallocated: looking for its target anew"
                 );
                 let why = format!("watched code object {code:#x} deallocated");
-                self.announcing.entry(pid).or_insert(Announce::Rearmed(why));
-                self.look(Some(job));
+                let after = self.look(Some(job));
+                if !matches!(self.announcing.get(&pid), Some((Announce::Attached(_), _))) {
+                    self.announcing.insert(pid, (Announce::Rearmed(why), after));
+                }
             }
         }
     }
@@ -509,6 +512,12 @@ impl Session {
     /// are closed, so nothing they record outlives them).
     pub fn end_taking(&mut self, pid: u32, status: Option<&str>) -> Vec<Buried> {
         self.drain();
+        // Gone before its first look was applied: attached all the same.
+        if let Some((Announce::Attached(ran_before), _)) = self.announcing.remove(&pid) {
+            self.announce(pid, ran_before);
+        }
+        self.announcing.remove(&pid);
+        self.walker.forget(pid);
         self.printer.exited(pid, status);
         self.summarize(pid);
         match self.watches.0.remove(&pid) {

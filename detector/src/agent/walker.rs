@@ -11,7 +11,7 @@
 //! whose queue is full has its looks folded into one look in `sys.modules`.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -57,6 +57,8 @@ pub(crate) struct Job {
     pub(crate) process: PythonProcess,
     /// The targets looked for, with their ids.
     pub(crate) targets: Vec<(u32, Target)>,
+    /// Its number, given when queued.
+    pub(crate) seq: u64,
 }
 
 /// What a walk found.
@@ -74,6 +76,8 @@ pub(crate) struct Walked {
     pub(crate) pid: u32,
     pub(crate) since: Instant,
     pub(crate) look: Look,
+    /// The number of the job it made.
+    pub(crate) seq: u64,
     pub(crate) finding: Result<Finding, ProcessError>,
     /// How long it took: charged to the process's share.
     pub(crate) took: Duration,
@@ -86,48 +90,69 @@ pub(crate) struct Full;
 /// The queues of looks and the walks running.
 pub(crate) struct Walker {
     waiting: BTreeMap<u32, VecDeque<Job>>,
+    /// Processes with a walk running: one at a time each.
+    running: BTreeSet<u32>,
     /// The process whose looks were taken last: the next turn is the one after.
     last: u32,
-    running: usize,
+    /// The last look's number: looks are numbered as they are asked for.
+    seq: u64,
     tx: mpsc::Sender<Walked>,
     rx: mpsc::Receiver<Walked>,
-    /// Looks folded into one look in `sys.modules` (a queue was full).
+    /// Times a process's queue was full and its looks folded into one.
     pub(crate) folded: u64,
+    /// Looks refused because too many processes had looks waiting.
+    pub(crate) refused: u64,
 }
 
 impl Default for Walker {
     fn default() -> Self {
         // Each running walk sends one result, taken before the next starts.
         let (tx, rx) = mpsc::channel(MAX_RUNNING);
-        Walker { waiting: BTreeMap::new(), last: 0, running: 0, tx, rx, folded: 0 }
+        let (waiting, running) = (BTreeMap::new(), BTreeSet::new());
+        Walker { waiting, running, last: 0, seq: 0, tx, rx, folded: 0, refused: 0 }
     }
 }
 
 impl Walker {
-    /// Queues `job`; a process with a full queue gets one forced look in
-    /// `sys.modules` instead, which finds whatever its looks would have.
-    pub(crate) fn submit(&mut self, job: Job) -> Result<(), Full> {
+    /// Queues `job` and returns its number: a walk whose number is at least
+    /// that has looked for everything the job asked. A look in `sys.modules`
+    /// waiting takes the newer job's targets instead of queueing another,
+    /// and a process with a full queue gets one forced look in `sys.modules`
+    /// instead, which finds whatever its looks would have.
+    pub(crate) fn submit(&mut self, mut job: Job) -> Result<u64, Full> {
         if !self.waiting.contains_key(&job.pid) && self.waiting.len() >= MAX_WAITING_PROCESSES {
+            self.refused += 1;
             return Err(Full);
         }
+        self.seq += 1;
+        job.seq = self.seq;
         let queue = self.waiting.entry(job.pid).or_default();
-        // One look in `sys.modules` waiting finds what another would.
-        if let Look::Modules { force, .. } = job.look {
-            for queued in queue.iter_mut() {
-                if let Look::Modules { force: f, .. } = &mut queued.look {
-                    *f |= force;
-                    return Ok(());
-                }
+        // Looks for an earlier watch of the pid (another process, or an
+        // image since replaced) are not this one's.
+        queue.retain(|j| j.since == job.since);
+        if matches!(job.look, Look::Modules { .. })
+            && let Some(queued) = queue.iter_mut().find(|j| matches!(j.look, Look::Modules { .. }))
+        {
+            let was_forced = matches!(queued.look, Look::Modules { force: true, .. });
+            *queued = job;
+            if let Look::Modules { force, .. } = &mut queued.look {
+                *force |= was_forced;
             }
+            return Ok(self.seq);
         }
         if queue.len() >= MAX_WAITING_PER_PROCESS {
-            self.folded += queue.len() as u64;
+            self.folded += 1;
             queue.clear();
             queue.push_back(Job { look: Look::Modules { force: true, seen: None, source: "module ran" }, ..job });
-            return Ok(());
+            return Ok(self.seq);
         }
         queue.push_back(job);
-        Ok(())
+        Ok(self.seq)
+    }
+
+    /// The number the next job will get.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq + 1
     }
 
     /// Drops the looks waiting for `pid` (it is no longer watched).
@@ -135,26 +160,30 @@ impl Walker {
         self.waiting.remove(&pid);
     }
 
-    /// Starts walks while there is room: the processes take turns, and one
-    /// whose share does not allow a walk now (`allows`) waits.
+    /// Starts walks while there is room: the processes take turns, one walk
+    /// each at a time, and one whose share does not allow a walk now
+    /// (`allows`) waits.
     pub(crate) fn start(&mut self, mut allows: impl FnMut(u32) -> bool) {
-        while self.running < MAX_RUNNING {
-            let turn: Vec<u32> =
-                self.waiting.range(self.last + 1..).chain(self.waiting.range(..=self.last)).map(|(p, _)| *p).collect();
+        while self.running.len() < MAX_RUNNING {
+            let after = self.waiting.range(self.last + 1..).chain(self.waiting.range(..=self.last));
+            let turn: Vec<u32> = after.map(|(p, _)| *p).filter(|p| !self.running.contains(p)).collect();
             let Some(pid) = turn.into_iter().find(|&pid| allows(pid)) else { return };
             self.last = pid;
-            let queue = self.waiting.get_mut(&pid).expect("a process in turn has looks waiting");
-            let job = queue.pop_front().expect("a queue in the map is not empty");
+            let Some(queue) = self.waiting.get_mut(&pid) else { return };
+            let Some(job) = queue.pop_front() else { return };
             if queue.is_empty() {
                 self.waiting.remove(&pid);
             }
-            self.running += 1;
+            self.running.insert(pid);
             let tx = self.tx.clone();
             tokio::task::spawn_blocking(move || {
                 let started = Instant::now();
-                let finding = walk(&job);
-                let Job { pid, since, look, .. } = job;
-                let _ = tx.try_send(Walked { pid, since, look, finding, took: started.elapsed() });
+                // A walk that panics on what it read fails that walk alone;
+                // its result still comes, so its slot is free again.
+                let finding = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| walk(&job)))
+                    .unwrap_or_else(|_| Err(ProcessError::io(job.pid, std::io::Error::other("the walk panicked"))));
+                let Job { pid, since, look, seq, .. } = job;
+                let _ = tx.try_send(Walked { pid, since, look, seq, finding, took: started.elapsed() });
             });
         }
     }
@@ -162,7 +191,7 @@ impl Walker {
     /// The next walk done.
     pub(crate) async fn done(&mut self) -> Walked {
         let walked = self.rx.recv().await.expect("the walker holds a sender");
-        self.running -= 1;
+        self.running.remove(&walked.pid);
         walked
     }
 }

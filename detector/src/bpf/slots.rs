@@ -90,7 +90,13 @@ impl super::Probes {
     fn update_slot(&mut self, pid: u32, change: impl FnOnce(&mut Slot)) -> Result<(), BpfError> {
         let Some(&(slot, mut state)) = self.slot_table.by_pid.get(&pid) else { return Ok(()) };
         change(&mut state);
-        self.write_slot(slot, state)?;
+        // Each CPU keeps the drops it counted (one between this read and
+        // the write is lost: a diagnostic, not a count).
+        let now = self.slots.get(&u32::from(slot), 0).map_err(map_err(maps::SLOTS))?;
+        let values: Vec<Slot> = now.iter().map(|cpu| Slot { passes: 0, drops: cpu.drops, ..state }).collect();
+        let values =
+            PerCpuValues::try_from(values).map_err(|e| BpfError::Io { what: "building per-CPU values", source: e })?;
+        self.slots.set(u32::from(slot), values, 0).map_err(map_err(maps::SLOTS))?;
         self.slot_table.by_pid.insert(pid, (slot, state));
         Ok(())
     }

@@ -37,13 +37,19 @@ pub(crate) fn read_in_root(root: &Path, path: &Path) -> io::Result<Vec<u8>> {
 /// would open it: symlinks, `..` and absolute names resolve there, never
 /// in the agent's root, and never through a magic link.
 pub(crate) fn open_in_root(root: &Path, path: &Path) -> io::Result<File> {
+    openat2_in_root(root, path, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+}
+
+/// What `path` inside `root` is, resolved as [`open_in_root`] does, without
+/// opening it for reading (opening a device can act on it).
+pub(crate) fn stat_in_root(root: &Path, path: &Path) -> io::Result<std::fs::Metadata> {
+    openat2_in_root(root, path, libc::O_PATH | libc::O_CLOEXEC)?.metadata()
+}
+
+fn openat2_in_root(root: &Path, path: &Path, flags: i32) -> io::Result<File> {
     let root = open_dir(root)?;
     let name = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let how = OpenHow {
-        flags: (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) as u64,
-        mode: 0,
-        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
-    };
+    let how = OpenHow { flags: flags as u64, mode: 0, resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS };
     // SAFETY: a live directory descriptor, a NUL-terminated name and an
     // `open_how` of the size given, all outliving the call.
     let fd = unsafe {

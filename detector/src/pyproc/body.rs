@@ -68,15 +68,16 @@ pub struct BodyStart {
     pub seen: CodeSeen,
 }
 
-/// A code object's type, name and file as read: read again once its unit
-/// is watched (from then on its deallocation is reported), so that one
-/// freed since the walk, its memory on a free list or reused, is never
-/// watched.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A code object's type, name, file and first line as read: read again
+/// once its unit is watched (from then on its deallocation is reported), so
+/// that one freed since the walk, its memory on a free list or reused, is
+/// never watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CodeSeen {
     ty: u64,
     name: u64,
     filename: u64,
+    firstlineno: u32,
 }
 
 impl CodeSeen {
@@ -85,18 +86,23 @@ impl CodeSeen {
             ty: objs.type_of(code)?,
             name: objs.mem.ptr(code, objs.o.code_name)?,
             filename: objs.mem.ptr(code, objs.o.code_filename)?,
+            firstlineno: objs.mem.u32(
+                code.checked_add(u64::from(objs.o.code_firstlineno))
+                    .ok_or(ProcessError::BadAddress { pid: objs.mem.pid(), addr: code })?,
+            )?,
         })
     }
 }
 
 impl BodyStart {
     /// Whether its code object is still the one read. A free list writes a
-    /// link over a freed object's reference count, which in a live one fits
-    /// 32 bits (immortal ones included); an object reused has another type,
-    /// name or file.
+    /// link over a freed object's reference count (the word before its
+    /// type), which in a live one fits 32 bits (immortal ones included); an
+    /// object reused has another type, name, file or first line.
     pub fn still_there(&self, objs: &Objects<'_>) -> bool {
-        matches!(objs.mem.u64(self.code), Ok(1..=0xFFFF_FFFF))
-            && CodeSeen::of(objs, self.code).is_ok_and(|seen| seen == self.seen)
+        let at = u64::from(objs.o.object_type).checked_sub(8).and_then(|off| self.code.checked_add(off));
+        let refs = at.map(|at| objs.mem.u64(at));
+        matches!(refs, Some(Ok(1..=0xFFFF_FFFF))) && CodeSeen::of(objs, self.code).is_ok_and(|seen| seen == self.seen)
     }
 }
 

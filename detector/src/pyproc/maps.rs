@@ -159,7 +159,7 @@ pub fn mapped_file(pid: u32, maps: &[Mapping], path: &str) -> Option<MappedFile>
     let mine: Vec<&Mapping> = maps.iter().filter(|m| m.path.as_deref() == Some(path)).collect();
     let first = mine.iter().find(|m| m.offset == 0).or(mine.first())?;
     let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let open_path = match file::open_in_root(&root, Path::new(path)).and_then(|f| f.metadata()) {
+    let open_path = match file::stat_in_root(&root, Path::new(path)) {
         Ok(md) if md.ino() == first.inode => root.join(path.trim_start_matches('/')),
         // Replaced on disk, or another namespace we cannot see into.
         _ => PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end)),

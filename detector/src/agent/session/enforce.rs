@@ -42,11 +42,14 @@ impl Session {
         let now = Instant::now();
         let mut over = Vec::new();
         let mut changes = Vec::new();
+        let mut looks = Vec::new();
         for (&pid, w) in self.watches.0.iter_mut() {
             if let Some((until, _)) = w.suspension() {
                 if now >= until {
                     let from = w.mode();
                     let why = w.resume(&mut self.probes, &self.targets, self.strategy).err().map(|e| format!("{e:#}"));
+                    // Under watchpoints its targets are found by a walk.
+                    looks.extend(w.rescan_pending(&self.targets, true, "resumed"));
                     let load = Load { passes_per_sec: 0.0, hits_per_sec: 0.0, share: 0.0 };
                     changes.push(BudgetChange { pid, action: Action::Resume, load, from, to: w.mode(), why });
                 }
@@ -60,6 +63,9 @@ impl Session {
             if share > budget.share {
                 over.push((pid, rate, share));
             }
+        }
+        for job in looks {
+            self.look(Some(job));
         }
         for (pid, passes_per_sec, share) in over {
             let totals = self.totals(pid);

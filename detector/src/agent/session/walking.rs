@@ -28,15 +28,22 @@ impl Session {
 
     /// Queues a look, and starts walks if there is room. A look that finds
     /// no room is left to the process's next look in `sys.modules`.
-    pub(super) fn look(&mut self, job: Option<Job>) {
-        let Some(job) = job else { return };
+    /// Returns the number a walk must have reached to have looked for
+    /// everything `job` asks.
+    pub(super) fn look(&mut self, job: Option<Job>) -> u64 {
+        let Some(job) = job else { return self.walker.next_seq() };
         let pid = job.pid;
-        if self.walker.submit(job) == Err(Full)
-            && let Some(w) = self.watches.0.get_mut(&pid)
-        {
-            w.walks.defer();
-        }
+        let seq = match self.walker.submit(job) {
+            Ok(seq) => seq,
+            Err(Full) => {
+                if let Some(w) = self.watches.0.get_mut(&pid) {
+                    w.walks.defer();
+                }
+                self.walker.next_seq()
+            }
+        };
         self.start_walks();
+        seq
     }
 
     /// Starts the walks whose turn it is and whose process's share (and
@@ -45,7 +52,7 @@ impl Session {
         let now = Instant::now();
         let (watches, all) = (&mut self.watches, &mut self.walks);
         self.walker.start(|pid| {
-            let Some(w) = watches.0.get_mut(&pid) else { return true };
+            let Some(w) = watches.0.get_mut(&pid) else { return false };
             if !w.walks.allows(now) {
                 w.walks.hold();
                 return false;
@@ -81,17 +88,23 @@ impl Session {
     pub(super) fn walked(&mut self, walked: Walked) {
         self.walks.charge(walked.took);
         let pid = walked.pid;
-        let Some(w) = self.watches.0.get_mut(&pid).filter(|w| w.since == walked.since) else { return };
+        let Some(w) = self.watches.0.get_mut(&pid).filter(|w| w.since == walked.since) else {
+            self.start_walks();
+            return;
+        };
         let (source, latency, whole) = match walked.look {
             Look::Body { ts_ns, .. } => {
                 ("module body", Some(Duration::from_nanos(monotonic_ns().saturating_sub(ts_ns))), false)
             }
             Look::Modules { source, force, .. } => (source, None, force),
         };
+        let seq = walked.seq;
         let found = w.walked(&mut self.probes, &self.targets, walked);
-        // Announced after a whole look in `sys.modules` (the one asked for
-        // then, or one that took its place), not after a module body's.
-        let announce = if whole { self.announcing.remove(&pid) } else { None };
+        // Announced after a whole look in `sys.modules` asked for since
+        // (the one asked for then, or one that took its place), not after a
+        // module body's.
+        let due = whole && self.announcing.get(&pid).is_some_and(|(_, after)| seq >= *after);
+        let announce = if due { self.announcing.remove(&pid).map(|(a, _)| a) } else { None };
         match announce {
             // What the first walk armed is in the attached report.
             Some(Announce::Attached(ran_before)) => self.announce(pid, ran_before),

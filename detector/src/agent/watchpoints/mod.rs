@@ -215,8 +215,13 @@ impl Armed {
         let mut new = Vec::new();
         for (target, s) in starts {
             let key = WatchKey { tgid: p.pid, _pad: 0, addr: s.unit_addr };
-            // What is there now: a trap that finds it is a read, a start.
-            let last_op = mem.u8(s.unit_addr)?;
+            // What is there now: a trap that finds it is a read, a start. A
+            // unit that cannot be read (its code object freed and its memory
+            // returned) is looked for again, like one freed and reused.
+            let Ok(last_op) = mem.u8(s.unit_addr) else {
+                self.recheck();
+                continue;
+            };
             let entry = WatchEntry { code: s.code, target, layout, last_op, reported: 0, slot, _pad: [0; 4] };
             probes.set_watch(key, entry)?;
             // Its deallocation is reported from now on; one before is seen here.
