@@ -465,9 +465,10 @@ impl Session {
                 );
                 let why = format!("watched code object {code:#x} deallocated");
                 let after = self.look(Some(job));
-                if !matches!(self.announcing.get(&pid), Some((Announce::Attached(_), _))) {
-                    self.announcing.insert(pid, (Announce::Rearmed(why), after));
-                }
+                // One line for a burst (an exiting interpreter frees them
+                // all), once the last look is armed.
+                let (_, due) = self.announcing.entry(pid).or_insert((Announce::Rearmed(why), after));
+                *due = after;
             }
         }
     }

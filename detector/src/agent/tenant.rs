@@ -1,5 +1,7 @@
 //! Tenants: the unit the node's capacity is shared by. A process belongs to
-//! its Kubernetes pod where its cgroup path names one, else to its cgroup.
+//! its Kubernetes pod where its cgroup path names one, else to its login
+//! user's service manager where it runs below one, else to its cgroup: a
+//! workload cannot multiply its tenant by making cgroups.
 //! Each tenant may hold only so many watched processes and so many pending
 //! decisions, so a fork or exec storm in one pod can neither fill the node's
 //! process cap nor queue ahead of another pod's processes.
@@ -34,7 +36,7 @@ impl Tenant {
     /// The tenant named by the text of a `/proc/PID/cgroup` file.
     pub(crate) fn from_cgroup_file(text: &str) -> Self {
         let path = cgroup_path(text).unwrap_or("?");
-        Tenant(pod_of(path).to_owned())
+        Tenant(tenant_path(path).to_owned())
     }
 }
 
@@ -61,6 +63,28 @@ fn cgroup_path(text: &str) -> Option<&str> {
         [("", path)] => Some(path),
         _ => named("memory").or_else(|| named("pids")).or(lines.first().map(|(_, p)| *p)),
     }
+}
+
+/// The part of `path` a workload cannot multiply: its pod, else a login
+/// user's service manager, else the whole path.
+fn tenant_path(path: &str) -> &str {
+    if names_pod(path) {
+        return pod_of(path);
+    }
+    user_manager(path).unwrap_or(path)
+}
+
+/// A login user's service manager (`/user.slice/user-UID.slice/user@UID.service`):
+/// everything below it is delegated to that user, who can make scopes,
+/// slices and services there at will (`systemd-run --user --scope`), so
+/// it is one tenant.
+fn user_manager(path: &str) -> Option<&str> {
+    const USERS: &str = "/user.slice/";
+    let mut parts = path.strip_prefix(USERS)?.splitn(3, '/');
+    let (slice, manager) = (parts.next()?, parts.next()?);
+    let is_slice = slice.starts_with("user-") && slice.ends_with(".slice");
+    let is_manager = manager.starts_with("user@") && manager.ends_with(".service");
+    (is_slice && is_manager).then(|| &path[..USERS.len() + slice.len() + 1 + manager.len()])
 }
 
 fn names_pod(path: &str) -> bool {
@@ -166,6 +190,19 @@ mod tests {
         let nested = "0::/kubepods/pod12ab/9f/pod-made-by-the-workload/x\n";
         assert_eq!(Tenant::from_cgroup_file(nested).0, "/kubepods/pod12ab", "the workload cannot split its pod");
         assert_eq!(Tenant::from_cgroup_file("0::/system.slice/ssh.service\n").0, "/system.slice/ssh.service");
+    }
+
+    #[test]
+    fn a_login_user_cannot_split_its_service_manager() {
+        let manager = "/user.slice/user-1000.slice/user@1000.service";
+        for leaf in ["app.slice/run-r1.scope", "app.slice/a/b/c.scope", "session.slice/dbus.service"] {
+            let file = format!("0::{manager}/{leaf}\n");
+            assert_eq!(Tenant::from_cgroup_file(&file).0, manager, "{leaf}");
+        }
+        assert_eq!(Tenant::from_cgroup_file(&format!("0::{manager}\n")).0, manager);
+        // A login session's scope is root's to make: its own tenant.
+        let session = "0::/user.slice/user-1000.slice/session-4.scope\n";
+        assert_eq!(Tenant::from_cgroup_file(session).0, "/user.slice/user-1000.slice/session-4.scope");
     }
 
     #[test]

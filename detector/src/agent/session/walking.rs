@@ -108,10 +108,13 @@ impl Session {
         match announce {
             // What the first walk armed is in the attached report.
             Some(Announce::Attached(ran_before)) => self.announce(pid, ran_before),
-            Some(Announce::Rearmed(why)) => {
+            // Watching anew what it found; a target defined nowhere now (an
+            // exiting interpreter frees its modules' code) is pending, quietly.
+            Some(Announce::Rearmed(why)) if !found.is_empty() => {
                 self.printer.strategy(pid, &w.mode(), &why);
                 announce_armed(&self.targets, &self.printer, pid, &found, source, latency);
             }
+            Some(Announce::Rearmed(why)) => tracing::debug!(pid, why, "a freed code object's target is pending"),
             None => announce_armed(&self.targets, &self.printer, pid, &found, source, latency),
         }
         self.start_walks();
