@@ -106,14 +106,8 @@ impl Watching {
         dealloc: Vec<Link>,
     ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
         let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id));
-        match Armed::arm(probes, p, unreached, counting.fit()) {
-            Ok(armed) => {
-                let mut w = Watching { armed, dealloc, imports: Vec::new() };
-                w.follow_imports(probes, p);
-                Ok(w)
-            }
-            Err(e) => Err((e, dealloc)),
-        }
+        let armed = Armed::arm(probes, p, unreached, counting.fit());
+        Self::holding(probes, p, dealloc, armed)
     }
 
     /// Watches nothing yet: every unreached target is pending until the
@@ -127,7 +121,19 @@ impl Watching {
         dealloc: Vec<Link>,
     ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
         let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id));
-        match Armed::pending_all(probes, p, unreached, counting.fit()) {
+        let armed = Armed::pending_all(probes, p, unreached, counting.fit());
+        Self::holding(probes, p, dealloc, armed)
+    }
+
+    /// The watch mode holding `armed` and the deallocation probe, following
+    /// imports while a target is not reached.
+    fn holding(
+        probes: &mut Probes,
+        p: &PythonProcess,
+        dealloc: Vec<Link>,
+        armed: Result<Armed, CannotWatch>,
+    ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
+        match armed {
             Ok(armed) => {
                 let mut w = Watching { armed, dealloc, imports: Vec::new() };
                 w.follow_imports(probes, p);
