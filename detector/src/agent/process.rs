@@ -93,46 +93,32 @@ impl Counting {
     }
 }
 
+/// When the targets' body starts are armed.
+#[derive(Clone, Copy)]
+enum Arming {
+    /// Now, walking the process on the loop: a budget's switch, where the
+    /// watchpoints must be armed before the per-call probes go.
+    Now,
+    /// Once a walk off the loop has found them: each is pending until then.
+    Later,
+}
+
 impl Watching {
-    /// Arms the unreached targets' body starts, walking the process on the
-    /// loop (a budget's switch, where the watchpoints must be armed before
-    /// the per-call probes go); the caller has attached the deallocation
-    /// probe.
+    /// Arms the unreached targets' body starts `when` asked; the caller has
+    /// attached the deallocation probe.
     fn arm(
         probes: &mut Probes,
         p: &PythonProcess,
         targets: &TargetSet,
         counting: &Counting,
         dealloc: Vec<Link>,
+        when: Arming,
     ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
         let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id));
-        let armed = Armed::arm(probes, p, unreached, counting.fit());
-        Self::holding(probes, p, dealloc, armed)
-    }
-
-    /// Watches nothing yet: every unreached target is pending until the
-    /// first walk (off the agent loop) finds it; the caller has attached
-    /// the deallocation probe.
-    fn pending(
-        probes: &mut Probes,
-        p: &PythonProcess,
-        targets: &TargetSet,
-        counting: &Counting,
-        dealloc: Vec<Link>,
-    ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
-        let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id));
-        let armed = Armed::pending_all(probes, p, unreached, counting.fit());
-        Self::holding(probes, p, dealloc, armed)
-    }
-
-    /// The watch mode holding `armed` and the deallocation probe, following
-    /// imports while a target is not reached.
-    fn holding(
-        probes: &mut Probes,
-        p: &PythonProcess,
-        dealloc: Vec<Link>,
-        armed: Result<Armed, CannotWatch>,
-    ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
+        let armed = match when {
+            Arming::Now => Armed::arm(probes, p, unreached, counting.fit()),
+            Arming::Later => Armed::pending_all(probes, p, unreached, counting.fit()),
+        };
         match armed {
             Ok(armed) => {
                 let mut w = Watching { armed, dealloc, imports: Vec::new() };
@@ -245,7 +231,7 @@ impl ProcessWatch {
             return Ok(());
         }
         let Mode::PerCall(pc) = std::mem::replace(&mut self.mode, Mode::Detached) else { unreachable!() };
-        let armed = match Watching::arm(probes, &self.process, targets, &self.counting, pc.dealloc) {
+        let armed = match Watching::arm(probes, &self.process, targets, &self.counting, pc.dealloc, Arming::Now) {
             Ok(w) => w,
             Err((e, dealloc)) => {
                 self.mode = Mode::PerCall(PerCall { dealloc, ..pc });
@@ -520,7 +506,7 @@ fn start(
     let (dealloc, fallback) = if strategy == Strategy::PerCall {
         (dealloc, None)
     } else {
-        match Watching::pending(probes, p, targets, counting, dealloc) {
+        match Watching::arm(probes, p, targets, counting, dealloc, Arming::Later) {
             Ok(w) => {
                 if let Err(e) = probes.set_mode(p.pid, MODE_WATCH) {
                     let links = w.close(probes);

@@ -563,25 +563,6 @@ impl Session {
     }
 }
 
-/// Logs and prints targets armed after the attach (`source` found them,
-/// `latency` after their module body started), if any.
-fn announce_armed(
-    targets: &TargetSet,
-    printer: &Printer,
-    pid: u32,
-    found: &[u32],
-    source: &str,
-    latency: Option<Duration>,
-) {
-    if found.is_empty() {
-        return;
-    }
-    let names: Vec<String> = found.iter().filter_map(|id| targets.get(*id)).map(|t| t.to_string()).collect();
-    let latency_us = latency.map(|l| l.as_micros() as u64);
-    info!(pid, targets = %names.join(", "), source, latency_us, "targets found after the attach: armed");
-    printer.armed(pid, &names, latency, source);
-}
-
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -4,10 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Session, announce_armed, monotonic_ns};
+use super::{Session, monotonic_ns};
+use tracing::info;
+
 use crate::{
     agent::walker::{Full, Job, Look, Walked},
-    events::record::ModuleExec,
+    events::{output::Printer, record::ModuleExec},
+    targets::TargetSet,
 };
 
 /// What is announced about a process once a walk has armed what it found.
@@ -119,4 +122,23 @@ impl Session {
         }
         self.start_walks();
     }
+}
+
+/// Logs and prints targets armed after the attach (`source` found them,
+/// `latency` after their module body started), if any.
+pub(super) fn announce_armed(
+    targets: &TargetSet,
+    printer: &Printer,
+    pid: u32,
+    found: &[u32],
+    source: &str,
+    latency: Option<Duration>,
+) {
+    if found.is_empty() {
+        return;
+    }
+    let names: Vec<String> = found.iter().filter_map(|id| targets.get(*id)).map(|t| t.to_string()).collect();
+    let latency_us = latency.map(|l| l.as_micros() as u64);
+    info!(pid, targets = %names.join(", "), source, latency_us, "targets found after the attach: armed");
+    printer.armed(pid, &names, latency, source);
 }
