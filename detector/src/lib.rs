@@ -29,3 +29,17 @@ pub(crate) mod rc;
 pub(crate) mod sources;
 pub(crate) mod tap;
 pub(crate) mod targets;
+
+/// An error and its causes on one line: the useful part (`reqwest`'s
+/// "connection refused", the kernel's errno under a probe error) is often
+/// in the sources.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

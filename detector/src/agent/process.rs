@@ -270,8 +270,9 @@ impl ProcessWatch {
         let pid = self.process.pid;
         match per_call {
             Ok(links) => {
+                let why = crate::chain(why);
                 info!(pid, reason = %why, "watchpoints no longer apply; probing every call");
-                self.mode = Mode::PerCall(PerCall { links, dealloc, fallback: Some(why.to_string()) });
+                self.mode = Mode::PerCall(PerCall { links, dealloc, fallback: Some(why) });
             }
             Err(e) => {
                 attach::detach_all(probes, dealloc);

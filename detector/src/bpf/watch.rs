@@ -159,6 +159,14 @@ impl Probes {
         Ok(Watchpoint { fd, addr })
     }
 
+    /// Whether `e`, from [`Probes::attach_watch`], says the thread is gone
+    /// or exiting (the kernel refuses a task that is on its way out even
+    /// while `/proc` still lists it).
+    pub fn thread_gone(e: &BpfError) -> bool {
+        matches!(e, BpfError::Program { source, .. }
+            if matches!(&**source, aya::programs::ProgramError::IOError(io) if io.raw_os_error() == Some(libc::ESRCH)))
+    }
+
     /// Tells the kernel what the unit at `key` starts (and to stop counting
     /// it when its code object is deallocated).
     pub fn set_watch(&mut self, key: WatchKey, entry: WatchEntry) -> Result<(), BpfError> {

@@ -213,19 +213,6 @@ pub async fn run(settings: Settings, tx: mpsc::Sender<Delivery>, stats: Arc<Stat
     }
 }
 
-/// An error and its causes on one line (`reqwest` keeps the useful part,
-/// such as "connection refused", in the sources).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 fn note_error(stats: &Stats, e: String) {
     stats.errors.fetch_add(1, Ordering::Relaxed);
     let mut last = stats.last_error.lock().unwrap();
@@ -246,18 +233,22 @@ fn backoff(interval: Duration, failures: u32) -> Duration {
 }
 
 async fn discover(http: &reqwest::Client, url: &str) -> Result<bool, String> {
-    let resp = http.get(format!("{url}/info")).send().await.map_err(|e| format!("{url}/info: {}", chain(&e)))?;
+    let resp = http.get(format!("{url}/info")).send().await.map_err(|e| format!("{url}/info: {}", crate::chain(&e)))?;
     if !resp.status().is_success() {
         return Err(format!("{url}/info: HTTP {}", resp.status()));
     }
-    let info: serde_json::Value = resp.json().await.map_err(|e| format!("{url}/info: {}", chain(&e)))?;
+    let info: serde_json::Value = resp.json().await.map_err(|e| format!("{url}/info: {}", crate::chain(&e)))?;
     Ok(info["endpoints"].as_array().is_some_and(|e| e.iter().any(|x| x == "/v0.7/config")))
 }
 
 async fn poll(http: &reqwest::Client, url: &str, client: &RcClient) -> Result<Response, PollError> {
     let fail = |e: String| PollError::Failed(format!("{url}/v0.7/config: {e}"));
-    let mut resp =
-        http.post(format!("{url}/v0.7/config")).json(&client.request()).send().await.map_err(|e| fail(chain(&e)))?;
+    let mut resp = http
+        .post(format!("{url}/v0.7/config"))
+        .json(&client.request())
+        .send()
+        .await
+        .map_err(|e| fail(crate::chain(&e)))?;
     match resp.status().as_u16() {
         404 => return Err(PollError::NotFound),
         204 => return Ok(Response::default()),
@@ -269,7 +260,7 @@ async fn poll(http: &reqwest::Client, url: &str, client: &RcClient) -> Result<Re
         return Err(too_large());
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(chain(&e)))? {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(crate::chain(&e)))? {
         if body.len() + chunk.len() > MAX_BODY {
             return Err(too_large());
         }

@@ -33,7 +33,8 @@ impl Register {
             for tid in threads {
                 match probes.attach_watch(tid, addr) {
                     Ok(w) => reg.threads.push(w),
-                    // The thread exited meanwhile.
+                    // The thread exited meanwhile, or is exiting.
+                    Err(e) if Probes::thread_gone(&e) => {}
                     Err(_) if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => {}
                     Err(e) => return Err(e.into()),
                 }
