@@ -32,6 +32,13 @@ pub const COUNTS: &str = "COUNTS";
 /// `HashMap<PendingKey, PendingEntry>`: hits of 3.8-3.10 code objects
 /// awaiting resolution.
 pub const PENDING: &str = "PENDING";
+/// `Array<u64>`: per slot, the [`PENDING`] entries its process's probes
+/// made (added to atomically by the kernel only).
+pub const PENDING_MADE: &str = "PENDING_MADE";
+/// `Array<u64>`: per slot, the [`PENDING`] entries of its process that user
+/// space resolved, folded into its own counts and deleted (written by user
+/// space only).
+pub const PENDING_FOLDED: &str = "PENDING_FOLDED";
 /// `LruHashMap<CodeKey, CodeIdentity>`: what a 3.8-3.10 code object is,
 /// recorded when a function is made from it (or pre-filled by user space).
 pub const IDENTITIES: &str = "IDENTITIES";
@@ -73,6 +80,10 @@ pub mod capacity {
     pub const COUNTS: u32 = 65_536;
     /// (process, code object, generation) pending counters.
     pub const PENDING: u32 = 16_384;
+    /// Pending counters one process may hold at once: a process that makes
+    /// code objects named like targets without end fills its share, never
+    /// another's.
+    pub const PENDING_PER_PROCESS: u64 = 1024;
     /// (process, code object) identities (3.8-3.10).
     pub const IDENTITIES: u32 = 131_072;
     /// Processes watched at once.
@@ -295,6 +306,9 @@ pub struct Slot {
     /// was full (a plain add: a drop is rare, and a lost one is a count
     /// of a diagnostic).
     pub drops: u32,
+    /// 3.8-3.10 starts of this process not counted on this CPU because it
+    /// held its share of the pending map (a plain add, as `drops`).
+    pub refused: u32,
 }
 
 /// Per-CPU scratch space for keys that do not fit on the eBPF stack.

@@ -24,8 +24,11 @@ pub const MODULE_EXECS: u32 = 8;
 /// its CPU used the scratch key meanwhile: that pass is not counted, and
 /// the next pass of the code object classifies it again.
 pub const SCRATCH_RACES: u32 = 9;
+/// 3.8-3.10 starts not counted because their process held its share of
+/// the pending map ([`crate::capacity::PENDING_PER_PROCESS`]).
+pub const PENDING_REFUSED: u32 = 10;
 /// Number of counters.
-pub const COUNT: u32 = 10;
+pub const COUNT: u32 = 11;
 
 /// Counter names, by index, for metrics and summaries.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -39,4 +42,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "hit_records",
     "module_execs",
     "scratch_races",
+    "pending_refused",
 ];

@@ -12,7 +12,9 @@ use detector_common::{
 };
 
 use crate::{
-    maps::{CELLS, CONFIG, COUNTS, EVENTS, PENDING, atomic_add, bump, dropped},
+    maps::{
+        CELLS, CONFIG, COUNTS, EVENTS, PENDING, atomic_add, bump, dropped, pending_made, pending_refused, pending_room,
+    },
     mem::{field, read},
 };
 
@@ -130,8 +132,18 @@ pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
 /// user space to resolve it.
 #[inline(always)]
 pub fn candidate(slot: u16, tgid: u32, tid: u32, generation: u32, code: u64, name: u64, globals: u64) {
+    let key = PendingKey { tgid, generation, code };
+    if unsafe { PENDING.get(&key) }.is_none() && !pending_room(slot) {
+        pending_refused(slot);
+        return;
+    }
     let entry = PendingEntry { hits: 1, name, globals };
-    let _ = increment!(PENDING, PendingKey { tgid, generation, code }, entry, |p| unsafe { &raw mut (*p).hits });
+    match increment!(PENDING, key, entry, |p| unsafe { &raw mut (*p).hits }) {
+        // Not counted (the map is full): nor reported.
+        0 => return,
+        1 => pending_made(slot),
+        _ => {}
+    }
     let Some(mut entry) = reserve::<CandidateEvent>(slot) else { return };
     entry.write(CandidateEvent {
         header: EventHeader { kind: EVENT_CANDIDATE, tgid },

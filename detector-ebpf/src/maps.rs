@@ -47,6 +47,12 @@ pub static COUNTS: HashMap<CountKey, u64> = HashMap::with_max_entries(capacity::
 pub static PENDING: HashMap<PendingKey, PendingEntry> = HashMap::with_max_entries(capacity::PENDING, 0);
 
 #[map]
+pub static PENDING_MADE: Array<u64> = Array::with_max_entries(capacity::SLOTS, 0);
+
+#[map]
+pub static PENDING_FOLDED: Array<u64> = Array::with_max_entries(capacity::SLOTS, 0);
+
+#[map]
 pub static IDENTITIES: LruHashMap<CodeKey, CodeIdentity> = LruHashMap::with_max_entries(capacity::IDENTITIES, 0);
 
 #[map]
@@ -106,6 +112,35 @@ pub fn dropped(slot: u16) {
     bump(stats::RINGBUF_DROPS);
     if let Some(p) = SLOTS.get_ptr_mut(slot as u32) {
         unsafe { (*p).drops = (*p).drops.wrapping_add(1) };
+    }
+}
+
+/// Whether the process in `slot` may make another [`PENDING`] entry: it
+/// holds fewer than its share (entries user space folded are no longer
+/// held). Two CPUs may both see the last room: a share is exceeded by at
+/// most a CPU's count.
+#[inline(always)]
+pub fn pending_room(slot: u16) -> bool {
+    let made = PENDING_MADE.get(slot as u32).copied().unwrap_or(0);
+    let folded = PENDING_FOLDED.get(slot as u32).copied().unwrap_or(0);
+    made.saturating_sub(folded) < capacity::PENDING_PER_PROCESS
+}
+
+/// The process in `slot` made a [`PENDING`] entry.
+#[inline(always)]
+pub fn pending_made(slot: u16) {
+    if let Some(p) = PENDING_MADE.get_ptr_mut(slot as u32) {
+        atomic_add(p);
+    }
+}
+
+/// A start of the process in `slot` was not counted: it holds its share of
+/// [`PENDING`].
+#[inline(always)]
+pub fn pending_refused(slot: u16) {
+    bump(stats::PENDING_REFUSED);
+    if let Some(p) = SLOTS.get_ptr_mut(slot as u32) {
+        unsafe { (*p).refused = (*p).refused.wrapping_add(1) };
     }
 }
 

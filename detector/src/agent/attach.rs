@@ -9,7 +9,7 @@ use super::AttachError;
 use crate::{
     bpf::{Link, ProbeKind, Probes},
     interp::sites::SiteRole,
-    pyproc::{PythonProcess, mem::ProcessMemory, objects::Objects, qualname, threads},
+    pyproc::{ProcessError, PythonProcess, mem::ProcessMemory, objects::Objects, qualname, threads},
     targets::{Target, TargetSet},
 };
 
@@ -144,20 +144,41 @@ pub(crate) fn prefill_identities<'a>(
     p: &PythonProcess,
     targets: impl IntoIterator<Item = &'a Target>,
 ) -> Result<usize, AttachError> {
+    let found = identities(p, targets)?;
+    for i in &found {
+        probes.set_identity(p.pid, i.code, i.qualname, i.globals)?;
+    }
+    Ok(found.len())
+}
+
+/// A function of a target's that exists, as the kernel identifies it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Identity {
+    pub(crate) code: u64,
+    /// The function's `__qualname__`.
+    pub(crate) qualname: u64,
+    /// The function's `__globals__`.
+    pub(crate) globals: u64,
+}
+
+/// 3.8-3.10: the functions of `targets` that exist in `p` now.
+pub(crate) fn identities<'a>(
+    p: &PythonProcess,
+    targets: impl IntoIterator<Item = &'a Target>,
+) -> Result<Vec<Identity>, ProcessError> {
     let Some(runtime) = p.runtime() else {
-        return Ok(0);
+        return Ok(Vec::new());
     };
     let mem = ProcessMemory::open(p.pid)?;
     let objs = Objects::of(p, &mem);
-    let mut found = 0;
+    let mut found = Vec::new();
     for target in targets {
         for globals in qualname::module_globals(&objs, runtime, target.module())? {
             for def in qualname::definitions(&objs, globals, target)? {
                 let Some(func) = def.function else { continue };
-                let name = mem.ptr(func, objs.o.func_qualname)?;
-                let func_globals = mem.ptr(func, objs.o.func_globals)?;
-                probes.set_identity(p.pid, def.code, name, func_globals)?;
-                found += 1;
+                let qualname = mem.ptr(func, objs.o.func_qualname)?;
+                let globals = mem.ptr(func, objs.o.func_globals)?;
+                found.push(Identity { code: def.code, qualname, globals });
             }
         }
     }

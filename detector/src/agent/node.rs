@@ -18,7 +18,7 @@ use super::{
     budget::{Action, Budget},
     discovery::{self, Environ, Service},
     session::Session,
-    tenant::{self, Tenant, Tenants},
+    tenant::{self, DetachBacklog, Tenant, Tenants, Watching},
     walks::{ALL_ATTACHES, LoopShare, TENANT_ATTACHES},
 };
 use crate::{
@@ -57,6 +57,10 @@ const MAX_QUEUED_PER_TENANT: usize = 64;
 /// attached (each holds a descriptor; the kernel closes about ten a second):
 /// attaching waits for the backlog instead of growing it.
 const MAX_DETACHING: usize = 4096;
+
+/// Of those, most that one tenant's ended processes may leave: a tenant
+/// whose processes come and go without end waits for its own backlog.
+const MAX_DETACHING_PER_TENANT: u64 = 1024;
 
 /// What the operator decides about processes.
 #[derive(Clone, Debug)]
@@ -145,6 +149,8 @@ pub struct Node {
     attach_shares: HashMap<Tenant, LoopShare>,
     /// Every tenant's attaches' share of the loop, together.
     all_attaches: LoopShare,
+    /// Each tenant's ended processes' probes still being closed.
+    backlog: DetachBacklog,
     /// (tenant, reason) of cap refusals warned about since the last rescan.
     warned: std::collections::HashSet<(Tenant, &'static str)>,
     /// Hits of processes that have ended, per target, for the metrics.
@@ -159,6 +165,7 @@ impl Node {
             tenants: Tenants::new(opts.max_per_tenant, MAX_QUEUED_PER_TENANT),
             attach_shares: HashMap::new(),
             all_attaches: LoopShare::new(ALL_ATTACHES),
+            backlog: DetachBacklog::default(),
             warned: Default::default(),
             opts,
             metrics,
@@ -186,14 +193,19 @@ impl Node {
         let now = std::time::Instant::now();
         self.attach_shares.retain(|_, share| !share.is_full(now));
         self.warned.clear();
+        let mut watching = Watching::default();
         for pid in pids {
-            self.consider(session, pid, false);
+            self.consider_in(session, pid, false, &mut watching);
         }
     }
 
     /// Decides about `pid` unless that is already done for this process;
     /// `fresh` forgets an earlier decision (the process executed a new image).
     pub fn consider(&mut self, session: &Session, pid: u32, fresh: bool) {
+        self.consider_in(session, pid, fresh, &mut Watching::default());
+    }
+
+    fn consider_in(&mut self, session: &Session, pid: u32, fresh: bool, watching: &mut Watching) {
         if pid == std::process::id() {
             return;
         }
@@ -211,7 +223,7 @@ impl Node {
                 return;
             }
             Some((s, State::Refused { retry }))
-                if s == start && !fresh && (!retry || self.still_full(session, pid)) =>
+                if s == start && !fresh && (!retry || self.still_full(session, pid, watching)) =>
             {
                 return;
             }
@@ -230,10 +242,9 @@ impl Node {
 
     /// Whether the cap or quota that refused `pid` still holds, so deciding
     /// again would be refused the same way.
-    fn still_full(&self, session: &Session, pid: u32) -> bool {
-        let tenant = Tenant::of(pid);
+    fn still_full(&self, session: &Session, pid: u32, watching: &mut Watching) -> bool {
         session.watches().count() >= self.opts.max_processes
-            || self.tenants.may_watch(session.watches().filter(|w| w.tenant == tenant).count()).is_err()
+            || self.tenants.may_watch(watching.of(session.watches().map(|w| &w.tenant), &Tenant::of(pid))).is_err()
     }
 
     /// Decides about `pid` once `old` (its previous image's probes) are closed.
@@ -292,6 +303,20 @@ impl Node {
             return;
         }
         let refusal = match result {
+            // Its tenant used its share of the loop: the same decision is
+            // attached a little later, not made again.
+            Ok(decided) if attempt < RETRY_DELAYS.len() && !self.attach_share_allows(&tenant) => {
+                self.metrics.refused("tenant_loop_share");
+                debug!(pid, %tenant, attempt, "attach deferred: its pod or cgroup used its share of the agent loop");
+                let mine = self.tenants.enqueue(&tenant);
+                self.jobs.spawn(async move {
+                    tokio::time::sleep(RETRY_DELAYS[attempt]).await;
+                    drop(mine);
+                    let result = Ok(decided);
+                    Evaluated { pid, start, tenant, attempt: attempt + 1, new_image: false, result }
+                });
+                return;
+            }
             Ok((process, service)) => match self.attach(session, process, service, &tenant) {
                 Ok(()) => {
                     self.known.remove(&pid);
@@ -312,13 +337,6 @@ impl Node {
         match refusal {
             Refusal::Gone => {
                 self.known.remove(&pid);
-                return;
-            }
-            // Its tenant used its share of the loop: attached a little later.
-            Refusal::Full { reason: "tenant_loop_share", message } if attempt < RETRY_DELAYS.len() => {
-                self.metrics.refused("tenant_loop_share");
-                debug!(pid, binary, %tenant, attempt, "attach deferred: {message}");
-                self.spawn(pid, start, attempt + 1, Vec::new());
                 return;
             }
             // A read that failed may be a race with the process itself (a
@@ -379,11 +397,15 @@ impl Node {
             });
         }
         let detaching = session.detaching();
-        if detaching >= MAX_DETACHING {
+        let theirs = self.backlog.of(tenant, session.detach_sequence().1);
+        if detaching >= MAX_DETACHING || theirs >= MAX_DETACHING_PER_TENANT {
             self.metrics.cap_reached("detaching");
             return Err(Refusal::Full {
                 reason: "detach_backlog",
-                message: format!("{detaching} detached probes are still being closed by the kernel"),
+                message: format!(
+                    "{detaching} detached probes ({theirs} of its pod or cgroup's processes) \
+                     are still being closed by the kernel"
+                ),
             });
         }
         let theirs = session.watches().filter(|w| &w.tenant == tenant).count();
@@ -392,15 +414,15 @@ impl Node {
             return Err(Refusal::Full { reason: "cap_tenant", message });
         }
         let (pid, binary) = (process.pid, process.object.path.clone());
-        let share = self.attach_shares.entry(tenant.clone()).or_insert_with(|| LoopShare::new(TENANT_ATTACHES));
-        let started = std::time::Instant::now();
-        if !(share.allows(started) && self.all_attaches.allows(started)) {
+        if !self.attach_share_allows(tenant) {
             return Err(Refusal::Full {
                 reason: "tenant_loop_share",
                 message: "its pod or cgroup (or every tenant together) used its share of the agent loop for attaching"
                     .into(),
             });
         }
+        let share = self.attach_shares.entry(tenant.clone()).or_insert_with(|| LoopShare::new(TENANT_ATTACHES));
+        let started = std::time::Instant::now();
         let attached = session.watch_as(process, service.clone());
         share.charge(started.elapsed());
         self.all_attaches.charge(started.elapsed());
@@ -410,6 +432,14 @@ impl Node {
         })?;
         info!(pid, binary, %tenant, service = service.service.as_deref().unwrap_or(""), "watching");
         Ok(())
+    }
+
+    /// Whether `tenant`'s share of the loop for attaching (and every
+    /// tenant's together) allows an attach now.
+    fn attach_share_allows(&mut self, tenant: &Tenant) -> bool {
+        let now = std::time::Instant::now();
+        let share = self.attach_shares.entry(tenant.clone()).or_insert_with(|| LoopShare::new(TENANT_ATTACHES));
+        share.allows(now) && self.all_attaches.allows(now)
     }
 
     /// A process executed a new image: whatever was decided about it no
@@ -434,7 +464,12 @@ impl Node {
     /// detaches.
     pub fn end(&mut self, session: &mut Session, pid: u32, status: Option<&str>) {
         self.keep_counts(session, pid);
+        let tenant = session.watch_of(pid).map(|w| w.tenant.clone());
+        let (from, _) = session.detach_sequence();
         session.end(pid, status);
+        if let Some(tenant) = tenant {
+            self.backlog.add(tenant, (from, session.detach_sequence().0));
+        }
         self.known.remove(&pid);
         info!(pid, status, "detached");
         self.publish(session);
@@ -496,9 +531,9 @@ impl Node {
         raise(&m.analysis_cache_hits, cache_hits);
         raise(&m.analysis_cache_misses, cache_misses);
         m.cap_reached_total("analysis_cache", self.cache.resets());
-        let (folded, refused) = session.walks_capped();
-        m.cap_reached_total("walk_queue", folded);
-        m.cap_reached_total("walk_processes", refused);
+        for (cap, total) in session.walks_capped() {
+            m.cap_reached_total(cap, total);
+        }
         if let Some(rc) = rc {
             use std::sync::atomic::Ordering::Relaxed;
             raise(&m.rc_polls, rc.polls.load(Relaxed));

@@ -6,7 +6,7 @@
 
 use std::{collections::HashSet, time::Instant};
 
-use detector_common::MODE_WATCH;
+use detector_common::{FAMILY_FRAME_ARG, MODE_WATCH};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     bpf::{Link, Probes, reaper::Buried},
+    events::candidates::Ask,
     pyproc::PythonProcess,
     targets::{Target, TargetSet},
 };
@@ -310,13 +311,24 @@ impl ProcessWatch {
         if new { self.rescan_pending(targets, true, "targets changed") } else { None }
     }
 
-    /// 3.8-3.10, probed per call: records the identities of `new` targets'
-    /// functions that already exist.
-    pub fn prefill_identities(&self, probes: &mut Probes, new: &[Target]) -> Result<usize, AttachError> {
-        match &self.mode {
-            Mode::PerCall(_) => attach::prefill_identities(probes, &self.process, new),
-            _ => Ok(0),
+    /// 3.8-3.10, probed per call: the walk for the functions of `new`
+    /// targets that exist already.
+    pub fn identities(&self, targets: &TargetSet, new: &[Target]) -> Option<Job> {
+        let per_call = matches!(self.mode, Mode::PerCall(_));
+        if !per_call || self.process.analysis.layout.family != FAMILY_FRAME_ARG || new.is_empty() {
+            return None;
         }
+        let new = new.iter().filter_map(|t| Some((targets.id(t)?, t.clone()))).collect();
+        Some(self.walk(Look::Identities, new))
+    }
+
+    /// The walk resolving `asks` (3.8-3.10 candidates) against the targets.
+    pub fn resolution(&self, targets: &TargetSet, asks: Vec<Ask>) -> Job {
+        self.walk(Look::Candidates(asks), targets.iter().map(|(t, id)| (id, t.clone())).collect())
+    }
+
+    fn walk(&self, look: Look, targets: Vec<(u32, Target)>) -> Job {
+        Job { pid: self.process.pid, since: self.since, look, process: self.process.clone(), targets, seq: 0 }
     }
 
     /// The walk a module body about to run asks for, if targets are
@@ -344,8 +356,7 @@ impl ProcessWatch {
         if !w.armed.follows_imports() {
             return None;
         }
-        let targets = w.armed.looking_for(targets);
-        Some(Job { pid: self.process.pid, since: self.since, look, process: self.process.clone(), targets, seq: 0 })
+        Some(self.walk(look, w.armed.looking_for(targets)))
     }
 
     /// Applies what a walk of this process found. Returns the targets armed.

@@ -57,6 +57,9 @@ pub struct ProcessReport {
     /// Its events (hits, mostly) the full ring buffer dropped: reported
     /// late or not at all, while its counts stay exact.
     pub events_dropped: u64,
+    /// 3.8-3.10 starts of code objects awaiting resolution that were not
+    /// counted: it held its share of the kernel's map of them.
+    pub starts_refused: u64,
 }
 
 /// A process's mode, as reported: each carries only what it has.
@@ -163,6 +166,7 @@ impl ProcessWatch {
             tenant: self.tenant.to_string(),
             walks_deferred: self.walks.deferrals,
             events_dropped: 0,
+            starts_refused: 0,
         }
     }
 

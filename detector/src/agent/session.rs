@@ -11,12 +11,12 @@ use std::{
 
 mod drain;
 mod enforce;
+mod resolving;
 mod walking;
 
 use walking::Announce;
 
 use aya::maps::{MapData, RingBuf};
-use detector_common::FAMILY_FRAME_ARG;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     bpf::{BpfError, Capacities, Probes, reaper::Buried},
-    events::{EventProcessor, Hit, ProcessLookup, output::Printer},
+    events::{EventProcessor, Hit, ProcessLookup, monotonic_ns, output::Printer},
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
     targets::{Target, TargetSet},
@@ -215,6 +215,11 @@ impl Session {
         self.probes.detaching()
     }
 
+    /// Probes detached so far, and closed so far, in the order detached.
+    pub fn detach_sequence(&self) -> (u64, u64) {
+        self.probes.detach_sequence()
+    }
+
     /// The kernel's counters, by name.
     pub fn kernel_stats(&self) -> Vec<(&'static str, u64)> {
         let stats = self.probes.stats();
@@ -225,24 +230,38 @@ impl Session {
     /// kernel dropped.
     pub fn reports(&self) -> Vec<ProcessReport> {
         let reports = self.watches.0.values().map(|w| w.report(&self.targets));
-        reports.map(|r| ProcessReport { events_dropped: self.probes.events_dropped(r.pid), ..r }).collect()
+        reports
+            .map(|r| {
+                let (events_dropped, starts_refused) = self.probes.dropped(r.pid);
+                ProcessReport { events_dropped, starts_refused, ..r }
+            })
+            .collect()
     }
 
-    /// Times a process's walk queue was full (its looks folded into one),
-    /// and looks refused because too many processes had looks waiting.
-    pub fn walks_capped(&self) -> (u64, u64) {
-        (self.walker.folded, self.walker.refused)
+    /// Caps of the walks reached so far, by name: a process's walk queue
+    /// full (its looks folded into one), looks refused because too many
+    /// processes had looks waiting, 3.8-3.10 starts whose lines were not
+    /// held for their resolution, and code objects not asked about then.
+    pub fn walks_capped(&self) -> [(&'static str, u64); 4] {
+        let c = &self.processor.candidates;
+        [
+            ("walk_queue", self.walker.folded),
+            ("walk_processes", self.walker.refused),
+            ("candidate_starts", c.unheld),
+            ("candidates_waiting", c.deferred),
+        ]
     }
 
     /// Exact hits of every target in `pid` so far.
     pub fn totals(&mut self, pid: u32) -> Vec<(Target, u64)> {
-        let totals = self.processor.totals(pid, &mut self.probes, &self.targets, &self.watches);
+        let totals = self.processor.totals(pid, &self.probes, &self.targets);
         self.targets.iter().map(|(t, id)| (t.clone(), totals.get(&id).copied().unwrap_or(0))).collect()
     }
 
     /// Exact hits of every target summed over the watched processes.
     pub fn all_totals(&mut self) -> Vec<(Target, u64)> {
-        let totals = self.processor.totals_all(&mut self.probes, &self.targets, &self.watches);
+        let totals = self.processor.totals_all(&mut self.probes, &self.targets);
+        self.ask();
         self.targets.iter().map(|(t, id)| (t.clone(), totals.get(&id).copied().unwrap_or(0))).collect()
     }
 
@@ -276,12 +295,9 @@ impl Session {
         }
         self.targets = next;
         self.probes.retire_targets(&retired);
+        self.processor.retire(&retired);
         info!(added = new.len(), removed = gone.len(), active = self.targets.len(), "targets changed");
-        for w in self.watches.0.values().filter(|w| w.process.analysis.layout.family == FAMILY_FRAME_ARG) {
-            if let Err(e) = w.prefill_identities(&mut self.probes, &new) {
-                warn!(pid = w.process.pid, error = %e, "cannot look up new targets among existing functions");
-            }
-        }
+        self.identify(&new);
         let jobs: Vec<_> =
             self.watches.0.values_mut().filter_map(|w| w.retarget(&mut self.probes, &self.targets)).collect();
         for job in jobs {
@@ -349,7 +365,7 @@ impl Session {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     if let Ok(mut guard) = guard {
-                        let drained = drain::drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
+                        let drained = drain::drain(guard.get_inner_mut(), &mut self.processor, &self.targets, &self.watches);
                         guard.clear_ready();
                         drop(guard);
                         self.handle(drained);
@@ -428,8 +444,7 @@ impl Session {
 
     /// Handles everything waiting in the ring buffer.
     pub fn drain(&mut self) {
-        let drained =
-            drain::drain(self.ring.get_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
+        let drained = drain::drain(self.ring.get_mut(), &mut self.processor, &self.targets, &self.watches);
         self.handle(drained);
     }
 
@@ -471,6 +486,7 @@ impl Session {
                 *due = after;
             }
         }
+        self.ask();
     }
 
     /// Prints hits. In reachability mode only a target's first hit in a
@@ -520,6 +536,7 @@ impl Session {
         self.announcing.remove(&pid);
         self.walker.forget(pid);
         self.printer.exited(pid, status);
+        self.unattributed(pid);
         self.summarize(pid);
         match self.watches.0.remove(&pid) {
             Some(mut w) => w.take_links(&mut self.probes),
@@ -546,6 +563,7 @@ impl Session {
     /// then detaches everything.
     pub fn shutdown(mut self) {
         self.drain();
+        self.resolve_now();
         let pids: Vec<u32> = self.watches.0.keys().copied().collect();
         for pid in pids {
             self.summarize(pid);
@@ -561,14 +579,6 @@ impl Session {
             );
         }
     }
-}
-
-/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A file descriptor that becomes readable when `pid` exits.

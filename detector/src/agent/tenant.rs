@@ -162,6 +162,53 @@ impl Tenants {
     }
 }
 
+/// Processes watched per tenant, counted once for all of a rescan's
+/// refused processes.
+#[derive(Default)]
+pub struct Watching(Option<HashMap<Tenant, usize>>);
+
+impl Watching {
+    /// How many of `watched` (each watched process's tenant, counted at
+    /// the first call) are `tenant`'s.
+    pub fn of<'a>(&mut self, watched: impl Iterator<Item = &'a Tenant>, tenant: &Tenant) -> usize {
+        let counts = self.0.get_or_insert_with(|| {
+            let mut counts: HashMap<Tenant, usize> = HashMap::new();
+            for t in watched {
+                *counts.entry(t.clone()).or_default() += 1;
+            }
+            counts
+        });
+        counts.get(tenant).copied().unwrap_or(0)
+    }
+}
+
+/// The probes of each tenant's ended processes that the kernel has not
+/// closed yet: a tenant whose processes come and go without end waits for
+/// its own backlog, not another's.
+#[derive(Default)]
+pub struct DetachBacklog {
+    /// (number of the batch's last probe in the detach sequence, tenant,
+    /// probes), in the order detached.
+    batches: std::collections::VecDeque<(u64, Tenant, u64)>,
+}
+
+impl DetachBacklog {
+    /// Probes `from + 1 ..= to` of the detach sequence are `tenant`'s.
+    pub fn add(&mut self, tenant: Tenant, (from, to): (u64, u64)) {
+        if to > from {
+            self.batches.push_back((to, tenant, to - from));
+        }
+    }
+
+    /// Probes of `tenant` not closed yet, when `closed` of the sequence are.
+    pub fn of(&mut self, tenant: &Tenant, closed: u64) -> u64 {
+        while self.batches.front().is_some_and(|(last, _, _)| *last <= closed) {
+            self.batches.pop_front();
+        }
+        self.batches.iter().filter(|(_, t, _)| t == tenant).map(|(last, _, n)| (last - closed).min(*n)).sum()
+    }
+}
+
 /// Takes a tenant's room, then the node's: a tenant with a long queue holds
 /// at most [`DECIDING_PER_TENANT`] places in the node's queue.
 pub async fn room(
@@ -176,6 +223,23 @@ pub async fn room(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenants_backlog_is_what_it_detached_and_is_not_closed_yet() {
+        let (a, b) = (Tenant("/a".into()), Tenant("/b".into()));
+        let mut backlog = DetachBacklog::default();
+        backlog.add(a.clone(), (0, 4));
+        backlog.add(b.clone(), (4, 5));
+        // Probes detached by no tenant's end (a change of strategy) count
+        // in the sequence, not in a tenant's backlog.
+        backlog.add(a.clone(), (7, 10));
+        assert_eq!((backlog.of(&a, 0), backlog.of(&b, 0)), (7, 1));
+        assert_eq!((backlog.of(&a, 3), backlog.of(&b, 3)), (4, 1));
+        assert_eq!((backlog.of(&a, 5), backlog.of(&b, 5)), (3, 0));
+        assert_eq!((backlog.of(&a, 8), backlog.of(&b, 8)), (2, 0));
+        assert_eq!(backlog.of(&a, 10), 0);
+        assert!(backlog.batches.is_empty());
+    }
 
     #[test]
     fn a_pod_is_the_tenant_of_its_containers() {

@@ -18,6 +18,8 @@ use std::{
 use tokio::sync::mpsc;
 
 use crate::{
+    agent::attach::{Identity, identities},
+    events::candidates::{self, Ask, Resolution},
     pyproc::{
         ProcessError, PythonProcess,
         body::{self, Found},
@@ -36,6 +38,10 @@ const MAX_WAITING_PER_PROCESS: usize = 8;
 /// net's next look (the caller defers them).
 const MAX_WAITING_PROCESSES: usize = 4096;
 
+/// How long one walk resolves candidates before it leaves the rest to
+/// the process's next turn.
+const RESOLVING_TURN: Duration = Duration::from_millis(50);
+
 /// What a walk looks at.
 #[derive(Clone, Debug)]
 pub(crate) enum Look {
@@ -45,6 +51,19 @@ pub(crate) enum Look {
     /// The targets' modules in `sys.modules`: always if `force`, else only
     /// if the modules are not the `seen` ones any more. `source` says why.
     Modules { force: bool, seen: Option<i64>, source: &'static str },
+    /// 3.8-3.10 code objects started under a target's name: which target
+    /// each is, if any.
+    Candidates(Vec<Ask>),
+    /// 3.8-3.10, probed per call: the functions of the job's targets that
+    /// exist already, so the kernel knows them from their next call.
+    Identities,
+}
+
+impl Look {
+    /// Whether it arms watchpoints (the other looks serve per-call probes).
+    pub(crate) fn arms(&self) -> bool {
+        matches!(self, Look::Body { .. } | Look::Modules { .. })
+    }
 }
 
 /// A walk to make.
@@ -61,6 +80,37 @@ pub(crate) struct Job {
     pub(crate) seq: u64,
 }
 
+impl Look {
+    /// Whether a waiting look of this kind takes `newer`'s work instead of
+    /// queueing another walk (resolutions and identities; a look in
+    /// `sys.modules` is handled by [`Walker::submit`]).
+    fn absorbs(&self, newer: &Look) -> bool {
+        matches!((self, newer), (Look::Candidates(_), Look::Candidates(_)) | (Look::Identities, Look::Identities))
+    }
+}
+
+impl Job {
+    /// Takes `newer`'s work (of a kind [`Look::absorbs`]): its asks, or its
+    /// targets.
+    fn absorb(&mut self, newer: Job) {
+        self.seq = newer.seq;
+        match (&mut self.look, newer.look) {
+            (Look::Candidates(asks), Look::Candidates(more)) => {
+                asks.extend(more);
+                // Resolved against the targets as they are now.
+                self.targets = newer.targets;
+            }
+            _ => {
+                for t in newer.targets {
+                    if !self.targets.contains(&t) {
+                        self.targets.push(t);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// What a walk found.
 pub(crate) enum Finding {
     /// Nothing to look at: the body is not a target's module, or no module
@@ -69,6 +119,11 @@ pub(crate) enum Finding {
     /// What was found for each target looked for, and how many modules
     /// `sys.modules` held (a look there only).
     Found { found: Vec<(u32, Target, Found)>, modules: Option<i64> },
+    /// What each candidate resolved to, and those left for another walk
+    /// (this one had run long enough).
+    Resolved { done: Vec<(Ask, Result<Resolution, ProcessError>)>, left: Vec<Ask> },
+    /// Functions of the targets that exist.
+    Identities(Vec<Identity>),
 }
 
 /// A walk done.
@@ -130,6 +185,10 @@ impl Walker {
         // Looks for an earlier watch of the pid (another process, or an
         // image since replaced) are not this one's.
         queue.retain(|j| j.since == job.since);
+        if let Some(queued) = queue.iter_mut().find(|j| j.look.absorbs(&job.look)) {
+            queued.absorb(job);
+            return Ok(self.seq);
+        }
         if matches!(job.look, Look::Modules { .. })
             && let Some(queued) = queue.iter_mut().find(|j| matches!(j.look, Look::Modules { .. }))
         {
@@ -140,9 +199,9 @@ impl Walker {
             }
             return Ok(self.seq);
         }
-        if queue.len() >= MAX_WAITING_PER_PROCESS {
+        if job.look.arms() && queue.iter().filter(|j| j.look.arms()).count() >= MAX_WAITING_PER_PROCESS {
             self.folded += 1;
-            queue.clear();
+            queue.retain(|j| !j.look.arms());
             queue.push_back(Job { look: Look::Modules { force: true, seen: None, source: "module ran" }, ..job });
             return Ok(self.seq);
         }
@@ -166,8 +225,8 @@ impl Walker {
     pub(crate) fn start(&mut self, mut allows: impl FnMut(u32) -> bool) {
         while self.running.len() < MAX_RUNNING {
             let after = self.waiting.range(self.last + 1..).chain(self.waiting.range(..=self.last));
-            let turn: Vec<u32> = after.map(|(p, _)| *p).filter(|p| !self.running.contains(p)).collect();
-            let Some(pid) = turn.into_iter().find(|&pid| allows(pid)) else { return };
+            let mut turn = after.map(|(p, _)| *p).filter(|p| !self.running.contains(p));
+            let Some(pid) = turn.find(|&pid| allows(pid)) else { return };
             self.last = pid;
             let Some(queue) = self.waiting.get_mut(&pid) else { return };
             let Some(job) = queue.pop_front() else { return };
@@ -220,6 +279,11 @@ fn walk(job: &Job) -> Result<Finding, ProcessError> {
                 .collect();
             Ok(if found.is_empty() { Finding::Nothing } else { Finding::Found { found, modules: None } })
         }
+        Look::Candidates(ref asks) => Ok(resolve(p, asks, &job.targets)),
+        Look::Identities => {
+            let targets = job.targets.iter().map(|(_, t)| t);
+            identities(p, targets).map(Finding::Identities)
+        }
         Look::Modules { force, seen, .. } => {
             let modules = body::modules_count(p).ok();
             if !force && modules.is_some() && modules == seen {
@@ -231,4 +295,18 @@ fn walk(job: &Job) -> Result<Finding, ProcessError> {
             Ok(Finding::Found { found, modules })
         }
     }
+}
+
+/// Resolves `asks` in turn until the turn is over.
+fn resolve(p: &PythonProcess, asks: &[Ask], targets: &[(u32, Target)]) -> Finding {
+    let started = Instant::now();
+    let mut done = Vec::new();
+    let mut asks = asks.iter();
+    for ask in asks.by_ref() {
+        done.push((*ask, candidates::resolve(p, ask, targets)));
+        if started.elapsed() >= RESOLVING_TURN {
+            break;
+        }
+    }
+    Finding::Resolved { done, left: asks.copied().collect() }
 }

@@ -178,6 +178,9 @@ pub struct Probes {
     pub(crate) verdicts: HashMap<MapData, CodeKey, Verdict>,
     pub(crate) counts: HashMap<MapData, CountKey, u64>,
     pub(crate) pending: HashMap<MapData, PendingKey, PendingEntry>,
+    /// Per slot: pending entries made (by the kernel) and folded (by us).
+    pending_made: Array<MapData, u64>,
+    pending_folded: Array<MapData, u64>,
     pub(crate) threads: HashMap<MapData, u32, ThreadEntry>,
     pub(crate) identities: HashMap<MapData, CodeKey, CodeIdentity>,
     pub(crate) watched: HashMap<MapData, u32, u8>,
@@ -233,6 +236,8 @@ impl Probes {
             verdicts: take(&mut ebpf, maps::VERDICTS)?,
             counts: take(&mut ebpf, maps::COUNTS)?,
             pending: take(&mut ebpf, maps::PENDING)?,
+            pending_made: take(&mut ebpf, maps::PENDING_MADE)?,
+            pending_folded: take(&mut ebpf, maps::PENDING_FOLDED)?,
             threads: take(&mut ebpf, maps::THREADS)?,
             identities: take(&mut ebpf, maps::IDENTITIES)?,
             watched: take(&mut ebpf, maps::WATCHED)?,
@@ -406,6 +411,11 @@ impl Probes {
     /// Probes detached whose kernel unregistration has not run yet.
     pub fn detaching(&self) -> usize {
         self.reaper.pending()
+    }
+
+    /// Probes detached so far, and closed so far, in the order detached.
+    pub fn detach_sequence(&self) -> (u64, u64) {
+        self.reaper.sequence()
     }
 }
 

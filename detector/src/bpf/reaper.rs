@@ -8,7 +8,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         mpsc,
     },
     time::Duration,
@@ -26,6 +26,11 @@ pub struct Reaper {
     tx: Option<mpsc::Sender<Buried>>,
     pending: Arc<AtomicUsize>,
     attaching: Arc<AtomicUsize>,
+    /// Links buried so far, and closed so far: links are closed in the
+    /// order they were buried, so a link buried as the n-th is closed once
+    /// `closed` reaches n.
+    buried: AtomicU64,
+    closed: Arc<AtomicU64>,
 }
 
 /// While alive, the reaper closes nothing (an attach is in progress).
@@ -43,7 +48,8 @@ impl Reaper {
         let (tx, rx) = mpsc::channel::<Buried>();
         let pending = Arc::new(AtomicUsize::new(0));
         let attaching = Arc::new(AtomicUsize::new(0));
-        let (p, a) = (pending.clone(), attaching.clone());
+        let closed = Arc::new(AtomicU64::new(0));
+        let (p, a, c) = (pending.clone(), attaching.clone(), closed.clone());
         let spawned = std::thread::Builder::new().name("detector-reaper".into()).spawn(move || {
             for link in rx {
                 let since = std::time::Instant::now();
@@ -51,16 +57,18 @@ impl Reaper {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 drop(link);
+                c.fetch_add(1, Ordering::SeqCst);
                 p.fetch_sub(1, Ordering::SeqCst);
             }
         });
         // Without the thread, links are closed inline (slower, still correct).
         let tx = spawned.ok().map(|_| tx);
-        Reaper { tx, pending, attaching }
+        Reaper { tx, pending, attaching, buried: AtomicU64::new(0), closed }
     }
 
     /// Closes `link` soon.
     pub fn bury(&self, link: Buried) {
+        self.buried.fetch_add(1, Ordering::SeqCst);
         self.pending.fetch_add(1, Ordering::SeqCst);
         let sent = match &self.tx {
             Some(tx) => tx.send(link).map_err(|e| e.0),
@@ -68,6 +76,7 @@ impl Reaper {
         };
         if let Err(link) = sent {
             drop(link);
+            self.closed.fetch_add(1, Ordering::SeqCst);
             self.pending.fetch_sub(1, Ordering::SeqCst);
         }
     }
@@ -94,6 +103,11 @@ impl Reaper {
     /// Links detached and not closed yet.
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Links buried so far, and closed so far (in the order buried).
+    pub fn sequence(&self) -> (u64, u64) {
+        (self.buried.load(Ordering::SeqCst), self.closed.load(Ordering::SeqCst))
     }
 }
 
@@ -123,6 +137,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(closed.load(Ordering::SeqCst), 1);
+        assert_eq!(r.sequence(), (1, 1));
     }
 
     #[test]

@@ -44,10 +44,11 @@ impl super::Probes {
         };
         // 0 is what a probe without a slot reads: never an instance.
         t.instances = t.instances.checked_add(1).unwrap_or(1);
-        let state = Slot { passes: 0, mode: MODE_PER_CALL, events: EVENTS_EVERY, instance: t.instances, drops: 0 };
+        let state = Slot { mode: MODE_PER_CALL, events: EVENTS_EVERY, instance: t.instances, ..Slot::default() };
         // The last process's cells are still there: nothing counts in them
         // before its probes are attached, after this.
-        if let Err(e) = self.write_slot(slot, state).and_then(|()| self.cells.reset(slot)) {
+        let reset = self.write_slot(slot, state).and_then(|()| self.cells.reset(slot));
+        if let Err(e) = reset.and_then(|()| self.reset_pending_room(slot)) {
             self.slot_table.free.push(slot);
             return Err(e);
         }
@@ -93,7 +94,8 @@ impl super::Probes {
         // Each CPU keeps the drops it counted (one between this read and
         // the write is lost: a diagnostic, not a count).
         let now = self.slots.get(&u32::from(slot), 0).map_err(map_err(maps::SLOTS))?;
-        let values: Vec<Slot> = now.iter().map(|cpu| Slot { passes: 0, drops: cpu.drops, ..state }).collect();
+        let values: Vec<Slot> =
+            now.iter().map(|cpu| Slot { passes: 0, drops: cpu.drops, refused: cpu.refused, ..state }).collect();
         let values =
             PerCpuValues::try_from(values).map_err(|e| BpfError::Io { what: "building per-CPU values", source: e })?;
         self.slots.set(u32::from(slot), values, 0).map_err(map_err(maps::SLOTS))?;
@@ -120,11 +122,18 @@ impl super::Probes {
         self.slots.set(slot as u32, per_cpu(Slot { passes: 0, ..state })?, 0).map_err(map_err(maps::SLOTS))
     }
 
-    /// Events of process `pid` the full ring buffer dropped, summed over
-    /// CPUs (its counts stay exact: they are kept in maps).
-    pub(crate) fn events_dropped(&self, pid: u32) -> u64 {
-        let Some(&(slot, _)) = self.slot_table.by_pid.get(&pid) else { return 0 };
-        self.slots.get(&u32::from(slot), 0).map_or(0, |cpus| cpus.iter().map(|s| u64::from(s.drops)).sum())
+    /// The slot of `pid`, if it has one.
+    pub(crate) fn slot_of(&self, pid: u32) -> Option<u16> {
+        self.slot_table.by_pid.get(&pid).map(|(s, _)| *s)
+    }
+
+    /// Events of process `pid` the full ring buffer dropped, and 3.8-3.10
+    /// starts not counted because it held its share of the pending map,
+    /// summed over CPUs.
+    pub(crate) fn dropped(&self, pid: u32) -> (u64, u64) {
+        let Some(slot) = self.slot_of(pid) else { return (0, 0) };
+        let Ok(cpus) = self.slots.get(&u32::from(slot), 0) else { return (0, 0) };
+        cpus.iter().fold((0, 0), |(d, r), s| (d + u64::from(s.drops), r + u64::from(s.refused)))
     }
 
     /// Hits of `key` counted in its cell, summed over CPUs (0 if it has none).

@@ -9,7 +9,8 @@ use aya::{
 };
 
 use detector_common::{
-    CELL_UNKNOWN, CodeIdentity, CodeKey, CountKey, NameKey, TargetKey, ThreadEntry, Verdict, fixed_name, maps, stats,
+    CELL_UNKNOWN, CodeIdentity, CodeKey, CountKey, NameKey, PendingKey, TargetKey, ThreadEntry, Verdict, fixed_name,
+    maps, stats,
 };
 
 use super::{BpfError, Probes, map_err};
@@ -157,6 +158,23 @@ impl Probes {
             }
         }
         out
+    }
+
+    /// Deletes `pid`'s pending entry `p`, resolved long enough ago that no
+    /// probe adds to it any more (its hits are the caller's to keep), and
+    /// gives the process its room in the map back.
+    pub fn fold_pending(&mut self, pid: u32, p: &PendingHits) -> Result<(), BpfError> {
+        let key = PendingKey { tgid: pid, generation: p.generation, code: p.code };
+        self.pending.remove(&key).map_err(map_err(maps::PENDING))?;
+        let Some(slot) = self.slot_of(pid) else { return Ok(()) };
+        let folded = self.pending_folded.get(&u32::from(slot), 0).unwrap_or(0);
+        self.pending_folded.set(u32::from(slot), folded + 1, 0).map_err(map_err(maps::PENDING_FOLDED))
+    }
+
+    /// Gives a new holder of `slot` the whole of its room in the pending map.
+    pub(crate) fn reset_pending_room(&mut self, slot: u16) -> Result<(), BpfError> {
+        self.pending_made.set(u32::from(slot), 0, 0).map_err(map_err(maps::PENDING_MADE))?;
+        self.pending_folded.set(u32::from(slot), 0, 0).map_err(map_err(maps::PENDING_FOLDED))
     }
 
     /// Ends the watch of process `pid`, whose probes are closed, deleting

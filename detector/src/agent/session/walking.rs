@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Session, monotonic_ns};
+use super::Session;
+use crate::events::monotonic_ns;
 use tracing::info;
 
 use crate::{
@@ -95,11 +96,18 @@ impl Session {
             self.start_walks();
             return;
         };
+        if !walked.look.arms() {
+            w.walks.charge(walked.took);
+            self.served(walked);
+            self.start_walks();
+            return;
+        }
         let (source, latency, whole) = match walked.look {
             Look::Body { ts_ns, .. } => {
                 ("module body", Some(Duration::from_nanos(monotonic_ns().saturating_sub(ts_ns))), false)
             }
             Look::Modules { source, force, .. } => (source, None, force),
+            Look::Candidates(_) | Look::Identities => unreachable!("served above"),
         };
         let seq = walked.seq;
         let found = w.walked(&mut self.probes, &self.targets, walked);
