@@ -25,6 +25,10 @@ pub const EVENT_WATCH_FREED: u32 = 6;
 /// [`ModuleExecEvent`].
 pub const EVENT_MODULE_EXEC: u32 = 7;
 
+/// 3.8-3.10: a code object with starts awaiting resolution was
+/// deallocated: see [`PendingFreedEvent`].
+pub const EVENT_PENDING_FREED: u32 = 8;
+
 /// Common prefix of every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -113,6 +117,25 @@ pub struct FreedEvent {
     pub header: EventHeader,
     /// The code object.
     pub code: u64,
+}
+
+/// 3.8-3.10: a code object whose starts the kernel counted in
+/// [`crate::maps::PENDING`] is being deallocated. Its entry is taken out of
+/// the map and handed over here, so that a code object allocated at its
+/// address next counts apart from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingFreedEvent {
+    /// `kind == EVENT_PENDING_FREED`, and the process.
+    pub header: EventHeader,
+    /// Generation of the targets the starts were counted in.
+    pub generation: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// The code object.
+    pub code: u64,
+    /// Its starts counted.
+    pub hits: u64,
 }
 
 /// `PyEval_EvalCode(code, globals, locals)` was entered in a process that

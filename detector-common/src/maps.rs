@@ -33,7 +33,8 @@ pub const COUNTS: &str = "COUNTS";
 /// awaiting resolution.
 pub const PENDING: &str = "PENDING";
 /// `Array<u64>`: per slot, the [`PENDING`] entries its process's probes
-/// made (added to atomically by the kernel only).
+/// hold: made, less those handed over at deallocation (changed atomically
+/// by the kernel only).
 pub const PENDING_MADE: &str = "PENDING_MADE";
 /// `Array<u64>`: per slot, the [`PENDING`] entries of its process that user
 /// space resolved, folded into its own counts and deleted (written by user
@@ -82,8 +83,9 @@ pub mod capacity {
     pub const PENDING: u32 = 16_384;
     /// Pending counters one process may hold at once: a process that makes
     /// code objects named like targets without end fills its share, never
-    /// another's.
-    pub const PENDING_PER_PROCESS: u64 = 1024;
+    /// another's (the node agent sizes the map to hold every watched
+    /// process's share).
+    pub const PENDING_PER_PROCESS: u64 = 64;
     /// (process, code object) identities (3.8-3.10).
     pub const IDENTITIES: u32 = 131_072;
     /// Processes watched at once.

@@ -1,7 +1,8 @@
 //! `code_dealloc(PyCodeObject *)` entry: a code object is going away, so its
-//! verdict and identity must not outlive it and be inherited by whatever is
-//! allocated at the same address next; nor may a watchpoint on one of its
-//! units keep counting whatever bytecode is put there next.
+//! verdict, identity and starts awaiting resolution must not outlive it and
+//! be inherited by whatever is allocated at the same address next; nor may
+//! a watchpoint on one of its units keep counting whatever bytecode is put
+//! there next.
 
 use aya_ebpf::{
     EbpfContext,
@@ -25,6 +26,7 @@ pub fn run(ctx: &ProbeContext) {
     // Even without a verdict (the LRU may have dropped it), a CPU may cache one.
     verdict::code_freed();
     let _ = IDENTITIES.remove(&key);
+    emit::pending_freed(cookie.slot, tgid, code);
     if let Some(&addr) = unsafe { WATCHED_CODES.get(&key) } {
         let _ = WATCHES.remove(&WatchKey { tgid, _pad: 0, addr });
         let _ = WATCHED_CODES.remove(&key);

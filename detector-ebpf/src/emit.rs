@@ -7,13 +7,15 @@ use aya_ebpf::{
     maps::ring_buf::RingBufEntry,
 };
 use detector_common::{
-    CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EVENT_WATCH_FREED, EventHeader,
-    FreedEvent, HitEvent, Layout, NO_SLOT, PendingEntry, PendingKey, SLOT_CELLS, stats, unicode_state,
+    CandidateEvent, CodeEvent, CountKey, EVENT_CANDIDATE, EVENT_CODE, EVENT_HIT, EVENT_PENDING_FREED,
+    EVENT_WATCH_FREED, EventHeader, FreedEvent, HitEvent, Layout, NO_SLOT, PendingEntry, PendingFreedEvent, PendingKey,
+    SLOT_CELLS, stats, unicode_state,
 };
 
 use crate::{
     maps::{
         CELLS, CONFIG, COUNTS, EVENTS, PENDING, atomic_add, bump, dropped, pending_made, pending_refused, pending_room,
+        pending_unmade,
     },
     mem::{field, read},
 };
@@ -138,12 +140,18 @@ pub fn candidate(slot: u16, tgid: u32, tid: u32, generation: u32, code: u64, nam
         return;
     }
     let entry = PendingEntry { hits: 1, name, globals };
-    match increment!(PENDING, key, entry, |p| unsafe { &raw mut (*p).hits }) {
+    let first = match increment!(PENDING, key, entry, |p| unsafe { &raw mut (*p).hits }) {
         // Not counted (the map is full): nor reported.
-        0 => return,
-        1 => pending_made(slot),
-        _ => {}
-    }
+        0 => {
+            pending_refused(slot);
+            return;
+        }
+        1 => {
+            pending_made(slot);
+            true
+        }
+        _ => false,
+    };
     let Some(mut entry) = reserve::<CandidateEvent>(slot) else { return };
     entry.write(CandidateEvent {
         header: EventHeader { kind: EVENT_CANDIDATE, tgid },
@@ -154,8 +162,36 @@ pub fn candidate(slot: u16, tgid: u32, tid: u32, generation: u32, code: u64, nam
         name,
         globals,
     });
-    // Resolution waits on this event: wake the reader now.
-    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+    // A code object's first start sets off its resolution: wake the reader
+    // now (a short-lived process may not wait); later starts wait for it.
+    let flags = if first { BPF_RB_FORCE_WAKEUP as u64 } else { submit_flags(size_of::<CandidateEvent>() as u64) };
+    entry.submit(flags);
+}
+
+/// 3.8-3.10: the code object `code` of the process in `slot` is being
+/// deallocated. Its starts counted while awaiting resolution are handed to
+/// user space and its entry taken out, so a code object allocated at its
+/// address next counts apart. Without room in the ring buffer the entry
+/// stays (and the next object there would share it).
+#[inline(always)]
+pub fn pending_freed(slot: u16, tgid: u32, code: u64) {
+    let Some(generation) = CONFIG.get(0).map(|c| c.generation) else { return };
+    let key = PendingKey { tgid, generation, code };
+    let Some(hits) = (unsafe { PENDING.get(&key) }).map(|e| e.hits) else { return };
+    let Some(mut entry) = reserve::<PendingFreedEvent>(slot) else { return };
+    entry.write(PendingFreedEvent {
+        header: EventHeader { kind: EVENT_PENDING_FREED, tgid },
+        generation,
+        _pad: 0,
+        code,
+        hits,
+    });
+    // The object is being freed: nothing starts it again, nothing adds to
+    // its entry any more.
+    if PENDING.remove(&key).is_ok() {
+        pending_unmade(slot);
+    }
+    entry.submit(submit_flags(size_of::<PendingFreedEvent>() as u64));
 }
 
 /// A watched code object is being deallocated.

@@ -134,6 +134,18 @@ pub fn pending_made(slot: u16) {
     }
 }
 
+/// The process in `slot` handed a [`PENDING`] entry over (its code object
+/// was deallocated): it holds one fewer.
+#[inline(always)]
+pub fn pending_unmade(slot: u16) {
+    if let Some(p) = PENDING_MADE.get_ptr_mut(slot as u32) {
+        // Adding the two's complement of one: an atomic subtraction.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, u64::MAX)
+        };
+    }
+}
+
 /// A start of the process in `slot` was not counted: it holds its share of
 /// [`PENDING`].
 #[inline(always)]

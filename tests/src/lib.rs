@@ -41,6 +41,16 @@ pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
+/// The pyenv build of CPython 3.`minor`.
+pub fn pyenv(minor: u8) -> Interpreter {
+    interpreters().into_iter().find(|i| i.name.starts_with("pyenv") && i.minor == minor).expect("a pyenv build")
+}
+
+/// `pairs` as the environment a fixture is started with.
+pub fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
 /// Runs `workload` on `interp` under `detector dump` attached by pid after
 /// the workload's setup, and returns the summary once it has run.
 pub fn run_attached(interp: &Interpreter, workload: &str, targets: &[&str]) -> Summary {

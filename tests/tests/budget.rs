@@ -11,15 +11,11 @@ use std::collections::BTreeMap;
 use detector::agent::report::{ModeReport, TargetStrategy};
 
 use detector_tests::{
-    Fixture, NodeAgent, interpreters,
+    Fixture, NodeAgent, env, interpreters,
     node_agent::{one_at_a_time, opted_in},
 };
 
 const TARGET: &str = "wl.hot:target";
-
-fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
 
 /// Runs `hot` under an agent watching `targets` with `args`; returns (agent,
 /// fixture) once the fixture is attached and running.

@@ -13,22 +13,14 @@ use std::{
 };
 
 use detector_tests::{
-    Fixture, NodeAgent, STEP_TIMEOUT, detector_bin, interpreters,
+    Fixture, NodeAgent, STEP_TIMEOUT, detector_bin, env, interpreters,
     node_agent::{kernel_objects, one_at_a_time, opted_in, site_bytes},
-    spawn_detector,
+    pyenv, spawn_detector,
 };
 use serde_json::Value;
 
 const F: &str = "wl.plain:f";
 const G: &str = "wl.plain:g";
-
-fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
-
-fn pyenv(minor: u8) -> detector_tests::Interpreter {
-    interpreters().into_iter().find(|i| i.name.starts_with("pyenv") && i.minor == minor).unwrap()
-}
 
 /// The exact summary the agent printed for `target` in `pid` once it ended.
 fn summary(agent: &mut NodeAgent, pid: u32, target: &str) -> u64 {

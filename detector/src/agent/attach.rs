@@ -154,6 +154,8 @@ pub(crate) fn prefill_identities<'a>(
 /// A function of a target's that exists, as the kernel identifies it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Identity {
+    /// The function object.
+    pub(crate) function: u64,
     pub(crate) code: u64,
     /// The function's `__qualname__`.
     pub(crate) qualname: u64,
@@ -178,7 +180,7 @@ pub(crate) fn identities<'a>(
                 let Some(func) = def.function else { continue };
                 let qualname = mem.ptr(func, objs.o.func_qualname)?;
                 let globals = mem.ptr(func, objs.o.func_globals)?;
-                found.push(Identity { code: def.code, qualname, globals });
+                found.push(Identity { function: func, code: def.code, qualname, globals });
             }
         }
     }

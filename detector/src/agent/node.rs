@@ -60,7 +60,7 @@ const MAX_DETACHING: usize = 4096;
 
 /// Of those, most that one tenant's ended processes may leave: a tenant
 /// whose processes come and go without end waits for its own backlog.
-const MAX_DETACHING_PER_TENANT: u64 = 1024;
+const MAX_DETACHING_PER_TENANT: u64 = 512;
 
 /// What the operator decides about processes.
 #[derive(Clone, Debug)]
@@ -451,8 +451,9 @@ impl Node {
         }
         // The old probes would count the new image too (same task): they
         // are closed first, then the new image is decided about.
-        self.keep_counts(session, pid);
-        let old = session.end_taking(pid, Some("exec"));
+        let ended = session.end_taking(pid, Some("exec"));
+        self.keep_counts(ended.totals);
+        let old = ended.links;
         info!(pid, "detached: executed a new image");
         self.publish(session);
         let start = discovery::start_time(pid);
@@ -463,10 +464,10 @@ impl Node {
     /// A watched process is gone: keeps its counts for the metrics, then
     /// detaches.
     pub fn end(&mut self, session: &mut Session, pid: u32, status: Option<&str>) {
-        self.keep_counts(session, pid);
         let tenant = session.watch_of(pid).map(|w| w.tenant.clone());
         let (from, _) = session.detach_sequence();
-        session.end(pid, status);
+        let totals = session.end(pid, status);
+        self.keep_counts(totals);
         if let Some(tenant) = tenant {
             self.backlog.add(tenant, (from, session.detach_sequence().0));
         }
@@ -475,8 +476,8 @@ impl Node {
         self.publish(session);
     }
 
-    fn keep_counts(&mut self, session: &mut Session, pid: u32) {
-        for (target, hits) in session.totals(pid) {
+    fn keep_counts(&mut self, totals: Vec<(crate::targets::Target, u64)>) {
+        for (target, hits) in totals {
             *self.ended_hits.entry(target.to_string()).or_default() += hits;
         }
     }

@@ -14,7 +14,7 @@ use super::{
     attach::{self, PerCallLinks},
     budget, discovery, sampling,
     tenant::Tenant,
-    walker::{Job, Look, Walked},
+    walker::{Job, Look, Targets, Walked},
     walks::LoopShare,
     watchpoints::{Armed, CannotWatch, Fit},
 };
@@ -318,16 +318,16 @@ impl ProcessWatch {
         if !per_call || self.process.analysis.layout.family != FAMILY_FRAME_ARG || new.is_empty() {
             return None;
         }
-        let new = new.iter().filter_map(|t| Some((targets.id(t)?, t.clone()))).collect();
-        Some(self.walk(Look::Identities, new))
+        let new: Vec<_> = new.iter().filter_map(|t| Some((targets.id(t)?, t.clone()))).collect();
+        Some(self.walk(Look::Identities, new.into()))
     }
 
-    /// The walk resolving `asks` (3.8-3.10 candidates) against the targets.
-    pub fn resolution(&self, targets: &TargetSet, asks: Vec<Ask>) -> Job {
-        self.walk(Look::Candidates(asks), targets.iter().map(|(t, id)| (id, t.clone())).collect())
+    /// The walk resolving `asks` (3.8-3.10 candidates) against `targets`.
+    pub fn resolution(&self, targets: Targets, asks: Vec<Ask>) -> Job {
+        self.walk(Look::Candidates(asks), targets)
     }
 
-    fn walk(&self, look: Look, targets: Vec<(u32, Target)>) -> Job {
+    fn walk(&self, look: Look, targets: Targets) -> Job {
         Job { pid: self.process.pid, since: self.since, look, process: self.process.clone(), targets, seq: 0 }
     }
 
@@ -356,7 +356,7 @@ impl ProcessWatch {
         if !w.armed.follows_imports() {
             return None;
         }
-        Some(self.walk(look, w.armed.looking_for(targets)))
+        Some(self.walk(look, w.armed.looking_for(targets).into()))
     }
 
     /// Applies what a walk of this process found. Returns the targets armed.

@@ -10,6 +10,7 @@ use std::{
 };
 
 mod drain;
+mod ending;
 mod enforce;
 mod resolving;
 mod walking;
@@ -24,15 +25,11 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
-    AttachError, ProcessWatch, Strategy,
-    discovery::Service,
-    fork,
-    report::ProcessReport,
-    walker::Walker,
-    walks::{ALL_WALKS, LoopShare},
+    AttachError, ProcessWatch, Strategy, discovery::Service, fork, report::ProcessReport, walker::Walker,
+    walks::WalkShares,
 };
 use crate::{
-    bpf::{BpfError, Capacities, Probes, reaper::Buried},
+    bpf::{BpfError, Capacities, PendingHits, Probes},
     events::{EventProcessor, Hit, ProcessLookup, monotonic_ns, output::Printer},
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
@@ -108,8 +105,8 @@ pub struct Session {
     sample_every: Option<Duration>,
     /// When pending targets were last looked for.
     rescanned: Instant,
-    /// Every watched process's walks' share of the pool, together.
-    walks: LoopShare,
+    /// The walks' shares of the pool: each tenant's, and all together.
+    walks: WalkShares,
     /// Walks after the attach, made on the blocking pool.
     walker: Walker,
     /// Processes whose walk has not been applied yet: what is to be
@@ -145,7 +142,7 @@ impl Session {
             reachability: false,
             sample_every: None,
             rescanned: Instant::now(),
-            walks: LoopShare::new(ALL_WALKS),
+            walks: WalkShares::default(),
             walker: Walker::default(),
             announcing: BTreeMap::new(),
             forks: BTreeMap::new(),
@@ -243,24 +240,29 @@ impl Session {
     /// processes had looks waiting, 3.8-3.10 starts whose lines were not
     /// held for their resolution, and code objects not asked about then.
     pub fn walks_capped(&self) -> [(&'static str, u64); 4] {
-        let c = &self.processor.candidates;
+        let (unheld, deferred) = self.processor.candidates_capped();
         [
             ("walk_queue", self.walker.folded),
             ("walk_processes", self.walker.refused),
-            ("candidate_starts", c.unheld),
-            ("candidates_waiting", c.deferred),
+            ("candidate_starts", unheld),
+            ("candidates_waiting", deferred),
         ]
     }
 
     /// Exact hits of every target in `pid` so far.
-    pub fn totals(&mut self, pid: u32) -> Vec<(Target, u64)> {
-        let totals = self.processor.totals(pid, &self.probes, &self.targets);
+    pub fn totals(&self, pid: u32) -> Vec<(Target, u64)> {
+        self.totals_of(pid, &self.probes.pending(pid))
+    }
+
+    /// Exact hits of every target in `pid`, given its pending entries.
+    fn totals_of(&self, pid: u32, pending: &[PendingHits]) -> Vec<(Target, u64)> {
+        let totals = self.processor.totals(pid, pending, &self.probes, &self.targets);
         self.targets.iter().map(|(t, id)| (t.clone(), totals.get(&id).copied().unwrap_or(0))).collect()
     }
 
     /// Exact hits of every target summed over the watched processes.
     pub fn all_totals(&mut self) -> Vec<(Target, u64)> {
-        let totals = self.processor.totals_all(&mut self.probes, &self.targets);
+        let totals = self.processor.totals_all(&self.probes, &self.targets);
         self.ask();
         self.targets.iter().map(|(t, id)| (t.clone(), totals.get(&id).copied().unwrap_or(0))).collect()
     }
@@ -365,7 +367,7 @@ impl Session {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     if let Ok(mut guard) = guard {
-                        let drained = drain::drain(guard.get_inner_mut(), &mut self.processor, &self.targets, &self.watches);
+                        let drained = drain::drain(guard.get_inner_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
                         guard.clear_ready();
                         drop(guard);
                         self.handle(drained);
@@ -409,6 +411,7 @@ impl Session {
         for job in looks {
             self.look(Some(job));
         }
+        self.processor.fold_due(&mut self.probes);
         self.start_walks();
     }
 
@@ -444,7 +447,8 @@ impl Session {
 
     /// Handles everything waiting in the ring buffer.
     pub fn drain(&mut self) {
-        let drained = drain::drain(self.ring.get_mut(), &mut self.processor, &self.targets, &self.watches);
+        let drained =
+            drain::drain(self.ring.get_mut(), &mut self.processor, &mut self.probes, &self.targets, &self.watches);
         self.handle(drained);
     }
 
@@ -511,54 +515,6 @@ impl Session {
         }
     }
 
-    /// A watched process is gone: reports it and its counts, detaches, and
-    /// forgets it.
-    pub fn end(&mut self, pid: u32, status: Option<&str>) {
-        let links = self.end_taking(pid, status);
-        // Gone: its probes cannot fire any more, so closing them can wait.
-        self.forget(pid);
-        for link in links {
-            self.probes.bury(link);
-        }
-    }
-
-    /// As [`Session::end`] for a process that lives on with a new image: its
-    /// probes would fire for the new image too, so they are returned, to be
-    /// closed before the new image is attached, and what the kernel knows
-    /// about the process is kept until [`Session::forget`] (called once they
-    /// are closed, so nothing they record outlives them).
-    pub fn end_taking(&mut self, pid: u32, status: Option<&str>) -> Vec<Buried> {
-        self.drain();
-        // Gone before its first look was applied: attached all the same.
-        if let Some((Announce::Attached(ran_before), _)) = self.announcing.remove(&pid) {
-            self.announce(pid, ran_before);
-        }
-        self.announcing.remove(&pid);
-        self.walker.forget(pid);
-        self.printer.exited(pid, status);
-        self.unattributed(pid);
-        self.summarize(pid);
-        match self.watches.0.remove(&pid) {
-            Some(mut w) => w.take_links(&mut self.probes),
-            None => Vec::new(),
-        }
-    }
-
-    /// Drops everything the kernel and the event processor hold for `pid`.
-    pub fn forget(&mut self, pid: u32) {
-        let active: Vec<u32> = self.targets.iter().map(|(_, id)| id).collect();
-        self.probes.forget_process(pid, active);
-        self.processor.forget(pid);
-        self.walker.forget(pid);
-        self.announcing.remove(&pid);
-    }
-
-    fn summarize(&mut self, pid: u32) {
-        for (t, hits) in self.totals(pid) {
-            self.printer.summary(pid, &t, hits);
-        }
-    }
-
     /// Reports every watched process's counts and the kernel's counters,
     /// then detaches everything.
     pub fn shutdown(mut self) {
@@ -566,7 +522,9 @@ impl Session {
         self.resolve_now();
         let pids: Vec<u32> = self.watches.0.keys().copied().collect();
         for pid in pids {
-            self.summarize(pid);
+            for (t, hits) in self.totals(pid) {
+                self.printer.summary(pid, &t, hits);
+            }
         }
         self.printer.stats(&self.kernel_stats());
         for (_, mut w) in std::mem::take(&mut self.watches.0) {

@@ -12,6 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,6 +24,7 @@ use crate::{
     pyproc::{
         ProcessError, PythonProcess,
         body::{self, Found},
+        mem::ProcessMemory,
     },
     targets::Target,
 };
@@ -64,7 +66,17 @@ impl Look {
     pub(crate) fn arms(&self) -> bool {
         matches!(self, Look::Body { .. } | Look::Modules { .. })
     }
+
+    /// Whether a waiting look of this kind takes `newer`'s work instead of
+    /// queueing another walk (resolutions and identities; a look in
+    /// `sys.modules` is handled by [`Walker::submit`]).
+    fn absorbs(&self, newer: &Look) -> bool {
+        matches!((self, newer), (Look::Candidates(_), Look::Candidates(_)) | (Look::Identities, Look::Identities))
+    }
 }
+
+/// Targets with their ids, shared by the jobs that look for the same ones.
+pub(crate) type Targets = Arc<[(u32, Target)]>;
 
 /// A walk to make.
 pub(crate) struct Job {
@@ -75,18 +87,9 @@ pub(crate) struct Job {
     pub(crate) look: Look,
     pub(crate) process: PythonProcess,
     /// The targets looked for, with their ids.
-    pub(crate) targets: Vec<(u32, Target)>,
+    pub(crate) targets: Targets,
     /// Its number, given when queued.
     pub(crate) seq: u64,
-}
-
-impl Look {
-    /// Whether a waiting look of this kind takes `newer`'s work instead of
-    /// queueing another walk (resolutions and identities; a look in
-    /// `sys.modules` is handled by [`Walker::submit`]).
-    fn absorbs(&self, newer: &Look) -> bool {
-        matches!((self, newer), (Look::Candidates(_), Look::Candidates(_)) | (Look::Identities, Look::Identities))
-    }
 }
 
 impl Job {
@@ -101,11 +104,9 @@ impl Job {
                 self.targets = newer.targets;
             }
             _ => {
-                for t in newer.targets {
-                    if !self.targets.contains(&t) {
-                        self.targets.push(t);
-                    }
-                }
+                let mut targets = self.targets.to_vec();
+                targets.extend(newer.targets.iter().filter(|t| !self.targets.contains(t)).cloned());
+                self.targets = targets.into();
             }
         }
     }
@@ -253,6 +254,13 @@ impl Walker {
         self.running.remove(&walked.pid);
         walked
     }
+
+    /// A walk done already, if any.
+    pub(crate) fn try_done(&mut self) -> Option<Walked> {
+        let walked = self.rx.try_recv().ok()?;
+        self.running.remove(&walked.pid);
+        Some(walked)
+    }
 }
 
 /// Makes the walk `job` asks for.
@@ -279,7 +287,7 @@ fn walk(job: &Job) -> Result<Finding, ProcessError> {
                 .collect();
             Ok(if found.is_empty() { Finding::Nothing } else { Finding::Found { found, modules: None } })
         }
-        Look::Candidates(ref asks) => Ok(resolve(p, asks, &job.targets)),
+        Look::Candidates(ref asks) => resolve(p, asks, &job.targets),
         Look::Identities => {
             let targets = job.targets.iter().map(|(_, t)| t);
             identities(p, targets).map(Finding::Identities)
@@ -297,16 +305,22 @@ fn walk(job: &Job) -> Result<Finding, ProcessError> {
     }
 }
 
-/// Resolves `asks` in turn until the turn is over.
-fn resolve(p: &PythonProcess, asks: &[Ask], targets: &[(u32, Target)]) -> Finding {
+/// Resolves `asks` in turn until the turn is over, through one look at the
+/// process's memory: an ask that finds the look's budget spent by those
+/// before it is left for the next turn with the rest.
+fn resolve(p: &PythonProcess, asks: &[Ask], targets: &[(u32, Target)]) -> Result<Finding, ProcessError> {
     let started = Instant::now();
+    let mem = ProcessMemory::open(p.pid)?;
     let mut done = Vec::new();
-    let mut asks = asks.iter();
-    for ask in asks.by_ref() {
-        done.push((*ask, candidates::resolve(p, ask, targets)));
+    for (i, ask) in asks.iter().enumerate() {
+        let result = candidates::resolve(p, &mem, ask, targets);
+        if i > 0 && matches!(result, Err(ProcessError::OverBudget { .. })) {
+            return Ok(Finding::Resolved { done, left: asks[i..].to_vec() });
+        }
+        done.push((*ask, result));
         if started.elapsed() >= RESOLVING_TURN {
-            break;
+            return Ok(Finding::Resolved { done, left: asks[i + 1..].to_vec() });
         }
     }
-    Finding::Resolved { done, left: asks.copied().collect() }
+    Ok(Finding::Resolved { done, left: Vec::new() })
 }

@@ -1,18 +1,27 @@
 //! Shares of time: how much a process, a tenant, or all of them together
 //! may take. Walks after an attach (a module body ran, the safety net's
-//! look at `sys.modules`) run on the blocking pool ([`super::walker`]):
-//! 5% of it per process, 25% for all. Attaches run on the agent loop: 20%
+//! look at `sys.modules`, 3.8-3.10 resolutions) run on the blocking pool
+//! ([`super::walker`]): 5% of it per process, 10% per tenant, 25% for all. Attaches run on the agent loop: 20%
 //! of it per tenant, 50% for all, so at least half of the loop stays for
 //! events, Remote Configuration and the tap. Beyond its share a process's
 //! walks wait, a tenant's attaches are retried later.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use super::tenant::Tenant;
 
 /// A process's walks: 5% of a core, 200 ms at once.
 pub const PROCESS_WALKS: (Duration, Duration) = (Duration::from_millis(50), Duration::from_millis(200));
 
 /// Every process's walks together: 25% of a core, a second at once.
 pub const ALL_WALKS: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(1));
+
+/// A tenant's walks: 10% of a core, 400 ms at once, so the processes of one
+/// pod cannot take all processes' share between them.
+pub const TENANT_WALKS: (Duration, Duration) = (Duration::from_millis(100), Duration::from_millis(400));
 
 /// Every tenant's attaches together: 50% of the loop, two seconds at once.
 pub const ALL_ATTACHES: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(2));
@@ -97,6 +106,40 @@ impl LoopShare {
     /// Whether a walk was deferred since the last call.
     pub fn take_deferred(&mut self) -> bool {
         std::mem::take(&mut self.deferred)
+    }
+}
+
+/// The walks' shares of the pool above a process's own: each tenant's, and
+/// every process's together.
+pub struct WalkShares {
+    all: LoopShare,
+    tenants: HashMap<Tenant, LoopShare>,
+}
+
+impl Default for WalkShares {
+    fn default() -> Self {
+        WalkShares { all: LoopShare::new(ALL_WALKS), tenants: HashMap::new() }
+    }
+}
+
+impl WalkShares {
+    /// Whether a walk of a process of `tenant` may run at `now`.
+    pub fn allows(&mut self, tenant: &Tenant, now: Instant) -> bool {
+        let theirs = self.tenants.entry(tenant.clone()).or_insert_with(|| LoopShare::new(TENANT_WALKS));
+        theirs.allows(now) && self.all.allows(now)
+    }
+
+    /// A walk (of a process of `tenant`, if known) took `took`.
+    pub fn charge(&mut self, tenant: Option<&Tenant>, took: Duration) {
+        self.all.charge(took);
+        if let Some(share) = tenant.and_then(|t| self.tenants.get_mut(t)) {
+            share.charge(took);
+        }
+    }
+
+    /// Forgets the tenants that owe nothing: a share starts full.
+    pub fn prune(&mut self, now: Instant) {
+        self.tenants.retain(|_, share| !share.is_full(now));
     }
 }
 

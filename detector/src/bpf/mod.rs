@@ -89,6 +89,9 @@ pub struct Capacities {
     pub verdicts: u32,
     /// (process, target) counters.
     pub counts: u32,
+    /// 3.8-3.10 starts awaiting resolution, by code object: room for every
+    /// watched process's share ([`capacity::PENDING_PER_PROCESS`]).
+    pub pending: u32,
     /// Ring buffer bytes.
     pub events_bytes: u32,
 }
@@ -100,6 +103,7 @@ impl Default for Capacities {
             targets: capacity::TARGETS,
             verdicts: capacity::VERDICTS,
             counts: capacity::COUNTS,
+            pending: capacity::PENDING,
             events_bytes: capacity::EVENTS_BYTES,
         }
     }
@@ -220,6 +224,7 @@ impl Probes {
             .map_max_entries(maps::COUNTS, caps.counts)
             .map_max_entries(maps::CELL_OF, caps.counts)
             .map_max_entries(maps::CELL_CLAIMS, caps.counts)
+            .map_max_entries(maps::PENDING, caps.pending)
             .map_max_entries(maps::EVENTS, caps.events_bytes)
             .load(OBJECT)
             .map_err(|e| BpfError::Load(Box::new(e)))?;

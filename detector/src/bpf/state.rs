@@ -160,15 +160,37 @@ impl Probes {
         out
     }
 
-    /// Deletes `pid`'s pending entry `p`, resolved long enough ago that no
-    /// probe adds to it any more (its hits are the caller's to keep), and
-    /// gives the process its room in the map back.
-    pub fn fold_pending(&mut self, pid: u32, p: &PendingHits) -> Result<(), BpfError> {
-        let key = PendingKey { tgid: pid, generation: p.generation, code: p.code };
+    /// Deletes `pid`'s pending entry of `code` in `generation`, resolved
+    /// long enough ago that no probe adds to it any more, and returns its
+    /// hits (`None` if it is gone already); the process gets its room in
+    /// the map back.
+    pub fn take_pending(&mut self, pid: u32, generation: u32, code: u64) -> Result<Option<u64>, BpfError> {
+        let key = PendingKey { tgid: pid, generation, code };
+        let Ok(entry) = self.pending.get(&key, 0) else { return Ok(None) };
         self.pending.remove(&key).map_err(map_err(maps::PENDING))?;
-        let Some(slot) = self.slot_of(pid) else { return Ok(()) };
-        let folded = self.pending_folded.get(&u32::from(slot), 0).unwrap_or(0);
-        self.pending_folded.set(u32::from(slot), folded + 1, 0).map_err(map_err(maps::PENDING_FOLDED))
+        if let Some(slot) = self.slot_of(pid) {
+            let folded = self.pending_folded.get(&u32::from(slot), 0).unwrap_or(0);
+            // Best effort: the hits are taken either way; a miss here only
+            // leaves the process a little less room.
+            if let Err(e) = self.pending_folded.set(u32::from(slot), folded + 1, 0) {
+                tracing::debug!(pid, error = %e, "cannot give a pending entry's room back");
+            }
+        }
+        Ok(Some(entry.hits))
+    }
+
+    /// Deletes `pid`'s pending entries `pending` (it exited or executed a
+    /// new image: nothing adds to them any more).
+    pub fn drop_pending(&mut self, pid: u32, pending: &[PendingHits]) {
+        for p in pending {
+            let _ = self.pending.remove(&PendingKey { tgid: pid, generation: p.generation, code: p.code });
+        }
+    }
+
+    /// Whether the kernel holds a verdict of `generation` on `pid`'s `code`.
+    pub fn holds_verdict(&self, pid: u32, code: u64, generation: u32) -> bool {
+        let key = CodeKey { tgid: pid, instance: self.instance(pid), code };
+        self.verdicts.get(&key, 0).is_ok_and(|v| v.generation == generation)
     }
 
     /// Gives a new holder of `slot` the whole of its room in the pending map.
@@ -183,13 +205,16 @@ impl Probes {
     /// cells it claimed, and its slot. Its verdicts, identities and threads
     /// are keyed or stamped by the watch instance, which no later watch
     /// shares, and age out of their LRU maps; its watched units went when
-    /// its watchpoints were disarmed. Pending hits (3.8-3.10) are the
-    /// exception: that small map is read whole on every count anyway.
-    pub fn forget_process(&mut self, pid: u32, targets: impl IntoIterator<Item = u32>) {
+    /// its watchpoints were disarmed. Its pending hits (3.8-3.10) are swept
+    /// if `sweep_pending` (probes that could still add to them were closed
+    /// only now; an exited process's were deleted as it was reported).
+    pub fn forget_process(&mut self, pid: u32, targets: impl IntoIterator<Item = u32>, sweep_pending: bool) {
         for target in targets {
             let _ = self.counts.remove(&CountKey { tgid: pid, target });
         }
-        remove_where(&mut self.pending, |k, _| k.tgid == pid);
+        if sweep_pending {
+            remove_where(&mut self.pending, |k, _| k.tgid == pid);
+        }
         let _ = self.watched.remove(&pid);
         self.release_slot(pid);
         // The CPUs' cached verdicts may name the pid, which may come back.

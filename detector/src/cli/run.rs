@@ -169,49 +169,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Explicit processes (--pid, a command) end the run when they are gone;
     // without them the agent discovers processes until it is stopped.
     let explicit = !args.pids.is_empty() || !args.command.is_empty();
-    let tap_path = match &args.tap {
-        Some(p) if p.as_os_str() == "none" => None,
-        Some(p) => Some(p.clone()),
-        None if explicit => None,
-        None => Some(PathBuf::from(tap::DEFAULT_PATH)),
-    };
-    let metrics: SharedMetrics = Arc::default();
-    if let Some(addr) = args.metrics_addr {
-        server::start(addr, metrics.clone()).await.with_context(|| format!("serving metrics on {addr}"))?;
-    }
-    let tap = match &tap_path {
-        Some(p) => Some(Tap::bind(p).with_context(|| format!("serving the tap on {}", p.display()))?),
-        None => None,
-    };
-    let mut printer = Printer::new(match args.events {
-        Events::Json => Some(Format::Json),
-        Events::Text => Some(Format::Text),
-        Events::None => None,
-    });
-    if let Some(tap) = &tap {
-        printer = printer.with_tap(tap.sender());
-    }
-    let caps = Capacities { targets: args.max_targets, ..Capacities::default() };
-    let cache = Arc::new(AnalysisCache::new(args.max_cached_analyses));
-    let mut session = Session::new(caps, printer)?
-        .with_cache(cache.clone())
-        .with_strategy(args.strategy)
-        .with_reachability(args.reachability)
-        .with_reachability_sample(
-            (args.reachability_sample > 0).then(|| Duration::from_secs(args.reachability_sample)),
-        );
-    let budget = (args.overhead_budget > 0.0).then(|| Budget {
-        share: args.overhead_budget / 100.0,
-        costs: session.calibrate(),
-        retry: Duration::from_secs(args.budget_retry),
-    });
-    let opts = NodeOptions {
-        attach_all: args.attach_all,
-        max_processes: args.max_processes as usize,
-        max_per_tenant: args.max_processes_per_tenant as usize,
-        budget,
-    };
-    let mut node = Node::new(opts, metrics.clone(), cache);
+    let (metrics, tap, printer) = outputs(&args, explicit).await?;
+    let (mut session, mut node) = agent(&args, printer, &metrics)?;
     let mut sources = Sources::default();
     let (mut updates, rc_stats) = args.sources.start().await?;
     let max_targets = args.max_targets as usize;
@@ -220,45 +179,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     while let Ok(delivery) = updates.try_recv() {
         apply(&mut sources, &mut session, delivery, max_targets, &metrics);
     }
-    for &pid in &args.pids {
-        let service = Environ::read(pid).map(|e| e.service).unwrap_or_default();
-        if let Err(e) = pyproc::locate(pid, &session.cache())
-            .map_err(anyhow::Error::from)
-            .and_then(|p| Ok(session.watch_as(p, service)?))
-        {
-            error!(pid, error = %format!("{e:#}"), "not watching process");
-            eprintln!("detector: {e:#}");
-        }
-    }
-    let mut command = None;
-    if !args.command.is_empty() {
-        let s = spawn::spawn_python(&args.command, session.cache())?;
-        let pid = s.process.pid;
-        session.watch(s.process.clone())?;
-        command = Some((pid, s.release()));
-    }
-    let mut watched: BTreeSet<u32> = args.pids.iter().copied().collect();
-    watched.extend(command.as_ref().map(|(p, _)| *p));
-    if explicit && watched.is_empty() {
-        bail!("none of the given processes can be watched");
-    }
-    if !explicit {
-        session.discover().context("starting process discovery")?;
-        info!(attach_all = args.attach_all, "discovering Python processes");
-        session.printer().discovering(args.attach_all);
-    }
-    // Every program is loaded and the tap's socket made: nothing the agent
-    // does from here needs to write a file, load code or trace a process.
-    if args.command.is_empty() {
-        confine::confine().context("confining the agent")?;
-        info!(
-            "confined: no file opened for writing or changed, \
-             no ptrace, process_vm_writev, exec, unix socket, namespace, mount or module"
-        );
-    }
-    if !explicit {
-        node.rescan(&session);
-    }
+    let (mut watched, mut command) = if explicit { watch_given(&args, &mut session)? } else { Default::default() };
+    start_watching(&args, explicit, &mut session, &mut node)?;
     let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_interval.max(1)));
     let mut refresh = tokio::time::interval(REFRESH);
     loop {
@@ -291,6 +213,119 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     session.shutdown();
     drop(tap);
+    Ok(())
+}
+
+/// Where the agent reports: the metrics server, the tap, and the printer
+/// of its event lines (which feeds the tap).
+async fn outputs(args: &RunArgs, explicit: bool) -> anyhow::Result<(SharedMetrics, Option<Tap>, Printer)> {
+    let tap_path = match &args.tap {
+        Some(p) if p.as_os_str() == "none" => None,
+        Some(p) => Some(p.clone()),
+        None if explicit => None,
+        None => Some(PathBuf::from(tap::DEFAULT_PATH)),
+    };
+    let metrics: SharedMetrics = Arc::default();
+    if let Some(addr) = args.metrics_addr {
+        server::start(addr, metrics.clone()).await.with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    let tap = match &tap_path {
+        Some(p) => Some(Tap::bind(p).with_context(|| format!("serving the tap on {}", p.display()))?),
+        None => None,
+    };
+    let mut printer = Printer::new(match args.events {
+        Events::Json => Some(Format::Json),
+        Events::Text => Some(Format::Text),
+        Events::None => None,
+    });
+    if let Some(tap) = &tap {
+        printer = printer.with_tap(tap.sender());
+    }
+    Ok((metrics, tap, printer))
+}
+
+/// The session (the eBPF object loaded, nothing attached) and the node's
+/// view of processes, as `args` configure them.
+fn agent(args: &RunArgs, printer: Printer, metrics: &SharedMetrics) -> anyhow::Result<(Session, Node)> {
+    // Every watched process's share of the pending map fits: none can take
+    // another's room.
+    let pending = (args.max_processes as u64 * capacity::PENDING_PER_PROCESS) as u32;
+    let caps =
+        Capacities { targets: args.max_targets, pending: pending.max(capacity::PENDING), ..Capacities::default() };
+    let cache = Arc::new(AnalysisCache::new(args.max_cached_analyses));
+    let mut session = Session::new(caps, printer)?
+        .with_cache(cache.clone())
+        .with_strategy(args.strategy)
+        .with_reachability(args.reachability)
+        .with_reachability_sample(
+            (args.reachability_sample > 0).then(|| Duration::from_secs(args.reachability_sample)),
+        );
+    let budget = (args.overhead_budget > 0.0).then(|| Budget {
+        share: args.overhead_budget / 100.0,
+        costs: session.calibrate(),
+        retry: Duration::from_secs(args.budget_retry),
+    });
+    let opts = NodeOptions {
+        attach_all: args.attach_all,
+        max_processes: args.max_processes as usize,
+        max_per_tenant: args.max_processes_per_tenant as usize,
+        budget,
+    };
+    let node = Node::new(opts, metrics.clone(), cache);
+    Ok((session, node))
+}
+
+/// A process started by `run`: its pid, and what tells its exit status.
+type Command = (u32, std::thread::JoinHandle<std::io::Result<std::process::ExitStatus>>);
+
+/// Watches the processes given (`--pid`, a command): the pids watched, and
+/// the command's process.
+fn watch_given(args: &RunArgs, session: &mut Session) -> anyhow::Result<(BTreeSet<u32>, Option<Command>)> {
+    for &pid in &args.pids {
+        let service = Environ::read(pid).map(|e| e.service).unwrap_or_default();
+        if let Err(e) = pyproc::locate(pid, &session.cache())
+            .map_err(anyhow::Error::from)
+            .and_then(|p| Ok(session.watch_as(p, service)?))
+        {
+            error!(pid, error = %format!("{e:#}"), "not watching process");
+            eprintln!("detector: {e:#}");
+        }
+    }
+    let mut command = None;
+    if !args.command.is_empty() {
+        let s = spawn::spawn_python(&args.command, session.cache())?;
+        let pid = s.process.pid;
+        session.watch(s.process.clone())?;
+        command = Some((pid, s.release()));
+    }
+    let mut watched: BTreeSet<u32> = args.pids.iter().copied().collect();
+    watched.extend(command.as_ref().map(|(p, _)| *p));
+    if watched.is_empty() {
+        bail!("none of the given processes can be watched");
+    }
+    Ok((watched, command))
+}
+
+/// Starts discovery (without given processes), confines the agent, and
+/// looks at the processes already running.
+fn start_watching(args: &RunArgs, explicit: bool, session: &mut Session, node: &mut Node) -> anyhow::Result<()> {
+    if !explicit {
+        session.discover().context("starting process discovery")?;
+        info!(attach_all = args.attach_all, "discovering Python processes");
+        session.printer().discovering(args.attach_all);
+    }
+    // Every program is loaded and the tap's socket made: nothing the agent
+    // does from here needs to write a file, load code or trace a process.
+    if args.command.is_empty() {
+        confine::confine().context("confining the agent")?;
+        info!(
+            "confined: no file opened for writing or changed, \
+             no ptrace, process_vm_writev, exec, unix socket, namespace, mount or module"
+        );
+    }
+    if !explicit {
+        node.rescan(session);
+    }
     Ok(())
 }
 

@@ -2,9 +2,15 @@
 //! target's, but whose module and class the kernel cannot tell. Each code
 //! object is resolved once, by a walk of its process off the agent loop
 //! ([`resolve`]); until then the kernel counts its starts exactly and its
-//! start events wait here, a bounded number per process.
+//! start events wait here, a bounded number per process. A resolution lives
+//! as long as the kernel's entry of the code object's starts: until it is
+//! folded into user space's counts a little after the kernel was told, or
+//! handed over as the code object is deallocated.
 
-use std::collections::{HashMap, hash_map::Entry};
+use std::{
+    collections::{HashMap, VecDeque, hash_map::Entry},
+    time::Duration,
+};
 
 use detector_common::CO_RESUMABLE;
 
@@ -22,8 +28,10 @@ const MAX_HELD_PER_PROCESS: usize = 1024;
 /// again later (the kernel keeps their counts meanwhile).
 const MAX_WAITING_PER_PROCESS: usize = 256;
 
-/// Entries in the resolution cache before it starts over.
-const MAX_RESOLUTIONS: usize = 1 << 16;
+/// How long after the kernel was told a resolution its entry is folded: a
+/// probe that read the code object's verdict just before adds to the entry
+/// within microseconds.
+pub const FOLD_AFTER: Duration = Duration::from_millis(250);
 
 /// A code object of a process, in a generation of the targets.
 pub type Key = (u32, u32, u64);
@@ -41,10 +49,14 @@ pub struct Ask {
     pub name: u64,
     /// The globals it started with.
     pub globals: u64,
+    /// Which wait for the code object it is: a resolution made for an
+    /// earlier code object at the same address is not this one's.
+    pub id: u64,
 }
 
 impl Ask {
-    fn key(&self) -> Key {
+    /// Its code object's key.
+    pub fn key(&self) -> Key {
         (self.pid, self.generation, self.code)
     }
 }
@@ -65,26 +77,46 @@ pub struct Resolution {
 /// A start waiting for its code object's resolution: (thread, time).
 pub type Start = (u32, u64);
 
+/// What is known of a code object a start was of.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Resolved to the target, if any; `retell` if the start came after
+    /// the kernel was told (its verdict was evicted since).
+    Resolved { target: Option<u32>, retell: bool },
+    /// Waiting for its resolution.
+    Waiting,
+}
+
 /// A code object's resolution, and when the kernel was told it.
 #[derive(Clone, Copy, Debug)]
 struct Resolved {
     target: Option<u32>,
-    at_ns: u64,
+    /// `None` until the kernel is told.
+    told_ns: Option<u64>,
+}
+
+/// A code object waiting for its resolution.
+struct Waiting {
+    id: u64,
+    starts: Vec<Start>,
 }
 
 /// Candidates resolved, and those waiting with their starts.
 #[derive(Default)]
 pub struct Candidates {
     resolutions: HashMap<Key, Resolved>,
-    waiting: HashMap<Key, Vec<Start>>,
+    waiting: HashMap<Key, Waiting>,
     /// Per process: code objects waiting, and starts held.
     per_process: HashMap<u32, (usize, usize)>,
     asks: Vec<Ask>,
+    /// Resolutions told to the kernel, in order: folded once due.
+    folding: VecDeque<(Key, u64)>,
+    next_id: u64,
     /// Starts whose lines were not kept (their counts are).
-    pub unheld: u64,
-    /// Code objects not asked about now because their process had too
-    /// many waiting.
-    pub deferred: u64,
+    unheld: u64,
+    /// Times a code object was not asked about because its process had
+    /// too many waiting.
+    deferred: u64,
 }
 
 impl Candidates {
@@ -93,78 +125,82 @@ impl Candidates {
         self.resolutions.get(&key).map(|r| r.target)
     }
 
-    /// The resolution of `key`, if the kernel was told it before `ns`.
-    pub fn resolved_before(&self, key: Key, ns: u64) -> Option<Option<u32>> {
-        self.resolutions.get(&key).filter(|r| r.at_ns < ns).map(|r| r.target)
-    }
-
-    /// The resolution of `key` for a start at `ts_ns`, if made before it.
-    /// The kernel asks about a code object only while it has no verdict:
-    /// a start after the kernel was told is of a code object the kernel
-    /// forgot (deallocated, its address since reused by another), and is
-    /// resolved anew.
-    pub fn resolution_at(&mut self, key: Key, ts_ns: u64) -> Option<Option<u32>> {
-        let r = *self.resolutions.get(&key)?;
-        if ts_ns > r.at_ns {
-            self.resolutions.remove(&key);
-            return None;
+    /// A start of `ask`'s code object at `start`: its resolution, or it
+    /// waits for one (held within its process's bound, asked about once).
+    pub fn seen(&mut self, ask: Ask, start: Start) -> Seen {
+        if let Some(r) = self.resolutions.get(&ask.key()) {
+            let retell = r.told_ns.is_some_and(|told| start.1 > told);
+            return Seen::Resolved { target: r.target, retell };
         }
-        Some(r.target)
+        self.wait(ask, start);
+        Seen::Waiting
     }
 
-    /// A start of `ask`'s code object at `start`, not resolved yet: held
-    /// (within the process's bound) until it is, and asked about once.
-    pub fn wait(&mut self, ask: Ask, start: Start) {
-        let per = self.per_process.entry(ask.pid).or_default();
-        let held = match self.waiting.entry(ask.key()) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(_) if per.0 >= MAX_WAITING_PER_PROCESS => {
-                self.deferred += 1;
-                self.unheld += 1;
-                return;
-            }
-            Entry::Vacant(e) => {
-                per.0 += 1;
-                self.asks.push(ask);
-                e.insert(Vec::new())
-            }
-        };
-        if per.1 >= MAX_HELD_PER_PROCESS {
+    fn wait(&mut self, ask: Ask, start: Start) {
+        if !self.enter(ask) {
             self.unheld += 1;
             return;
         }
-        per.1 += 1;
-        held.push(start);
-    }
-
-    /// Asks about every pending code object of the kernel's neither
-    /// resolved nor waiting: one whose ask found no room, or whose
-    /// resolution failed while its process lived.
-    pub fn ask_unresolved(&mut self, pending: &[(u32, PendingHits)]) {
-        for (pid, p) in pending {
-            let key = (*pid, p.generation, p.code);
-            let per = self.per_process.entry(*pid).or_default();
-            if self.resolutions.contains_key(&key) || self.waiting.contains_key(&key) {
-                continue;
+        let per = self.per_process.entry(ask.pid).or_default();
+        match self.waiting.get_mut(&ask.key()) {
+            Some(waiting) if per.1 < MAX_HELD_PER_PROCESS => {
+                per.1 += 1;
+                waiting.starts.push(start);
             }
-            if per.0 >= MAX_WAITING_PER_PROCESS {
-                self.deferred += 1;
-                continue;
-            }
-            per.0 += 1;
-            self.waiting.insert(key, Vec::new());
-            self.asks.push(Ask { pid: *pid, generation: p.generation, code: p.code, name: p.name, globals: p.globals });
+            _ => self.unheld += 1,
         }
     }
 
-    /// Every pending code object of the kernel's not resolved, waiting or
-    /// not.
-    pub fn unresolved(&self, pending: &[(u32, PendingHits)]) -> Vec<Ask> {
-        let unresolved =
-            pending.iter().filter(|(pid, p)| !self.resolutions.contains_key(&(*pid, p.generation, p.code)));
-        unresolved
-            .map(|(pid, p)| Ask { pid: *pid, generation: p.generation, code: p.code, name: p.name, globals: p.globals })
-            .collect()
+    /// Waits for `ask`'s code object, asking about it if it is new; false
+    /// if its process has too many waiting already.
+    fn enter(&mut self, ask: Ask) -> bool {
+        let per = self.per_process.entry(ask.pid).or_default();
+        match self.waiting.entry(ask.key()) {
+            Entry::Occupied(_) => true,
+            Entry::Vacant(_) if per.0 >= MAX_WAITING_PER_PROCESS => {
+                self.deferred += 1;
+                false
+            }
+            Entry::Vacant(e) => {
+                per.0 += 1;
+                self.next_id += 1;
+                self.asks.push(Ask { id: self.next_id, ..ask });
+                e.insert(Waiting { id: self.next_id, starts: Vec::new() });
+                true
+            }
+        }
+    }
+
+    /// Asks about every pending code object of the kernel's neither
+    /// resolved nor waiting: one whose ask found no room, whose start
+    /// event the full ring buffer dropped, or whose resolution failed.
+    pub fn ask_unresolved(&mut self, pending: &[(u32, PendingHits)]) {
+        for (pid, p) in pending {
+            let key = (*pid, p.generation, p.code);
+            if !self.resolutions.contains_key(&key) && !self.waiting.contains_key(&key) {
+                self.enter(Ask {
+                    pid: *pid,
+                    generation: p.generation,
+                    code: p.code,
+                    name: p.name,
+                    globals: p.globals,
+                    id: 0,
+                });
+            }
+        }
+    }
+
+    /// Every one of `pending` not resolved, waiting or not, each waited
+    /// for now (within its process's bound), to resolve on the spot.
+    pub fn unresolved(&mut self, pending: &[(u32, PendingHits)]) -> Vec<Ask> {
+        self.ask_unresolved(pending);
+        self.asks.clear();
+        let waiting = pending.iter().filter_map(|(pid, p)| {
+            let key = (*pid, p.generation, p.code);
+            let w = self.waiting.get(&key).filter(|_| !self.resolutions.contains_key(&key))?;
+            Some(Ask { pid: *pid, generation: p.generation, code: p.code, name: p.name, globals: p.globals, id: w.id })
+        });
+        waiting.collect()
     }
 
     /// Asks about `asks` again (a walk left them for the next turn).
@@ -177,32 +213,80 @@ impl Candidates {
         std::mem::take(&mut self.asks)
     }
 
-    /// An ask that could not be queued: asked again by the next
-    /// [`Candidates::ask_unresolved`], its held starts dropped.
+    /// An ask that could not be queued, or whose walk failed: asked again
+    /// by the next [`Candidates::ask_unresolved`], its held starts dropped.
     pub fn refused(&mut self, ask: Ask) {
-        self.unheld += self.leave(ask.key()).len() as u64;
-    }
-
-    /// Records what resolving `ask` found, told to the kernel at `at_ns`
-    /// (a failure is not kept: the code object is asked about again), and
-    /// returns its held starts.
-    pub fn resolved(&mut self, ask: Ask, target: Option<Option<u32>>, at_ns: u64) -> Vec<Start> {
-        if let Some(target) = target {
-            if self.resolutions.len() >= MAX_RESOLUTIONS {
-                self.resolutions.clear();
-            }
-            self.resolutions.insert(ask.key(), Resolved { target, at_ns });
+        if let Some(starts) = self.leave(ask) {
+            self.unheld += starts.len() as u64;
         }
-        self.leave(ask.key())
     }
 
-    fn leave(&mut self, key: Key) -> Vec<Start> {
-        let Some(starts) = self.waiting.remove(&key) else { return Vec::new() };
-        if let Some(per) = self.per_process.get_mut(&key.0) {
+    /// Records what resolving `ask` found (a failure, `None`, is not kept:
+    /// the code object is asked about again) and returns the starts that
+    /// waited for it; `None` if it is no longer waited for (its code object
+    /// was deallocated, or its process forgotten).
+    pub fn resolved(&mut self, ask: Ask, target: Option<Option<u32>>) -> Option<Vec<Start>> {
+        let starts = self.leave(ask)?;
+        match target {
+            Some(target) => {
+                self.resolutions.insert(ask.key(), Resolved { target, told_ns: None });
+            }
+            None => self.unheld += starts.len() as u64,
+        }
+        Some(if target.is_some() { starts } else { Vec::new() })
+    }
+
+    /// The kernel was told `key`'s resolution at `at_ns`: its entry is
+    /// folded once [`FOLD_AFTER`] has passed.
+    pub fn told(&mut self, key: Key, at_ns: u64) {
+        if let Some(r) = self.resolutions.get_mut(&key) {
+            r.told_ns = Some(at_ns);
+            self.folding.push_back((key, at_ns));
+        }
+    }
+
+    /// Resolutions told by `before`, with their targets: their entries are
+    /// due to be folded.
+    pub fn due(&mut self, before: u64) -> Vec<(Key, Option<u32>)> {
+        let mut due = Vec::new();
+        while let Some(&(key, at)) = self.folding.front().filter(|(_, at)| *at <= before) {
+            self.folding.pop_front();
+            // Told again since: due then.
+            if let Some(r) = self.resolutions.get(&key).filter(|r| r.told_ns == Some(at)) {
+                due.push((key, r.target));
+            }
+        }
+        due
+    }
+
+    /// `key`'s entry left the kernel's map (folded, or handed over as its
+    /// code object was deallocated): its resolution goes with it, which it
+    /// returns. A code object still waiting loses its held starts.
+    pub fn gone(&mut self, key: Key) -> Option<Option<u32>> {
+        if let Some(w) = self.waiting.get(&key) {
+            let ask = Ask { pid: key.0, generation: key.1, code: key.2, name: 0, globals: 0, id: w.id };
+            self.refused(ask);
+        }
+        self.resolutions.remove(&key).map(|r| r.target)
+    }
+
+    fn leave(&mut self, ask: Ask) -> Option<Vec<Start>> {
+        let Entry::Occupied(e) = self.waiting.entry(ask.key()) else { return None };
+        if e.get().id != ask.id {
+            return None;
+        }
+        let starts = e.remove().starts;
+        if let Some(per) = self.per_process.get_mut(&ask.pid) {
             per.0 = per.0.saturating_sub(1);
             per.1 = per.1.saturating_sub(starts.len());
         }
-        starts
+        Some(starts)
+    }
+
+    /// Starts whose lines were not kept, and times a code object was not
+    /// asked about because its process had too many waiting.
+    pub fn capped(&self) -> (u64, u64) {
+        (self.unheld, self.deferred)
     }
 
     /// Forgets everything about `pid`.
@@ -210,15 +294,20 @@ impl Candidates {
         self.resolutions.retain(|(p, _, _), _| *p != pid);
         self.waiting.retain(|(p, _, _), _| *p != pid);
         self.asks.retain(|a| a.pid != pid);
+        self.folding.retain(|((p, _, _), _)| *p != pid);
         self.per_process.remove(&pid);
     }
 }
 
-/// Resolves `ask` in `p`: which of `targets` (with their ids) its code
-/// object is, with the code object's file and line.
-pub fn resolve(p: &PythonProcess, ask: &Ask, targets: &[(u32, Target)]) -> Result<Resolution, ProcessError> {
-    let mem = ProcessMemory::open(p.pid)?;
-    let objs = Objects::of(p, &mem);
+/// Resolves `ask` in `p`, reading through `mem`: which of `targets` (with
+/// their ids) its code object is, with the code object's file and line.
+pub fn resolve(
+    p: &PythonProcess,
+    mem: &ProcessMemory,
+    ask: &Ask,
+    targets: &[(u32, Target)],
+) -> Result<Resolution, ProcessError> {
+    let objs = Objects::of(p, mem);
     let co_name = objs.str(ask.name)?;
     let candidates: Vec<(u32, &Target)> =
         targets.iter().filter(|(_, t)| t.name() == co_name).map(|(id, t)| (*id, t)).collect();
@@ -231,61 +320,5 @@ pub fn resolve(p: &PythonProcess, ask: &Ask, targets: &[(u32, Target)]) -> Resul
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ask(pid: u32, code: u64) -> Ask {
-        Ask { pid, generation: 1, code, name: 0x10, globals: 0x20 }
-    }
-
-    #[test]
-    fn a_code_object_is_asked_about_once_and_its_starts_come_back_resolved() {
-        let mut c = Candidates::default();
-        c.wait(ask(7, 0x100), (1, 10));
-        c.wait(ask(7, 0x100), (2, 20));
-        assert_eq!(c.take_asks(), vec![ask(7, 0x100)]);
-        assert_eq!(c.resolved(ask(7, 0x100), Some(Some(3)), 30), vec![(1, 10), (2, 20)]);
-        assert_eq!(c.resolution_at((7, 1, 0x100), 25), Some(Some(3)));
-        assert!(c.take_asks().is_empty());
-    }
-
-    #[test]
-    fn a_start_after_the_kernel_was_told_is_of_another_code_object_at_that_address() {
-        let mut c = Candidates::default();
-        c.wait(ask(7, 0x100), (1, 10));
-        c.resolved(ask(7, 0x100), Some(Some(3)), 30);
-        assert_eq!(c.resolution_at((7, 1, 0x100), 40), None);
-        c.wait(ask(7, 0x100), (1, 40));
-        assert_eq!(c.take_asks(), vec![ask(7, 0x100), ask(7, 0x100)]);
-    }
-
-    #[test]
-    fn a_process_holds_a_bounded_number_of_starts_and_code_objects() {
-        let mut c = Candidates::default();
-        for i in 0..MAX_HELD_PER_PROCESS as u64 + 5 {
-            c.wait(ask(7, 0x100), (1, i));
-        }
-        assert_eq!(c.unheld, 5);
-        for code in 0..MAX_WAITING_PER_PROCESS as u64 + 3 {
-            c.wait(ask(8, 0x1000 + code), (1, 0));
-        }
-        assert_eq!(c.deferred, 3);
-        // Another process is not held back by either.
-        c.wait(ask(9, 0x100), (1, 0));
-        assert_eq!(c.take_asks().iter().filter(|a| a.pid == 9).count(), 1);
-    }
-
-    #[test]
-    fn a_failed_or_refused_resolution_is_asked_about_again() {
-        let mut c = Candidates::default();
-        c.wait(ask(7, 0x100), (1, 10));
-        c.take_asks();
-        assert_eq!(c.resolved(ask(7, 0x100), None, 30), vec![(1, 10)]);
-        let pending = PendingHits { generation: 1, code: 0x100, name: 0x10, globals: 0x20, hits: 1 };
-        c.ask_unresolved(&[(7, pending)]);
-        assert_eq!(c.take_asks(), vec![ask(7, 0x100)]);
-        c.refused(ask(7, 0x100));
-        c.ask_unresolved(&[(7, pending)]);
-        assert_eq!(c.take_asks(), vec![ask(7, 0x100)]);
-    }
-}
+#[path = "candidates_tests.rs"]
+mod tests;

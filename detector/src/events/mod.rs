@@ -4,16 +4,15 @@
 
 pub mod candidates;
 pub mod output;
+mod pending;
 pub mod record;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use candidates::{Ask, Candidates, Resolution};
-use detector_common::TARGET_NONE;
-use tracing::{debug, warn};
+use candidates::Candidates;
 
 use crate::{
-    bpf::{PendingHits, Probes},
+    bpf::Probes,
     pyproc::{ProcessError, PythonProcess, mem::ProcessMemory, objects::Objects},
     targets::{Target, TargetSet},
 };
@@ -21,11 +20,6 @@ use record::Record;
 
 /// Entries kept in each user-space cache before it starts over.
 const MAX_CACHE: usize = 1 << 16;
-
-/// How long after its resolution a pending entry is folded: a probe that
-/// read the code object's verdict just before it was told adds to the
-/// entry within microseconds.
-const FOLD_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A hit, ready to print.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,7 +62,7 @@ struct CodeInfo {
 pub struct EventProcessor {
     code_info: HashMap<(u32, u64), CodeInfo>,
     /// 3.8-3.10 code objects resolved, and those waiting.
-    pub candidates: Candidates,
+    candidates: Candidates,
     /// Hits of pending entries folded out of the kernel's map, by process
     /// and target.
     folded: HashMap<(u32, u32), u64>,
@@ -84,7 +78,13 @@ impl EventProcessor {
     /// The hit a hit-related record makes, if any (a code object's file
     /// and line are kept for the hits that follow; a candidate not resolved
     /// yet waits for its resolution; other records are the caller's).
-    pub fn hit(&mut self, rec: Record, targets: &TargetSet, procs: &impl ProcessLookup) -> Option<Hit> {
+    pub fn hit(
+        &mut self,
+        rec: Record,
+        probes: &mut Probes,
+        targets: &TargetSet,
+        procs: &impl ProcessLookup,
+    ) -> Option<Hit> {
         match rec {
             Record::Code { pid, code, filename, lineno } => {
                 bounded_insert(&mut self.code_info, (pid, code), CodeInfo { filename, lineno: Some(lineno) });
@@ -93,61 +93,13 @@ impl EventProcessor {
             Record::Hit(h) => {
                 Some(self.probe_hit(h.header.tgid, h.tid, h.code, h.ts_ns, targets.get(h.target)?, procs))
             }
-            Record::Candidate(c) => {
-                let pid = c.header.tgid;
-                let ask = Ask { pid, generation: c.generation, code: c.code, name: c.name, globals: c.globals };
-                match self.candidates.resolution_at((pid, c.generation, c.code), c.ts_ns) {
-                    Some(id) => Some(self.probe_hit(pid, c.tid, c.code, c.ts_ns, targets.get(id?)?, procs)),
-                    None => {
-                        self.candidates.wait(ask, (c.tid, c.ts_ns));
-                        None
-                    }
-                }
+            Record::Candidate(c) => self.candidate(c, probes, targets, procs),
+            Record::PendingFreed { pid, generation, code, hits } => {
+                self.pending_freed((pid, generation, code), hits);
+                None
             }
             Record::Exec { .. } | Record::Fork { .. } | Record::WatchFreed { .. } | Record::ModuleExec(_) => None,
         }
-    }
-
-    /// Records what resolving `ask` found, tells the kernel (so later
-    /// starts of the code object count directly), and returns the hits of
-    /// the starts that waited for it. A failure is kept only when the walk
-    /// ran out of budget: the kernel then stops asking about it.
-    pub fn resolved(
-        &mut self,
-        ask: Ask,
-        result: Result<Resolution, ProcessError>,
-        probes: &mut Probes,
-        targets: &TargetSet,
-    ) -> Vec<Hit> {
-        let (target, resumable) = match result {
-            Ok(r) => {
-                let info = CodeInfo { filename: r.filename, lineno: r.lineno };
-                bounded_insert(&mut self.code_info, (ask.pid, ask.code), info);
-                (r.target, r.resumable)
-            }
-            Err(e @ ProcessError::OverBudget { .. }) => {
-                warn!(pid = ask.pid, code = ask.code, error = %e, "cannot resolve a candidate: its starts are not counted");
-                (None, false)
-            }
-            Err(e) => {
-                // Most likely the process exited; its pending starts cannot
-                // be attributed, and the summary says so through the counters.
-                debug!(pid = ask.pid, code = ask.code, error = %e, "cannot resolve candidate");
-                self.candidates.resolved(ask, None, 0);
-                return Vec::new();
-            }
-        };
-        // Before the kernel is told: a start stamped later is of a code
-        // object the kernel forgot since.
-        let starts = self.candidates.resolved(ask, Some(target), monotonic_ns());
-        if ask.generation == probes.generation()
-            && let Err(e) =
-                probes.set_verdict(ask.pid, ask.code, ask.generation, target.unwrap_or(TARGET_NONE), resumable)
-        {
-            warn!(pid = ask.pid, error = %e, "cannot store verdict");
-        }
-        let Some(target) = target.and_then(|id| targets.get(id)) else { return Vec::new() };
-        starts.into_iter().map(|(tid, ts_ns)| self.probe_hit(ask.pid, tid, ask.code, ts_ns, target, &())).collect()
     }
 
     /// A start of `code`, the code of `target`, seen by a probe.
@@ -183,76 +135,6 @@ impl EventProcessor {
     /// A hit of `target` in `pid` seen from `code`'s warm-up mark at `ts_ns`.
     pub fn marked_hit(&mut self, pid: u32, target: &Target, code: u64, ts_ns: u64, procs: &impl ProcessLookup) -> Hit {
         Hit { tid: 0, seen_by: SeenBy::WarmupMark, ..self.probe_hit(pid, 0, code, ts_ns, target, procs) }
-    }
-
-    /// Exact hits per target id in process `pid`: the kernel's counters plus
-    /// 3.8-3.10 starts counted before their code object was resolved (those
-    /// of code objects not resolved are not any target's yet).
-    pub fn totals(&mut self, pid: u32, probes: &Probes, targets: &TargetSet) -> BTreeMap<u32, u64> {
-        let mut out: BTreeMap<u32, u64> = targets.iter().map(|(_, id)| (id, probes.count(pid, id))).collect();
-        let pending: Vec<_> = probes.pending(pid).into_iter().map(|p| (pid, p)).collect();
-        self.add_pending(&mut out, &pending, |p| p == pid);
-        out
-    }
-
-    /// Exact hits per target id summed over every process, reading each map
-    /// once (for the metrics). Pending entries resolved a while ago are
-    /// folded into the processor's counts, which frees their room in the
-    /// kernel's map, and code objects the kernel counted and nobody
-    /// resolved yet are asked about.
-    pub fn totals_all(&mut self, probes: &mut Probes, targets: &TargetSet) -> BTreeMap<u32, u64> {
-        let mut out: BTreeMap<u32, u64> = targets.iter().map(|(_, id)| (id, 0)).collect();
-        for (k, n) in probes.all_counts() {
-            if let Some(total) = out.get_mut(&k.target) {
-                *total += n;
-            }
-        }
-        let pending = self.fold(probes, probes.all_pending());
-        self.add_pending(&mut out, &pending, |_| true);
-        self.candidates.ask_unresolved(&pending);
-        out
-    }
-
-    /// Folds the pending entries resolved at least [`FOLD_AFTER`] ago (no
-    /// probe adds to them any more) into `folded`; returns the others.
-    fn fold(&mut self, probes: &mut Probes, pending: Vec<(u32, PendingHits)>) -> Vec<(u32, PendingHits)> {
-        let before = monotonic_ns().saturating_sub(FOLD_AFTER.as_nanos() as u64);
-        let mut left = Vec::new();
-        for (pid, p) in pending {
-            let Some(target) = self.candidates.resolved_before((pid, p.generation, p.code), before) else {
-                left.push((pid, p));
-                continue;
-            };
-            if let Err(e) = probes.fold_pending(pid, &p) {
-                debug!(pid, code = p.code, error = %e, "cannot fold a pending entry");
-                left.push((pid, p));
-                continue;
-            }
-            if let Some(id) = target {
-                *self.folded.entry((pid, id)).or_default() += p.hits;
-            }
-        }
-        left
-    }
-
-    /// Adds the hits of `pending` whose code objects are resolved, and
-    /// those folded already of processes `of` takes.
-    fn add_pending(&self, out: &mut BTreeMap<u32, u64>, pending: &[(u32, PendingHits)], of: impl Fn(u32) -> bool) {
-        let resolved = pending.iter().filter_map(|(pid, p)| {
-            let id = self.candidates.resolution((*pid, p.generation, p.code))??;
-            Some((id, p.hits))
-        });
-        let folded = self.folded.iter().filter(|((pid, _), _)| of(*pid)).map(|((_, id), n)| (*id, *n));
-        for (id, n) in resolved.chain(folded) {
-            if let Some(total) = out.get_mut(&id) {
-                *total += n;
-            }
-        }
-    }
-
-    /// Targets `ids` were removed: their folded counts go with them.
-    pub fn retire(&mut self, ids: &[u32]) {
-        self.folded.retain(|(_, id), _| !ids.contains(id));
     }
 
     /// Forgets everything about `pid`.

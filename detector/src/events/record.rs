@@ -3,7 +3,8 @@
 
 use detector_common::{
     CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC, EVENT_FORK, EVENT_HIT, EVENT_MODULE_EXEC,
-    EVENT_WATCH_FREED, EventHeader, FreedEvent, HitEvent, ModuleExecEvent, ProcessEvent, name_bytes,
+    EVENT_PENDING_FREED, EVENT_WATCH_FREED, EventHeader, FreedEvent, HitEvent, ModuleExecEvent, PendingFreedEvent,
+    ProcessEvent, name_bytes,
 };
 
 /// A decoded record.
@@ -45,6 +46,18 @@ pub enum Record {
     },
     /// A module body is about to run in a process with targets not found yet.
     ModuleExec(ModuleExec),
+    /// 3.8-3.10: a code object with starts awaiting resolution was
+    /// deallocated, its entry handed over.
+    PendingFreed {
+        /// The process.
+        pid: u32,
+        /// Generation of the targets its starts were counted in.
+        generation: u32,
+        /// The code object.
+        code: u64,
+        /// Its starts counted.
+        hits: u64,
+    },
 }
 
 /// A module body about to run.
@@ -84,6 +97,12 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
         EVENT_EXEC => read::<ProcessEvent>(bytes).map(|e| Record::Exec { pid: e.header.tgid }),
         EVENT_FORK => read::<ProcessEvent>(bytes).map(|e| Record::Fork { parent: e.parent, child: e.header.tgid }),
         EVENT_WATCH_FREED => read::<FreedEvent>(bytes).map(|e| Record::WatchFreed { pid: e.header.tgid, code: e.code }),
+        EVENT_PENDING_FREED => read::<PendingFreedEvent>(bytes).map(|e| Record::PendingFreed {
+            pid: e.header.tgid,
+            generation: e.generation,
+            code: e.code,
+            hits: e.hits,
+        }),
         EVENT_MODULE_EXEC => read::<ModuleExecEvent>(bytes).map(|e| {
             Record::ModuleExec(ModuleExec { pid: e.header.tgid, code: e.code, globals: e.globals, ts_ns: e.ts_ns })
         }),

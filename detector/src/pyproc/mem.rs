@@ -20,6 +20,11 @@ const MAX_BYTES: u64 = 64 << 20;
 /// Longest a look may take.
 const MAX_TIME: Duration = Duration::from_millis(500);
 
+/// Whether `reads` reads of `bytes` bytes are more than a look may make.
+pub(crate) fn exceeds(reads: u32, bytes: u64) -> bool {
+    reads > MAX_READS || bytes > MAX_BYTES
+}
+
 /// Read access to a process's address space, for one look.
 pub struct ProcessMemory {
     pid: u32,

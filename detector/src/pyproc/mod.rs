@@ -84,6 +84,12 @@ pub enum ProcessError {
 }
 
 impl ProcessError {
+    /// Whether a look ran out of reads or bytes: what it read is too much
+    /// for any look, however idle the machine (running out of time is not).
+    pub fn too_large(&self) -> bool {
+        matches!(self, ProcessError::OverBudget { reads, bytes, .. } if mem::exceeds(*reads, *bytes))
+    }
+
     /// Classifies an error from `/proc/PID/...`.
     pub fn io(pid: u32, e: io::Error) -> Self {
         match e.raw_os_error() {

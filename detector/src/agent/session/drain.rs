@@ -5,6 +5,7 @@ use aya::maps::{MapData, RingBuf};
 
 use super::{Activity, Watches};
 use crate::{
+    bpf::Probes,
     events::{
         EventProcessor, Hit,
         record::{self, ModuleExec, Record},
@@ -29,6 +30,7 @@ pub(super) struct Drained {
 pub(super) fn drain(
     ring: &mut RingBuf<MapData>,
     processor: &mut EventProcessor,
+    probes: &mut Probes,
     targets: &TargetSet,
     watches: &Watches,
 ) -> Drained {
@@ -41,7 +43,7 @@ pub(super) fn drain(
             Record::Fork { parent, child } => d.found.push(Activity::Fork { parent, child }),
             Record::WatchFreed { pid, code } => d.freed.push((pid, code)),
             Record::ModuleExec(e) => d.module_bodies.push(e),
-            other => d.hits.extend(processor.hit(other, targets, watches)),
+            other => d.hits.extend(processor.hit(other, probes, targets, watches)),
         }
     }
     d

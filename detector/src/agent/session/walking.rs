@@ -54,14 +54,14 @@ impl Session {
     /// all processes' share) allows one now.
     pub(super) fn start_walks(&mut self) {
         let now = Instant::now();
-        let (watches, all) = (&mut self.watches, &mut self.walks);
+        let (watches, shares) = (&mut self.watches, &mut self.walks);
         self.walker.start(|pid| {
             let Some(w) = watches.0.get_mut(&pid) else { return false };
             if !w.walks.allows(now) {
                 w.walks.hold();
                 return false;
             }
-            all.allows(now)
+            shares.allows(&w.tenant, now)
         });
     }
 
@@ -81,6 +81,7 @@ impl Session {
     /// Looks for pending targets in `sys.modules` (the safety net).
     pub(super) fn rescan_pending(&mut self) {
         self.rescanned = Instant::now();
+        self.walks.prune(self.rescanned);
         let jobs: Vec<Job> =
             self.watches.0.values_mut().filter_map(|w| w.rescan_pending(&self.targets, false, "rescan")).collect();
         for job in jobs {
@@ -90,24 +91,23 @@ impl Session {
 
     /// Arms what a walk found, if its process is still the one watched.
     pub(super) fn walked(&mut self, walked: Walked) {
-        self.walks.charge(walked.took);
         let pid = walked.pid;
+        self.walks.charge(self.watches.0.get(&pid).map(|w| &w.tenant), walked.took);
         let Some(w) = self.watches.0.get_mut(&pid).filter(|w| w.since == walked.since) else {
             self.start_walks();
             return;
         };
-        if !walked.look.arms() {
-            w.walks.charge(walked.took);
-            self.served(walked);
-            self.start_walks();
-            return;
-        }
         let (source, latency, whole) = match walked.look {
             Look::Body { ts_ns, .. } => {
                 ("module body", Some(Duration::from_nanos(monotonic_ns().saturating_sub(ts_ns))), false)
             }
             Look::Modules { source, force, .. } => (source, None, force),
-            Look::Candidates(_) | Look::Identities => unreachable!("served above"),
+            Look::Candidates(_) | Look::Identities => {
+                w.walks.charge(walked.took);
+                self.served(walked);
+                self.start_walks();
+                return;
+            }
         };
         let seq = walked.seq;
         let found = w.walked(&mut self.probes, &self.targets, walked);
