@@ -12,6 +12,7 @@ use detector_tests::{
     rc_agent::{cached_hash, config_states, response},
     spawn_with_env,
 };
+use detector::cli::targets::TargetsReport;
 use serde_json::json;
 
 const A: &str = "datadog/2/SCA_DETECTION/cfg-a/config";
@@ -270,20 +271,58 @@ fn payload_files_are_watched() {
 #[test]
 fn targets_command_shows_every_config_and_where_each_target_comes_from() {
     let agent = TestAgent::start();
-    agent.set_response(&response(7, &[(A, json!({"targets": [F, G]}).to_string().as_bytes()), (B, b"not json")], None));
+    let files = [(A, json!({"targets": [F, G]}).to_string()), (B, "not json".into()), (C, tracer_catalog().to_string())];
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_bytes())).collect();
+    agent.set_response(&response(7, &files, None));
     let out = std::process::Command::new(detector_tests::detector_bin())
         .args(["targets", "--rc-agent", &agent.url(), "--target", F, "--format", "json", "--wait", "20"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let configs = v["configs"].as_array().unwrap();
-    assert_eq!(configs.len(), 3, "{v}");
-    let b = configs.iter().find(|c| c["name"] == B).unwrap();
-    assert_eq!(b["apply_state"], "error");
-    assert!(b["error"].as_str().unwrap().contains("invalid JSON"));
-    let f = v["targets"].as_array().unwrap().iter().find(|t| t["target"] == F).unwrap();
-    assert_eq!(f["configs"], json!(["--target", A]));
-    let a = configs.iter().find(|c| c["name"] == A).unwrap();
-    assert_eq!(a["version"], 7);
+    let report: TargetsReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report.configs.len(), 4, "{report:?}");
+    let config = |name: &str| report.configs.iter().find(|c| c.name == name).unwrap();
+    assert_eq!(config(B).apply_state, "error");
+    assert!(config(B).error.as_deref().unwrap().contains("invalid JSON"));
+    assert_eq!(config(A).version, Some(7));
+    let target = |name: &str| report.targets.iter().find(|t| t.target == name).unwrap();
+    assert_eq!(target(F).configs.iter().collect::<Vec<_>>(), ["--target", A]);
+    // The tracer's catalog: its advisory with its target, the entry for
+    // another language skipped with the reason.
+    let ids: Vec<_> = target(H).advisories.iter().map(|a| a.id.as_deref().unwrap()).collect();
+    assert_eq!(ids, ["vuln-h"]);
+    assert_eq!(target(H).advisories[0].versions, ["<2.32.0"]);
+    assert_eq!(config(C).skipped.len(), 1);
+    assert!(config(C).skipped[0].reason.contains("javascript"), "{:?}", config(C).skipped);
+}
+
+/// A catalog as dd-trace-py ships it: an entry for `H` and one for another
+/// language.
+fn tracer_catalog() -> serde_json::Value {
+    json!({"targets": [
+        {"id": "vuln-h", "targets": [H], "lang": "python", "dependency_name": "requests",
+         "package_versions": ["<2.32.0"],
+         "vulnerability": {"id": "CVE-2024-35195", "severity": "MEDIUM", "description": "cert checks"}},
+        {"id": "vuln-js", "targets": ["x:y"], "lang": "javascript", "dependency_name": "lodash"}
+    ]})
+}
+
+#[test]
+fn the_tracers_catalog_arrives_by_remote_configuration_and_its_advisory_travels_with_hits() {
+    each_family(|i| {
+        let agent = TestAgent::start();
+        let mut fixture = Fixture::start(i, "rounds");
+        fixture.go();
+        let mut det = run(&agent, fixture.pid());
+        agent.set_config(A, &tracer_catalog());
+        agent.wait_for_request("cfg-a acknowledged", |r| acknowledged(r, "cfg-a"));
+        round(&mut fixture, &mut det, &[("f", 2)], 1);
+        let s = det.stop();
+        let hits: Vec<_> = s.hits.iter().filter(|h| h["target"] == H).collect();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0]["advisories"][0]["id"], "vuln-h", "{}", hits[0]);
+        assert_eq!(hits[0]["advisories"][0]["vulnerability"]["id"], "CVE-2024-35195");
+        assert_eq!(s.hits.iter().filter(|h| h["target"] == F).count(), 0);
+        fixture.finish();
+    });
 }

@@ -33,6 +33,7 @@ use crate::{
     events::{EventProcessor, Hit, ProcessLookup, monotonic_ns, output::Printer},
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
+    sources::catalog::Advisory,
     targets::{Target, TargetSet},
 };
 
@@ -89,6 +90,8 @@ pub enum Activity {
 pub struct Session {
     probes: Probes,
     targets: TargetSet,
+    /// The advisories naming each target: they travel with its hits.
+    advisories: BTreeMap<Target, Vec<Advisory>>,
     watches: Watches,
     processor: EventProcessor,
     printer: Printer,
@@ -129,6 +132,7 @@ impl Session {
         Ok(Session {
             probes,
             targets: TargetSet::default(),
+            advisories: BTreeMap::new(),
             watches: Watches(BTreeMap::new()),
             processor: EventProcessor::default(),
             printer,
@@ -306,6 +310,11 @@ impl Session {
             self.look(Some(job));
         }
         Ok(true)
+    }
+
+    /// Makes `advisories` those that travel with each target's hits.
+    pub fn set_advisories(&mut self, advisories: BTreeMap<Target, Vec<Advisory>>) {
+        self.advisories = advisories;
     }
 
     /// Attaches to `process` and reports it.
@@ -511,7 +520,8 @@ impl Session {
                 service = service.and_then(|s| s.service.as_deref()).unwrap_or(""),
                 "hit"
             );
-            self.printer.hit(&hit, service);
+            let advisories = self.advisories.get(&hit.target).map(Vec::as_slice).unwrap_or_default();
+            self.printer.hit(&hit, service, advisories);
         }
     }
 

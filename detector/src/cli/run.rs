@@ -363,6 +363,7 @@ fn apply_update(
             return Err(format!("the kernel refused the targets: {e}"));
         }
         metrics.targets.set(want.len() as i64);
+        session.set_advisories(sources.advisories());
     }
     Ok(())
 }

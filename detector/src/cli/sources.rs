@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     rc::poller::{self, Settings},
-    sources::{Config, Delivery, Origin, Update, file},
+    sources::{Config, Delivery, Origin, Update, catalog::Catalog, file},
     targets::Target,
 };
 
@@ -43,7 +43,8 @@ impl SourceArgs {
             return Ok(None);
         }
         let targets = self.targets.iter().map(|t| Target::parse(t)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(Config { origin: Origin::Flags, name: "--target".into(), version: None, targets: Ok(targets) }))
+        let targets = Ok(Catalog::of(targets));
+        Ok(Some(Config { origin: Origin::Flags, name: "--target".into(), version: None, targets }))
     }
 
     /// Remote Configuration settings, if it is on.

@@ -3,12 +3,15 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use super::sources::SourceArgs;
 use crate::{
     events::output::Format,
-    sources::{Origin, Sources},
+    sources::{
+        Origin, Sources,
+        catalog::{Advisory, Skipped},
+    },
 };
 
 /// Arguments of `detector targets`.
@@ -54,50 +57,131 @@ pub async fn run(args: TargetsArgs) -> anyhow::Result<()> {
         .as_ref()
         .filter(|_| !rc_answered)
         .map(|s| s.last_error.lock().unwrap().clone().unwrap_or_else(|| "no answer from the agent yet".into()));
-    let effective = sources.effective();
+    let report = TargetsReport::of(&sources, RemoteConfigReport { enabled: rc_stats.is_some(), error: rc_error });
     match args.format {
-        Format::Json => {
-            let configs: Vec<_> = sources
-                .configs()
-                .map(|c| {
-                    json!({
-                        "origin": c.origin,
-                        "name": c.name,
-                        "version": c.version,
-                        "apply_state": if c.targets.is_ok() { "acknowledged" } else { "error" },
-                        "error": c.targets.as_ref().err(),
-                        "targets": c.targets.as_ref().map(|t| t.iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_default(),
-                    })
-                })
-                .collect();
-            let targets: Vec<_> = effective
-                .iter()
-                .map(|(t, from)| json!({"target": t.to_string(), "configs": from.iter().collect::<BTreeSet<_>>()}))
-                .collect();
-            println!(
-                "{}",
-                json!({"configs": configs, "targets": targets, "remote_config": {"enabled": rc_stats.is_some(), "error": rc_error}})
-            );
-        }
-        Format::Text => {
-            if let Some(e) = &rc_error {
-                println!("remote configuration: {e}");
-            }
-            for c in sources.configs() {
-                let version = c.version.map(|v| format!(" v{v}")).unwrap_or_default();
-                match &c.targets {
-                    Ok(t) => println!("config {:?} {}{version}: acknowledged, {} targets", c.origin, c.name, t.len()),
-                    Err(e) => println!("config {:?} {}{version}: error: {e}", c.origin, c.name),
-                }
-            }
-            for (t, from) in &effective {
-                let from: Vec<&str> = from.iter().map(String::as_str).collect();
-                println!("target {t}  (from {})", from.join(", "));
-            }
-            if effective.is_empty() {
-                println!("no targets");
-            }
-        }
+        Format::Json => println!("{}", serde_json::to_string(&report)?),
+        Format::Text => print!("{}", report.text()),
     }
     Ok(())
+}
+
+/// What `detector targets` reports.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TargetsReport {
+    /// Every config, ordered by origin and name.
+    pub configs: Vec<ConfigReport>,
+    /// The active targets.
+    pub targets: Vec<TargetReport>,
+    /// Whether Remote Configuration is on, and why it has not answered.
+    pub remote_config: RemoteConfigReport,
+}
+
+/// A config, as `detector targets` reports it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConfigReport {
+    /// Its source.
+    pub origin: Origin,
+    /// Its name.
+    pub name: String,
+    /// Its version, where the source has one.
+    pub version: Option<u64>,
+    /// `acknowledged` or `error`.
+    pub apply_state: String,
+    /// Why it was rejected.
+    pub error: Option<String>,
+    /// Its targets.
+    pub targets: Vec<String>,
+    /// Its entries for another language.
+    pub skipped: Vec<Skipped>,
+}
+
+/// An active target, as `detector targets` reports it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TargetReport {
+    /// The target.
+    pub target: String,
+    /// The configs naming it.
+    pub configs: BTreeSet<String>,
+    /// The advisories naming it.
+    pub advisories: Vec<Advisory>,
+}
+
+/// Remote Configuration's state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoteConfigReport {
+    /// Whether it is on.
+    pub enabled: bool,
+    /// Why it has not answered, if it has not.
+    pub error: Option<String>,
+}
+
+impl TargetsReport {
+    fn of(sources: &Sources, remote_config: RemoteConfigReport) -> Self {
+        let configs = sources
+            .configs()
+            .map(|c| ConfigReport {
+                origin: c.origin,
+                name: c.name.clone(),
+                version: c.version,
+                apply_state: if c.targets.is_ok() { "acknowledged" } else { "error" }.into(),
+                error: c.targets.as_ref().err().cloned(),
+                targets: c.targets.iter().flat_map(|c| &c.targets).map(ToString::to_string).collect(),
+                skipped: c.targets.iter().flat_map(|c| c.skipped.clone()).collect(),
+            })
+            .collect();
+        let mut advisories = sources.advisories();
+        let targets = sources
+            .effective()
+            .into_iter()
+            .map(|(t, configs)| TargetReport {
+                target: t.to_string(),
+                configs,
+                advisories: advisories.remove(&t).unwrap_or_default(),
+            })
+            .collect();
+        TargetsReport { configs, targets, remote_config }
+    }
+
+    /// The report as lines of text.
+    fn text(&self) -> String {
+        let mut out = String::new();
+        if let Some(e) = &self.remote_config.error {
+            out += &format!("remote configuration: {e}\n");
+        }
+        for c in &self.configs {
+            let version = c.version.map(|v| format!(" v{v}")).unwrap_or_default();
+            match &c.error {
+                None => out += &format!("config {:?} {}{version}: acknowledged, {} targets\n", c.origin, c.name, c.targets.len()),
+                Some(e) => out += &format!("config {:?} {}{version}: error: {e}\n", c.origin, c.name),
+            }
+            for s in &c.skipped {
+                out += &format!("  skipped {} {}: {}\n", s.at, s.id.as_deref().unwrap_or(""), s.reason);
+            }
+        }
+        for t in &self.targets {
+            let from: Vec<&str> = t.configs.iter().map(String::as_str).collect();
+            out += &format!("target {}  (from {})\n", t.target, from.join(", "));
+            for a in &t.advisories {
+                out += &format!("  advisory {}\n", advisory_text(a));
+            }
+        }
+        if self.targets.is_empty() {
+            out += "no targets\n";
+        }
+        out
+    }
+}
+
+/// An advisory on one line: id, dependency and versions, vulnerability.
+fn advisory_text(a: &Advisory) -> String {
+    let mut parts = vec![a.id.clone().unwrap_or_else(|| "(no id)".into())];
+    if let Some(d) = &a.dependency {
+        let versions = if a.versions.is_empty() { "any version".into() } else { a.versions.join(" or ") };
+        parts.push(format!("{d} {versions}"));
+    }
+    if let Some(v) = &a.vulnerability {
+        parts.extend(v.id.clone());
+        parts.extend(v.severity.clone());
+    }
+    parts.join(", ")
 }

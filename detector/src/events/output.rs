@@ -9,6 +9,7 @@ use tokio::sync::broadcast;
 use super::Hit;
 use crate::{
     agent::{ProcessWatch, discovery::Service, report::ModeReport},
+    sources::catalog::Advisory,
     targets::{Target, TargetSet},
 };
 
@@ -109,7 +110,7 @@ impl Printer {
     }
 
     /// A hit, with the identity of the service it happened in.
-    pub fn hit(&self, h: &Hit, service: Option<&Service>) {
+    pub fn hit(&self, h: &Hit, service: Option<&Service>, advisories: &[Advisory]) {
         let mut json = json!({
             "type": "hit",
             "pid": h.pid,
@@ -124,6 +125,9 @@ impl Printer {
         });
         if let Some(s) = service.filter(|s| **s != Service::default()) {
             json["service"] = json!(s);
+        }
+        if !advisories.is_empty() {
+            json["advisories"] = json!(advisories);
         }
         let text = || hit_text(&json);
         self.emit(json.clone(), text);
@@ -202,7 +206,14 @@ pub fn hit_text(h: &Value) -> String {
         None => String::new(),
     };
     let how = if h["seen_by"] == "warmup_mark" { " (seen from its code object's warm-up mark)" } else { "" };
-    format!("hit pid={} tid={} {}{at}{service}{how}", h["pid"], h["tid"], h["target"].as_str().unwrap_or("?"))
+    let ids: Vec<String> = h["advisories"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["id"].as_str().map(escaped))
+        .collect();
+    let advisories = if ids.is_empty() { String::new() } else { format!(" advisories={}", ids.join(",")) };
+    format!("hit pid={} tid={} {}{at}{service}{advisories}{how}", h["pid"], h["tid"], h["target"].as_str().unwrap_or("?"))
 }
 
 /// `s` with control characters escaped (`\n`, `\u{1b}`), the rest as is.

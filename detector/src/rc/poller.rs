@@ -106,7 +106,7 @@ pub async fn run(settings: Settings, tx: mpsc::Sender<Delivery>, stats: Arc<Stat
         }
     };
     let mut client = RcClient::new(settings.identity.clone());
-    let mut parsed: BTreeMap<String, Result<Vec<crate::targets::Target>, String>> = BTreeMap::new();
+    let mut parsed: BTreeMap<String, Result<crate::sources::catalog::Catalog, String>> = BTreeMap::new();
     let mut discovered = false;
     let mut published = false;
     let mut failures: u32 = 0;

@@ -3,15 +3,17 @@
 //! its configs; the active target set is the union of every config that
 //! parsed, and each target remembers which configs name it.
 
+pub mod catalog;
 pub mod file;
 pub mod payload;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::targets::Target;
+use catalog::{Advisory, Catalog};
 
 /// Where a config comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     /// Datadog Remote Configuration, product `SCA_DETECTION`.
@@ -31,8 +33,8 @@ pub struct Config {
     pub name: String,
     /// Its version, where the source has one (RC `custom.v`).
     pub version: Option<u64>,
-    /// Its targets, or the error that rejected it (it then adds nothing).
-    pub targets: Result<Vec<Target>, String>,
+    /// What it says, or the error that rejected it (it then adds nothing).
+    pub targets: Result<Catalog, String>,
 }
 
 /// Every config of one origin, replacing what it had before.
@@ -91,8 +93,23 @@ impl Sources {
     pub fn effective(&self) -> BTreeMap<Target, BTreeSet<String>> {
         let mut out: BTreeMap<Target, BTreeSet<String>> = BTreeMap::new();
         for c in self.configs.values() {
-            for t in c.targets.iter().flatten() {
+            for t in c.targets.iter().flat_map(|c| &c.targets) {
                 out.entry(t.clone()).or_default().insert(c.name.clone());
+            }
+        }
+        out
+    }
+
+    /// The advisories naming each active target, over every config, each
+    /// once.
+    pub fn advisories(&self) -> BTreeMap<Target, Vec<Advisory>> {
+        let mut out: BTreeMap<Target, Vec<Advisory>> = BTreeMap::new();
+        for (t, advisories) in self.configs.values().filter_map(|c| c.targets.as_ref().ok()).flat_map(|c| &c.advisories) {
+            let all = out.entry(t.clone()).or_default();
+            for a in advisories {
+                if !all.contains(a) {
+                    all.push(a.clone());
+                }
             }
         }
         out
@@ -108,7 +125,7 @@ mod tests {
             origin,
             name: name.into(),
             version: None,
-            targets: Ok(targets.iter().map(|t| Target::parse(t).unwrap()).collect()),
+            targets: Ok(Catalog::of(targets.iter().map(|t| Target::parse(t).unwrap()).collect())),
         }
     }
 
