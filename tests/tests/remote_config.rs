@@ -7,12 +7,12 @@
 //! Run on one interpreter of each family (3.9: targets resolved through
 //! identities; 3.12: RESUME sites), where target changes differ.
 
+use detector::cli::targets::TargetsReport;
 use detector_tests::{
     Dump, Fixture, Interpreter, TestAgent, interpreters,
     rc_agent::{cached_hash, config_states, response},
     spawn_with_env,
 };
-use detector::cli::targets::TargetsReport;
 use serde_json::json;
 
 const A: &str = "datadog/2/SCA_DETECTION/cfg-a/config";
@@ -271,7 +271,8 @@ fn payload_files_are_watched() {
 #[test]
 fn targets_command_shows_every_config_and_where_each_target_comes_from() {
     let agent = TestAgent::start();
-    let files = [(A, json!({"targets": [F, G]}).to_string()), (B, "not json".into()), (C, tracer_catalog().to_string())];
+    let files =
+        [(A, json!({"targets": [F, G]}).to_string()), (B, "not json".into()), (C, tracer_catalog().to_string())];
     let files: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_bytes())).collect();
     agent.set_response(&response(7, &files, None));
     let out = std::process::Command::new(detector_tests::detector_bin())

@@ -151,7 +151,14 @@ impl TargetsReport {
         for c in &self.configs {
             let version = c.version.map(|v| format!(" v{v}")).unwrap_or_default();
             match &c.error {
-                None => out += &format!("config {:?} {}{version}: acknowledged, {} targets\n", c.origin, c.name, c.targets.len()),
+                None => {
+                    out += &format!(
+                        "config {:?} {}{version}: acknowledged, {} targets\n",
+                        c.origin,
+                        c.name,
+                        c.targets.len()
+                    )
+                }
                 Some(e) => out += &format!("config {:?} {}{version}: error: {e}\n", c.origin, c.name),
             }
             for s in &c.skipped {

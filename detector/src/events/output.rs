@@ -206,14 +206,15 @@ pub fn hit_text(h: &Value) -> String {
         None => String::new(),
     };
     let how = if h["seen_by"] == "warmup_mark" { " (seen from its code object's warm-up mark)" } else { "" };
-    let ids: Vec<String> = h["advisories"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a["id"].as_str().map(escaped))
-        .collect();
+    let ids: Vec<String> =
+        h["advisories"].as_array().into_iter().flatten().filter_map(|a| a["id"].as_str().map(escaped)).collect();
     let advisories = if ids.is_empty() { String::new() } else { format!(" advisories={}", ids.join(",")) };
-    format!("hit pid={} tid={} {}{at}{service}{advisories}{how}", h["pid"], h["tid"], h["target"].as_str().unwrap_or("?"))
+    format!(
+        "hit pid={} tid={} {}{at}{service}{advisories}{how}",
+        h["pid"],
+        h["tid"],
+        h["target"].as_str().unwrap_or("?")
+    )
 }
 
 /// `s` with control characters escaped (`\n`, `\u{1b}`), the rest as is.

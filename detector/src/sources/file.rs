@@ -80,7 +80,7 @@ mod tests {
     #[test]
     fn the_builtin_default_parses() {
         let c = read(&[PathBuf::from(BUILTIN)]);
-        assert!(c[0].targets.as_ref().unwrap().len() >= 5);
+        assert!(c[0].targets.as_ref().unwrap().targets.len() >= 5);
     }
 
     #[test]

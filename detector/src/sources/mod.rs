@@ -104,7 +104,8 @@ impl Sources {
     /// once.
     pub fn advisories(&self) -> BTreeMap<Target, Vec<Advisory>> {
         let mut out: BTreeMap<Target, Vec<Advisory>> = BTreeMap::new();
-        for (t, advisories) in self.configs.values().filter_map(|c| c.targets.as_ref().ok()).flat_map(|c| &c.advisories) {
+        for (t, advisories) in self.configs.values().filter_map(|c| c.targets.as_ref().ok()).flat_map(|c| &c.advisories)
+        {
             let all = out.entry(t.clone()).or_default();
             for a in advisories {
                 if !all.contains(a) {
