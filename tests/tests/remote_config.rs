@@ -130,7 +130,9 @@ fn malformed_configs_are_reported_and_the_others_keep_working() {
         let states = config_states(&r);
         let state = |id: &str| states.iter().find(|(i, _, _)| i == id).cloned().unwrap();
         assert_eq!(state("cfg-a").1, 2);
-        for (id, reason) in [("cfg-b", "invalid JSON"), ("cfg-c", "must be a target string or an entry"), ("cfg-d", "whitespace")] {
+        for (id, reason) in
+            [("cfg-b", "invalid JSON"), ("cfg-c", "must be a target string or an entry"), ("cfg-d", "whitespace")]
+        {
             let (_, st, err) = state(id);
             assert_eq!(st, 3, "{id}");
             assert!(err.contains(reason), "{id}: {err:?} lacks {reason:?}");
