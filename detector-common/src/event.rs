@@ -29,6 +29,10 @@ pub const EVENT_MODULE_EXEC: u32 = 7;
 /// deallocated: see [`PendingFreedEvent`].
 pub const EVENT_PENDING_FREED: u32 = 8;
 
+/// The kernel sent SIGTRAP to a thread of a watched process: see
+/// [`TrapSignalEvent`].
+pub const EVENT_TRAP_SIGNAL: u32 = 9;
+
 /// Common prefix of every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -136,6 +140,21 @@ pub struct PendingFreedEvent {
     pub code: u64,
     /// Its starts counted.
     pub hits: u64,
+}
+
+/// The kernel itself sent SIGTRAP to a thread of a watched process (a
+/// debug exception or breakpoint it could not attribute): unless the
+/// process handles the signal, it dies of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrapSignalEvent {
+    /// `kind == EVENT_TRAP_SIGNAL`, and the process.
+    pub header: EventHeader,
+    /// Thread.
+    pub tid: u32,
+    /// `si_code`: `TRAP_BRKPT` (1), `TRAP_TRACE` (2), `TRAP_HWBKPT` (4),
+    /// `SI_KERNEL` (0x80)...
+    pub code: i32,
 }
 
 /// `PyEval_EvalCode(code, globals, locals)` was entered in a process that

@@ -49,6 +49,9 @@ pub mod programs {
     /// `PyEval_EvalCode` entry: a module body (or `exec`'d code) is about to
     /// run, with its code object and globals.
     pub const MODULE_EXEC: &str = "py_module_exec";
+    /// Tracepoint `signal/signal_generate`: a SIGTRAP the kernel sent to a
+    /// watched process.
+    pub const TRAP_SIGNAL: &str = "trap_signal";
 }
 
 #[cfg(feature = "user")]

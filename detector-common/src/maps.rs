@@ -238,6 +238,11 @@ pub struct Config {
     /// have gone stale: a new generation, or a process forgotten (its pid
     /// may come back as another process).
     pub cache_stamp: u32,
+    /// Offsets of `sig` and `code` in the `signal_generate` record; zero
+    /// until that tracepoint is attached.
+    pub signal_sig: u32,
+    /// See `signal_sig`.
+    pub signal_code: u32,
 }
 
 /// A code unit under a watchpoint: the key of [`WATCHES`].

@@ -27,8 +27,10 @@ pub const SCRATCH_RACES: u32 = 9;
 /// 3.8-3.10 starts not counted because their process held its share of
 /// the pending map ([`crate::capacity::PENDING_PER_PROCESS`]).
 pub const PENDING_REFUSED: u32 = 10;
+/// SIGTRAPs the kernel itself sent to threads of watched processes.
+pub const TRAP_SIGNALS: u32 = 11;
 /// Number of counters.
-pub const COUNT: u32 = 11;
+pub const COUNT: u32 = 12;
 
 /// Counter names, by index, for metrics and summaries.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -43,4 +45,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "module_execs",
     "scratch_races",
     "pending_refused",
+    "trap_signals",
 ];

@@ -9,6 +9,7 @@
 //!   inlined Python-to-Python calls included.
 //! - [`watch`]: a hardware watchpoint on the unit that starts a target's
 //!   body (the watch strategy, 3.11+): only that function's starts pay.
+//! - [`trap_signal`]: a SIGTRAP the kernel sent to a watched process.
 //! - [`func_new`]: `PyFunction_NewWithQualName` entry on 3.8-3.10, which
 //!   records each code object's qualified name and module as functions are
 //!   made, since 3.8-3.10 frames and code objects carry neither.
@@ -32,6 +33,7 @@ mod mem;
 mod module_exec;
 mod regs;
 mod resume;
+mod trap_signal;
 mod verdict;
 mod watch;
 
@@ -100,6 +102,13 @@ pub fn sched_exec(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_fork(ctx: TracePointContext) -> u32 {
     discovery::fork(&ctx);
+    0
+}
+
+/// See [`trap_signal`].
+#[tracepoint]
+pub fn trap_signal(ctx: TracePointContext) -> u32 {
+    trap_signal::run(&ctx);
     0
 }
 

@@ -271,3 +271,42 @@ fn a_watched_function_redefined_is_watched_anew() {
         s.assert_counts(&[("wl.redefine:f", 7)]);
     });
 }
+
+#[test]
+fn a_sigtrap_from_the_kernel_takes_the_process_off_watchpoints() {
+    for_each_interpreter(|i| {
+        const F: &str = "wl.trapped:f";
+        // The switch builds have no `_ctypes` to run the instruction with.
+        let ctypes = std::process::Command::new(&i.argv[0]).args(&i.argv[1..]).args(["-c", "import ctypes"]).status();
+        if !ctypes.is_ok_and(|s| s.success()) {
+            assert!(i.name.starts_with("switch"), "{}: no ctypes", i.name);
+            return;
+        }
+        let mut fixture = Fixture::start(i, "trapped");
+        let pid = fixture.pid();
+        let mut dump = Dump::attach_with(pid, &[F], &["--strategy", "watch"]);
+        let watched = attached_report(&dump.wait_for("attached")).process.strategy == "watch";
+        fixture.go();
+        fixture.call("f", 3);
+        // The kernel's SIGTRAP, as a misreported debug exception gives it.
+        fixture.call("trap", 1);
+        if watched {
+            let line = dump.wait_match("strategy line for the SIGTRAP", |v| v["type"] == "strategy" && v["pid"] == pid);
+            assert_eq!(line["strategy"], "per-call", "{}: {line}", i.name);
+            let why = line["why"].as_str().unwrap();
+            assert!(why.contains("SIGTRAP") && why.contains("TRAP_BRKPT"), "{}: {why}", i.name);
+            let logged = || dump.stderr().contains("the kernel sent SIGTRAP to a thread under watchpoints");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !logged() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            assert!(logged(), "{}: {}", i.name, dump.stderr());
+        }
+        // Counted exactly across the move, by per-call probes from then on.
+        fixture.call("f", 4);
+        let s = dump.stop();
+        fixture.finish();
+        s.assert_counts(&[(F, 7)]);
+        assert_eq!(s.stats["trap_signals"], 1, "{}: {}", i.name, s.stats);
+    });
+}

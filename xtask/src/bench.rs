@@ -167,6 +167,9 @@ pub fn run(suite_only: bool, calls_only: Option<&str>, catalog_only: bool) -> Re
     table.push_str(&catalog::run(&suite_interps, &richards)?);
     if !failures.is_empty() {
         table.push_str("\n## Workloads that died during a measurement\n\n");
+        if failures.iter().any(|f| f.contains("wait_status(5)")) {
+            table.push_str(SIGTRAP_NOTE);
+        }
         for f in &failures {
             let _ = writeln!(table, "- {f}");
         }
@@ -176,6 +179,17 @@ pub fn run(suite_only: bool, calls_only: Option<&str>, catalog_only: bool) -> Re
     println!("{table}");
     Ok(())
 }
+
+/// Why a workload killed by SIGTRAP (wait status 5) is listed, and what the
+/// detector does about it.
+const SIGTRAP_NOTE: &str = "A loop killed by SIGTRAP (wait status 5) was \
+measured again. The kernel delivers a debug exception it cannot attribute to \
+one of its breakpoints as SIGTRAP, and a watched call is one debug exception: \
+a *watch hit* loop takes 600,000 of them, far more than a target traps under \
+`run`'s defaults (once, then disarmed). The detector sees such a signal in a \
+watched process (`trap_signals` in the stats, an error naming the process) \
+and probes that process per call from then on. See docs/WATCHPOINTS.md, \
+\"Debug exceptions the kernel cannot attribute\".\n\n";
 
 /// Median ns per call of the call-heavy loop under `cond`.
 fn measure(interp: &Interpreter, cond: Condition) -> f64 {

@@ -180,6 +180,8 @@ pub struct ProcessWatch {
     pub samples: sampling::Samples,
     /// The agent loop's time its walks may take.
     pub walks: LoopShare,
+    /// Why watchpoints are not to be used in it again, if they are not.
+    pub(super) watch_forbidden: Option<String>,
 }
 
 impl ProcessWatch {
@@ -212,6 +214,7 @@ impl ProcessWatch {
             budget_note: None,
             samples: Default::default(),
             walks: Default::default(),
+            watch_forbidden: None,
         }
     }
 
@@ -231,6 +234,9 @@ impl ProcessWatch {
         if !matches!(self.mode, Mode::PerCall(_)) {
             return Ok(());
         }
+        if let Some(why) = &self.watch_forbidden {
+            return Err(CannotWatch::Forbidden(why.clone()));
+        }
         let Mode::PerCall(pc) = std::mem::replace(&mut self.mode, Mode::Detached) else { unreachable!() };
         let armed = match Watching::arm(probes, &self.process, targets, &self.counting, pc.dealloc, Arming::Now) {
             Ok(w) => w,
@@ -248,6 +254,15 @@ impl ProcessWatch {
         self.mode = Mode::Watch(armed);
         self.meter.reset();
         Ok(())
+    }
+
+    /// Never uses watchpoints in this process again, for `why`, leaving
+    /// them for per-call probes now; returns whether it had them.
+    pub fn forbid_watch(&mut self, probes: &mut Probes, targets: &TargetSet, why: String) -> bool {
+        let had = matches!(self.mode, Mode::Watch(_));
+        self.watch_forbidden = Some(why.clone());
+        self.fall_back_to_per_call(probes, targets, &CannotWatch::Forbidden(why));
+        had
     }
 
     /// Leaves watchpoints for per-call probes (a target found late cannot be
@@ -468,8 +483,12 @@ impl ProcessWatch {
     /// Attaches a suspended process again with `strategy`.
     pub fn resume(&mut self, probes: &mut Probes, targets: &TargetSet, strategy: Strategy) -> Result<(), AttachError> {
         self.meter.reset();
+        let strategy = if self.watch_forbidden.is_some() { Strategy::PerCall } else { strategy };
         match start(probes, &self.process, targets, strategy, &self.counting) {
-            Ok(mode) => {
+            Ok(mut mode) => {
+                if let Mode::PerCall(pc) = &mut mode {
+                    pc.fallback = pc.fallback.take().or_else(|| self.watch_forbidden.clone());
+                }
                 self.mode = mode;
                 Ok(())
             }

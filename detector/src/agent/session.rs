@@ -13,6 +13,7 @@ mod drain;
 mod ending;
 mod enforce;
 mod resolving;
+mod trap_signals;
 mod walking;
 
 use walking::Announce;
@@ -477,6 +478,9 @@ impl Session {
         self.discovered.extend(drained.found);
         for e in drained.module_bodies {
             self.module_body(e);
+        }
+        for (pid, tid, code) in std::mem::take(&mut drained.trap_signals) {
+            self.trap_signalled(pid, tid, code);
         }
         // Hits first: a target they reach is disarmed, and its code object
         // freed since (a process exiting frees them all) needs nothing.

@@ -175,6 +175,7 @@ pub struct Probes {
     cache_stamp: u32,
     wakeup_bytes: u32,
     fork_child_pid: u32,
+    trap_signals: watch::TrapSignals,
     reaper: reaper::Reaper,
     caps: Capacities,
     pub(crate) targets: HashMap<MapData, TargetKey, u32>,
@@ -265,6 +266,7 @@ impl Probes {
             generation: 1,
             cache_stamp: 0,
             fork_child_pid: 0,
+            trap_signals: watch::TrapSignals::NotYet,
             reaper: reaper::Reaper::start(),
             // A quarter full: the reader's timer drains long before that
             // unless hits arrive in a burst.
@@ -315,11 +317,17 @@ impl Probes {
     }
 
     fn write_config(&mut self) -> Result<(), BpfError> {
+        let (signal_sig, signal_code) = match self.trap_signals {
+            watch::TrapSignals::Attached { sig, code } => (sig, code),
+            watch::TrapSignals::NotYet | watch::TrapSignals::Unavailable => (0, 0),
+        };
         let cfg = Config {
             generation: self.generation,
             wakeup_bytes: self.wakeup_bytes,
             fork_child_pid: self.fork_child_pid,
             cache_stamp: self.cache_stamp,
+            signal_sig,
+            signal_code,
         };
         self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
     }

@@ -11,10 +11,10 @@
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use aya::programs::PerfEvent;
+use aya::programs::{PerfEvent, TracePoint};
 use detector_common::{CodeKey, WatchEntry, WatchKey, maps, programs};
 
-use super::{BpfError, Probes, map_err};
+use super::{BpfError, Probes, map_err, tracefs, typed_program};
 
 /// `PERF_TYPE_BREAKPOINT`.
 const PERF_TYPE_BREAKPOINT: u32 = 5;
@@ -123,11 +123,60 @@ fn ioctl(fd: &OwnedFd, request: libc::c_ulong, arg: libc::c_ulong) -> Result<(),
     Ok(())
 }
 
+/// Whether the SIGTRAPs the kernel sends to watched processes are seen.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TrapSignals {
+    /// Not tried yet: tried at the first watchpoint.
+    NotYet,
+    /// Attached; the offsets of `sig` and `code` in the tracepoint's record.
+    Attached { sig: u32, code: u32 },
+    /// Tried and failed (said once).
+    Unavailable,
+}
+
 impl Probes {
+    /// Watches for the SIGTRAPs the kernel sends to watched processes, once:
+    /// a debug exception it cannot attribute to a breakpoint is delivered
+    /// as one. Watching works without it; the failure is logged once.
+    fn see_trap_signals(&mut self) {
+        if !matches!(self.trap_signals, TrapSignals::NotYet) {
+            return;
+        }
+        self.trap_signals = match self.attach_trap_signals() {
+            Ok((sig, code)) => TrapSignals::Attached { sig, code },
+            Err(e) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)),
+                    "cannot see the SIGTRAPs the kernel sends to watched processes: a debug exception misreported by the CPU or hypervisor goes unexplained");
+                TrapSignals::Unavailable
+            }
+        };
+        if let Err(e) = self.write_config() {
+            tracing::warn!(error = %e, "cannot tell the kernel where signal records hold their fields");
+        }
+    }
+
+    fn attach_trap_signals(&mut self) -> Result<(u32, u32), BpfError> {
+        let io = |what: &'static str| move |source: std::io::Error| BpfError::Io { what, source };
+        let root = tracefs::root().map_err(io("finding tracefs"))?;
+        let offset = |field| tracefs::field_offset(root, "signal", "signal_generate", field);
+        let sig = offset("sig").map_err(io("reading the signal_generate format"))?;
+        let code = offset("code").map_err(io("reading the signal_generate format"))?;
+        let name = programs::TRAP_SIGNAL;
+        let failed = |source| BpfError::Program {
+            what: format!("attaching {name} to signal/signal_generate"),
+            source: Box::new(source),
+        };
+        let prog: &mut TracePoint = typed_program(&mut self.ebpf, name)?;
+        prog.load().map_err(failed)?;
+        prog.attach("signal", "signal_generate").map_err(failed)?;
+        Ok((sig, code))
+    }
+
     /// Arms a watchpoint on the opcode byte at `addr` for thread `tid` and
     /// every thread it creates from now on. Fails (`ENOSPC`) when the thread
     /// has no debug register left: x86 has four.
     pub fn attach_watch(&mut self, tid: u32, addr: u64) -> Result<Watchpoint, BpfError> {
+        self.see_trap_signals();
         let failed = |source: std::io::Error| BpfError::Program {
             what: format!("arming a watchpoint at {addr:#x} for thread {tid}"),
             source: Box::new(aya::programs::ProgramError::IOError(source)),
@@ -194,7 +243,7 @@ impl Probes {
     pub(super) fn watch_program(&mut self) -> Result<&mut PerfEvent, BpfError> {
         let name = programs::WATCH;
         let failed = |source| BpfError::Program { what: format!("program {name}"), source: Box::new(source) };
-        let prog: &mut PerfEvent = super::typed_program(&mut self.ebpf, name)?;
+        let prog: &mut PerfEvent = typed_program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(failed)?;
         }

@@ -98,7 +98,11 @@ impl EventProcessor {
                 self.pending_freed((pid, generation, code), hits);
                 None
             }
-            Record::Exec { .. } | Record::Fork { .. } | Record::WatchFreed { .. } | Record::ModuleExec(_) => None,
+            Record::Exec { .. }
+            | Record::Fork { .. }
+            | Record::WatchFreed { .. }
+            | Record::ModuleExec(_)
+            | Record::TrapSignal { .. } => None,
         }
     }
 

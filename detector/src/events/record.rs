@@ -3,8 +3,8 @@
 
 use detector_common::{
     CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC, EVENT_FORK, EVENT_HIT, EVENT_MODULE_EXEC,
-    EVENT_PENDING_FREED, EVENT_WATCH_FREED, EventHeader, FreedEvent, HitEvent, ModuleExecEvent, PendingFreedEvent,
-    ProcessEvent, name_bytes,
+    EVENT_PENDING_FREED, EVENT_TRAP_SIGNAL, EVENT_WATCH_FREED, EventHeader, FreedEvent, HitEvent, ModuleExecEvent,
+    PendingFreedEvent, ProcessEvent, TrapSignalEvent, name_bytes,
 };
 
 /// A decoded record.
@@ -58,6 +58,15 @@ pub enum Record {
         /// Its starts counted.
         hits: u64,
     },
+    /// The kernel sent SIGTRAP to a thread of a watched process.
+    TrapSignal {
+        /// The process.
+        pid: u32,
+        /// The thread.
+        tid: u32,
+        /// `si_code`.
+        code: i32,
+    },
 }
 
 /// A module body about to run.
@@ -103,6 +112,9 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
             code: e.code,
             hits: e.hits,
         }),
+        EVENT_TRAP_SIGNAL => {
+            read::<TrapSignalEvent>(bytes).map(|e| Record::TrapSignal { pid: e.header.tgid, tid: e.tid, code: e.code })
+        }
         EVENT_MODULE_EXEC => read::<ModuleExecEvent>(bytes).map(|e| {
             Record::ModuleExec(ModuleExec { pid: e.header.tgid, code: e.code, globals: e.globals, ts_ns: e.ts_ns })
         }),

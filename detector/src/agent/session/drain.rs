@@ -24,6 +24,9 @@ pub(super) struct Drained {
     pub(super) freed: Vec<(u32, u64)>,
     /// Module bodies about to run.
     pub(super) module_bodies: Vec<ModuleExec>,
+    /// SIGTRAPs the kernel sent to watched processes: (process, thread,
+    /// `si_code`).
+    pub(super) trap_signals: Vec<(u32, u32, i32)>,
 }
 
 /// Reads every waiting record.
@@ -43,6 +46,7 @@ pub(super) fn drain(
             Record::Fork { parent, child } => d.found.push(Activity::Fork { parent, child }),
             Record::WatchFreed { pid, code } => d.freed.push((pid, code)),
             Record::ModuleExec(e) => d.module_bodies.push(e),
+            Record::TrapSignal { pid, tid, code } => d.trap_signals.push((pid, tid, code)),
             other => d.hits.extend(processor.hit(other, probes, targets, watches)),
         }
     }

@@ -86,6 +86,9 @@ pub enum CannotWatch {
         "{0} body starts to watch and {DEBUG_REGISTERS} debug registers per thread (exact counts cannot share them)"
     )]
     TooMany(usize),
+    /// Watchpoints are not to be used in this process again.
+    #[error("{0}")]
+    Forbidden(String),
     /// Reading the process failed.
     #[error(transparent)]
     Process(#[from] crate::pyproc::ProcessError),
