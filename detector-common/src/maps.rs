@@ -43,6 +43,10 @@ pub const PENDING_FOLDED: &str = "PENDING_FOLDED";
 /// `LruHashMap<CodeKey, CodeIdentity>`: what a 3.8-3.10 code object is,
 /// recorded when a function is made from it (or pre-filled by user space).
 pub const IDENTITIES: &str = "IDENTITIES";
+/// `HashMap<CountKey, u8>`: targets a process's installed dependency leaves
+/// unwatched (its version is not one the target's advisory affects, or is
+/// being read): classified as no target there.
+pub const UNAFFECTED: &str = "UNAFFECTED";
 /// `HashMap<u32 tgid, u8>`: processes being watched (forks of these are
 /// reported).
 pub const WATCHED: &str = "WATCHED";
@@ -79,6 +83,8 @@ pub mod capacity {
     pub const VERDICTS: u32 = 131_072;
     /// (process, target) counters.
     pub const COUNTS: u32 = 65_536;
+    /// (process, target) pairs left unwatched by dependency versions.
+    pub const UNAFFECTED: u32 = 65_536;
     /// (process, code object, generation) pending counters.
     pub const PENDING: u32 = 16_384;
     /// Pending counters one process may hold at once: a process that makes

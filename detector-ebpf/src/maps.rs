@@ -40,6 +40,10 @@ pub static CELL_CLAIMS: HashMap<CellKey, u32> = HashMap::with_max_entries(capaci
 #[map]
 pub static CELL_OF: HashMap<CountKey, u32> = HashMap::with_max_entries(capacity::COUNTS, 0);
 
+/// See [`maps::UNAFFECTED`].
+#[map]
+pub static UNAFFECTED: HashMap<CountKey, u8> = HashMap::with_max_entries(capacity::UNAFFECTED, 0);
+
 #[map]
 pub static COUNTS: HashMap<CountKey, u64> = HashMap::with_max_entries(capacity::COUNTS, 0);
 

@@ -12,7 +12,9 @@ use detector_common::{
 
 use crate::{
     emit,
-    maps::{CELL_CLAIMS, CELL_OF, CODE_EPOCH, CONFIG, NAMES, SCRATCH, TARGETS, VERDICT_CACHE, VERDICTS, bump},
+    maps::{
+        CELL_CLAIMS, CELL_OF, CODE_EPOCH, CONFIG, NAMES, SCRATCH, TARGETS, UNAFFECTED, VERDICT_CACHE, VERDICTS, bump,
+    },
     mem::{field, object_field, read, read_ascii},
 };
 
@@ -140,6 +142,14 @@ pub fn code_freed() {
 #[inline(always)]
 fn store(layout: &Layout, key: &CodeKey, slot: u16, generation: u32, target: u32) -> Verdict {
     bump(stats::VERDICT_MISSES);
+    // A target this process's dependency version leaves unwatched is none
+    // here (user space starts a new generation when that changes).
+    let target = if target < TARGET_PENDING && unsafe { UNAFFECTED.get(&CountKey { tgid: key.tgid, target }) }.is_some()
+    {
+        TARGET_NONE
+    } else {
+        target
+    };
     // Targets only: nothing else is ever asked whether it resumes.
     let resumable = target != TARGET_NONE
         && read::<u32>(key.code + layout.code_flags as u64).is_some_and(|f| f & CO_RESUMABLE != 0);

@@ -23,22 +23,29 @@ pub struct Interpreter {
 
 const PYENV_MINORS: [u8; 6] = [8, 9, 10, 11, 12, 13];
 
+/// pyenv's newest build of 3.`minor`: its version and interpreter; panics
+/// if there is none.
+pub fn pyenv_python(minor: u8) -> (String, PathBuf) {
+    let pyenv = pyenv_root();
+    let prefix = format!("3.{minor}.");
+    let found = std::fs::read_dir(pyenv.join("versions")).ok().and_then(|d| {
+        d.filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.strip_prefix(&prefix).is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit())))
+            .max()
+    });
+    let version = found.unwrap_or_else(|| panic!("no pyenv build of 3.{minor} in {}", pyenv.display()));
+    let python = pyenv.join("versions").join(&version).join("bin").join(format!("python3.{minor}"));
+    assert!(python.exists(), "{} is missing", python.display());
+    (version, python)
+}
+
 /// Every interpreter; panics naming any that is missing.
 pub fn interpreters() -> Vec<Interpreter> {
     let fixtures = crate::fixtures_dir();
     let mut out = Vec::new();
-    let pyenv = pyenv_root();
     for minor in PYENV_MINORS {
-        let prefix = format!("3.{minor}.");
-        let found = std::fs::read_dir(pyenv.join("versions")).ok().and_then(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.strip_prefix(&prefix).is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit())))
-                .max()
-        });
-        let version = found.unwrap_or_else(|| panic!("no pyenv build of 3.{minor} in {}", pyenv.display()));
-        let python = pyenv.join("versions").join(&version).join("bin").join(format!("python3.{minor}"));
-        assert!(python.exists(), "{} is missing", python.display());
+        let (version, python) = pyenv_python(minor);
         out.push(Interpreter {
             name: format!("pyenv-{version}"),
             minor,

@@ -16,6 +16,7 @@ mod suite;
 mod test;
 mod testbuilds;
 mod toolchain;
+mod venvs;
 
 use std::{
     path::{Path, PathBuf},

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{build, peers, root, rootfs, sh, testbuilds};
+use crate::{build, peers, root, rootfs, sh, testbuilds, venvs};
 
 /// Runs every check and test. `filter` narrows the integration tests.
 pub fn run(filter: Option<&str>) -> Result<()> {
@@ -18,6 +18,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
     let rootfs = rootfs::ensure_all()?;
     let switch = testbuilds::switch_build()?;
     let test_agent = peers::test_agent()?;
+    let versions = venvs::ensure()?;
     // Unit tests (no kernel needed), then the integration tests, which drive
     // the built binary against real interpreters and the real kernel.
     sh(Command::new("cargo").args(["test", "--workspace", "--exclude", "detector-tests"]).current_dir(&ws))?;
@@ -28,7 +29,8 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         .env("DETECTOR_TEST_ROOTFS", &rootfs)
         .env("DETECTOR_TEST_SWITCH_PYTHON", &switch.python)
         .env("DETECTOR_TEST_STRIPPED_SWITCH_PYTHON", &switch.stripped)
-        .env("DETECTOR_TEST_AGENT", &test_agent);
+        .env("DETECTOR_TEST_AGENT", &test_agent)
+        .env("DETECTOR_TEST_VERSIONS", &versions);
     if let Some(f) = filter {
         it.arg(f);
     }

@@ -4,6 +4,7 @@
 mod attach;
 pub(crate) mod budget;
 pub(crate) mod discovery;
+pub mod exposure;
 mod fork;
 pub(crate) mod node;
 mod process;

@@ -4,7 +4,11 @@
 //! transitions between them. Each mode holds exactly the kernel objects it
 //! attached, so leaving it closes exactly those.
 
-use std::{collections::HashSet, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+    time::Instant,
+};
 
 use detector_common::{FAMILY_FRAME_ARG, MODE_WATCH};
 use tracing::{debug, info, warn};
@@ -21,7 +25,7 @@ use super::{
 use crate::{
     bpf::{Link, Probes, reaper::Buried},
     events::candidates::Ask,
-    pyproc::PythonProcess,
+    pyproc::{PythonProcess, distributions::Installed},
     targets::{Target, TargetSet},
 };
 
@@ -105,17 +109,17 @@ enum Arming {
 }
 
 impl Watching {
-    /// Arms the unreached targets' body starts `when` asked; the caller has
-    /// attached the deallocation probe.
+    /// Arms the unreached targets' body starts `when` asked, but those left
+    /// `unwatched`; the caller has attached the deallocation probe.
     fn arm(
         probes: &mut Probes,
         p: &PythonProcess,
-        targets: &TargetSet,
+        (targets, unwatched): (&TargetSet, &BTreeSet<u32>),
         counting: &Counting,
         dealloc: Vec<Link>,
         when: Arming,
     ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
-        let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id));
+        let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id) && !unwatched.contains(id));
         let armed = match when {
             Arming::Now => Armed::arm(probes, p, unreached, counting.fit()),
             Arming::Later => Armed::pending_all(probes, p, unreached, counting.fit()),
@@ -182,25 +186,30 @@ pub struct ProcessWatch {
     pub walks: LoopShare,
     /// Why watchpoints are not to be used in it again, if they are not.
     pub(super) watch_forbidden: Option<String>,
+    /// What it has of the catalog's dependencies, once read.
+    pub(crate) versions: Option<BTreeMap<String, Installed>>,
+    /// Targets its dependency versions leave unwatched (or not read yet).
+    pub(super) unwatched: BTreeSet<u32>,
 }
 
 impl ProcessWatch {
     /// Watches `process` with `strategy` (falling back from watchpoints to
     /// per-call probes when they cannot apply), in reachability mode if
     /// `reachability`. On failure nothing stays attached.
+    /// `unwatched` targets are left alone.
     pub fn attach_with(
         probes: &mut Probes,
         process: PythonProcess,
-        targets: &TargetSet,
+        (targets, unwatched): (&TargetSet, BTreeSet<u32>),
         strategy: Strategy,
         reachability: bool,
     ) -> Result<Self, AttachError> {
         let counting = if reachability { Counting::Reachability(HashSet::new()) } else { Counting::Exact };
-        let mode = start(probes, &process, targets, strategy, &counting)?;
-        Ok(Self::with_mode(process, mode, counting))
+        let mode = start(probes, &process, (targets, &unwatched), strategy, &counting)?;
+        Ok(Self::with_mode(process, mode, counting, unwatched))
     }
 
-    fn with_mode(process: PythonProcess, mode: Mode, counting: Counting) -> Self {
+    fn with_mode(process: PythonProcess, mode: Mode, counting: Counting, unwatched: BTreeSet<u32>) -> Self {
         let start_time = discovery::start_time(process.pid);
         ProcessWatch {
             tenant: Tenant::of(process.pid),
@@ -215,6 +224,8 @@ impl ProcessWatch {
             samples: Default::default(),
             walks: Default::default(),
             watch_forbidden: None,
+            versions: None,
+            unwatched,
         }
     }
 
@@ -224,7 +235,7 @@ impl ProcessWatch {
         let links = attach::floor(probes, &process)?;
         let links = PerCallLinks { links, prefilled_threads: 0, prefilled_identities: 0 };
         let mode = Mode::PerCall(PerCall { links, dealloc: Vec::new(), fallback: None });
-        Ok(Self::with_mode(process, mode, Counting::Exact))
+        Ok(Self::with_mode(process, mode, Counting::Exact, BTreeSet::new()))
     }
 
     /// Budget: moves a per-call process to watchpoints. The watchpoints are
@@ -238,7 +249,8 @@ impl ProcessWatch {
             return Err(CannotWatch::Forbidden(why.clone()));
         }
         let Mode::PerCall(pc) = std::mem::replace(&mut self.mode, Mode::Detached) else { unreachable!() };
-        let armed = match Watching::arm(probes, &self.process, targets, &self.counting, pc.dealloc, Arming::Now) {
+        let both = (targets, &self.unwatched);
+        let armed = match Watching::arm(probes, &self.process, both, &self.counting, pc.dealloc, Arming::Now) {
             Ok(w) => w,
             Err((e, dealloc)) => {
                 self.mode = Mode::PerCall(PerCall { dealloc, ..pc });
@@ -320,10 +332,25 @@ impl ProcessWatch {
     /// identities of functions that already exist.
     pub fn retarget(&mut self, probes: &mut Probes, targets: &TargetSet) -> Option<Job> {
         let Mode::Watch(w) = &mut self.mode else { return None };
-        let counting = &self.counting;
-        let new = w.armed.follow_targets(probes, self.process.pid, targets, |id| counting.seen(id));
+        let (counting, unwatched) = (&self.counting, &self.unwatched);
+        let new = w
+            .armed
+            .follow_targets(probes, self.process.pid, targets, |id| counting.seen(id) || unwatched.contains(&id));
         w.follow_imports(probes, &self.process);
         if new { self.rescan_pending(targets, true, "targets changed") } else { None }
+    }
+
+    /// Leaves `unwatched` targets alone from now on (and watches those it
+    /// left alone before): the look for targets now to watch, if any.
+    pub fn set_unwatched(&mut self, probes: &mut Probes, targets: &TargetSet, unwatched: BTreeSet<u32>) -> Option<Job> {
+        self.unwatched = unwatched;
+        self.retarget(probes, targets)
+    }
+
+    /// The walk reading the versions of `names` (normalized distribution
+    /// names) the process has installed.
+    pub fn versions_job(&self, names: Arc<BTreeSet<String>>) -> Job {
+        self.walk(Look::Versions(names), Arc::from(Vec::new()))
     }
 
     /// 3.8-3.10, probed per call: the walk for the functions of `new`
@@ -484,7 +511,7 @@ impl ProcessWatch {
     pub fn resume(&mut self, probes: &mut Probes, targets: &TargetSet, strategy: Strategy) -> Result<(), AttachError> {
         self.meter.reset();
         let strategy = if self.watch_forbidden.is_some() { Strategy::PerCall } else { strategy };
-        match start(probes, &self.process, targets, strategy, &self.counting) {
+        match start(probes, &self.process, (targets, &self.unwatched), strategy, &self.counting) {
             Ok(mut mode) => {
                 if let Mode::PerCall(pc) = &mut mode {
                     pc.fallback = pc.fallback.take().or_else(|| self.watch_forbidden.clone());
@@ -529,7 +556,7 @@ impl ProcessWatch {
 fn start(
     probes: &mut Probes,
     p: &PythonProcess,
-    targets: &TargetSet,
+    (targets, unwatched): (&TargetSet, &BTreeSet<u32>),
     strategy: Strategy,
     counting: &Counting,
 ) -> Result<Mode, AttachError> {
@@ -537,7 +564,7 @@ fn start(
     let (dealloc, fallback) = if strategy == Strategy::PerCall {
         (dealloc, None)
     } else {
-        match Watching::arm(probes, p, targets, counting, dealloc, Arming::Later) {
+        match Watching::arm(probes, p, (targets, unwatched), counting, dealloc, Arming::Later) {
             Ok(w) => {
                 if let Err(e) = probes.set_mode(p.pid, MODE_WATCH) {
                     let links = w.close(probes);

@@ -12,12 +12,14 @@ use serde::{Deserialize, Serialize};
 use super::{
     ProcessWatch, Strategy,
     discovery::Service,
+    exposure::Exposure,
     process::{Counting, Mode},
     watchpoints::Armed,
 };
 use crate::{
     bpf::{Link, ProbeKind},
     interp::sites::SiteRole,
+    pyproc::distributions::Installed,
     targets::TargetSet,
 };
 
@@ -60,6 +62,14 @@ pub struct ProcessReport {
     /// 3.8-3.10 starts of code objects awaiting resolution that were not
     /// counted: it held its share of the kernel's map of them.
     pub starts_refused: u64,
+    /// What it has of the dependencies whose versions the catalog
+    /// constrains (normalized names), once read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependencies: Option<BTreeMap<String, Installed>>,
+    /// For each target whose advisory constrains its dependency's version,
+    /// what that version means here (whether it is watched, and why).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exposures: BTreeMap<String, Exposure>,
 }
 
 /// A process's mode, as reported: each carries only what it has.
@@ -108,6 +118,9 @@ pub enum TargetStrategy {
     PerCall,
     /// Seen, and no longer paid for.
     Reached,
+    /// Not observed: the version of its dependency here is not one its
+    /// advisory affects (or is being read).
+    Unwatched,
     /// Not observed (suspended, or not found).
     None,
 }
@@ -167,6 +180,8 @@ impl ProcessWatch {
             walks_deferred: self.walks.deferrals,
             events_dropped: 0,
             starts_refused: 0,
+            dependencies: self.versions.clone(),
+            exposures: BTreeMap::new(),
         }
     }
 
@@ -259,6 +274,7 @@ impl ProcessWatch {
     /// How `target` is observed in this process.
     pub fn target_strategy(&self, target: u32) -> TargetStrategy {
         match &self.mode {
+            _ if self.unwatched.contains(&target) => TargetStrategy::Unwatched,
             Mode::Watch(w) if w.armed.watches(target) => TargetStrategy::Watch,
             Mode::Watch(w) if w.armed.pending().contains_key(&target) => TargetStrategy::Pending,
             Mode::PerCall(_) => TargetStrategy::PerCall,
@@ -272,7 +288,8 @@ impl ProcessWatch {
     /// a node may have thousands of targets and processes.
     pub fn targets_by_strategy(&self, targets: usize) -> BTreeMap<TargetStrategy, usize> {
         let (watched, pending) = self.armed().map_or((0, 0), |a| (a.targets(), a.pending().len()));
-        let rest = targets.saturating_sub(watched + pending);
+        let unwatched = self.unwatched.len();
+        let rest = targets.saturating_sub(watched + pending + unwatched);
         let per_call = matches!(self.mode, Mode::PerCall(_));
         // Reached targets are disarmed, so none of them is among the watched.
         let reached = if per_call { 0 } else { self.seen().map_or(0, |r| r.len().min(rest)) };
@@ -281,6 +298,7 @@ impl ProcessWatch {
             (TargetStrategy::Watch, watched),
             (TargetStrategy::Pending, pending),
             (TargetStrategy::Reached, reached),
+            (TargetStrategy::Unwatched, unwatched),
             (other, rest - reached),
         ]
         .into_iter()

@@ -14,6 +14,7 @@ mod ending;
 mod enforce;
 mod resolving;
 mod trap_signals;
+mod versions;
 mod walking;
 
 use walking::Announce;
@@ -93,6 +94,9 @@ pub struct Session {
     targets: TargetSet,
     /// The advisories naming each target: they travel with its hits.
     advisories: BTreeMap<Target, Vec<Advisory>>,
+    /// The dependencies (normalized) whose versions the advisories
+    /// constrain: read in each process.
+    dependencies: Arc<BTreeSet<String>>,
     watches: Watches,
     processor: EventProcessor,
     printer: Printer,
@@ -134,6 +138,7 @@ impl Session {
             probes,
             targets: TargetSet::default(),
             advisories: BTreeMap::new(),
+            dependencies: Default::default(),
             watches: Watches(BTreeMap::new()),
             processor: EventProcessor::default(),
             printer,
@@ -235,7 +240,8 @@ impl Session {
         reports
             .map(|r| {
                 let (events_dropped, starts_refused) = self.probes.dropped(r.pid);
-                ProcessReport { events_dropped, starts_refused, ..r }
+                let exposures = self.exposures_report(r.pid);
+                ProcessReport { events_dropped, starts_refused, exposures, ..r }
             })
             .collect()
     }
@@ -305,17 +311,19 @@ impl Session {
         self.processor.retire(&retired);
         info!(added = new.len(), removed = gone.len(), active = self.targets.len(), "targets changed");
         self.identify(&new);
-        let jobs: Vec<_> =
-            self.watches.0.values_mut().filter_map(|w| w.retarget(&mut self.probes, &self.targets)).collect();
-        for job in jobs {
-            self.look(Some(job));
-        }
+        // Retargets each process, leaving alone what its versions say.
+        self.regate_all();
         Ok(true)
     }
 
     /// Makes `advisories` those that travel with each target's hits.
     pub fn set_advisories(&mut self, advisories: BTreeMap<Target, Vec<Advisory>>) {
+        if self.advisories == advisories {
+            return;
+        }
         self.advisories = advisories;
+        self.note_dependencies();
+        self.regate_all();
     }
 
     /// Attaches to `process` and reports it.
@@ -333,8 +341,17 @@ impl Session {
             let _ = fd.readable().await;
             let _ = exits.send(pid);
         });
+        // The kernel knows what its versions leave unwatched before any probe.
+        let unwatched = self.gate_new(pid)?;
+        let both = (&self.targets, unwatched);
         let mut watch =
-            ProcessWatch::attach_with(&mut self.probes, process, &self.targets, self.strategy, self.reachability)?;
+            match ProcessWatch::attach_with(&mut self.probes, process, both, self.strategy, self.reachability) {
+                Ok(w) => w,
+                Err(e) => {
+                    let _ = self.probes.set_unwatched(pid, &Default::default());
+                    return Err(e);
+                }
+            };
         watch.service = service;
         if self.reachability {
             watch.reach(&mut self.probes, []);
@@ -353,10 +370,17 @@ impl Session {
         }
         let ran_before: Vec<(u32, u32, u64)> =
             ran_before.into_iter().map(|(target, code)| (pid, target, code)).collect();
+        self.watches.0.insert(pid, watch);
+        // Its versions first, when the catalog constrains any: the look for
+        // the targets they leave watched comes after, and the announcement
+        // after that.
+        if let Some(after) = self.read_versions(pid) {
+            self.announcing.insert(pid, (Announce::Attached(ran_before), after));
+            return Ok(());
+        }
         // Under watchpoints the targets are found by a walk off the loop:
         // the process is announced once it has armed what it found.
-        let first_look = watch.rescan_pending(&self.targets, true, "attach");
-        self.watches.0.insert(pid, watch);
+        let first_look = self.watches.0.get_mut(&pid).and_then(|w| w.rescan_pending(&self.targets, true, "attach"));
         match first_look {
             Some(job) => {
                 let after = self.look(Some(job));

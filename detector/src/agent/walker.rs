@@ -24,6 +24,7 @@ use crate::{
     pyproc::{
         ProcessError, PythonProcess,
         body::{self, Found},
+        distributions::{self, Installed},
         mem::ProcessMemory,
     },
     targets::Target,
@@ -59,6 +60,9 @@ pub(crate) enum Look {
     /// 3.8-3.10, probed per call: the functions of the job's targets that
     /// exist already, so the kernel knows them from their next call.
     Identities,
+    /// The versions of these distributions (normalized names) the process
+    /// has installed, along its `sys.path`.
+    Versions(Arc<BTreeSet<String>>),
 }
 
 impl Look {
@@ -71,7 +75,12 @@ impl Look {
     /// queueing another walk (resolutions and identities; a look in
     /// `sys.modules` is handled by [`Walker::submit`]).
     fn absorbs(&self, newer: &Look) -> bool {
-        matches!((self, newer), (Look::Candidates(_), Look::Candidates(_)) | (Look::Identities, Look::Identities))
+        matches!(
+            (self, newer),
+            (Look::Candidates(_), Look::Candidates(_))
+                | (Look::Identities, Look::Identities)
+                | (Look::Versions(_), Look::Versions(_))
+        )
     }
 }
 
@@ -103,6 +112,9 @@ impl Job {
                 // Resolved against the targets as they are now.
                 self.targets = newer.targets;
             }
+            (Look::Versions(names), Look::Versions(more)) => {
+                *names = Arc::new(names.iter().chain(more.iter()).cloned().collect());
+            }
             _ => {
                 let mut targets = self.targets.to_vec();
                 targets.extend(newer.targets.iter().filter(|t| !self.targets.contains(t)).cloned());
@@ -125,6 +137,8 @@ pub(crate) enum Finding {
     Resolved { done: Vec<(Ask, Result<Resolution, ProcessError>)>, left: Vec<Ask> },
     /// Functions of the targets that exist.
     Identities(Vec<Identity>),
+    /// What the process has of each distribution asked for.
+    Versions(BTreeMap<String, Installed>),
 }
 
 /// A walk done.
@@ -292,6 +306,7 @@ fn walk(job: &Job) -> Result<Finding, ProcessError> {
             let targets = job.targets.iter().map(|(_, t)| t);
             identities(p, targets).map(Finding::Identities)
         }
+        Look::Versions(ref names) => distributions::installed(p, names).map(Finding::Versions),
         Look::Modules { force, seen, .. } => {
             let modules = body::modules_count(p).ok();
             if !force && modules.is_some() && modules == seen {

@@ -1,6 +1,7 @@
 //! The loaded eBPF object: programs, typed map handles and probe links. One
 //! instance serves every watched process; maps are keyed by process.
 
+mod gates;
 pub mod reaper;
 mod slots;
 mod state;
@@ -189,6 +190,8 @@ pub struct Probes {
     pub(crate) threads: HashMap<MapData, u32, ThreadEntry>,
     pub(crate) identities: HashMap<MapData, CodeKey, CodeIdentity>,
     pub(crate) watched: HashMap<MapData, u32, u8>,
+    unaffected: HashMap<MapData, CountKey, u8>,
+    gates: gates::Gates,
     pub(crate) watches: HashMap<MapData, WatchKey, WatchEntry>,
     pub(crate) dispatch_reads: HashMap<MapData, WatchKey, u8>,
     pub(crate) watched_codes: HashMap<MapData, CodeKey, u64>,
@@ -247,6 +250,8 @@ impl Probes {
             threads: take(&mut ebpf, maps::THREADS)?,
             identities: take(&mut ebpf, maps::IDENTITIES)?,
             watched: take(&mut ebpf, maps::WATCHED)?,
+            unaffected: take(&mut ebpf, maps::UNAFFECTED)?,
+            gates: Default::default(),
             watches: take(&mut ebpf, maps::WATCHES)?,
             dispatch_reads: take(&mut ebpf, maps::DISPATCH_READS)?,
             watched_codes: take(&mut ebpf, maps::WATCHED_CODES)?,

@@ -353,6 +353,9 @@ fn apply_update(
             metrics.cap_reached("targets");
             want = want.into_iter().take(max).collect();
         }
+        // Before the targets: a new target is gated by its advisories from
+        // its first call.
+        session.set_advisories(sources.advisories());
         // The kernel refusing a change leaves the last targets it took:
         // said, counted, and no reason to stop watching.
         if let Err(e) = session.set_targets(&want) {
@@ -360,10 +363,10 @@ fn apply_update(
             error!(error = %e, "cannot apply the targets: the previous ones stay");
             // As if the update never came: the same update again is tried again.
             *sources = before;
+            session.set_advisories(sources.advisories());
             return Err(format!("the kernel refused the targets: {e}"));
         }
         metrics.targets.set(want.len() as i64);
-        session.set_advisories(sources.advisories());
     }
     Ok(())
 }

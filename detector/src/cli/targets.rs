@@ -1,13 +1,22 @@
 //! `detector targets`: the effective target set and where each target comes
 //! from, with every config's state, from the same sources `run` uses.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
 use super::sources::SourceArgs;
 use crate::{
+    agent::exposure::{self, Exposure},
     events::output::Format,
+    interp::cache::AnalysisCache,
+    pyproc::{
+        self,
+        distributions::{self, Installed},
+    },
     sources::{
         Origin, Sources,
         catalog::{Advisory, Skipped},
@@ -25,6 +34,11 @@ pub struct TargetsArgs {
     /// How long to wait for the Datadog Agent's first answer, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub wait: f64,
+    /// Also read which version of each advisory's dependency process PID
+    /// has installed (along its own `sys.path`, inside its root), and show
+    /// whether that leaves each target watched there.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
 }
 
 /// Runs `detector targets`.
@@ -57,7 +71,10 @@ pub async fn run(args: TargetsArgs) -> anyhow::Result<()> {
         .as_ref()
         .filter(|_| !rc_answered)
         .map(|s| s.last_error.lock().unwrap().clone().unwrap_or_else(|| "no answer from the agent yet".into()));
-    let report = TargetsReport::of(&sources, RemoteConfigReport { enabled: rc_stats.is_some(), error: rc_error });
+    let mut report = TargetsReport::of(&sources, RemoteConfigReport { enabled: rc_stats.is_some(), error: rc_error });
+    if let Some(pid) = args.pid {
+        report.read_process(pid, &sources)?;
+    }
     match args.format {
         Format::Json => println!("{}", serde_json::to_string(&report)?),
         Format::Text => print!("{}", report.text()),
@@ -74,6 +91,19 @@ pub struct TargetsReport {
     pub targets: Vec<TargetReport>,
     /// Whether Remote Configuration is on, and why it has not answered.
     pub remote_config: RemoteConfigReport,
+    /// With `--pid`: what that process has of the constrained dependencies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessVersions>,
+}
+
+/// What one process has of the dependencies whose versions the catalog
+/// constrains.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProcessVersions {
+    /// The process.
+    pub pid: u32,
+    /// Each dependency (normalized name) and what it has of it.
+    pub dependencies: BTreeMap<String, Installed>,
 }
 
 /// A config, as `detector targets` reports it.
@@ -104,6 +134,10 @@ pub struct TargetReport {
     pub configs: BTreeSet<String>,
     /// The advisories naming it.
     pub advisories: Vec<Advisory>,
+    /// With `--pid`, if an advisory constrains its dependency's version:
+    /// what the version that process has means for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposure: Option<Exposure>,
 }
 
 /// Remote Configuration's state.
@@ -137,9 +171,23 @@ impl TargetsReport {
                 target: t.to_string(),
                 configs,
                 advisories: advisories.remove(&t).unwrap_or_default(),
+                exposure: None,
             })
             .collect();
-        TargetsReport { configs, targets, remote_config }
+        TargetsReport { configs, targets, remote_config, process: None }
+    }
+
+    /// Reads what `pid` has of the constrained dependencies, and what that
+    /// means for each target.
+    fn read_process(&mut self, pid: u32, sources: &Sources) -> anyhow::Result<()> {
+        let names = exposure::dependencies(&sources.advisories());
+        let process = pyproc::locate(pid, &AnalysisCache::default())?;
+        let dependencies = distributions::installed(&process, &names)?;
+        for t in &mut self.targets {
+            t.exposure = exposure::exposure(&t.advisories, Some(&dependencies));
+        }
+        self.process = Some(ProcessVersions { pid, dependencies });
+        Ok(())
     }
 
     /// The report as lines of text.
@@ -170,6 +218,10 @@ impl TargetsReport {
             out += &format!("target {}  (from {})\n", t.target, from.join(", "));
             for a in &t.advisories {
                 out += &format!("  advisory {}\n", advisory_text(a));
+            }
+            if let (Some(p), Some(e)) = (&self.process, &t.exposure) {
+                let watched = if e.watched() { "watched" } else { "not watched" };
+                out += &format!("  in pid {}: {watched}: {}\n", p.pid, serde_json::to_string(e).unwrap_or_default());
             }
         }
         if self.targets.is_empty() {

@@ -8,9 +8,12 @@ use tokio::sync::broadcast;
 
 use super::Hit;
 use crate::{
-    agent::{ProcessWatch, discovery::Service, report::ModeReport},
+    agent::{
+        discovery::Service,
+        report::{AttachedReport, ModeReport},
+    },
     sources::catalog::Advisory,
-    targets::{Target, TargetSet},
+    targets::Target,
 };
 
 /// Output format.
@@ -73,9 +76,8 @@ impl Printer {
 
     /// Probes are live on a process: its report, and how each target is
     /// observed, at which sites.
-    pub fn attached(&self, w: &ProcessWatch, targets: &TargetSet) {
-        let report = w.attached_report(targets);
-        let mut line = serde_json::to_value(&report).unwrap_or_default();
+    pub fn attached(&self, report: &AttachedReport) {
+        let mut line = serde_json::to_value(report).unwrap_or_default();
         line["type"] = "attached".into();
         self.emit(line, || {
             let p = &report.process;

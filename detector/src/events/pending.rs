@@ -67,6 +67,8 @@ impl EventProcessor {
                 return Vec::new();
             }
         };
+        // A target the process's dependency version leaves unwatched is none there.
+        let target = target.filter(|id| !probes.unwatched(ask.pid, *id));
         // Not waited for any more: its code object is gone.
         let Some(starts) = self.candidates.resolved(ask, Some(target)) else { return Vec::new() };
         self.tell(ask, target, resumable, probes);

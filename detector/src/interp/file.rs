@@ -46,6 +46,33 @@ pub(crate) fn stat_in_root(root: &Path, path: &Path) -> io::Result<std::fs::Meta
     openat2_in_root(root, path, libc::O_PATH | libc::O_CLOEXEC)?.metadata()
 }
 
+/// The first `max` names in directory `path` inside `root` (resolved as
+/// [`open_in_root`] does), and whether more were left.
+pub(crate) fn list_in_root(root: &Path, path: &Path, max: usize) -> io::Result<(Vec<std::ffi::OsString>, bool)> {
+    let dir = openat2_in_root(root, path, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)?;
+    // Our own descriptor, already resolved inside the root.
+    let entries = std::fs::read_dir(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir)))?;
+    let mut names = Vec::new();
+    for entry in entries {
+        if names.len() == max {
+            return Ok((names, true));
+        }
+        names.push(entry?.file_name());
+    }
+    Ok((names, false))
+}
+
+/// The first `max` bytes of regular file `path` inside `root`.
+pub(crate) fn read_head_in_root(root: &Path, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let file = open_in_root(root, path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut data = Vec::new();
+    file.take(max).read_to_end(&mut data)?;
+    Ok(data)
+}
+
 fn openat2_in_root(root: &Path, path: &Path, flags: i32) -> io::Result<File> {
     let root = open_dir(root)?;
     let name = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;

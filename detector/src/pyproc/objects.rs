@@ -119,6 +119,23 @@ impl<'a> Objects<'a> {
         Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
     }
 
+    /// A list's items, at most `max` (a list is the process's to grow).
+    pub fn list_items(&self, list: u64, max: usize) -> Result<Vec<u64>, ProcessError> {
+        // `PyListObject`: the variable-size header (`ob_size` where a
+        // tuple's is), then `ob_item`, a pointer to the items.
+        let n = self.mem.i64(self.at(list, self.o.tuple_size)?)?;
+        if !(0..=MAX_ITEMS).contains(&n) {
+            return Err(self.bad(list));
+        }
+        let items = self.mem.ptr(list, self.o.tuple_size + 8)?;
+        let n = (n as usize).min(max);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let raw = self.mem.bytes(items, n * 8)?;
+        Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+
     /// A dict's live (key, value) pairs, in insertion order. Split tables
     /// (instance dicts) are not needed and not supported.
     pub fn dict_items(&self, dict: u64) -> Result<Vec<(u64, u64)>, ProcessError> {

@@ -3,6 +3,7 @@
 //! its configs; the active target set is the union of every config that
 //! parsed, and each target remembers which configs name it.
 
+pub mod affected;
 pub mod catalog;
 pub mod file;
 pub mod payload;

@@ -130,7 +130,13 @@ fn versions(v: Option<&Value>, at: &str) -> Result<Vec<String>, PayloadError> {
     let wrong = || err(format!("entry {at}: `package_versions` must be a list of strings"));
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(list)) => list.iter().map(|s| s.as_str().map(str::to_owned).ok_or_else(wrong)).collect(),
+        Some(Value::Array(list)) => {
+            let sets: Vec<String> =
+                list.iter().map(|s| s.as_str().map(str::to_owned).ok_or_else(wrong)).collect::<Result<_, _>>()?;
+            super::affected::check_specifiers(&sets)
+                .map_err(|e| err(format!("entry {at}: `package_versions`: {e}")))?;
+            Ok(sets)
+        }
         Some(_) => Err(wrong()),
     }
 }
@@ -217,6 +223,7 @@ mod tests {
             (r#"{"targets": [1]}"#, "`targets[0]` must be a target string or an entry"),
             (r#"{"targets": [{"id": "x", "targets": [2]}]}"#, "`targets[0].targets[0]` must be a string"),
             (r#"{"targets": [{"id": "x", "package_versions": "<2"}]}"#, "`package_versions` must be a list of strings"),
+            (r#"{"targets": [{"id": "x", "targets": [], "package_versions": ["=>2"]}]}"#, "`=>2` is not a PEP 440"),
             (r#"{"targets": [{"id": "x", "lang": 3, "targets": []}]}"#, "`lang` has the wrong type"),
             (r#"{"targets": ["m:f", "nocolon"]}"#, "exactly one `:`"),
             (r#"{"sca_instrumentation": []}"#, "must be an object"),

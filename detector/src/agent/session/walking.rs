@@ -26,7 +26,9 @@ impl Session {
     /// Reports `pid` attached, and what it ran before (a forked child).
     pub(super) fn announce(&mut self, pid: u32, ran_before: Vec<(u32, u32, u64)>) {
         let Some(w) = self.watches.0.get(&pid) else { return };
-        self.printer.attached(w, &self.targets);
+        let mut report = w.attached_report(&self.targets);
+        report.process.exposures = self.exposures_report(pid);
+        self.printer.attached(&report);
         self.report_marked(ran_before);
     }
 
@@ -105,6 +107,12 @@ impl Session {
             Look::Candidates(_) | Look::Identities => {
                 w.walks.charge(walked.took);
                 self.served(walked);
+                self.start_walks();
+                return;
+            }
+            Look::Versions(_) => {
+                w.walks.charge(walked.took);
+                self.versions_read(walked);
                 self.start_walks();
                 return;
             }
