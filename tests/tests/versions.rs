@@ -3,7 +3,8 @@
 //! the processes whose installed version is affected, read from their own
 //! `sys.path`. The environments are real installs from PyPI that xtask
 //! makes (`DETECTOR_TEST_VERSIONS`): `six` 1.16.0 and 1.17.0 in two
-//! virtualenvs, 1.16.0 as a `--user` install, and an editable install.
+//! virtualenvs, 1.16.0 as a `--user` install and in a zipapp, and an
+//! editable install.
 
 use std::path::PathBuf;
 
@@ -124,6 +125,9 @@ fn user_and_editable_installs_are_found_where_the_process_looks() {
     dump.wait_hits(DEMO, 5);
     let s = dump.stop();
     assert_eq!(hits_of(&s.hits, user.pid(), SIX), 2);
+    // Each hit says what made it count.
+    let first = s.hits.iter().find(|h| h["pid"] == user.pid()).unwrap();
+    assert_eq!(serde_json::from_value::<Exposure>(first["exposure"].clone()).unwrap(), six("1.16.0"));
     assert_eq!(hits_of(&s.hits, editable.pid(), DEMO), 5);
     user.finish();
     editable.finish();
@@ -147,4 +151,38 @@ fn the_targets_command_shows_a_process_decision() {
     assert_eq!(process.pid, new.pid());
     assert!(process.dependencies.contains_key("editable-demo"), "{:?}", process.dependencies);
     new.finish();
+}
+
+#[test]
+fn a_dependency_found_after_the_attach_is_decided_again() {
+    let site = environments().join("new/lib/python3.12/site-packages").display().to_string();
+    let mut app = Fixture::start_with_env(&pyenv(12), "dist_calls", &[("DIST_PATH", &site)]);
+    app.go();
+    let mut dump = run(&[app.pid()], "per-call");
+    let a = attached(&mut dump, app.pid());
+    // Not on its path yet: watched, and flagged.
+    assert_eq!(a.process.exposures[SIX], Exposure::NotInstalled { dependency: "six".into() }, "{a:?}");
+    app.call("adopt", 1);
+    let line = dump.wait_match("exposure line", |v| v["type"] == "exposure" && v["pid"] == app.pid());
+    let not = Exposure::NotAffected { dependency: "six".into(), version: "1.17.0".into() };
+    assert_eq!(serde_json::from_value::<Exposure>(line["exposure"].clone()).unwrap(), not);
+    app.call("six", 3);
+    let s = dump.stop();
+    assert_eq!(hits_of(&s.hits, app.pid(), SIX), 0);
+    app.finish();
+}
+
+#[test]
+fn a_zipapp_s_dependencies_are_read_inside_the_archive() {
+    let archive = environments().join("app.pyz").display().to_string();
+    let mut app = Fixture::start_with_env(&pyenv(12), "dist_calls", &[("PYTHONPATH", &archive)]);
+    app.go();
+    let mut dump = run(&[app.pid()], "watch");
+    let a = attached(&mut dump, app.pid());
+    assert_eq!(a.process.exposures[SIX], six("1.16.0"), "{a:?}");
+    app.call("six", 2);
+    dump.wait_hits(SIX, 2);
+    let s = dump.stop();
+    assert_eq!(hits_of(&s.hits, app.pid(), SIX), 2);
+    app.finish();
 }

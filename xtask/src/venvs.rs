@@ -1,7 +1,8 @@
 //! The Python environments the dependency-version tests run in, made once
 //! under the cache directory from PyPI: one distribution (`six`) at two
-//! versions in two virtualenvs, a `--user` install of it, and an editable
-//! install of a local project. Each is made with pyenv's 3.12.
+//! versions in two virtualenvs, a `--user` install of it, a zipapp bundling
+//! it, and an editable install of a local project. Each is made with
+//! pyenv's 3.12.
 
 use std::{path::PathBuf, process::Command};
 
@@ -10,10 +11,12 @@ use anyhow::Result;
 use crate::{cache_dir, root, sh};
 
 /// What each environment holds; a change makes them again.
-const SPEC: &str = "old: six==1.16.0; new: six==1.17.0; user: six==1.16.0; editable: editable-demo 0.3.0";
+const SPEC: &str =
+    "old: six==1.16.0; new: six==1.17.0; user: six==1.16.0; app.pyz: six==1.16.0; editable: editable-demo 0.3.0";
 
-/// The directory holding `old`, `new` and `editable` (virtualenvs) and
-/// `userbase` (a `PYTHONUSERBASE`), making them on first use.
+/// The directory holding `old`, `new` and `editable` (virtualenvs),
+/// `userbase` (a `PYTHONUSERBASE`) and `app.pyz` (a compressed zipapp),
+/// making them on first use.
 pub fn ensure() -> Result<PathBuf> {
     let dir = cache_dir().join("dist-versions");
     let stamp = dir.join(".installed");
@@ -39,6 +42,15 @@ pub fn ensure() -> Result<PathBuf> {
     sh(Command::new(&python)
         .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--user", "six==1.16.0"])
         .env("PYTHONUSERBASE", dir.join("userbase")))?;
+    let bundle = dir.join("app");
+    sh(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .arg(&bundle)
+        .arg("six==1.16.0"))?;
+    sh(Command::new(&python)
+        .args(["-m", "zipapp", "--compress", "--main", "six:ensure_str", "--output"])
+        .arg(dir.join("app.pyz"))
+        .arg(&bundle))?;
     std::fs::write(&stamp, SPEC)?;
     Ok(dir)
 }

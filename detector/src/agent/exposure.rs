@@ -18,6 +18,24 @@ use crate::{
     targets::{Target, TargetSet},
 };
 
+/// What a process has of the catalog's dependencies, as last read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versions {
+    /// Each dependency (normalized) and what the process has of it.
+    pub installed: BTreeMap<String, Installed>,
+    /// How many modules `sys.modules` held then: a change means a module
+    /// was imported, which may be a dependency found where it was not.
+    pub modules: Option<i64>,
+}
+
+impl Versions {
+    /// Whether a dependency was not found, or not found out: worth reading
+    /// again once a module is imported.
+    pub fn unsettled(&self) -> bool {
+        self.installed.values().any(|i| !matches!(i, Installed::Found { .. }))
+    }
+}
+
 /// What a process's installed dependency means for one target.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "exposure", rename_all = "snake_case")]

@@ -5,7 +5,7 @@
 //! attached, so leaving it closes exactly those.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeSet, HashSet},
     sync::Arc,
     time::Instant,
 };
@@ -16,7 +16,9 @@ use tracing::{debug, info, warn};
 use super::{
     AttachError, Strategy,
     attach::{self, PerCallLinks},
-    budget, discovery, sampling,
+    budget, discovery,
+    exposure::Versions,
+    sampling,
     tenant::Tenant,
     walker::{Job, Look, Targets, Walked},
     walks::LoopShare,
@@ -25,7 +27,7 @@ use super::{
 use crate::{
     bpf::{Link, Probes, reaper::Buried},
     events::candidates::Ask,
-    pyproc::{PythonProcess, distributions::Installed},
+    pyproc::PythonProcess,
     targets::{Target, TargetSet},
 };
 
@@ -187,7 +189,7 @@ pub struct ProcessWatch {
     /// Why watchpoints are not to be used in it again, if they are not.
     pub(super) watch_forbidden: Option<String>,
     /// What it has of the catalog's dependencies, once read.
-    pub(crate) versions: Option<BTreeMap<String, Installed>>,
+    pub(crate) versions: Option<Versions>,
     /// Targets its dependency versions leave unwatched (or not read yet).
     pub(super) unwatched: BTreeSet<u32>,
 }
@@ -348,9 +350,11 @@ impl ProcessWatch {
     }
 
     /// The walk reading the versions of `names` (normalized distribution
-    /// names) the process has installed.
-    pub fn versions_job(&self, names: Arc<BTreeSet<String>>) -> Job {
-        self.walk(Look::Versions(names), Arc::from(Vec::new()))
+    /// names) the process has installed: only once a module was imported
+    /// since they were last read, if `recheck`.
+    pub fn versions_job(&self, names: Arc<BTreeSet<String>>, recheck: bool) -> Job {
+        let seen = if recheck { self.versions.as_ref().and_then(|v| v.modules) } else { None };
+        self.walk(Look::Versions { names, seen }, Arc::from(Vec::new()))
     }
 
     /// 3.8-3.10, probed per call: the walk for the functions of `new`

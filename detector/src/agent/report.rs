@@ -180,7 +180,7 @@ impl ProcessWatch {
             walks_deferred: self.walks.deferrals,
             events_dropped: 0,
             starts_refused: 0,
-            dependencies: self.versions.clone(),
+            dependencies: self.versions.as_ref().map(|v| v.installed.clone()),
             exposures: BTreeMap::new(),
         }
     }

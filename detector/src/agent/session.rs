@@ -549,7 +549,8 @@ impl Session {
                 "hit"
             );
             let advisories = self.advisories.get(&hit.target).map(Vec::as_slice).unwrap_or_default();
-            self.printer.hit(&hit, service, advisories);
+            let exposure = self.exposure_of(hit.pid, &hit.target);
+            self.printer.hit(&hit, service, advisories, exposure.as_ref());
         }
     }
 

@@ -61,8 +61,9 @@ pub(crate) enum Look {
     /// exist already, so the kernel knows them from their next call.
     Identities,
     /// The versions of these distributions (normalized names) the process
-    /// has installed, along its `sys.path`.
-    Versions(Arc<BTreeSet<String>>),
+    /// has installed, along its `sys.path`: only if `sys.modules` no longer
+    /// holds `seen` modules (a module was imported), when given.
+    Versions { names: Arc<BTreeSet<String>>, seen: Option<i64> },
 }
 
 impl Look {
@@ -79,7 +80,7 @@ impl Look {
             (self, newer),
             (Look::Candidates(_), Look::Candidates(_))
                 | (Look::Identities, Look::Identities)
-                | (Look::Versions(_), Look::Versions(_))
+                | (Look::Versions { .. }, Look::Versions { .. })
         )
     }
 }
@@ -112,8 +113,10 @@ impl Job {
                 // Resolved against the targets as they are now.
                 self.targets = newer.targets;
             }
-            (Look::Versions(names), Look::Versions(more)) => {
+            (Look::Versions { names, seen }, Look::Versions { names: more, seen: theirs }) => {
                 *names = Arc::new(names.iter().chain(more.iter()).cloned().collect());
+                // Either one asked unconditionally: so is the merged look.
+                *seen = seen.and(theirs);
             }
             _ => {
                 let mut targets = self.targets.to_vec();
@@ -137,8 +140,9 @@ pub(crate) enum Finding {
     Resolved { done: Vec<(Ask, Result<Resolution, ProcessError>)>, left: Vec<Ask> },
     /// Functions of the targets that exist.
     Identities(Vec<Identity>),
-    /// What the process has of each distribution asked for.
-    Versions(BTreeMap<String, Installed>),
+    /// What the process has of each distribution asked for, and how many
+    /// modules `sys.modules` held when it was read.
+    Versions { installed: BTreeMap<String, Installed>, modules: Option<i64> },
 }
 
 /// A walk done.
@@ -306,7 +310,14 @@ fn walk(job: &Job) -> Result<Finding, ProcessError> {
             let targets = job.targets.iter().map(|(_, t)| t);
             identities(p, targets).map(Finding::Identities)
         }
-        Look::Versions(ref names) => distributions::installed(p, names).map(Finding::Versions),
+        Look::Versions { ref names, seen } => {
+            let modules = body::modules_count(p).ok();
+            if seen.is_some() && modules == seen {
+                return Ok(Finding::Nothing);
+            }
+            let installed = distributions::installed(p, names)?;
+            Ok(Finding::Versions { installed, modules })
+        }
         Look::Modules { force, seen, .. } => {
             let modules = body::modules_count(p).ok();
             if !force && modules.is_some() && modules == seen {

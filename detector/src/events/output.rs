@@ -10,6 +10,7 @@ use super::Hit;
 use crate::{
     agent::{
         discovery::Service,
+        exposure::Exposure,
         report::{AttachedReport, ModeReport},
     },
     sources::catalog::Advisory,
@@ -112,7 +113,7 @@ impl Printer {
     }
 
     /// A hit, with the identity of the service it happened in.
-    pub fn hit(&self, h: &Hit, service: Option<&Service>, advisories: &[Advisory]) {
+    pub fn hit(&self, h: &Hit, service: Option<&Service>, advisories: &[Advisory], exposure: Option<&Exposure>) {
         let mut json = json!({
             "type": "hit",
             "pid": h.pid,
@@ -131,8 +132,19 @@ impl Printer {
         if !advisories.is_empty() {
             json["advisories"] = json!(advisories);
         }
+        if let Some(e) = exposure {
+            json["exposure"] = json!(e);
+        }
         let text = || hit_text(&json);
         self.emit(json.clone(), text);
+    }
+
+    /// What the installed version of `target`'s dependency means for it in
+    /// `pid` changed (a module imported since its attach showed it).
+    pub fn exposure(&self, pid: u32, target: &str, exposure: &Exposure) {
+        let line = json!({"type": "exposure", "pid": pid, "target": target, "exposure": exposure});
+        let watched = if exposure.watched() { "watched" } else { "not watched" };
+        self.emit(line.clone(), || format!("exposure pid={pid} {target}: {watched}: {}", line["exposure"]));
     }
 
     /// A watched process moved to another strategy, and why.

@@ -18,9 +18,11 @@ use crate::{
     sources::affected::normalize,
 };
 
+mod zipped;
+
 /// `sys.path` entries looked at.
 pub(crate) const MAX_PATHS: usize = 64;
-/// Names listed per directory.
+/// Names listed per directory (or archive).
 const MAX_ENTRIES: usize = 8192;
 /// Metadata files read per search.
 const MAX_READS: usize = 64;
@@ -123,15 +125,20 @@ struct Search<'a> {
 }
 
 impl Search<'_> {
-    /// Looks in one `sys.path` entry: a directory, absolute (a relative
-    /// entry is the process's working directory, which it may change).
+    /// Looks in one `sys.path` entry: a directory or a zip archive,
+    /// absolute (a relative entry is the process's working directory, which
+    /// it may change).
     fn directory(&mut self, entry: &str) {
         let dir = Path::new(entry);
         if !dir.is_absolute() {
             return;
         }
-        // Zip archives (zipapps, eggs) and missing entries are not directories.
-        let Ok((listed, more)) = list_in_root(self.root, dir, MAX_ENTRIES) else { return };
+        let (listed, more) = match list_in_root(self.root, dir, MAX_ENTRIES) {
+            Ok(listed) => listed,
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return self.archive(dir),
+            // Missing entries are common (`python312.zip`).
+            Err(_) => return,
+        };
         if more {
             self.cut.get_or_insert(format!("{entry} has more than {MAX_ENTRIES} entries; the first were searched"));
         }
@@ -145,6 +152,24 @@ impl Search<'_> {
             let path = dir.join(name).join(metadata);
             let installed = self.read(&path);
             self.found.insert(dist, installed);
+        }
+    }
+
+    /// Looks in a zip archive on `sys.path` (a zipapp, an egg).
+    fn archive(&mut self, path: &Path) {
+        if self.reads == MAX_READS {
+            return;
+        }
+        self.reads += 1;
+        let (names, found) = (self.names, &self.found);
+        match zipped::search(self.root, path, |d| names.contains(d) && !found.contains_key(d)) {
+            Ok(zipped::Holds { found, cut }) => {
+                self.found.extend(found);
+                if let Some(why) = cut {
+                    self.cut.get_or_insert(why);
+                }
+            }
+            Err(e) => tracing::debug!(path = %path.display(), error = %e, "not a zip archive"),
         }
     }
 

@@ -15,17 +15,18 @@ use tracing::{info, warn};
 use super::{Session, walking::Announce};
 use crate::{
     agent::{
-        exposure::{self, Exposure},
+        exposure::{self, Exposure, Versions},
         walker::{Finding, Walked},
     },
     pyproc::distributions::Installed,
+    targets::Target,
 };
 
 impl Session {
     /// The versions `pid` has, if they were read and cover every dependency
     /// the catalog constrains now.
     fn versions_of(&self, pid: u32) -> Option<&BTreeMap<String, Installed>> {
-        let v = self.watches.0.get(&pid)?.versions.as_ref()?;
+        let v = &self.watches.0.get(&pid)?.versions.as_ref()?.installed;
         self.dependencies.iter().all(|d| v.contains_key(d)).then_some(v)
     }
 
@@ -53,8 +54,20 @@ impl Session {
         if self.dependencies.is_empty() {
             return None;
         }
-        let job = self.watches.0.get(&pid)?.versions_job(self.dependencies.clone());
+        let job = self.watches.0.get(&pid)?.versions_job(self.dependencies.clone(), false);
         Some(self.look(Some(job)))
+    }
+
+    /// Reads again the versions of processes where a dependency was not
+    /// found (or not found out), if they imported a module since: it may be
+    /// the dependency, from a path added since, or the interpreter may have
+    /// been caught before its `sys.path` was set up.
+    pub(super) fn recheck_versions(&mut self) {
+        let unsettled = self.watches.0.values().filter(|w| w.versions.as_ref().is_some_and(|v| v.unsettled()));
+        let jobs: Vec<_> = unsettled.map(|w| w.versions_job(self.dependencies.clone(), true)).collect();
+        for job in jobs {
+            self.look(Some(job));
+        }
     }
 
     /// Makes each process leave unwatched exactly the targets its versions
@@ -84,26 +97,42 @@ impl Session {
 
     /// Applies a versions walk: records them, logs each dependency's
     /// decision, applies the gates, and announces a process waiting for
-    /// them once the look they lead to is done.
+    /// them once the look they lead to is done. A decision that changes
+    /// after the attach is printed (`exposure` lines).
     pub(super) fn versions_read(&mut self, walked: Walked) {
         let pid = walked.pid;
-        let installed = match walked.finding {
-            Ok(Finding::Versions(v)) => v,
+        let (installed, modules) = match walked.finding {
+            Ok(Finding::Versions { installed, modules }) => (installed, modules),
             Ok(_) => return,
             Err(e) => {
                 let why = format!("reading them failed: {e}");
-                self.dependencies.iter().map(|d| (d.clone(), Installed::Unknown { why: why.clone() })).collect()
+                (self.dependencies.iter().map(|d| (d.clone(), Installed::Unknown { why: why.clone() })).collect(), None)
             }
         };
+        let was = self.exposures(pid);
         let Some(w) = self.watches.0.get_mut(&pid) else { return };
         let binary = w.process.object.path.clone();
+        let before = w.versions.take().map(|v| v.installed);
         for (name, found) in &installed {
-            info!(pid, binary = %binary, dependency = %name, installed = ?found, "dependency version");
+            if before.as_ref().and_then(|b| b.get(name)) != Some(found) {
+                info!(pid, binary = %binary, dependency = %name, installed = ?found, "dependency version");
+            }
         }
-        w.versions = Some(installed);
+        let (first, changed) = (before.is_none(), before.as_ref() != Some(&installed));
+        w.versions = Some(Versions { installed, modules });
+        if !changed {
+            return;
+        }
         for (id, e) in self.exposures(pid) {
+            if was.get(&id) == Some(&e) {
+                continue;
+            }
             let target = self.targets.get(id).map(ToString::to_string).unwrap_or_default();
             info!(pid, target = %target, watched = e.watched(), exposure = ?e, "target exposure");
+            // The attached line carries the first decisions.
+            if !first {
+                self.printer.exposure(pid, &target, &e);
+            }
         }
         let after = match self.regate(pid) {
             Some(seq) => Some(seq),
@@ -114,15 +143,26 @@ impl Session {
                 job.map(|j| self.look(Some(j)))
             }
         };
-        if let Some((Announce::Attached(_), due)) = self.announcing.get_mut(&pid) {
-            match after {
-                Some(seq) => *due = seq,
-                None => {
-                    let Some((Announce::Attached(ran), _)) = self.announcing.remove(&pid) else { return };
-                    self.announce(pid, ran);
-                }
+        self.announce_after(pid, after);
+    }
+
+    /// A process waiting for its versions is announced once the look they
+    /// led to (`after`) is done, or now if none.
+    fn announce_after(&mut self, pid: u32, after: Option<u64>) {
+        let Some((Announce::Attached(_), due)) = self.announcing.get_mut(&pid) else { return };
+        match after {
+            Some(seq) => *due = seq,
+            None => {
+                let Some((Announce::Attached(ran), _)) = self.announcing.remove(&pid) else { return };
+                self.announce(pid, ran);
             }
         }
+    }
+
+    /// What `pid`'s installed version of `target`'s dependency means for
+    /// it, if an advisory constrains the version (it travels with hits).
+    pub(super) fn exposure_of(&self, pid: u32, target: &Target) -> Option<Exposure> {
+        exposure::exposure(self.advisories.get(target)?, self.versions_of(pid))
     }
 
     /// Records the catalog's constrained dependencies.

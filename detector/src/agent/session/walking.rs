@@ -89,6 +89,7 @@ impl Session {
         for job in jobs {
             self.look(Some(job));
         }
+        self.recheck_versions();
     }
 
     /// Arms what a walk found, if its process is still the one watched.
@@ -110,7 +111,7 @@ impl Session {
                 self.start_walks();
                 return;
             }
-            Look::Versions(_) => {
+            Look::Versions { .. } => {
                 w.walks.charge(walked.took);
                 self.versions_read(walked);
                 self.start_walks();

@@ -112,7 +112,7 @@ impl Armed {
         let (found, modules) = match finding {
             Ok(Finding::Found { found, modules }) => (found, modules),
             // Only the per-call looks find candidates or identities.
-            Ok(Finding::Nothing | Finding::Resolved { .. } | Finding::Identities(_) | Finding::Versions(_)) => {
+            Ok(Finding::Nothing | Finding::Resolved { .. } | Finding::Identities(_) | Finding::Versions { .. }) => {
                 return Ok(Vec::new());
             }
             // A read that fails (the process exiting, a body gone) leaves
