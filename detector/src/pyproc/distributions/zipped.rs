@@ -3,13 +3,24 @@
 //! serves them. The archive is opened inside the process's root and read
 //! within caps: its size, the entries looked at, the bytes inflated.
 
-use std::{io::Read, path::Path};
+use std::{
+    fs::File,
+    io::{Read, Seek, SeekFrom},
+    path::Path,
+};
 
 use super::{Installed, MAX_ENTRIES, MAX_METADATA, metadata_of, version_header};
 use crate::{interp::file::open_in_root, sources::affected::normalize};
 
 /// The largest archive opened.
 const MAX_ARCHIVE: u64 = 512 << 20;
+/// The largest central directory parsed: the zip reader holds it whole,
+/// and an archive of the process's making could claim millions of entries.
+const MAX_DIRECTORY: u32 = 4 << 20;
+/// End of central directory record: signature, and its fixed size (a
+/// comment of up to 64 KiB may follow it).
+const EOCD_SIGNATURE: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
+const EOCD_LEN: usize = 22;
 
 /// What an archive holds of the distributions asked for.
 pub(super) struct Holds {
@@ -27,6 +38,8 @@ pub(super) fn search(root: &Path, path: &Path, wanted: impl Fn(&str) -> bool) ->
     if !meta.is_file() || meta.len() > MAX_ARCHIVE {
         return Err(format!("not a regular file of at most {MAX_ARCHIVE} bytes"));
     }
+    let mut file = file;
+    check_directory(&mut file, meta.len())?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
     let cut = (zip.len() > MAX_ENTRIES)
         .then(|| format!("{} has more than {MAX_ENTRIES} entries; the first were searched", path.display()));
@@ -57,6 +70,29 @@ pub(super) fn search(root: &Path, path: &Path, wanted: impl Fn(&str) -> bool) ->
         found.push((dist, installed));
     }
     Ok(Holds { found, cut })
+}
+
+/// Refuses an archive whose central directory is larger than the caps
+/// allow (or that needs zip64 to say how large it is), before the zip
+/// reader allocates it: from the end of central directory record.
+fn check_directory(file: &mut File, len: u64) -> Result<(), String> {
+    let tail_len = len.min((EOCD_LEN + u16::MAX as usize) as u64);
+    let mut tail = vec![0; tail_len as usize];
+    file.seek(SeekFrom::Start(len - tail_len)).and_then(|_| file.read_exact(&mut tail)).map_err(|e| e.to_string())?;
+    let at = (0..tail.len().saturating_sub(EOCD_LEN - 1))
+        .rev()
+        .find(|&i| tail[i..i + 4] == EOCD_SIGNATURE)
+        .ok_or("no end of central directory record")?;
+    let eocd = &tail[at..at + EOCD_LEN];
+    let entries = u16::from_le_bytes([eocd[10], eocd[11]]);
+    let size = u32::from_le_bytes([eocd[12], eocd[13], eocd[14], eocd[15]]);
+    if entries == u16::MAX || size == u32::MAX {
+        return Err("a zip64 archive (not read)".into());
+    }
+    if size > MAX_DIRECTORY || usize::from(entries) > MAX_ENTRIES {
+        return Err(format!("a central directory of {entries} entries and {size} bytes (more than the caps)"));
+    }
+    file.rewind().map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -93,5 +129,11 @@ mod tests {
         assert_eq!(versions, [("six".into(), "1.16.0".into()), ("jinja2".into(), "3.1.2".into())]);
         std::fs::write(root.join("not.zip"), b"plain").unwrap();
         assert!(search(&root, Path::new("/not.zip"), |_| true).is_err());
+        // An end record claiming a huge directory is refused before parsing.
+        let mut huge = EOCD_SIGNATURE.to_vec();
+        huge.extend([0, 0, 0, 0, 0xfe, 0xff, 0xfe, 0xff, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0]);
+        std::fs::write(root.join("huge.zip"), huge).unwrap();
+        let e = search(&root, Path::new("/huge.zip"), |_| true).err().unwrap();
+        assert!(e.contains("more than the caps"), "{e}");
     }
 }
