@@ -24,8 +24,9 @@ pub fn run(ctx: &TracePointContext) {
     if unsafe { WATCHED.get(&tgid) }.is_none() {
         return;
     }
-    // Positive codes only: kill(2), tgkill(2) and sigqueue(3) give zero or
-    // less, and a process signalling itself is its own business.
+    // Positive codes only: kill(2), tgkill(2) and sigqueue(3) to another
+    // process give zero or less. (A process may send itself a positive
+    // code: that affects only its own watch.)
     let Ok(code) = (unsafe { ctx.read_at::<i32>(code_at) }) else { return };
     if code <= 0 {
         return;

@@ -156,20 +156,25 @@ fn the_targets_command_shows_a_process_decision() {
 #[test]
 fn a_dependency_found_after_the_attach_is_decided_again() {
     let site = environments().join("new/lib/python3.12/site-packages").display().to_string();
-    let mut app = Fixture::start_with_env(&pyenv(12), "dist_calls", &[("DIST_PATH", &site)]);
-    app.go();
-    let mut dump = run(&[app.pid()], "per-call");
-    let a = attached(&mut dump, app.pid());
-    // Not on its path yet: watched, and flagged.
-    assert_eq!(a.process.exposures[SIX], Exposure::NotInstalled { dependency: "six".into() }, "{a:?}");
-    app.call("adopt", 1);
-    let line = dump.wait_match("exposure line", |v| v["type"] == "exposure" && v["pid"] == app.pid());
-    let not = Exposure::NotAffected { dependency: "six".into(), version: "1.17.0".into() };
-    assert_eq!(serde_json::from_value::<Exposure>(line["exposure"].clone()).unwrap(), not);
-    app.call("six", 3);
-    let s = dump.stop();
-    assert_eq!(hits_of(&s.hits, app.pid(), SIX), 0);
-    app.finish();
+    // Under watch its module's body arms the target (watched while not
+    // installed), and the later decision disarms it.
+    for strategy in ["per-call", "watch"] {
+        let mut app = Fixture::start_with_env(&pyenv(12), "dist_calls", &[("DIST_PATH", &site)]);
+        app.go();
+        let mut dump = run(&[app.pid()], strategy);
+        let a = attached(&mut dump, app.pid());
+        // Not on its path yet: watched, and flagged.
+        let missing = Exposure::NotInstalled { dependency: "six".into() };
+        assert_eq!(a.process.exposures[SIX], missing, "{strategy}: {a:?}");
+        app.call("adopt", 1);
+        let line = dump.wait_match("exposure line", |v| v["type"] == "exposure" && v["pid"] == app.pid());
+        let not = Exposure::NotAffected { dependency: "six".into(), version: "1.17.0".into() };
+        assert_eq!(serde_json::from_value::<Exposure>(line["exposure"].clone()).unwrap(), not, "{strategy}");
+        app.call("six", 3);
+        let s = dump.stop();
+        assert_eq!(hits_of(&s.hits, app.pid(), SIX), 0, "{strategy}");
+        app.finish();
+    }
 }
 
 #[test]

@@ -5,18 +5,28 @@
 //! would be a false finding. A version that cannot be known keeps the
 //! target watched, flagged, so that nothing is missed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 
+use super::{
+    ProcessWatch,
+    process::Mode,
+    walker::{Job, Look},
+};
 use crate::{
-    pyproc::distributions::Installed,
+    bpf::Probes,
     sources::{
         affected::{Affected, affected, normalize},
         catalog::Advisory,
     },
     targets::{Target, TargetSet},
 };
+
+pub use crate::pyproc::distributions::Installed;
 
 /// What a process has of the catalog's dependencies, as last read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +48,7 @@ impl Versions {
 
 /// What a process's installed dependency means for one target.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "exposure", rename_all = "snake_case")]
+#[serde(tag = "state", rename_all = "snake_case")]
 pub enum Exposure {
     /// The process's versions are being read: not watched until they are.
     Reading {
@@ -103,14 +113,12 @@ fn constrained(a: &Advisory) -> Option<(&str, &[String])> {
     (!a.versions.is_empty()).then_some((dependency, a.versions.as_slice()))
 }
 
-/// What `installed` (none while being read) means for a target named by
-/// `advisories`; `None` if none of them constrains versions (watched).
+/// What `installed` (none before it is read) means for a target named by
+/// `advisories`; `None` if one of them does not constrain versions
+/// (watched whatever they are).
 pub fn exposure(advisories: &[Advisory], installed: Option<&BTreeMap<String, Installed>>) -> Option<Exposure> {
-    advisories
-        .iter()
-        .filter_map(constrained)
-        .map(|(dependency, sets)| one(dependency, sets, installed))
-        .max_by_key(Exposure::rank)
+    let constrained: Option<Vec<_>> = advisories.iter().map(constrained).collect();
+    constrained?.into_iter().map(|(dependency, sets)| one(dependency, sets, installed)).max_by_key(Exposure::rank)
 }
 
 fn one(dependency: &str, sets: &[String], installed: Option<&BTreeMap<String, Installed>>) -> Exposure {
@@ -124,23 +132,49 @@ fn one(dependency: &str, sets: &[String], installed: Option<&BTreeMap<String, In
         },
         Some(Installed::Missing) => Exposure::NotInstalled { dependency: dependency_name },
         Some(Installed::Unknown { why }) => Exposure::Unknown { dependency: dependency_name, why: why.clone() },
-        None => Exposure::Unknown { dependency: dependency_name, why: "not looked for yet".into() },
+        // A dependency the catalog named after the last read.
+        None => Exposure::Reading { dependency: dependency_name },
     }
 }
 
-/// Every target's exposure in a process (targets no advisory constrains
-/// are left out: they are watched).
+/// Every target's exposure in a process. Targets no advisory constrains,
+/// or that a config names `unconditional`ly, are left out: they are
+/// watched.
 pub fn exposures(
     targets: &TargetSet,
     advisories: &BTreeMap<Target, Vec<Advisory>>,
+    unconditional: &BTreeSet<Target>,
     installed: Option<&BTreeMap<String, Installed>>,
 ) -> BTreeMap<u32, Exposure> {
-    targets.iter().filter_map(|(t, id)| Some((id, exposure(advisories.get(t)?, installed)?))).collect()
+    let constrained = targets.iter().filter(|(t, _)| !unconditional.contains(t));
+    constrained.filter_map(|(t, id)| Some((id, exposure(advisories.get(t)?, installed)?))).collect()
 }
 
 /// The targets `exposures` leaves unwatched.
 pub fn unwatched(exposures: &BTreeMap<u32, Exposure>) -> BTreeSet<u32> {
     exposures.iter().filter(|(_, e)| !e.watched()).map(|(id, _)| *id).collect()
+}
+
+impl ProcessWatch {
+    /// Leaves `unwatched` targets alone from now on (and watches those it
+    /// left alone before): the look for targets now to watch, if any.
+    pub fn set_unwatched(&mut self, probes: &mut Probes, targets: &TargetSet, unwatched: BTreeSet<u32>) -> Option<Job> {
+        if let Mode::Watch(w) = &mut self.mode {
+            for &t in unwatched.difference(&self.unwatched) {
+                w.armed.disarm_target(probes, self.process.pid, t);
+            }
+        }
+        self.unwatched = unwatched;
+        self.retarget(probes, targets)
+    }
+
+    /// The walk reading the versions of `names` (normalized distribution
+    /// names) the process has installed: only once a module was imported
+    /// since they were last read, if `recheck`.
+    pub fn versions_job(&self, names: Arc<BTreeSet<String>>, recheck: bool) -> Job {
+        let seen = if recheck { self.versions.as_ref().and_then(|v| v.modules) } else { None };
+        self.walk(Look::Versions { names, seen }, Arc::from(Vec::new()))
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +225,12 @@ mod tests {
         let installed = has(&[("six", found("1.16.0"))]);
         assert!(matches!(exposure(&two, Some(&installed)), Some(Exposure::Affected { .. })));
         assert_eq!(exposure(&[advisory("six", &[])], Some(&installed)), None);
+        // An entry without versions next to one with: watched whatever they are.
+        let mixed = [advisory("six", &[">=2"]), Advisory::default()];
+        assert_eq!(exposure(&mixed, Some(&installed)), None);
+        // A dependency named after the read is being read.
+        let other = exposure(&[advisory("other", &["<1"])], Some(&installed));
+        assert!(matches!(other, Some(Exposure::Reading { .. })), "{other:?}");
         assert_eq!(exposure(&[Advisory::default()], Some(&installed)), None);
         let mut by_target = BTreeMap::new();
         by_target.insert(Target::parse("six:a").unwrap(), two.to_vec());

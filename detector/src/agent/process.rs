@@ -5,8 +5,7 @@
 //! attached, so leaving it closes exactly those.
 
 use std::{
-    collections::{BTreeSet, HashSet},
-    sync::Arc,
+    collections::{BTreeMap, BTreeSet, HashSet},
     time::Instant,
 };
 
@@ -17,7 +16,7 @@ use super::{
     AttachError, Strategy,
     attach::{self, PerCallLinks},
     budget, discovery,
-    exposure::Versions,
+    exposure::{Exposure, Versions},
     sampling,
     tenant::Tenant,
     walker::{Job, Look, Targets, Walked},
@@ -192,6 +191,8 @@ pub struct ProcessWatch {
     pub(crate) versions: Option<Versions>,
     /// Targets its dependency versions leave unwatched (or not read yet).
     pub(super) unwatched: BTreeSet<u32>,
+    /// What its versions mean for each constrained target, as last applied.
+    pub(super) exposures: BTreeMap<u32, Exposure>,
 }
 
 impl ProcessWatch {
@@ -228,6 +229,7 @@ impl ProcessWatch {
             watch_forbidden: None,
             versions: None,
             unwatched,
+            exposures: BTreeMap::new(),
         }
     }
 
@@ -342,21 +344,6 @@ impl ProcessWatch {
         if new { self.rescan_pending(targets, true, "targets changed") } else { None }
     }
 
-    /// Leaves `unwatched` targets alone from now on (and watches those it
-    /// left alone before): the look for targets now to watch, if any.
-    pub fn set_unwatched(&mut self, probes: &mut Probes, targets: &TargetSet, unwatched: BTreeSet<u32>) -> Option<Job> {
-        self.unwatched = unwatched;
-        self.retarget(probes, targets)
-    }
-
-    /// The walk reading the versions of `names` (normalized distribution
-    /// names) the process has installed: only once a module was imported
-    /// since they were last read, if `recheck`.
-    pub fn versions_job(&self, names: Arc<BTreeSet<String>>, recheck: bool) -> Job {
-        let seen = if recheck { self.versions.as_ref().and_then(|v| v.modules) } else { None };
-        self.walk(Look::Versions { names, seen }, Arc::from(Vec::new()))
-    }
-
     /// 3.8-3.10, probed per call: the walk for the functions of `new`
     /// targets that exist already.
     pub fn identities(&self, targets: &TargetSet, new: &[Target]) -> Option<Job> {
@@ -373,7 +360,7 @@ impl ProcessWatch {
         self.walk(Look::Candidates(asks), targets)
     }
 
-    fn walk(&self, look: Look, targets: Targets) -> Job {
+    pub(super) fn walk(&self, look: Look, targets: Targets) -> Job {
         Job { pid: self.process.pid, since: self.since, look, process: self.process.clone(), targets, seq: 0 }
     }
 

@@ -97,6 +97,8 @@ pub struct Session {
     /// The dependencies (normalized) whose versions the advisories
     /// constrain: read in each process.
     dependencies: Arc<BTreeSet<String>>,
+    /// Targets some config names with no advisory: never gated.
+    unconditional: BTreeSet<Target>,
     watches: Watches,
     processor: EventProcessor,
     printer: Printer,
@@ -139,6 +141,7 @@ impl Session {
             targets: TargetSet::default(),
             advisories: BTreeMap::new(),
             dependencies: Default::default(),
+            unconditional: BTreeSet::new(),
             watches: Watches(BTreeMap::new()),
             processor: EventProcessor::default(),
             printer,
@@ -300,6 +303,8 @@ impl Session {
         for t in &new {
             next.insert(t.clone());
         }
+        // New targets are gated where versions say before the kernel has them.
+        self.pregate(&next);
         if let Err(e) = self.probes.sync_targets(&next) {
             // Put back what a partial write changed (best effort: it is
             // what the maps held a moment ago).
@@ -317,11 +322,13 @@ impl Session {
     }
 
     /// Makes `advisories` those that travel with each target's hits.
-    pub fn set_advisories(&mut self, advisories: BTreeMap<Target, Vec<Advisory>>) {
-        if self.advisories == advisories {
+    /// `unconditional` targets are named by a config with no advisory.
+    pub fn set_advisories(&mut self, advisories: BTreeMap<Target, Vec<Advisory>>, unconditional: BTreeSet<Target>) {
+        if self.advisories == advisories && self.unconditional == unconditional {
             return;
         }
         self.advisories = advisories;
+        self.unconditional = unconditional;
         self.note_dependencies();
         self.regate_all();
     }
@@ -342,16 +349,17 @@ impl Session {
             let _ = exits.send(pid);
         });
         // The kernel knows what its versions leave unwatched before any probe.
-        let unwatched = self.gate_new(pid)?;
+        let (unwatched, exposures) = self.gate_new(pid);
         let both = (&self.targets, unwatched);
         let mut watch =
             match ProcessWatch::attach_with(&mut self.probes, process, both, self.strategy, self.reachability) {
                 Ok(w) => w,
                 Err(e) => {
-                    let _ = self.probes.set_unwatched(pid, &Default::default());
+                    self.probes.clear_gates(pid);
                     return Err(e);
                 }
             };
+        watch.exposures = exposures;
         watch.service = service;
         if self.reachability {
             watch.reach(&mut self.probes, []);
@@ -366,6 +374,7 @@ impl Session {
         };
         if let Err(e) = self.probes.set_watched(pid, true) {
             watch.detach(&mut self.probes);
+            self.probes.clear_gates(pid);
             return Err(e.into());
         }
         let ran_before: Vec<(u32, u32, u64)> =

@@ -216,7 +216,7 @@ impl Probes {
             remove_where(&mut self.pending, |k, _| k.tgid == pid);
         }
         let _ = self.watched.remove(&pid);
-        self.forget_gates(pid);
+        self.clear_gates(pid);
         self.release_slot(pid);
         // The CPUs' cached verdicts may name the pid, which may come back.
         self.cache_stamp = self.cache_stamp.wrapping_add(1);

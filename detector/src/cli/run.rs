@@ -355,7 +355,7 @@ fn apply_update(
         }
         // Before the targets: a new target is gated by its advisories from
         // its first call.
-        session.set_advisories(sources.advisories());
+        session.set_advisories(sources.advisories(), sources.unconditional());
         // The kernel refusing a change leaves the last targets it took:
         // said, counted, and no reason to stop watching.
         if let Err(e) = session.set_targets(&want) {
@@ -363,7 +363,7 @@ fn apply_update(
             error!(error = %e, "cannot apply the targets: the previous ones stay");
             // As if the update never came: the same update again is tried again.
             *sources = before;
-            session.set_advisories(sources.advisories());
+            session.set_advisories(sources.advisories(), sources.unconditional());
             return Err(format!("the kernel refused the targets: {e}"));
         }
         metrics.targets.set(want.len() as i64);

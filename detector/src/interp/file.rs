@@ -62,12 +62,23 @@ pub(crate) fn list_in_root(root: &Path, path: &Path, max: usize) -> io::Result<(
     Ok((names, false))
 }
 
-/// The first `max` bytes of regular file `path` inside `root`.
-pub(crate) fn read_head_in_root(root: &Path, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+/// Regular file `path` inside `root`, opened only once it is known to be
+/// one (opening a device can act on it).
+pub(crate) fn open_file_in_root(root: &Path, path: &Path) -> io::Result<File> {
+    if !stat_in_root(root, path)?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
     let file = open_in_root(root, path)?;
+    // It may have been swapped in between: the open descriptor decides.
     if !file.metadata()?.is_file() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
+    Ok(file)
+}
+
+/// The first `max` bytes of regular file `path` inside `root`.
+pub(crate) fn read_head_in_root(root: &Path, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let file = open_file_in_root(root, path)?;
     let mut data = Vec::new();
     file.take(max).read_to_end(&mut data)?;
     Ok(data)

@@ -92,11 +92,15 @@ pub(crate) fn find(root: &Path, sys_path: &[String], names: &BTreeSet<String>) -
         return names.iter().map(|n| (n.clone(), Installed::Unknown { why: why.into() })).collect();
     }
     let mut search = Search { root, names, found: BTreeMap::new(), reads: 0, cut: None };
+    let mut seen = BTreeSet::new();
     for entry in sys_path.iter().take(MAX_PATHS) {
         if search.found.len() == names.len() {
             break;
         }
-        search.directory(entry);
+        // An entry listed again finds nothing new.
+        if seen.insert(entry) {
+            search.directory(entry);
+        }
     }
     if sys_path.len() > MAX_PATHS {
         search
@@ -155,7 +159,7 @@ impl Search<'_> {
         }
     }
 
-    /// Looks in a zip archive on `sys.path` (a zipapp, an egg).
+    /// Looks in a zip archive on `sys.path` (a zipapp).
     fn archive(&mut self, path: &Path) {
         if self.reads == MAX_READS {
             return;
@@ -163,13 +167,11 @@ impl Search<'_> {
         self.reads += 1;
         let (names, found) = (self.names, &self.found);
         match zipped::search(self.root, path, |d| names.contains(d) && !found.contains_key(d)) {
-            Ok(zipped::Holds { found, cut }) => {
-                self.found.extend(found);
-                if let Some(why) = cut {
-                    self.cut.get_or_insert(why);
-                }
+            Ok(found) => self.found.extend(found),
+            // What it holds is not known: nothing is missing for sure.
+            Err(e) => {
+                self.cut.get_or_insert(format!("{}: {e}", path.display()));
             }
-            Err(e) => tracing::debug!(path = %path.display(), error = %e, "not a zip archive"),
         }
     }
 

@@ -116,6 +116,14 @@ impl Sources {
         }
         out
     }
+
+    /// The active targets some config names with no advisory: watched
+    /// whatever a process's versions (the active set is the union).
+    pub fn unconditional(&self) -> BTreeSet<Target> {
+        let catalogs = self.configs.values().filter_map(|c| c.targets.as_ref().ok());
+        let bare = catalogs.flat_map(|c| c.targets.iter().filter(|t| c.advisories.get(*t).is_none_or(Vec::is_empty)));
+        bare.cloned().collect()
+    }
 }
 
 #[cfg(test)]
@@ -167,5 +175,20 @@ mod tests {
         s.apply(Update { origin: Origin::File, configs: vec![bad, cfg(Origin::File, "good.json", &["m:f"])] });
         assert_eq!(s.effective().len(), 1);
         assert_eq!(s.configs().count(), 2);
+    }
+
+    #[test]
+    fn a_target_some_config_names_without_an_advisory_is_unconditional() {
+        let mut s = Sources::default();
+        let catalog = payload::parse(
+            br#"{"targets": [{"id": "v", "targets": ["m:f", "m:g"], "dependency_name": "m", "package_versions": ["<2"]}]}"#,
+        )
+        .unwrap();
+        let rc = Config { origin: Origin::RemoteConfig, name: "rc".into(), version: None, targets: Ok(catalog) };
+        s.apply(Update { origin: Origin::RemoteConfig, configs: vec![rc] });
+        assert!(s.unconditional().is_empty());
+        s.apply(Update { origin: Origin::File, configs: vec![cfg(Origin::File, "plain.json", &["m:g"])] });
+        assert_eq!(s.unconditional(), BTreeSet::from([Target::parse("m:g").unwrap()]));
+        assert_eq!(s.advisories().len(), 2);
     }
 }
