@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    os::fd::{FromRawFd, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -343,7 +342,7 @@ impl Session {
         let pid = process.pid;
         // Before attaching, so an exit during the attach is seen.
         let exits = self.exits_tx.clone();
-        let fd = pidfd(pid).map_err(|e| AttachError::Process(crate::pyproc::ProcessError::io(pid, e)))?;
+        let fd = ending::pidfd(pid).map_err(|e| AttachError::Process(crate::pyproc::ProcessError::io(pid, e)))?;
         tokio::spawn(async move {
             let _ = fd.readable().await;
             let _ = exits.send(pid);
@@ -585,17 +584,4 @@ impl Session {
             );
         }
     }
-}
-
-/// A file descriptor that becomes readable when `pid` exits.
-pub fn pidfd(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: plain integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor just returned by the kernel, owned from here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: `OwnedFd` keeps the descriptor open until dropped.
-    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(std::io::Error::from)
 }

@@ -2,6 +2,10 @@
 //! reported with its counts, its probes taken, and what the kernel and the
 //! event processor hold for it forgotten once they are closed.
 
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use tokio::io::{Interest, unix::AsyncFd};
+
 use super::{Session, walking::Announce};
 use crate::{bpf::reaper::Buried, targets::Target};
 
@@ -73,4 +77,17 @@ impl Session {
         self.walker.forget(pid);
         self.announcing.remove(&pid);
     }
+}
+
+/// A file descriptor that becomes readable when `pid` exits.
+pub(super) fn pidfd(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: plain integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned by the kernel, owned from here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: `OwnedFd` keeps the descriptor open until dropped.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(std::io::Error::from)
 }
