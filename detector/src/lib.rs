@@ -11,6 +11,7 @@
 //! - [`bpf`]: the loaded eBPF object, its maps and probe links;
 //! - [`agent`]: attaching to processes;
 //! - [`events`]: turning ring-buffer records into hits;
+//! - [`telemetry`]: reporting findings to Datadog as the tracers do;
 //! - [`cli`]: the command line.
 
 pub mod agent;
@@ -29,6 +30,7 @@ pub(crate) mod rc;
 pub(crate) mod sources;
 pub(crate) mod tap;
 pub(crate) mod targets;
+pub mod telemetry;
 
 /// An error and its causes on one line: the useful part (`reqwest`'s
 /// "connection refused", the kernel's errno under a probe error) is often

@@ -126,3 +126,22 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Where xtask installed the dependency-version environments
+/// (`DETECTOR_TEST_VERSIONS`): virtualenvs `old` (six 1.16.0), `new` (six
+/// 1.17.0) and `editable`, a `userbase` and a zipapp `app.pyz`.
+pub fn dist_environments() -> PathBuf {
+    PathBuf::from(std::env::var("DETECTOR_TEST_VERSIONS").expect("DETECTOR_TEST_VERSIONS (set by cargo xtask test)"))
+}
+
+/// The interpreter of the dependency-version virtualenv `name` (a 3.12).
+pub fn dist_venv(name: &str) -> Interpreter {
+    let python = dist_environments().join(name).join("bin/python");
+    Interpreter {
+        name: format!("venv-{name}"),
+        minor: 12,
+        argv: vec![python.display().to_string()],
+        fixtures: crate::fixtures_dir(),
+        rootfs: None,
+    }
+}

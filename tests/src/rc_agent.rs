@@ -4,11 +4,13 @@
 //! reported state.
 
 use std::{
+    collections::BTreeMap,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use detector::telemetry::wire::Envelope;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -90,6 +92,49 @@ impl TestAgent {
         all.into_iter()
             .filter(|r| r["url"].as_str().is_some_and(|u| u.ends_with("/v0.7/config")))
             .filter_map(|r| serde_json::from_slice(&B64.decode(r["body"].as_str()?).ok()?).ok())
+            .collect()
+    }
+
+    /// The telemetry it received, typed (a body that is not an envelope
+    /// fails the test), each runtime's in the order it sent them.
+    pub fn telemetry(&self) -> Vec<Envelope> {
+        let all: Vec<Value> =
+            ureq::get(&format!("{}/test/session/apmtelemetry", self.url())).call().unwrap().into_json().unwrap();
+        let mut all: Vec<Envelope> = all
+            .into_iter()
+            .map(|e| serde_json::from_value(e.clone()).unwrap_or_else(|err| panic!("{err}: {e}")))
+            .collect();
+        // Not listed in the order received.
+        all.sort_by_key(|e| e.seq_id);
+        all
+    }
+
+    /// Waits until `pred` holds of the telemetry received; returns it.
+    pub fn wait_telemetry(&self, what: &str, pred: impl Fn(&[Envelope]) -> bool) -> Vec<Envelope> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let got = self.telemetry();
+            if pred(&got) {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "no telemetry with {what}; got: {got:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The telemetry requests received, oldest first: each one's headers
+    /// (names in lower case) and body.
+    pub fn telemetry_requests(&self) -> Vec<(BTreeMap<String, String>, Value)> {
+        let all: Vec<Value> =
+            ureq::get(&format!("{}/test/session/requests", self.url())).call().unwrap().into_json().unwrap();
+        let telemetry = all.into_iter().filter(|r| r["url"].as_str().is_some_and(|u| u.ends_with("/apmtelemetry")));
+        telemetry
+            .map(|r| {
+                let headers = r["headers"].as_object().into_iter().flatten();
+                let headers = headers.map(|(k, v)| (k.to_lowercase(), v.as_str().unwrap_or_default().to_owned()));
+                let body = B64.decode(r["body"].as_str().unwrap_or_default()).unwrap();
+                (headers.collect(), serde_json::from_slice(&body).unwrap())
+            })
             .collect()
     }
 

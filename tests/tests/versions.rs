@@ -15,27 +15,15 @@ use detector::{
     },
     cli::targets::TargetsReport,
 };
-use detector_tests::{Dump, Fixture, Interpreter, fixtures_dir, pyenv, spawn_with_env};
+use detector_tests::{
+    Dump, Fixture,
+    interpreters::{dist_environments as environments, dist_venv as venv},
+    pyenv, spawn_with_env,
+};
 use serde_json::{Value, json};
 
 const SIX: &str = "six:ensure_str";
 const DEMO: &str = "editable_demo:f";
-
-fn environments() -> PathBuf {
-    PathBuf::from(std::env::var("DETECTOR_TEST_VERSIONS").expect("DETECTOR_TEST_VERSIONS (set by cargo xtask test)"))
-}
-
-/// The interpreter of virtualenv `name`.
-fn venv(name: &str) -> Interpreter {
-    let python = environments().join(name).join("bin/python");
-    Interpreter {
-        name: format!("venv-{name}"),
-        minor: 12,
-        argv: vec![python.display().to_string()],
-        fixtures: fixtures_dir(),
-        rootfs: None,
-    }
-}
 
 /// A catalog file whose entries affect `six` before 1.17.0 and
 /// `editable-demo` before 0.4.

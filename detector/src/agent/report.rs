@@ -28,6 +28,8 @@ use crate::{
 pub struct ProcessReport {
     /// The process.
     pub pid: u32,
+    /// Its runtime id at the telemetry intake.
+    pub runtime_id: String,
     /// The interpreter's binary (as the process names it).
     pub binary: String,
     /// CPython version.
@@ -160,6 +162,7 @@ impl ProcessWatch {
     pub fn report(&self, targets: &TargetSet) -> ProcessReport {
         ProcessReport {
             pid: self.process.pid,
+            runtime_id: self.runtime_id().to_string(),
             binary: self.process.object.path.clone(),
             version: self.process.analysis.version.to_string(),
             strategy: self.mode(),

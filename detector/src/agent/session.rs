@@ -13,6 +13,7 @@ mod ending;
 mod enforce;
 mod resolving;
 mod trap_signals;
+mod upstream;
 mod versions;
 mod walking;
 
@@ -124,6 +125,8 @@ pub struct Session {
     /// Children of watched processes not attached yet: their parent, and
     /// when the fork was seen.
     forks: BTreeMap<u32, (u32, Instant)>,
+    /// Reporting to the telemetry intake, if on.
+    upstream: Option<upstream::Upstream>,
 }
 
 impl Session {
@@ -158,6 +161,7 @@ impl Session {
             walker: Walker::default(),
             announcing: BTreeMap::new(),
             forks: BTreeMap::new(),
+            upstream: None,
         })
     }
 
@@ -559,6 +563,7 @@ impl Session {
             let advisories = self.advisories.get(&hit.target).map(Vec::as_slice).unwrap_or_default();
             let exposure = self.exposure_of(hit.pid, &hit.target);
             self.printer.hit(&hit, service, advisories, exposure.as_ref());
+            self.upstream_reached(&hit);
         }
     }
 

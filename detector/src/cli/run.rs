@@ -28,6 +28,7 @@ use crate::{
     sources::{Delivery, Sources, Update},
     tap::{self, Tap},
     targets::Target,
+    telemetry::{self, Telemetry},
 };
 
 /// How hits are printed.
@@ -89,6 +90,14 @@ pub struct RunArgs {
     /// costs nothing at all.
     #[arg(long, default_value_t = 0, value_name = "SECS", env = "DETECTOR_REACHABILITY_SAMPLE")]
     pub reachability_sample: u64,
+    /// Report to Datadog as the tracers do: each watched process is a
+    /// runtime at the agent's telemetry intake, with the catalog
+    /// dependencies it has installed and, for each advisory, where it was
+    /// first reached. Sent to the agent that Remote Configuration polls, or
+    /// that DD_TRACE_AGENT_URL / DD_AGENT_HOST name; never with neither.
+    /// Heartbeats every DD_TELEMETRY_HEARTBEAT_INTERVAL seconds (60).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", env = "DD_INSTRUMENTATION_TELEMETRY_ENABLED")]
+    pub telemetry: bool,
     /// How hits are printed on stdout.
     #[arg(long, value_enum, default_value_t = Events::Json, env = "DETECTOR_EVENTS")]
     pub events: Events,
@@ -170,7 +179,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // without them the agent discovers processes until it is stopped.
     let explicit = !args.pids.is_empty() || !args.command.is_empty();
     let (metrics, tap, printer) = outputs(&args, explicit).await?;
-    let (mut session, mut node) = agent(&args, printer, &metrics)?;
+    let (session, mut node) = agent(&args, printer, &metrics)?;
+    let (mut session, reporter) = match telemetry(&args)? {
+        Some(settings) => {
+            let (telemetry, task) = Telemetry::start(settings, metrics.clone());
+            (session.with_telemetry(telemetry), Some(task))
+        }
+        None => (session, None),
+    };
     let mut sources = Sources::default();
     let (mut updates, rc_stats) = args.sources.start().await?;
     let max_targets = args.max_targets as usize;
@@ -212,8 +228,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     session.shutdown();
+    if let Some(task) = reporter {
+        // It sends what is left, within its own limit.
+        let _ = task.await;
+    }
     drop(tap);
     Ok(())
+}
+
+/// Where telemetry goes, if it is on and there is an agent to send it to.
+fn telemetry(args: &RunArgs) -> anyhow::Result<Option<telemetry::Settings>> {
+    if !args.telemetry {
+        info!("telemetry off: nothing is reported to the Datadog Agent");
+        return Ok(None);
+    }
+    let Some(url) = args.sources.agent()? else {
+        info!("no Datadog Agent given: nothing is reported to its telemetry intake");
+        return Ok(None);
+    };
+    telemetry::Settings::from_env(url).map(Some).map_err(anyhow::Error::msg).context("telemetry")
 }
 
 /// Where the agent reports: the metrics server, the tap, and the printer

@@ -47,14 +47,30 @@ impl SourceArgs {
         Ok(Some(Config { origin: Origin::Flags, name: "--target".into(), version: None, targets }))
     }
 
-    /// Remote Configuration settings, if it is on.
-    pub fn rc(&self) -> anyhow::Result<Option<Settings>> {
-        let configured = self.rc_agent.is_some()
+    /// Whether an agent is given (the flag or the environment).
+    fn agent_configured(&self) -> bool {
+        self.rc_agent.is_some()
             || ["DD_TRACE_AGENT_URL", "DD_AGENT_HOST"]
                 .iter()
-                .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+                .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
+    }
+
+    /// The Datadog Agent to report to: the one Remote Configuration polls,
+    /// or one the environment gives with Remote Configuration off.
+    pub fn agent(&self) -> anyhow::Result<Option<String>> {
+        if let Some(rc) = self.rc()? {
+            return Ok(Some(rc.url));
+        }
+        if !self.agent_configured() {
+            return Ok(None);
+        }
+        Settings::from_env(self.rc_agent.as_deref()).map(|s| Some(s.url)).map_err(anyhow::Error::msg)
+    }
+
+    /// Remote Configuration settings, if it is on.
+    pub fn rc(&self) -> anyhow::Result<Option<Settings>> {
         let other_sources = !self.files.is_empty() || !self.targets.is_empty();
-        if self.no_rc || (!configured && other_sources) {
+        if self.no_rc || (!self.agent_configured() && other_sources) {
             return Ok(None);
         }
         Settings::from_env(self.rc_agent.as_deref())

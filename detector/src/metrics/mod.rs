@@ -50,6 +50,12 @@ pub struct Metrics {
     caps: Family<Labels, Counter>,
     /// Overhead-budget decisions, by action.
     budget_actions: Family<Labels, Counter>,
+    /// Requests to the telemetry intake, by result.
+    telemetry_requests: Family<Labels, Counter>,
+    /// Telemetry reports dropped, by reason.
+    telemetry_dropped: Family<Labels, Counter>,
+    /// Runtimes the telemetry sender holds state for.
+    pub telemetry_runtimes: Gauge,
     /// Estimated CPU (in cores) the watched processes spend in probes.
     pub probe_overhead: Gauge<f64, AtomicU64>,
     /// What `/processes` serves: the watched processes, as JSON.
@@ -77,6 +83,9 @@ impl Default for Metrics {
             analysis_cache_misses: Counter::default(),
             caps: Family::default(),
             budget_actions: Family::default(),
+            telemetry_requests: Family::default(),
+            telemetry_dropped: Family::default(),
+            telemetry_runtimes: Gauge::default(),
             probe_overhead: Gauge::default(),
             processes: Mutex::new("[]".into()),
             heartbeat: AtomicU64::new(now()),
@@ -110,6 +119,21 @@ impl Default for Metrics {
             m.budget_actions.clone(),
         );
         r.register(
+            "telemetry_requests",
+            "Requests to the Datadog Agent's telemetry intake, by result (ok, failed and retried, rejected)",
+            m.telemetry_requests.clone(),
+        );
+        r.register(
+            "telemetry_dropped",
+            "Telemetry reports dropped, by reason (queue_full, runtimes_cap, metadata_cap, rejected)",
+            m.telemetry_dropped.clone(),
+        );
+        r.register(
+            "telemetry_runtimes",
+            "Runtimes (watched processes, and ended ones with reports still to send) the telemetry sender holds",
+            m.telemetry_runtimes.clone(),
+        );
+        r.register(
             "probe_overhead_cpus",
             "Estimated CPU, in cores, that the watched processes spend in probes (passes/s x measured cost)",
             m.probe_overhead.clone(),
@@ -132,6 +156,16 @@ impl Metrics {
     /// The overhead budget acted on a process.
     pub fn budget_action(&self, action: &'static str) {
         self.budget_actions.get_or_create(&vec![("action", action.to_owned())]).inc();
+    }
+
+    /// A request to the telemetry intake ended with `result`.
+    pub fn telemetry_request(&self, result: &'static str) {
+        self.telemetry_requests.get_or_create(&vec![("result", result.to_owned())]).inc();
+    }
+
+    /// `n` telemetry reports were dropped for `reason`.
+    pub fn telemetry_dropped(&self, reason: &'static str, n: u64) {
+        self.telemetry_dropped.get_or_create(&vec![("reason", reason.to_owned())]).inc_by(n);
     }
 
     /// Sets how many watched processes use `strategy`.

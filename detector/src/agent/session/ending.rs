@@ -49,6 +49,7 @@ impl Session {
         self.announcing.remove(&pid);
         self.walker.forget(pid);
         self.printer.exited(pid, status);
+        self.upstream_closed(pid);
         // One read of the pending map for all of its report.
         let pending = self.probes.pending(pid);
         self.unattributed(pid, &pending);

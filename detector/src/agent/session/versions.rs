@@ -130,6 +130,7 @@ impl Session {
                 self.printer.exposure(pid, &target, &e);
             }
         }
+        self.upstream_dependencies(pid);
         job.map(|j| self.look(Some(j)))
     }
 

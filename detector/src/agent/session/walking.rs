@@ -29,6 +29,7 @@ impl Session {
         let mut report = w.attached_report(&self.targets);
         report.process.exposures = self.exposures_report(pid);
         self.printer.attached(&report);
+        self.upstream_started(pid);
         self.report_marked(ran_before);
     }
 
