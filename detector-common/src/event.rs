@@ -33,6 +33,13 @@ pub const EVENT_PENDING_FREED: u32 = 8;
 /// [`TrapSignalEvent`].
 pub const EVENT_TRAP_SIGNAL: u32 = 9;
 
+/// A target's first hit in a process (or on a CPU): the frames that called
+/// it, see [`CallersEvent`].
+pub const EVENT_CALLERS: u32 = 10;
+
+/// Frames above a target's recorded at its first hit.
+pub const CALLER_DEPTH: usize = 8;
+
 /// Common prefix of every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -175,4 +182,35 @@ pub struct ModuleExecEvent {
     pub code: u64,
     /// Its globals: `__name__` names the module.
     pub globals: u64,
+}
+
+/// A frame above a target's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallerFrame {
+    /// Its code object (0 if unreadable).
+    pub code: u64,
+    /// Where it is: its instruction pointer (3.11+), or `f_lasti` (3.8-3.10).
+    pub instr: u64,
+}
+
+/// The frames that called a target at its first hit, innermost first;
+/// written just before that hit's [`HitEvent`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallersEvent {
+    /// `kind == EVENT_CALLERS`, and the process.
+    pub header: EventHeader,
+    /// Thread.
+    pub tid: u32,
+    /// Target id.
+    pub target: u32,
+    /// The target's code object.
+    pub code: u64,
+    /// Frames filled in `frames`.
+    pub depth: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// The calling frames.
+    pub frames: [CallerFrame; CALLER_DEPTH],
 }

@@ -51,6 +51,21 @@ pub struct Layout {
     pub tstate_tracing: u16,
     /// `interp->monitoring_version` (3.12).
     pub interp_monitoring_version: u16,
+    /// `_PyRuntime.gilstate.tstate_current` (3.8-3.11): the thread running
+    /// bytecode.
+    pub runtime_tstate_current: u16,
+    /// `_PyRuntime.interpreters.head`.
+    pub runtime_interpreters_head: u16,
+    /// `interp->next`.
+    pub interp_next: u16,
+    /// `interp->threads.head`.
+    pub interp_threads_head: u16,
+    /// `tstate->next`.
+    pub tstate_next: u16,
+    /// `tstate->native_thread_id` (3.11+).
+    pub tstate_native_thread_id: u16,
+    /// `tstate->frame` (3.8-3.10).
+    pub tstate_frame: u16,
 
     /// Frame's code object (`f_code`, `f_executable`).
     pub frame_code: u16,
@@ -62,6 +77,8 @@ pub struct Layout {
     pub frame_lasti: u16,
     /// `f_globals`.
     pub frame_globals: u16,
+    /// The calling frame: `previous` (3.11+), `f_back` (3.8-3.10).
+    pub frame_previous: u16,
 
     /// `co_flags`.
     pub code_flags: u16,
@@ -111,11 +128,19 @@ impl Layout {
         tstate_eval_breaker: NO_OFFSET,
         tstate_tracing: NO_OFFSET,
         interp_monitoring_version: NO_OFFSET,
+        runtime_tstate_current: NO_OFFSET,
+        runtime_interpreters_head: NO_OFFSET,
+        interp_next: NO_OFFSET,
+        interp_threads_head: NO_OFFSET,
+        tstate_next: NO_OFFSET,
+        tstate_native_thread_id: NO_OFFSET,
+        tstate_frame: NO_OFFSET,
         frame_code: NO_OFFSET,
         frame_func: NO_OFFSET,
         frame_instr: NO_OFFSET,
         frame_lasti: NO_OFFSET,
         frame_globals: NO_OFFSET,
+        frame_previous: NO_OFFSET,
         code_flags: NO_OFFSET,
         code_firstlineno: NO_OFFSET,
         code_filename: NO_OFFSET,

@@ -282,6 +282,9 @@ pub struct WatchEntry {
     pub slot: u16,
     /// Reserved, zero.
     pub _pad: [u8; 4],
+    /// `_PyRuntime` in the process: where a trap finds the thread's state,
+    /// for the frames that called a target.
+    pub runtime: u64,
 }
 
 /// No slot: the process's passes are not counted (more processes than slots).

@@ -13,6 +13,7 @@ use detector_common::{
 };
 
 use crate::{
+    callers,
     maps::{
         CELLS, CONFIG, COUNTS, EVENTS, PENDING, atomic_add, bump, dropped, pending_made, pending_refused, pending_room,
         pending_unmade,
@@ -50,7 +51,7 @@ macro_rules! increment {
 /// (or the buffer is full and records drop, counted). A wakeup is an IPI,
 /// which in a VM is a trip to the hypervisor: never one per record.
 #[inline(always)]
-fn submit_flags(size: u64) -> u64 {
+pub fn submit_flags(size: u64) -> u64 {
     let threshold = CONFIG.get(0).map(|c| c.wakeup_bytes).unwrap_or(0) as u64;
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     if waiting < threshold && waiting + size >= threshold {
@@ -63,7 +64,7 @@ fn submit_flags(size: u64) -> u64 {
 /// Space for one `T` in the ring buffer, or `None` with the drop counted
 /// (for the process in `slot` too).
 #[inline(always)]
-fn reserve<T: 'static>(slot: u16) -> Option<RingBufEntry<T>> {
+pub fn reserve<T: 'static>(slot: u16) -> Option<RingBufEntry<T>> {
     let entry = EVENTS.reserve::<T>(0);
     if entry.is_none() {
         dropped(slot);
@@ -76,8 +77,20 @@ fn reserve<T: 'static>(slot: u16) -> Option<RingBufEntry<T>> {
 /// when the count becomes a power of two (the record is most of what a hit
 /// adds to a probe pass, and reachability needs only the first). A
 /// cell's count is this CPU's share, so each CPU reports its own first hit.
+/// A first hit also records who called it, from the target's frame and
+/// layout that `frame` finds.
 #[inline(always)]
-pub fn hit(slot: u16, tgid: u32, tid: u32, target: u32, cell: u32, code: u64, sparse: bool) {
+#[allow(clippy::too_many_arguments)]
+pub fn hit<'a>(
+    slot: u16,
+    tgid: u32,
+    tid: u32,
+    target: u32,
+    cell: u32,
+    code: u64,
+    sparse: bool,
+    frame: impl FnOnce() -> Option<(&'a Layout, u64)>,
+) {
     let count = match CELLS.get_ptr_mut(slot as u32) {
         // Atomic although per-CPU: a program may be preempted on its CPU.
         Some(cells) if (cell as usize) < SLOT_CELLS => {
@@ -89,6 +102,11 @@ pub fn hit(slot: u16, tgid: u32, tid: u32, target: u32, cell: u32, code: u64, sp
         _ => increment!(COUNTS, CountKey { tgid, target }, 1u64, |p| p),
     };
     bump(stats::HITS);
+    if count == 1
+        && let Some((layout, f)) = frame()
+    {
+        callers::record(slot, target, code, layout, f);
+    }
     if sparse && count & count.wrapping_sub(1) != 0 {
         return;
     }

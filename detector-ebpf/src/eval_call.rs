@@ -59,7 +59,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         let globals = field(frame, layout.frame_globals).unwrap_or(0);
         emit::candidate(cookie.slot, tgid, tid, known.generation, code, name, globals);
     } else {
-        emit::hit(cookie.slot, tgid, tid, target, known.cell, code, pass.sparse);
+        emit::hit(cookie.slot, tgid, tid, target, known.cell, code, pass.sparse, || Some((layout, frame)));
     }
     Some(())
 }

@@ -22,6 +22,7 @@
 // the 512-byte BPF stack (a `TargetKey` is 256 bytes).
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod callers;
 mod code_dealloc;
 mod discovery;
 mod emit;

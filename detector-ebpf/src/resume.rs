@@ -84,7 +84,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
         bump(stats::REDISPATCH_SKIPS);
         return None;
     }
-    emit::hit(cookie.slot, tgid, tid, target, known.cell, code, pass.sparse);
+    emit::hit(cookie.slot, tgid, tid, target, known.cell, code, pass.sparse, || Some((layout, frame)));
     Some(())
 }
 
@@ -103,7 +103,7 @@ fn thread_state(tgid: u32, tid: u32, instance: u32) -> Option<u64> {
 
 /// `tstate->cframe->current_frame` (3.11, 3.12) or `tstate->current_frame`.
 #[inline(always)]
-fn current_frame(layout: &Layout, tstate: u64) -> Option<u64> {
+pub fn current_frame(layout: &Layout, tstate: u64) -> Option<u64> {
     let base = if layout.tstate_cframe != NO_OFFSET { field(tstate, layout.tstate_cframe)? } else { tstate };
     field(base, layout.current_frame)
 }

@@ -15,7 +15,7 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::PerfEventContext};
 use detector_common::{CELL_SHARED, MODE_WATCH, WatchKey};
 
 use crate::{
-    emit,
+    callers, emit,
     maps::{DISPATCH_READS, LAYOUTS, WATCHES, pass},
     mem::read,
 };
@@ -38,7 +38,7 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
     let entry = WATCHES.get_ptr_mut(&WatchKey { tgid, _pad: 0, addr })?;
     let pass = pass(unsafe { (*entry).slot }, MODE_WATCH);
     let op = read::<u8>(addr)?;
-    let (code, target, slot, layout) = unsafe {
+    let (code, target, slot, layout, layout_id, runtime) = unsafe {
         let e = &mut *entry;
         let seen = e.last_op;
         e.last_op = op;
@@ -50,13 +50,16 @@ pub fn run(ctx: &PerfEventContext) -> Option<()> {
         }
         let first = e.reported == 0;
         e.reported = 1;
-        (e.code, e.target, e.slot, if first { Some(e.layout) } else { None })
+        (e.code, e.target, e.slot, if first { Some(e.layout) } else { None }, e.layout, e.runtime)
     };
     if let Some(l) = layout.and_then(|l| LAYOUTS.get(l)) {
         emit::code(l, tgid, target, code);
     }
     // A trap costs microseconds: the shared count is cheap enough.
     // The shared count: a cell is for a process's hottest per-call targets.
-    emit::hit(slot, tgid, tid, target, CELL_SHARED, code, pass.sparse);
+    emit::hit(slot, tgid, tid, target, CELL_SHARED, code, pass.sparse, || {
+        let l = LAYOUTS.get(layout_id)?;
+        Some((l, callers::running_frame(l, runtime, tid)?))
+    });
     Some(())
 }

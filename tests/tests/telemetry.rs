@@ -5,7 +5,7 @@
 //! (affected by the catalog's advisory) and 1.17.0 (not) from PyPI.
 
 use detector::{
-    agent::report::AttachedReport,
+    agent::report::{AttachedReport, ProcessReport},
     telemetry::wire::{Dependency, Envelope, Metadata, Payload, Reachability, Reached},
 };
 use detector_tests::{
@@ -77,10 +77,12 @@ fn count(all: &[Envelope], runtime: &str, request_type: &str) -> usize {
     payloads(all, runtime).iter().filter(|p| p.request_type() == request_type).count()
 }
 
-/// The reach the tracer reports when the caller is not known: the target's
-/// module and name, line 0.
+/// The reach as the fixture makes it: `six_call` calls `six.ensure_str`.
 fn six_reached() -> Reachability {
-    let at = Reached { path: "six".into(), symbol: "ensure_str".into(), line: 0 };
+    let path = detector_tests::fixtures_dir().join("wl/dist_calls.py").display().to_string();
+    let source = std::fs::read_to_string(&path).unwrap();
+    let line = source.lines().position(|l| l.contains("six.ensure_str(\"x\")")).unwrap() as u32 + 1;
+    let at = Reached { path, symbol: "six_call".into(), line };
     Reachability { id: "vuln-six".into(), reached: vec![at] }
 }
 
@@ -90,7 +92,9 @@ fn findings_reach_the_intake_as_the_tracer_reports_them() {
     let agent = TestAgent::start();
     agent.set_config(CATALOG, &catalog());
     let url = agent.url();
-    let mut detector = node(&["--rc-agent", &url], &[("DD_REMOTE_CONFIG_POLL_INTERVAL_SECONDS", "0.2")]);
+    let metrics = format!("127.0.0.1:{}", detector_tests::free_port());
+    let args = ["--rc-agent", &url, "--metrics-addr", &metrics];
+    let mut detector = node(&args, &[("DD_REMOTE_CONFIG_POLL_INTERVAL_SECONDS", "0.2")]);
     let identity = opted_in("telemetry-app");
     let mut old = Fixture::start_with_env(&venv("old"), "dist_calls", &env(&identity));
     let mut new = Fixture::start_with_env(&venv("new"), "dist_calls", &env(&identity));
@@ -124,6 +128,13 @@ fn findings_reach_the_intake_as_the_tracer_reports_them() {
     let last = dependency_reports(&all, &old_rt).pop().unwrap();
     assert_eq!((last[0].name.as_str(), last[0].version.as_str()), ("six", "1.16.0"));
     assert!(reaches(&all, &new_rt).is_empty(), "1.17.0 is not affected: {all:#?}");
+    // The same caller on the hit line and in `/processes`.
+    let hit = detector.wait_match("the hit", |v| v["type"] == "hit" && v["pid"] == old.pid());
+    assert_eq!(serde_json::from_value::<Reached>(hit["caller"].clone()).unwrap(), six_reached().reached[0]);
+    let processes: Vec<ProcessReport> =
+        ureq::get(&format!("http://{metrics}/processes")).call().unwrap().into_json().unwrap();
+    let p = processes.iter().find(|p| p.pid == old.pid()).unwrap();
+    assert_eq!(p.callers[SIX], six_reached().reached[0]);
 
     let envelope = all.iter().find(|e| e.runtime_id == old_rt).unwrap();
     let app = &envelope.application;

@@ -3,6 +3,7 @@
 
 mod attach;
 pub(crate) mod budget;
+pub mod callers;
 pub(crate) mod discovery;
 pub mod exposure;
 mod fork;

@@ -193,6 +193,8 @@ pub struct ProcessWatch {
     pub(super) unwatched: BTreeSet<u32>,
     /// What its versions mean for each constrained target, as last applied.
     pub(super) exposures: BTreeMap<u32, Exposure>,
+    /// Who called each target reached, as far as read.
+    pub(super) callers: BTreeMap<u32, super::callers::CallerState>,
 }
 
 impl ProcessWatch {
@@ -230,6 +232,7 @@ impl ProcessWatch {
             versions: None,
             unwatched,
             exposures: BTreeMap::new(),
+            callers: BTreeMap::new(),
         }
     }
 

@@ -72,6 +72,9 @@ pub struct ProcessReport {
     /// what that version means here (whether it is watched, and why).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub exposures: BTreeMap<String, Exposure>,
+    /// Who first called each target reached, where user code did.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub callers: BTreeMap<String, super::callers::Caller>,
 }
 
 /// A process's mode, as reported: each carries only what it has.
@@ -185,6 +188,7 @@ impl ProcessWatch {
             starts_refused: 0,
             dependencies: self.versions.as_ref().map(|v| v.installed.clone()),
             exposures: BTreeMap::new(),
+            callers: self.callers_report(targets),
         }
     }
 

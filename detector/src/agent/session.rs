@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod callers;
 mod drain;
 mod ending;
 mod enforce;
@@ -27,8 +28,8 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
-    AttachError, ProcessWatch, Strategy, discovery::Service, fork, report::ProcessReport, walker::Walker,
-    walks::WalkShares,
+    AttachError, ProcessWatch, Strategy, callers::Held, discovery::Service, fork, report::ProcessReport,
+    walker::Walker, walks::WalkShares,
 };
 use crate::{
     bpf::{BpfError, Capacities, PendingHits, Probes},
@@ -521,6 +522,7 @@ impl Session {
         // Hits first: a target they reach is disarmed, and its code object
         // freed since (a process exiting frees them all) needs nothing.
         let hits = std::mem::take(&mut drained.hits);
+        self.callers_recorded(std::mem::take(&mut drained.callers));
         self.report(hits);
         for (pid, code) in drained.freed {
             let Some(w) = self.watches.0.get_mut(&pid) else { continue };
@@ -544,26 +546,20 @@ impl Session {
 
     /// Prints hits. In reachability mode only a target's first hit in a
     /// process is reported, and a watchpoint stops costing anything once its
-    /// target has been seen: it is disarmed.
+    /// target has been seen: it is disarmed. A hit whose target's caller is
+    /// being read waits for it.
     fn report(&mut self, hits: Vec<Hit>) {
         for hit in hits {
-            if let (Some(w), Some(id)) = (self.watches.0.get_mut(&hit.pid), self.targets.id(&hit.target))
-                && !w.first_reach(&mut self.probes, id)
-            {
+            let (Some(w), Some(id)) = (self.watches.0.get_mut(&hit.pid), self.targets.id(&hit.target)) else {
+                self.hit_out(hit, None);
+                continue;
+            };
+            if !w.first_reach(&mut self.probes, id) {
                 continue;
             }
-            let service = self.watches.service(hit.pid);
-            tracing::debug!(
-                pid = hit.pid,
-                tid = hit.tid,
-                target = %hit.target,
-                service = service.and_then(|s| s.service.as_deref()).unwrap_or(""),
-                "hit"
-            );
-            let advisories = self.advisories.get(&hit.target).map(Vec::as_slice).unwrap_or_default();
-            let exposure = self.exposure_of(hit.pid, &hit.target);
-            self.printer.hit(&hit, service, advisories, exposure.as_ref());
-            self.upstream_reached(&hit);
+            if let Held::Now(hit, caller) = w.hold(hit, id) {
+                self.hit_out(hit, caller);
+            }
         }
     }
 

@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use detector_common::CallerFrame;
 use tokio::sync::mpsc;
 
 use crate::{
@@ -24,6 +25,7 @@ use crate::{
     pyproc::{
         ProcessError, PythonProcess,
         body::{self, Found},
+        callers::{self, Caller},
         distributions::{self, Installed},
         mem::ProcessMemory,
     },
@@ -64,6 +66,21 @@ pub(crate) enum Look {
     /// has installed, along its `sys.path`: only if `sys.modules` no longer
     /// holds `seen` modules (a module was imported), when given.
     Versions { names: Arc<BTreeSet<String>>, seen: Option<i64> },
+    /// Who called these targets at their first hits.
+    Callers(Vec<CallerAsk>),
+}
+
+/// The frames the kernel recorded above a target at its first hit.
+#[derive(Clone, Debug)]
+pub(crate) struct CallerAsk {
+    /// The target's id.
+    pub(crate) target: u32,
+    /// Its module.
+    pub(crate) module: String,
+    /// Its code object.
+    pub(crate) code: u64,
+    /// The frames above it, innermost first.
+    pub(crate) frames: Vec<CallerFrame>,
 }
 
 impl Look {
@@ -81,6 +98,7 @@ impl Look {
             (Look::Candidates(_), Look::Candidates(_))
                 | (Look::Identities, Look::Identities)
                 | (Look::Versions { .. }, Look::Versions { .. })
+                | (Look::Callers(_), Look::Callers(_))
         )
     }
 }
@@ -113,6 +131,7 @@ impl Job {
                 // Resolved against the targets as they are now.
                 self.targets = newer.targets;
             }
+            (Look::Callers(asks), Look::Callers(more)) => asks.extend(more),
             (Look::Versions { names, seen }, Look::Versions { names: more, seen: theirs }) => {
                 *names = Arc::new(names.iter().chain(more.iter()).cloned().collect());
                 // Either one asked unconditionally: so is the merged look.
@@ -143,6 +162,8 @@ pub(crate) enum Finding {
     /// What the process has of each distribution asked for, and how many
     /// modules `sys.modules` held when it was read.
     Versions { installed: BTreeMap<String, Installed>, modules: Option<i64> },
+    /// Each target's first caller of user code, if one was found.
+    Callers(Vec<(u32, Option<Caller>)>),
 }
 
 /// A walk done.
@@ -317,6 +338,17 @@ fn walk(job: &Job) -> Result<Finding, ProcessError> {
             }
             let installed = distributions::installed(p, names)?;
             Ok(Finding::Versions { installed, modules })
+        }
+        Look::Callers(ref asks) => {
+            let read =
+                asks.iter().map(|a| {
+                    let caller = callers::first_user_caller(p, &a.module, a.code, &a.frames);
+                    (a.target, caller.unwrap_or_else(|e| {
+                    tracing::debug!(pid = p.pid, target = a.target, error = %e, "cannot read who called a target");
+                    None
+                }))
+                });
+            Ok(Finding::Callers(read.collect()))
         }
         Look::Modules { force, seen, .. } => {
             let modules = body::modules_count(p).ok();

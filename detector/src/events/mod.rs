@@ -102,6 +102,7 @@ impl EventProcessor {
             | Record::Fork { .. }
             | Record::WatchFreed { .. }
             | Record::ModuleExec(_)
+            | Record::Callers(_)
             | Record::TrapSignal { .. } => None,
         }
     }

@@ -9,6 +9,7 @@ use tokio::sync::broadcast;
 use super::Hit;
 use crate::{
     agent::{
+        callers::Caller,
         discovery::Service,
         exposure::Exposure,
         report::{AttachedReport, ModeReport},
@@ -112,8 +113,16 @@ impl Printer {
         });
     }
 
-    /// A hit, with the identity of the service it happened in.
-    pub fn hit(&self, h: &Hit, service: Option<&Service>, advisories: &[Advisory], exposure: Option<&Exposure>) {
+    /// A hit, with the identity of the service it happened in, and who
+    /// called its target if known.
+    pub fn hit(
+        &self,
+        h: &Hit,
+        service: Option<&Service>,
+        advisories: &[Advisory],
+        exposure: Option<&Exposure>,
+        caller: Option<&Caller>,
+    ) {
         let mut json = json!({
             "type": "hit",
             "pid": h.pid,
@@ -134,6 +143,9 @@ impl Printer {
         }
         if let Some(e) = exposure {
             json["exposure"] = json!(e);
+        }
+        if let Some(c) = caller {
+            json["caller"] = json!(c);
         }
         let text = || hit_text(&json);
         self.emit(json.clone(), text);
@@ -220,11 +232,15 @@ pub fn hit_text(h: &Value) -> String {
         None => String::new(),
     };
     let how = if h["seen_by"] == "warmup_mark" { " (seen from its code object's warm-up mark)" } else { "" };
+    let caller = match (h["caller"]["path"].as_str(), h["caller"]["symbol"].as_str(), h["caller"]["line"].as_u64()) {
+        (Some(p), Some(s), Some(l)) => format!(" called from {} ({}:{l})", escaped(s), escaped(p)),
+        _ => String::new(),
+    };
     let ids: Vec<String> =
         h["advisories"].as_array().into_iter().flatten().filter_map(|a| a["id"].as_str().map(escaped)).collect();
     let advisories = if ids.is_empty() { String::new() } else { format!(" advisories={}", ids.join(",")) };
     format!(
-        "hit pid={} tid={} {}{at}{service}{advisories}{how}",
+        "hit pid={} tid={} {}{at}{caller}{service}{advisories}{how}",
         h["pid"],
         h["tid"],
         h["target"].as_str().unwrap_or("?")

@@ -2,9 +2,9 @@
 //! guarantee: they are read with `read_unaligned`, never cast.
 
 use detector_common::{
-    CandidateEvent, CodeEvent, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC, EVENT_FORK, EVENT_HIT, EVENT_MODULE_EXEC,
-    EVENT_PENDING_FREED, EVENT_TRAP_SIGNAL, EVENT_WATCH_FREED, EventHeader, FreedEvent, HitEvent, ModuleExecEvent,
-    PendingFreedEvent, ProcessEvent, TrapSignalEvent, name_bytes,
+    CallerFrame, CallersEvent, CandidateEvent, CodeEvent, EVENT_CALLERS, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC,
+    EVENT_FORK, EVENT_HIT, EVENT_MODULE_EXEC, EVENT_PENDING_FREED, EVENT_TRAP_SIGNAL, EVENT_WATCH_FREED, EventHeader,
+    FreedEvent, HitEvent, ModuleExecEvent, PendingFreedEvent, ProcessEvent, TrapSignalEvent, name_bytes,
 };
 
 /// A decoded record.
@@ -58,6 +58,8 @@ pub enum Record {
         /// Its starts counted.
         hits: u64,
     },
+    /// The frames above a target at its first hit.
+    Callers(Callers),
     /// The kernel sent SIGTRAP to a thread of a watched process.
     TrapSignal {
         /// The process.
@@ -67,6 +69,19 @@ pub enum Record {
         /// `si_code`.
         code: i32,
     },
+}
+
+/// The frames above a target at its first hit, innermost first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Callers {
+    /// The process.
+    pub pid: u32,
+    /// The target.
+    pub target: u32,
+    /// Its code object.
+    pub code: u64,
+    /// The frames that called it.
+    pub frames: Vec<CallerFrame>,
 }
 
 /// A module body about to run.
@@ -115,6 +130,15 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
         EVENT_TRAP_SIGNAL => {
             read::<TrapSignalEvent>(bytes).map(|e| Record::TrapSignal { pid: e.header.tgid, tid: e.tid, code: e.code })
         }
+        EVENT_CALLERS => read::<CallersEvent>(bytes).map(|e| {
+            let depth = (e.depth as usize).min(e.frames.len());
+            Record::Callers(Callers {
+                pid: e.header.tgid,
+                target: e.target,
+                code: e.code,
+                frames: e.frames[..depth].to_vec(),
+            })
+        }),
         EVENT_MODULE_EXEC => read::<ModuleExecEvent>(bytes).map(|e| {
             Record::ModuleExec(ModuleExec { pid: e.header.tgid, code: e.code, globals: e.globals, ts_ns: e.ts_ns })
         }),

@@ -61,6 +61,11 @@ offsets! {
     tstate_interp,
     /// `PyThreadState.native_thread_id` (3.11+).
     tstate_native_thread_id,
+    /// `_PyRuntimeState.gilstate.tstate_current` (3.8-3.11): the thread
+    /// holding the GIL, which is the one running bytecode.
+    runtime_tstate_current,
+    /// `PyThreadState.frame` (3.8-3.10): the frame running.
+    tstate_frame,
     /// `PyThreadState.cframe` (3.11, 3.12).
     tstate_cframe,
     /// `_PyCFrame.current_frame` (3.11, 3.12) or `PyThreadState.current_frame` (3.13+).
@@ -79,6 +84,8 @@ offsets! {
     frame_lasti,
     /// Frame's globals.
     frame_globals,
+    /// The calling frame: `previous` (3.11+), `f_back` (3.8-3.10).
+    frame_previous,
     /// `co_flags`.
     code_flags,
     /// `co_firstlineno`.
@@ -87,6 +94,9 @@ offsets! {
     code_consts,
     /// `co_filename`.
     code_filename,
+    /// `co_linetable` (3.10+) or `co_lnotab` (3.8, 3.9): instruction
+    /// offsets to lines.
+    code_linetable,
     /// `co_name`.
     code_name,
     /// `co_qualname` (3.11+).
@@ -222,6 +232,8 @@ const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
     ("tstate_next", &[("PyThreadState", "next")]),
     ("tstate_interp", &[("PyThreadState", "interp")]),
     ("tstate_native_thread_id", &[("PyThreadState", "native_thread_id")]),
+    ("runtime_tstate_current", &[("_PyRuntimeState", "gilstate.tstate_current")]),
+    ("tstate_frame", &[("PyThreadState", "frame")]),
     ("tstate_cframe", &[("PyThreadState", "cframe")]),
     ("current_frame", &[("PyThreadState", "current_frame"), ("_PyCFrame", "current_frame")]),
     ("tstate_eval_breaker", &[("PyThreadState", "eval_breaker")]),
@@ -230,6 +242,7 @@ const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
         "frame_code",
         &[("_PyInterpreterFrame", "f_executable"), ("_PyInterpreterFrame", "f_code"), ("PyFrameObject", "f_code")],
     ),
+    ("frame_previous", &[("_PyInterpreterFrame", "previous"), ("PyFrameObject", "f_back")]),
     ("frame_func", &[("_PyInterpreterFrame", "f_funcobj"), ("_PyInterpreterFrame", "f_func")]),
     ("frame_instr", &[("_PyInterpreterFrame", "instr_ptr"), ("_PyInterpreterFrame", "prev_instr")]),
     ("frame_lasti", &[("PyFrameObject", "f_lasti")]),
@@ -238,6 +251,7 @@ const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
     ("code_firstlineno", &[("PyCodeObject", "co_firstlineno")]),
     ("code_consts", &[("PyCodeObject", "co_consts")]),
     ("code_filename", &[("PyCodeObject", "co_filename")]),
+    ("code_linetable", &[("PyCodeObject", "co_linetable"), ("PyCodeObject", "co_lnotab")]),
     ("code_name", &[("PyCodeObject", "co_name")]),
     ("code_qualname", &[("PyCodeObject", "co_qualname")]),
     ("code_instr_version", &[("PyCodeObject", "_co_instrumentation_version")]),
@@ -301,6 +315,10 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
             o.frame_code = 32;
             o.frame_globals = 48;
             o.frame_lasti = if minor == 10 { 96 } else { 104 };
+            o.frame_previous = 24;
+            o.tstate_frame = 24;
+            o.runtime_tstate_current = if minor == 8 { 1368 } else { 568 };
+            o.code_linetable = 120;
             o.code_flags = 36;
             o.code_firstlineno = 40;
             o.code_code = 48;
@@ -335,6 +353,8 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
             o.frame_globals = 8;
             o.frame_code = 32;
             o.frame_instr = 56;
+            o.frame_previous = 48;
+            o.runtime_tstate_current = 576;
             set_code_311(&mut o, 72);
             o.code_warmup = 52;
             o.code_adaptive = 184;
@@ -421,6 +441,7 @@ fn set_function_310(o: &mut Offsets) {
 }
 
 fn set_code_311(o: &mut Offsets, firstlineno: u16) {
+    o.code_linetable = 136;
     o.code_consts = 24;
     o.code_flags = 48;
     o.code_firstlineno = firstlineno;
@@ -431,6 +452,7 @@ fn set_code_311(o: &mut Offsets, firstlineno: u16) {
 
 fn set_frame_312(o: &mut Offsets) {
     o.frame_code = 0;
+    o.frame_previous = 8;
     o.frame_func = 16;
     o.frame_globals = 24;
     o.frame_instr = 56;

@@ -2,6 +2,7 @@
 //! its memory, its threads, and its objects. Read-only, always.
 
 pub mod body;
+pub(crate) mod callers;
 pub(crate) mod distributions;
 pub mod maps;
 pub mod mem;

@@ -104,16 +104,9 @@ pub struct Reachability {
     pub reached: Vec<Reached>,
 }
 
-/// Where a vulnerable function was reached from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reached {
-    /// The caller's file, or the target's module when there is none.
-    pub path: String,
-    /// The caller's qualified name, or the target's.
-    pub symbol: String,
-    /// The caller's line, 0 when there is none.
-    pub line: u32,
-}
+/// Where a vulnerable function was reached from: its first caller of user
+/// code.
+pub use crate::pyproc::callers::Caller as Reached;
 
 impl Metadata {
     /// The reachability entry of advisory `id`.

@@ -8,7 +8,7 @@ use crate::{
     bpf::Probes,
     events::{
         EventProcessor, Hit,
-        record::{self, ModuleExec, Record},
+        record::{self, Callers, ModuleExec, Record},
     },
     targets::TargetSet,
 };
@@ -27,6 +27,8 @@ pub(super) struct Drained {
     /// SIGTRAPs the kernel sent to watched processes: (process, thread,
     /// `si_code`).
     pub(super) trap_signals: Vec<(u32, u32, i32)>,
+    /// Frames above targets at their first hits.
+    pub(super) callers: Vec<Callers>,
 }
 
 /// Reads every waiting record.
@@ -47,6 +49,7 @@ pub(super) fn drain(
             Record::WatchFreed { pid, code } => d.freed.push((pid, code)),
             Record::ModuleExec(e) => d.module_bodies.push(e),
             Record::TrapSignal { pid, tid, code } => d.trap_signals.push((pid, tid, code)),
+            Record::Callers(c) => d.callers.push(c),
             other => d.hits.extend(processor.hit(other, probes, targets, watches)),
         }
     }

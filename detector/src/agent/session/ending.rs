@@ -48,6 +48,7 @@ impl Session {
         }
         self.announcing.remove(&pid);
         self.walker.forget(pid);
+        self.release_held(pid);
         self.printer.exited(pid, status);
         self.upstream_closed(pid);
         // One read of the pending map for all of its report.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::Session;
 use crate::{
-    agent::{ProcessWatch, discovery, exposure::Installed},
+    agent::{ProcessWatch, callers::Caller, discovery, exposure::Installed},
     events::Hit,
     sources::{
         affected::{Affected, affected, normalize},
@@ -63,8 +63,8 @@ impl Session {
     }
 
     /// A hit: the first of its target in its process reaches each of the
-    /// target's advisories.
-    pub(super) fn upstream_reached(&mut self, hit: &Hit) {
+    /// target's advisories, from `caller` if known.
+    pub(super) fn upstream_reached(&mut self, hit: &Hit, caller: Option<Caller>) {
         let (Some(up), Some(w)) = (&mut self.upstream, self.watches.0.get(&hit.pid)) else { return };
         let Some(id) = self.targets.id(&hit.target) else { return };
         if !up.reported.entry(hit.pid).or_default().insert(id) {
@@ -78,7 +78,7 @@ impl Session {
                 Some(Installed::Found { version, .. }) => Some(version.clone()),
                 _ => None,
             };
-            let at = fallback(&hit.target);
+            let at = caller.clone().unwrap_or_else(|| fallback(&hit.target));
             up.telemetry.send(Event::Reached { runtime: w.runtime_id(), dependency, version, advisory, at });
         }
     }

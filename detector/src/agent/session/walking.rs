@@ -118,6 +118,12 @@ impl Session {
                 self.start_walks();
                 return;
             }
+            Look::Callers(_) => {
+                w.walks.charge(walked.took);
+                self.callers_read(walked);
+                self.start_walks();
+                return;
+            }
         };
         let seq = walked.seq;
         let found = w.walked(&mut self.probes, &self.targets, walked);

@@ -112,7 +112,13 @@ impl Armed {
         let (found, modules) = match finding {
             Ok(Finding::Found { found, modules }) => (found, modules),
             // Only the per-call looks find candidates or identities.
-            Ok(Finding::Nothing | Finding::Resolved { .. } | Finding::Identities(_) | Finding::Versions { .. }) => {
+            Ok(
+                Finding::Nothing
+                | Finding::Resolved { .. }
+                | Finding::Identities(_)
+                | Finding::Versions { .. }
+                | Finding::Callers(_),
+            ) => {
                 return Ok(Vec::new());
             }
             // A read that fails (the process exiting, a body gone) leaves

@@ -215,6 +215,7 @@ impl Armed {
         let slot = probes.slot(p.pid)?;
         let mem = ProcessMemory::open(p.pid)?;
         let objs = Objects::of(p, &mem);
+        let runtime = p.runtime().unwrap_or(0);
         let mut new = Vec::new();
         for (target, s) in starts {
             let key = WatchKey { tgid: p.pid, _pad: 0, addr: s.unit_addr };
@@ -225,7 +226,7 @@ impl Armed {
                 self.recheck();
                 continue;
             };
-            let entry = WatchEntry { code: s.code, target, layout, last_op, reported: 0, slot, _pad: [0; 4] };
+            let entry = WatchEntry { code: s.code, target, layout, last_op, reported: 0, slot, _pad: [0; 4], runtime };
             probes.set_watch(key, entry)?;
             // Its deallocation is reported from now on; one before is seen here.
             if !s.still_there(&objs) {

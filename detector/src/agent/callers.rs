@@ -1,0 +1,84 @@
+//! Who called each target in a process: the kernel records the frames
+//! above a target at its first hit, a walk reads them back off the loop,
+//! and the hits that came meanwhile wait for it (a few, briefly) so that
+//! the first one reported says who reached the target.
+
+use std::collections::BTreeMap;
+
+use super::ProcessWatch;
+use crate::{events::Hit, targets::TargetSet};
+
+pub use crate::pyproc::callers::Caller;
+
+/// Hits of one target held while its caller is read; more are reported
+/// without it.
+pub(crate) const MAX_HELD: usize = 64;
+
+/// What is known of a target's caller in a process.
+#[derive(Debug)]
+pub(crate) enum CallerState {
+    /// Being read: the hits waiting for it.
+    Reading(Vec<Hit>),
+    /// Read: the first caller of user code, if there is one.
+    Known(Option<Caller>),
+}
+
+/// A hit to report now, with its target's caller if known, or none (held).
+pub(crate) enum Held {
+    /// Report it.
+    Now(Hit, Option<Caller>),
+    /// It waits for its caller.
+    Waiting,
+}
+
+impl ProcessWatch {
+    /// Holds `hit` while its target's caller is being read.
+    pub(crate) fn hold(&mut self, hit: Hit, target: u32) -> Held {
+        match self.callers.get_mut(&target) {
+            Some(CallerState::Reading(held)) if held.len() < MAX_HELD => {
+                held.push(hit);
+                Held::Waiting
+            }
+            Some(CallerState::Known(caller)) => Held::Now(hit, caller.clone()),
+            _ => Held::Now(hit, None),
+        }
+    }
+
+    /// Starts reading `target`'s caller, unless it is read or being read.
+    pub(crate) fn start_reading_caller(&mut self, target: u32) -> bool {
+        if self.callers.contains_key(&target) {
+            return false;
+        }
+        self.callers.insert(target, CallerState::Reading(Vec::new()));
+        true
+    }
+
+    /// `target`'s caller is read: the hits that waited for it.
+    pub(crate) fn caller_read(&mut self, target: u32, caller: Option<Caller>) -> Vec<Hit> {
+        match self.callers.insert(target, CallerState::Known(caller)) {
+            Some(CallerState::Reading(held)) => held,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Every hit still waiting, its caller given up on.
+    pub(crate) fn release_held(&mut self) -> Vec<Hit> {
+        let mut out = Vec::new();
+        for state in self.callers.values_mut() {
+            if let CallerState::Reading(held) = state {
+                out.append(held);
+                *state = CallerState::Known(None);
+            }
+        }
+        out
+    }
+
+    /// The callers found, by target name.
+    pub(crate) fn callers_report(&self, targets: &TargetSet) -> BTreeMap<String, Caller> {
+        let known = self.callers.iter().filter_map(|(id, s)| match s {
+            CallerState::Known(Some(c)) => Some((targets.get(*id)?.to_string(), c.clone())),
+            _ => None,
+        });
+        known.collect()
+    }
+}
