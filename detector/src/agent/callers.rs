@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::ProcessWatch;
+use super::{ProcessWatch, walker::CallerAsk};
 use crate::{events::Hit, targets::TargetSet};
 
 pub use crate::pyproc::callers::Caller;
@@ -17,8 +17,8 @@ pub(crate) const MAX_HELD: usize = 64;
 /// What is known of a target's caller in a process.
 #[derive(Debug)]
 pub(crate) enum CallerState {
-    /// Being read: the hits waiting for it.
-    Reading(Vec<Hit>),
+    /// Being read, from these frames: the hits waiting for it.
+    Reading(CallerAsk, Vec<Hit>),
     /// Read: the first caller of user code, if there is one.
     Known(Option<Caller>),
 }
@@ -35,7 +35,7 @@ impl ProcessWatch {
     /// Holds `hit` while its target's caller is being read.
     pub(crate) fn hold(&mut self, hit: Hit, target: u32) -> Held {
         match self.callers.get_mut(&target) {
-            Some(CallerState::Reading(held)) if held.len() < MAX_HELD => {
+            Some(CallerState::Reading(_, held)) if held.len() < MAX_HELD => {
                 held.push(hit);
                 Held::Waiting
             }
@@ -44,19 +44,29 @@ impl ProcessWatch {
         }
     }
 
-    /// Starts reading `target`'s caller, unless it is read or being read.
-    pub(crate) fn start_reading_caller(&mut self, target: u32) -> bool {
-        if self.callers.contains_key(&target) {
+    /// Starts reading a target's caller from `ask`, unless it is read or
+    /// being read.
+    pub(crate) fn start_reading_caller(&mut self, ask: &CallerAsk) -> bool {
+        if self.callers.contains_key(&ask.target) {
             return false;
         }
-        self.callers.insert(target, CallerState::Reading(Vec::new()));
+        self.callers.insert(ask.target, CallerState::Reading(ask.clone(), Vec::new()));
         true
+    }
+
+    /// The callers being read, from which frames.
+    pub(crate) fn callers_reading(&self) -> Vec<CallerAsk> {
+        let reading = self.callers.values().filter_map(|s| match s {
+            CallerState::Reading(ask, _) => Some(ask.clone()),
+            CallerState::Known(_) => None,
+        });
+        reading.collect()
     }
 
     /// `target`'s caller is read: the hits that waited for it.
     pub(crate) fn caller_read(&mut self, target: u32, caller: Option<Caller>) -> Vec<Hit> {
         match self.callers.insert(target, CallerState::Known(caller)) {
-            Some(CallerState::Reading(held)) => held,
+            Some(CallerState::Reading(_, held)) => held,
             _ => Vec::new(),
         }
     }
@@ -65,7 +75,7 @@ impl ProcessWatch {
     pub(crate) fn release_held(&mut self) -> Vec<Hit> {
         let mut out = Vec::new();
         for state in self.callers.values_mut() {
-            if let CallerState::Reading(held) = state {
+            if let CallerState::Reading(_, held) = state {
                 out.append(held);
                 *state = CallerState::Known(None);
             }

@@ -49,6 +49,9 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 /// module runs (see [`ProcessWatch::rescan_pending`]).
 const RESCAN_PENDING: Duration = Duration::from_secs(10);
 
+/// How long stopping may spend reading the callers still being read.
+const SETTLE_CALLERS: Duration = Duration::from_secs(2);
+
 /// Children of watched processes remembered until they are attached.
 const MAX_FORKS_AWAITING: usize = 4096;
 
@@ -568,6 +571,7 @@ impl Session {
     pub fn shutdown(mut self) {
         self.drain();
         self.resolve_now();
+        self.callers_now(Instant::now() + SETTLE_CALLERS);
         let pids: Vec<u32> = self.watches.0.keys().copied().collect();
         for pid in pids {
             for (t, hits) in self.totals(pid) {

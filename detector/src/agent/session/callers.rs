@@ -2,7 +2,7 @@
 //! at their first hits are read back by a walk, once per process and
 //! target, and the hits held meanwhile are reported with what it found.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use tracing::info;
 
@@ -13,6 +13,7 @@ use crate::{
         walker::{CallerAsk, Finding, Look, Walked},
     },
     events::{Hit, record::Callers},
+    pyproc::callers,
 };
 
 impl Session {
@@ -27,9 +28,9 @@ impl Session {
             let (Some(w), Some(target)) = (self.watches.0.get_mut(&c.pid), self.targets.get(c.target)) else {
                 continue;
             };
-            if w.start_reading_caller(c.target) {
-                let module = target.module().to_owned();
-                let ask = CallerAsk { target: c.target, module, code: c.code, frames: c.frames };
+            let module = target.module().to_owned();
+            let ask = CallerAsk { target: c.target, module, code: c.code, frames: c.frames };
+            if w.start_reading_caller(&ask) {
                 asks.entry(c.pid).or_default().push(ask);
             }
         }
@@ -66,6 +67,22 @@ impl Session {
         let Some(w) = self.watches.0.get_mut(&pid) else { return };
         for hit in w.caller_read(target, caller.clone()) {
             self.hit_out(hit, caller.clone());
+        }
+    }
+
+    /// At stop: reads here the callers still being read, until `until`, and
+    /// reports the hits that waited for them.
+    pub(super) fn callers_now(&mut self, until: Instant) {
+        let reading: Vec<(u32, CallerAsk)> =
+            self.watches.0.iter().flat_map(|(pid, w)| w.callers_reading().into_iter().map(|a| (*pid, a))).collect();
+        for (pid, ask) in reading {
+            let Some(w) = self.watches.0.get(&pid) else { continue };
+            let caller = if Instant::now() < until {
+                callers::first_user_caller(&w.process, &ask.module, ask.code, &ask.frames).ok().flatten()
+            } else {
+                None
+            };
+            self.caller_known(pid, ask.target, caller);
         }
     }
 
