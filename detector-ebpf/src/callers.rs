@@ -5,7 +5,7 @@
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use detector_common::{
-    CALLER_DEPTH, CallerFrame, CallersEvent, EVENT_CALLERS, EventHeader, FAMILY_FRAME_ARG, Layout, NO_OFFSET,
+    CALLER_DEPTH, CallerFrame, CallersEvent, EVENT_CALLERS, EventHeader, FAMILY_FRAME_ARG, Layout, NO_OFFSET, NO_SLOT,
 };
 
 use crate::{
@@ -20,9 +20,11 @@ const MAX_INTERPRETERS: u32 = 4;
 const MAX_THREADS: u32 = 128;
 
 /// Records the frames above `frame`, the target's own, innermost first.
+/// Without room in the ring buffer it is dropped, counted as any record,
+/// but not as the process's lost hit (its hit is written next).
 #[inline(always)]
-pub fn record(slot: u16, target: u32, code: u64, layout: &Layout, frame: u64) {
-    let Some(mut entry) = reserve::<CallersEvent>(slot) else { return };
+pub fn record(target: u32, code: u64, layout: &Layout, frame: u64) {
+    let Some(mut entry) = reserve::<CallersEvent>(NO_SLOT) else { return };
     let id = bpf_get_current_pid_tgid();
     let ev = entry.as_mut_ptr();
     let frame_arg = layout.family == FAMILY_FRAME_ARG;

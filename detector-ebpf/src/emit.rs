@@ -105,7 +105,7 @@ pub fn hit<'a>(
     if count == 1
         && let Some((layout, f)) = frame()
     {
-        callers::record(slot, target, code, layout, f);
+        callers::record(target, code, layout, f);
     }
     if sparse && count & count.wrapping_sub(1) != 0 {
         return;

@@ -38,6 +38,9 @@ fn the_first_caller_of_user_code_comes_with_the_hits() {
             assert_eq!(got, vec![Some(parse.clone()); 3], "{strategy}: every hit says who first called");
             let direct = Caller { path: path.clone(), symbol: "direct".into(), line: line_of("DECODER.decode(") };
             assert_eq!(callers_of(interp, strategy, "direct", 1), [Some(direct)], "{strategy}");
+            // Called by C code (3.12 puts an entry frame of its own between).
+            let via_c = Caller { path: path.clone(), symbol: "via_c".into(), line: line_of("map(DECODER.decode") };
+            assert_eq!(callers_of(interp, strategy, "via_c", 1), [Some(via_c)], "{strategy}: through C");
             // On a thread started after the attach: a watchpoint trap finds
             // its frames through its own thread state.
             let on_thread = callers_of(interp, strategy, "threaded", 2);

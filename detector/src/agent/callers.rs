@@ -3,7 +3,10 @@
 //! and the hits that came meanwhile wait for it (a few, briefly) so that
 //! the first one reported says who reached the target.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use super::{ProcessWatch, walker::CallerAsk};
 use crate::{events::Hit, targets::TargetSet};
@@ -14,11 +17,15 @@ pub use crate::pyproc::callers::Caller;
 /// without it.
 pub(crate) const MAX_HELD: usize = 64;
 
+/// Longest a target's hits wait for its caller: a walk starved by its
+/// process's share gives up on it rather than hold hits for long.
+pub(crate) const CALLER_WAIT: Duration = Duration::from_secs(2);
+
 /// What is known of a target's caller in a process.
 #[derive(Debug)]
 pub(crate) enum CallerState {
-    /// Being read, from these frames: the hits waiting for it.
-    Reading(CallerAsk, Vec<Hit>),
+    /// Being read since then, from these frames: the hits waiting for it.
+    Reading(Instant, CallerAsk, Vec<Hit>),
     /// Read: the first caller of user code, if there is one.
     Known(Option<Caller>),
 }
@@ -35,7 +42,7 @@ impl ProcessWatch {
     /// Holds `hit` while its target's caller is being read.
     pub(crate) fn hold(&mut self, hit: Hit, target: u32) -> Held {
         match self.callers.get_mut(&target) {
-            Some(CallerState::Reading(_, held)) if held.len() < MAX_HELD => {
+            Some(CallerState::Reading(_, _, held)) if held.len() < MAX_HELD => {
                 held.push(hit);
                 Held::Waiting
             }
@@ -50,14 +57,14 @@ impl ProcessWatch {
         if self.callers.contains_key(&ask.target) {
             return false;
         }
-        self.callers.insert(ask.target, CallerState::Reading(ask.clone(), Vec::new()));
+        self.callers.insert(ask.target, CallerState::Reading(Instant::now(), ask.clone(), Vec::new()));
         true
     }
 
     /// The callers being read, from which frames.
     pub(crate) fn callers_reading(&self) -> Vec<CallerAsk> {
         let reading = self.callers.values().filter_map(|s| match s {
-            CallerState::Reading(ask, _) => Some(ask.clone()),
+            CallerState::Reading(_, ask, _) => Some(ask.clone()),
             CallerState::Known(_) => None,
         });
         reading.collect()
@@ -66,16 +73,24 @@ impl ProcessWatch {
     /// `target`'s caller is read: the hits that waited for it.
     pub(crate) fn caller_read(&mut self, target: u32, caller: Option<Caller>) -> Vec<Hit> {
         match self.callers.insert(target, CallerState::Known(caller)) {
-            Some(CallerState::Reading(_, held)) => held,
+            Some(CallerState::Reading(_, _, held)) => held,
             _ => Vec::new(),
         }
     }
 
-    /// Every hit still waiting, its caller given up on.
-    pub(crate) fn release_held(&mut self) -> Vec<Hit> {
+    /// Whether `target`'s caller is being read (its reach waits for it).
+    pub(crate) fn reading_caller(&self, target: u32) -> bool {
+        matches!(self.callers.get(&target), Some(CallerState::Reading(..)))
+    }
+
+    /// The hits still waiting for callers read since before `before` (all
+    /// of them if `None`), those callers given up on.
+    pub(crate) fn release_held(&mut self, before: Option<Instant>) -> Vec<Hit> {
         let mut out = Vec::new();
         for state in self.callers.values_mut() {
-            if let CallerState::Reading(_, held) = state {
+            if let CallerState::Reading(since, _, held) = state
+                && before.is_none_or(|b| *since < b)
+            {
                 out.append(held);
                 *state = CallerState::Known(None);
             }

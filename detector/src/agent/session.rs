@@ -131,6 +131,8 @@ pub struct Session {
     forks: BTreeMap<u32, (u32, Instant)>,
     /// Reporting to the telemetry intake, if on.
     upstream: Option<upstream::Upstream>,
+    /// When hits waiting for their callers were last looked at.
+    callers_checked: Option<Instant>,
 }
 
 impl Session {
@@ -166,6 +168,7 @@ impl Session {
             announcing: BTreeMap::new(),
             forks: BTreeMap::new(),
             upstream: None,
+            callers_checked: None,
         })
     }
 
@@ -527,6 +530,7 @@ impl Session {
         let hits = std::mem::take(&mut drained.hits);
         self.callers_recorded(std::mem::take(&mut drained.callers));
         self.report(hits);
+        self.release_overdue();
         for (pid, code) in drained.freed {
             let Some(w) = self.watches.0.get_mut(&pid) else { continue };
             if let Some(job) = w.code_freed(&mut self.probes, &self.targets, code) {

@@ -96,7 +96,8 @@ pub struct RunArgs {
     /// first reached. Sent to the agent that Remote Configuration polls, or
     /// that DD_TRACE_AGENT_URL / DD_AGENT_HOST name; never with neither.
     /// Heartbeats every DD_TELEMETRY_HEARTBEAT_INTERVAL seconds (60).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", env = "DD_INSTRUMENTATION_TELEMETRY_ENABLED")]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL",
+        value_parser = clap::builder::BoolishValueParser::new(), env = "DD_INSTRUMENTATION_TELEMETRY_ENABLED")]
     pub telemetry: bool,
     /// How hits are printed on stdout.
     #[arg(long, value_enum, default_value_t = Events::Json, env = "DETECTOR_EVENTS")]

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{ProcessError, PythonProcess, mem::ProcessMemory, objects::Objects};
 
+/// The file names of the code objects CPython 3.12 runs entry frames with.
+const SHIMS: [&str; 3] = ["<shim>", "<interpreter trampoline>", "<cleanup>"];
+
 /// Largest line table read.
 const MAX_LINETABLE: i64 = 64 << 10;
 
@@ -40,20 +43,30 @@ pub fn first_user_caller(
     let own = mem.ptr(code, o.code_filename).and_then(|f| objs.str(f)).ok();
     let package = own.as_deref().and_then(|f| package_of(module, f));
     for f in frames.iter().filter(|f| f.code != 0) {
-        // A frame of the C stack (an entry shim) holds no code object.
-        if objs.type_name(f.code).ok().as_deref() != Some("code") {
-            continue;
+        // One frame that cannot be read (its code object freed since)
+        // leaves the others to look at.
+        if let Some(caller) = frame_caller(&objs, f, package.as_ref()) {
+            return Ok(Some(caller));
         }
-        let path = objs.str(mem.ptr(f.code, o.code_filename)?)?;
-        if !user_code(&path, package.as_ref()) {
-            continue;
-        }
-        let name = if o.code_qualname != detector_common::NO_OFFSET { o.code_qualname } else { o.code_name };
-        let symbol = objs.str(mem.ptr(f.code, name)?)?;
-        let line = line(&objs, f).unwrap_or(0);
-        return Ok(Some(Caller { path, symbol, line }));
     }
     Ok(None)
+}
+
+/// The caller `f` is, if it is a frame of user code that can be read.
+fn frame_caller(objs: &Objects<'_>, f: &CallerFrame, package: Option<&Package>) -> Option<Caller> {
+    let (mem, o) = (objs.mem, objs.o);
+    // A frame of the C stack holds no code object (3.13+: `None`).
+    if objs.type_name(f.code).ok()? != "code" {
+        return None;
+    }
+    let path = objs.str(mem.ptr(f.code, o.code_filename).ok()?).ok()?;
+    if !user_code(&path, package) {
+        return None;
+    }
+    let name = if o.code_qualname != detector_common::NO_OFFSET { o.code_qualname } else { o.code_name };
+    let symbol = objs.str(mem.ptr(f.code, name).ok()?).ok()?;
+    let line = line(objs, f).unwrap_or(0);
+    Some(Caller { path, symbol, line })
 }
 
 /// The line a frame is at, through its code object's line table.
@@ -93,7 +106,9 @@ fn package_of(module: &str, filename: &str) -> Option<Package> {
 
 /// Whether a frame of `path` is user code: not the target's own package,
 /// nor an installed package, nor the standard library (frozen modules
-/// included). Code given to `exec` or `-c` (`<string>`) is the user's.
+/// included), nor one of the interpreter's own entry frames (3.12 pushes
+/// a shim code object where C calls Python). Code given to `exec` or `-c`
+/// (`<string>`) is the user's.
 fn user_code(path: &str, package: Option<&Package>) -> bool {
     let own = match package {
         Some(Package::Dir(d)) => path.starts_with(d.as_str()),
@@ -101,6 +116,7 @@ fn user_code(path: &str, package: Option<&Package>) -> bool {
         None => false,
     };
     !own && !path.starts_with("<frozen ")
+        && !SHIMS.contains(&path)
         && !path.contains("/site-packages/")
         && !path.contains("/dist-packages/")
         && !standard_library(path)
@@ -135,6 +151,7 @@ mod tests {
         assert!(!user_code("/usr/lib/python3/dist-packages/yaml/__init__.py", None));
         assert!(!user_code("<frozen runpy>", None));
         assert!(user_code("<string>", None), "python -c");
+        assert!(!user_code("<shim>", None));
         assert!(user_code("/srv/lib/python3.x/app.py", None));
         assert!(user_code("/home/me/python3.12/app.py", None));
     }

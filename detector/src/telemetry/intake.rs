@@ -6,6 +6,10 @@
 
 use std::{
     collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -76,10 +80,15 @@ impl Link {
 /// Every runtime's state, capped.
 struct Runtimes {
     map: HashMap<Uuid, Runtime>,
+    /// The queue's count of bounded events: one fewer for each taken.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Runtimes {
     fn apply(&mut self, event: Event, metrics: &Metrics) {
+        if event.bounded() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
         let id = event.runtime();
         if !self.map.contains_key(&id) && !self.make_room(metrics) {
             metrics.telemetry_dropped("runtimes_cap", 1);
@@ -95,7 +104,9 @@ impl Runtimes {
                 }
             }
             Event::Reached { dependency, version, advisory, at, .. } => {
-                r.reached(&dependency, version.as_deref(), &advisory, at);
+                if !r.reached(&dependency, version.as_deref(), &advisory, at) && r.full(&dependency) {
+                    metrics.telemetry_dropped("metadata_cap", 1);
+                }
             }
             Event::Closed { .. } => r.close(Instant::now()),
         }
@@ -115,9 +126,12 @@ impl Runtimes {
     }
 }
 
+/// The queue from the agent loop, and its count of bounded events.
+type Queue = (mpsc::UnboundedReceiver<Event>, Arc<AtomicUsize>);
+
 /// Sends until the agent loop's side is dropped, then sends what is left
 /// for a little while.
-pub(super) async fn run(settings: Settings, mut rx: mpsc::Receiver<Event>, metrics: SharedMetrics) {
+pub(super) async fn run(settings: Settings, (mut rx, queued): Queue, metrics: SharedMetrics) {
     let http = match reqwest::Client::builder().timeout(TIMEOUT).build() {
         Ok(h) => h,
         Err(e) => {
@@ -125,8 +139,8 @@ pub(super) async fn run(settings: Settings, mut rx: mpsc::Receiver<Event>, metri
             return;
         }
     };
-    let mut sender =
-        Sender { http, settings, metrics, runtimes: Runtimes { map: HashMap::new() }, link: Link::default() };
+    let runtimes = Runtimes { map: HashMap::new(), queued };
+    let mut sender = Sender { http, settings, metrics, runtimes, link: Link::default() };
     let mut tick = tokio::time::interval(FLUSH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -158,7 +172,7 @@ impl Sender {
     /// Sends what is due, a batch of requests at most, taking the queue
     /// between requests; stops at the first the intake does not answer.
     /// Whether any was taken (more may be due).
-    async fn flush(&mut self, rx: &mut mpsc::Receiver<Event>) -> bool {
+    async fn flush(&mut self, rx: &mut mpsc::UnboundedReceiver<Event>) -> bool {
         if !self.link.ready(Instant::now()) {
             return false;
         }

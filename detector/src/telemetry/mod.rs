@@ -7,7 +7,13 @@ mod intake;
 pub(crate) mod runtime;
 pub mod wire;
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 use uuid::Uuid;
@@ -71,6 +77,11 @@ pub(crate) enum Event {
 }
 
 impl Event {
+    /// Whether it counts against the queue's bound.
+    fn bounded(&self) -> bool {
+        matches!(self, Event::Dependencies { .. } | Event::Reached { .. })
+    }
+
     fn runtime(&self) -> Uuid {
         match self {
             Event::Started { runtime, .. }
@@ -82,37 +93,50 @@ impl Event {
 }
 
 /// The agent loop's side of the sender: queues events, never blocks.
+/// A runtime's start and end are always queued (one each per watched
+/// process, so bounded by them): a runtime that missed either would never
+/// be sent, or never end. Other events beyond [`QUEUE`] are dropped.
 #[derive(Clone)]
 pub struct Telemetry {
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::UnboundedSender<Event>,
+    /// Events other than starts and ends queued and not taken yet.
+    queued: Arc<AtomicUsize>,
     metrics: SharedMetrics,
 }
 
 impl Telemetry {
     /// Starts the sender; the handle that waits for its last reports.
     pub fn start(settings: Settings, metrics: SharedMetrics) -> (Telemetry, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         tracing::info!(agent = %settings.url, heartbeat = ?settings.heartbeat, tracer_version = TRACER_VERSION,
             "reporting to the Datadog Agent's telemetry intake");
-        let task = tokio::spawn(intake::run(settings, rx, metrics.clone()));
-        (Telemetry { tx, metrics }, task)
+        let task = tokio::spawn(intake::run(settings, (rx, queued.clone()), metrics.clone()));
+        (Telemetry { tx, queued, metrics }, task)
     }
 
-    /// Queues `event`; a full queue drops it, counted.
+    /// Queues `event`; a full queue drops it (never a start or an end),
+    /// counted.
     pub(crate) fn send(&self, event: Event) {
-        if self.tx.try_send(event).is_err() {
+        if event.bounded() && self.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             self.metrics.telemetry_dropped("queue_full", 1);
+            return;
         }
+        // The sender ends only after this side is dropped.
+        let _ = self.tx.send(event);
     }
 }
 
 /// The runtime id of the process `pid` that started at `start_time`
-/// (clock ticks after boot): the same across restarts of this agent, and
-/// another for a pid reused after a reboot or by another process.
-pub fn runtime_id(pid: u32, start_time: Option<u64>) -> Uuid {
+/// (clock ticks after boot) running the interpreter `binary`: the same
+/// across restarts of this agent, and another for a pid reused after a
+/// reboot or by another process, or for a process that executed another
+/// interpreter.
+pub fn runtime_id(pid: u32, start_time: Option<u64>, binary: &str) -> Uuid {
     // A namespace of this agent's own (a v4 id drawn once).
     const NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_0a52_9d3e_4b7a_8f21_5e0d_c4a9_3b17);
-    let name = format!("{}:{pid}:{}", boot_id(), start_time.unwrap_or(0));
+    let name = format!("{}:{pid}:{}:{binary}", boot_id(), start_time.unwrap_or(0));
     Uuid::new_v5(&NAMESPACE, name.as_bytes())
 }
 
@@ -152,9 +176,11 @@ mod tests {
 
     #[test]
     fn runtime_ids_are_stable_and_distinct() {
-        assert_eq!(runtime_id(42, Some(100)), runtime_id(42, Some(100)));
-        assert_ne!(runtime_id(42, Some(100)), runtime_id(42, Some(101)), "a reused pid");
-        assert_ne!(runtime_id(42, Some(100)), runtime_id(43, Some(100)));
-        assert_eq!(runtime_id(42, Some(100)).get_version_num(), 5);
+        let id = |pid, start, binary| runtime_id(pid, Some(start), binary);
+        assert_eq!(id(42, 100, "/py"), id(42, 100, "/py"));
+        assert_ne!(id(42, 100, "/py"), id(42, 101, "/py"), "a reused pid");
+        assert_ne!(id(42, 100, "/py"), id(43, 100, "/py"));
+        assert_ne!(id(42, 100, "/py"), id(42, 100, "/other/py"), "another image");
+        assert_eq!(id(42, 100, "/py").get_version_num(), 5);
     }
 }

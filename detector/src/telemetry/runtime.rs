@@ -84,10 +84,16 @@ impl Runtime {
         }
     }
 
-    /// The process was announced.
+    /// The process was announced. An adopted runtime's `seq_id`s start
+    /// from the clock (in milliseconds), past those a previous agent sent
+    /// for it.
     pub fn start(&mut self, application: Application, adopted: bool) {
         self.application = Some(application);
         self.adopted = adopted;
+        if adopted {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            self.seq = now.map(|d| d.as_millis() as u64).unwrap_or(0);
+        }
     }
 
     /// Its catalog dependencies as last read: a new version or a newly
@@ -118,19 +124,27 @@ impl Runtime {
     }
 
     /// Advisory `id` of `dependency` (at `version`, if known) was reached:
-    /// the first reach is kept. Returns whether it was new.
+    /// the first reach is kept. Returns whether it was new (false too when
+    /// the dependency has no room for another advisory).
     pub fn reached(&mut self, dependency: &str, version: Option<&str>, id: &str, at: Reached) -> bool {
         let dep = self.deps.entry(dependency.to_owned()).or_default();
         if let Some(v) = version.filter(|_| dep.version.is_empty()) {
             dep.version = v.to_owned();
         }
-        let full = dep.advisories.len() >= MAX_METADATA && !dep.advisories.contains_key(id);
+        if dep.advisories.len() >= MAX_METADATA && !dep.advisories.contains_key(id) {
+            return false;
+        }
         match dep.advisories.entry(id.to_owned()).or_default() {
-            slot @ None if !full => *slot = Some(at),
-            _ => return false,
+            slot @ None => *slot = Some(at),
+            Some(_) => return false,
         }
         self.changed(dependency);
         true
+    }
+
+    /// Whether `dependency` holds as many advisories as it may.
+    pub fn full(&self, dependency: &str) -> bool {
+        self.deps.get(dependency).is_some_and(|d| d.advisories.len() >= MAX_METADATA)
     }
 
     fn changed(&mut self, dependency: &str) {
@@ -329,5 +343,6 @@ mod tests {
         assert_eq!(r.dependencies(found), 5);
         assert_eq!(r.registered()["six"].len(), MAX_METADATA);
         assert!(!r.reached("six", None, "other", at()), "no room for another");
+        assert_eq!(r.registered()["six"].len(), MAX_METADATA, "nor kept");
     }
 }

@@ -9,7 +9,7 @@ use tracing::info;
 use super::Session;
 use crate::{
     agent::{
-        callers::Caller,
+        callers::{CALLER_WAIT, Caller},
         walker::{CallerAsk, Finding, Look, Walked},
     },
     events::{Hit, record::Callers},
@@ -89,7 +89,22 @@ impl Session {
     /// Reports `pid`'s hits still waiting for their callers, without them.
     pub(super) fn release_held(&mut self, pid: u32) {
         let Some(w) = self.watches.0.get_mut(&pid) else { return };
-        for hit in w.release_held() {
+        for hit in w.release_held(None) {
+            self.hit_out(hit, None);
+        }
+    }
+
+    /// Reports, without them, the hits that waited for their callers longer
+    /// than they may (looked at every [`CALLER_WAIT`] at most).
+    pub(super) fn release_overdue(&mut self) {
+        let now = Instant::now();
+        if self.callers_checked.is_some_and(|at| now < at + CALLER_WAIT) {
+            return;
+        }
+        self.callers_checked = Some(now);
+        let before = now.checked_sub(CALLER_WAIT);
+        let overdue: Vec<Hit> = self.watches.0.values_mut().flat_map(|w| w.release_held(before)).collect();
+        for hit in overdue {
             self.hit_out(hit, None);
         }
     }
@@ -108,6 +123,11 @@ impl Session {
         let advisories = self.advisories.get(&hit.target).map(Vec::as_slice).unwrap_or_default();
         let exposure = self.exposure_of(hit.pid, &hit.target);
         self.printer.hit(&hit, service, advisories, exposure.as_ref(), caller.as_ref());
-        self.upstream_reached(&hit, caller);
+        // Reported upstream once the caller is read (the first reach wins).
+        let reading =
+            self.targets.id(&hit.target).zip(self.watches.0.get(&hit.pid)).is_some_and(|(t, w)| w.reading_caller(t));
+        if !reading {
+            self.upstream_reached(&hit, caller);
+        }
     }
 }

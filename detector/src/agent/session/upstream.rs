@@ -70,16 +70,17 @@ impl Session {
         if !up.reported.entry(hit.pid).or_default().insert(id) {
             return;
         }
-        let installed = w.versions.as_ref().map(|v| &v.installed);
-        for a in self.advisories.get(&hit.target).into_iter().flatten() {
-            let (Some(advisory), Some(dependency)) = (report_id(a), a.dependency.as_deref()) else { continue };
-            let dependency = normalize(dependency);
-            let version = match installed.and_then(|i| i.get(&dependency)) {
-                Some(Installed::Found { version, .. }) => Some(version.clone()),
-                _ => None,
-            };
-            let at = caller.clone().unwrap_or_else(|| fallback(&hit.target));
-            up.telemetry.send(Event::Reached { runtime: w.runtime_id(), dependency, version, advisory, at });
+        let Some(installed) = w.versions.as_ref().map(|v| &v.installed) else { return };
+        let at = caller.unwrap_or_else(|| fallback(&hit.target));
+        for (dependency, version, advisory) in reached(self.advisories.get(&hit.target), installed) {
+            let at = at.clone();
+            up.telemetry.send(Event::Reached {
+                runtime: w.runtime_id(),
+                dependency,
+                version: Some(version),
+                advisory,
+                at,
+            });
         }
     }
 
@@ -94,7 +95,7 @@ impl Session {
 impl ProcessWatch {
     /// Its runtime id at the telemetry intake.
     pub fn runtime_id(&self) -> uuid::Uuid {
-        telemetry::runtime_id(self.process.pid, self.start_time)
+        telemetry::runtime_id(self.process.pid, self.start_time, &self.process.object.path)
     }
 }
 
@@ -123,6 +124,25 @@ fn fallback(target: &Target) -> Reached {
 /// vulnerability's.
 fn report_id(a: &Advisory) -> Option<String> {
     a.id.clone().or_else(|| a.vulnerability.as_ref()?.id.clone())
+}
+
+/// The advisories a target's hit reaches: those whose dependency the
+/// process has at a version they affect, as (dependency, version, id). A
+/// version not known says nothing the backend could place.
+fn reached(
+    advisories: Option<&Vec<Advisory>>,
+    installed: &BTreeMap<String, Installed>,
+) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for a in advisories.into_iter().flatten() {
+        let (Some(id), Some(dependency)) = (report_id(a), a.dependency.as_deref()) else { continue };
+        let dependency = normalize(dependency);
+        let Some(Installed::Found { version, .. }) = installed.get(&dependency) else { continue };
+        if matches!(affected(&a.versions, version), Affected::Yes { .. }) {
+            out.push((dependency, version.clone(), id));
+        }
+    }
+    out
 }
 
 /// The catalog's dependencies found in a process, each with the advisories
@@ -172,5 +192,9 @@ mod tests {
         .into();
         let f = found(&advisories, &installed);
         assert_eq!(f, [Found { name: "six".into(), version: "1.16.0".into(), advisories: vec!["old".into()] }]);
+        // A hit reaches only the advisory its version is affected by.
+        let hit = reached(advisories.get(&t("six:a")), &installed);
+        assert_eq!(hit, [("six".to_string(), "1.16.0".to_string(), "old".to_string())]);
+        assert!(reached(advisories.get(&t("gone:c")), &installed).is_empty(), "not installed: nothing to place");
     }
 }
