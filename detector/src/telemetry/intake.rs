@@ -178,8 +178,7 @@ impl Sender {
         }
         let mut taken = false;
         let now = Instant::now();
-        let due: Vec<Uuid> =
-            self.runtimes.map.iter().filter(|(_, r)| r.due(now).is_some()).map(|(id, _)| *id).collect();
+        let due: Vec<Uuid> = self.runtimes.map.iter().filter(|(_, r)| r.is_due(now)).map(|(id, _)| *id).collect();
         for id in due.into_iter().take(MAX_PER_FLUSH) {
             let Some(r) = self.runtimes.map.get_mut(&id) else { continue };
             let Some((payload, sent)) = r.due(Instant::now()) else { continue };

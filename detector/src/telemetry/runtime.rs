@@ -164,6 +164,16 @@ impl Runtime {
         self.closing_sent && self.dirty.is_empty()
     }
 
+    /// Whether anything is to be sent now: [`Runtime::due`] without
+    /// building it (asked of every runtime each second).
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.application.is_some()
+            && (!self.started
+                || !self.dirty.is_empty()
+                || (self.closed && !self.closing_sent)
+                || (!self.closed && self.next_heartbeat.is_some_and(|t| now >= t)))
+    }
+
     /// What to send now, if anything (`app-started` alone first, then the
     /// rest batched), and what it covers.
     pub fn due(&self, now: Instant) -> Option<(Payload, Sent)> {
@@ -255,6 +265,7 @@ mod tests {
 
     /// Sends what is due and acknowledges it; returns it.
     fn send(r: &mut Runtime, now: Instant) -> Option<Payload> {
+        assert_eq!(r.is_due(now), r.due(now).is_some(), "is_due agrees with due");
         let (p, sent) = r.due(now)?;
         r.sent(sent, now, Duration::from_secs(60));
         Some(p)
