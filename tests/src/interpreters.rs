@@ -1,8 +1,9 @@
 //! The interpreters the tests run on: every pyenv build from 3.8 to 3.13,
-//! Debian's stripped `/usr/bin/python3.11`, Debian's 3.14 in a
+//! Debian's stripped `/usr/bin/python3.11`, Debian's 3.14 and 3.15 in a
 //! debootstrapped root filesystem run under `chroot` (a process "in a
-//! container": its binary is only reachable through `/proc/PID/root`), and a
-//! 3.13 built without computed gotos (handlers reached through a `switch`).
+//! container": its binary is only reachable through `/proc/PID/root`), a
+//! 3.13 built without computed gotos (handlers reached through a `switch`),
+//! and a 3.15 built from the upstream tarball, with DWARF.
 
 use std::path::{Path, PathBuf};
 
@@ -67,7 +68,6 @@ pub fn interpreters() -> Vec<Interpreter> {
         .map(PathBuf::from)
         .expect("DETECTOR_TEST_ROOTFS is not set: run the integration tests with `cargo xtask test`");
     let root = rootfs_base.join("sid-python3.14");
-    assert!(root.join("usr/bin/python3.14").exists(), "no python3.14 in {}", root.display());
     install_fixtures(&root);
     let switch = std::env::var_os("DETECTOR_TEST_SWITCH_PYTHON")
         .map(PathBuf::from)
@@ -80,13 +80,28 @@ pub fn interpreters() -> Vec<Interpreter> {
         fixtures: fixtures.clone(),
         rootfs: None,
     });
+    let py315 = std::env::var_os("DETECTOR_TEST_PY315")
+        .map(PathBuf::from)
+        .expect("DETECTOR_TEST_PY315 is not set: run the integration tests with `cargo xtask test`");
+    assert!(py315.exists(), "{} is missing", py315.display());
     out.push(Interpreter {
-        name: "sid-3.14-chroot".into(),
-        minor: 14,
-        argv: vec!["chroot".into(), root.display().to_string(), "/usr/bin/python3.14".into()],
-        fixtures: PathBuf::from("/opt/detector-fixtures"),
-        rootfs: Some(root),
+        name: "build-3.15".into(),
+        minor: 15,
+        argv: vec![py315.display().to_string()],
+        fixtures: fixtures.clone(),
+        rootfs: None,
     });
+    for minor in [14, 15] {
+        let python = format!("/usr/bin/python3.{minor}");
+        assert!(root.join(&python[1..]).exists(), "no {python} in {}", root.display());
+        out.push(Interpreter {
+            name: format!("sid-3.{minor}-chroot"),
+            minor,
+            argv: vec!["chroot".into(), root.display().to_string(), python],
+            fixtures: PathBuf::from("/opt/detector-fixtures"),
+            rootfs: Some(root.clone()),
+        });
+    }
     out
 }
 

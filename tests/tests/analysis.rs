@@ -43,7 +43,15 @@ fn every_interpreter_is_analysed() {
             8..=10 => vec!["PyFunction_NewWithQualName", "code_dealloc", "PyEval_EvalCode"],
             11 => vec!["code_dealloc", "PyEval_EvalCode", "RESUME", "RESUME_QUICK"],
             12 => vec!["code_dealloc", "PyEval_EvalCode", "RESUME", "INSTRUMENTED_RESUME"],
-            _ => vec!["code_dealloc", "PyEval_EvalCode", "RESUME", "RESUME_CHECK", "INSTRUMENTED_RESUME"],
+            13 | 14 => vec!["code_dealloc", "PyEval_EvalCode", "RESUME", "RESUME_CHECK", "INSTRUMENTED_RESUME"],
+            _ => vec![
+                "code_dealloc",
+                "PyEval_EvalCode",
+                "RESUME",
+                "RESUME_CHECK",
+                "RESUME_CHECK_JIT",
+                "INSTRUMENTED_RESUME",
+            ],
         });
         assert_eq!(site_handlers(&a), expected);
         // Sites passed on every call are emulated; module execution is
@@ -57,7 +65,7 @@ fn every_interpreter_is_analysed() {
         let handlers = &a["handlers"]["source"];
         match i.name.as_str() {
             // Symbols and DWARF in the library (or the switch build's binary).
-            n if n.starts_with("pyenv") || n == "switch-3.13" => {
+            n if n.starts_with("pyenv") || n == "switch-3.13" || n == "build-3.15" => {
                 assert_eq!(a["debug_info"]["kind"], "embedded");
                 if i.minor >= 11 {
                     assert_eq!(handlers, "dwarf_labels");
@@ -69,9 +77,9 @@ fn every_interpreter_is_analysed() {
                 assert_eq!(handlers, "scan");
                 assert_eq!(sources, BTreeSet::from(["builtin".to_owned()]));
             }
-            // Stripped, but the container has the debug file (python3.14-dbg),
+            // Stripped, but the container has the debug file (python3.1x-dbg),
             // found by build id under /proc/PID/root.
-            "sid-3.14-chroot" => {
+            "sid-3.14-chroot" | "sid-3.15-chroot" => {
                 assert_eq!(a["debug_info"]["kind"], "build_id");
                 assert_eq!(handlers, "dwarf_labels");
                 assert_eq!(sources, BTreeSet::from(["debug_offsets".to_owned(), "dwarf".to_owned()]));
@@ -103,11 +111,15 @@ fn builtin_tables_equal_dwarf() {
 #[test]
 fn stripped_binary_in_a_root_filesystem_is_analysed_by_scan() {
     let root = interpreters().into_iter().find_map(|i| i.rootfs).unwrap();
-    let a = inspect(&root.join("usr/bin/python3.14").display().to_string()).unwrap();
-    assert_eq!(a["debug_info"], Value::Null, "the host has no debug file for it");
-    assert_eq!(a["handlers"]["source"], "scan");
-    assert_eq!(a["position_independent"], false);
-    assert_eq!(site_handlers(&a).len(), 6);
+    // 3.15's has RESUME_CHECK_JIT too, and its table sits in `.data` beside
+    // the JIT's tracing table.
+    for (python, sites) in [("python3.14", 6), ("python3.15", 7)] {
+        let a = inspect(&root.join("usr/bin").join(python).display().to_string()).unwrap();
+        assert_eq!(a["debug_info"], Value::Null, "the host has no debug file for {python}");
+        assert_eq!(a["handlers"]["source"], "scan", "{python}");
+        assert_eq!(a["position_independent"], false, "{python}");
+        assert_eq!(site_handlers(&a).len(), sites, "{python}");
+    }
 }
 
 fn assert_refused(what: &str, reason: &str) {
@@ -163,4 +175,21 @@ fn stripped_python_without_computed_gotos_is_refused() {
     let python = std::env::var("DETECTOR_TEST_STRIPPED_SWITCH_PYTHON")
         .expect("DETECTOR_TEST_STRIPPED_SWITCH_PYTHON is not set: run the integration tests with `cargo xtask test`");
     assert_refused(&python, "cannot find the opcode handlers");
+}
+
+#[test]
+fn the_jit_flag_offset_equals_dwarf() {
+    // Debian's 3.14 and 3.15 carry the tier-2 optimizer. Analysed in their
+    // container, with the debug files there, the flag's offset comes from
+    // DWARF; from the host, without them, from the built-in value: the same.
+    for i in interpreters().into_iter().filter(|i| i.rootfs.is_some()) {
+        let live = inspect_process(&i);
+        assert_eq!(live["tier2"]["jit_flag"]["source"], "dwarf", "{}", i.name);
+        let path = i.rootfs.as_ref().unwrap().join(i.argv.last().unwrap().trim_start_matches('/'));
+        let file = inspect(&path.display().to_string()).unwrap();
+        assert_eq!(file["tier2"]["jit_flag"]["source"], "builtin", "{}", i.name);
+        assert_eq!(file["tier2"]["jit_flag"]["offset"], live["tier2"]["jit_flag"]["offset"], "{}", i.name);
+    }
+    // The pyenv builds have none.
+    assert_eq!(inspect_process(&interpreters()[0])["tier2"], Value::Null);
 }

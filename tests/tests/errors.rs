@@ -79,7 +79,7 @@ fn unsupported_interpreter_version() {
     let python = v37.join("bin/python3.7").display().to_string();
     let p = Sleeper::new(&[&python, "-c", "import sys; sys.stdin.read()"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_refused(&["dump", "--pid", &p.pid(), "--target", "m:f"], "supported versions are 3.8 to 3.14");
+    assert_refused(&["dump", "--pid", &p.pid(), "--target", "m:f"], "supported versions are 3.8 to 3.15");
     // Started by the detector, it is refused the same way and not left running.
     assert_refused(&["dump", "--target", "m:f", "--", &python, "-c", "import time; time.sleep(60)"], "3.7");
 }
@@ -115,16 +115,87 @@ fn rootfs_python(name: &str) -> (String, String) {
     (root.display().to_string(), bin.display().to_string())
 }
 
+/// Debian's 3.15 as `/usr/local/bin/NAME` in the root filesystem, with the
+/// `u64` at `at` in its `_Py_DebugOffsets` (found by cookie and version)
+/// set to `value`: a build this detector has not seen.
+fn patched_315(name: &str, at: usize, value: u64) -> String {
+    let (root, bin) = rootfs_python("python3.15");
+    let mut data = std::fs::read(&bin).unwrap();
+    let mut table = b"xdebugpy".to_vec();
+    table.extend(0x030f_02f0u64.to_le_bytes());
+    let start = data.windows(16).position(|w| w == table).expect("Debian's 3.15.2 _Py_DebugOffsets");
+    data[start + at..start + at + 8].copy_from_slice(&value.to_le_bytes());
+    let path = std::path::Path::new(&root).join("usr/local/bin").join(name);
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    format!("/usr/local/bin/{name}")
+}
+
+#[test]
+fn a_debug_offsets_table_laid_out_otherwise_is_refused_unless_dwarf_says() {
+    let (root, _) = rootfs_python("python3.15");
+    // Its thread state's size below its own members' offsets: the table is
+    // not laid out as 3.15's (as a later release could change it).
+    let relaid = patched_315("python3.15-relaid", 176, 100);
+    let why = "not laid out as 3.15's: thread_state.native_thread_id = 184 is not below its struct's size 100";
+    assert_refused(&["inspect", &format!("{root}{relaid}")], why);
+    // In the root filesystem, Debian's debug file for the build id has the
+    // offsets: analysed from DWARF, and said so.
+    let p = Sleeper::new(&["chroot", &root, &relaid, "-c", "import sys; sys.stdin.read()"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = Command::new(detector_bin()).args(["inspect", "--format", "json", &p.pid()]).output().unwrap();
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect's JSON");
+    let warnings = a["warnings"].to_string();
+    assert!(warnings.contains(&format!("{why}: using DWARF")), "{warnings}");
+    assert_eq!(a["offsets"]["tstate_native_thread_id"]["source"], "dwarf", "{a}");
+}
+
 #[test]
 fn too_new_and_debug_builds_are_refused() {
-    for (name, reason) in
-        [("python3.15", "supported versions are 3.8 to 3.14"), ("python3.14d", "is a debug build (Py_DEBUG)")]
-    {
-        let (root, bin) = rootfs_python(name);
+    let (root, _) = rootfs_python("python3.15");
+    let future = patched_315("python3.16", 8, 0x0310_00f0);
+    for (name, reason) in [
+        (future.as_str(), "CPython 3.16.0: supported versions are 3.8 to 3.15"),
+        ("/usr/bin/python3.14d", "is a debug build (Py_DEBUG)"),
+        ("/usr/bin/python3.15d", "is a debug build (Py_DEBUG)"),
+    ] {
+        let bin = format!("{root}{name}");
         assert_refused(&["inspect", &bin], reason);
         // The same refusal for a running process in the chroot (a container).
-        let p = Sleeper::new(&["chroot", &root, &format!("/usr/bin/{name}"), "-c", "import sys; sys.stdin.read()"]);
+        let p = Sleeper::new(&["chroot", &root, name, "-c", "import sys; sys.stdin.read()"]);
         std::thread::sleep(std::time::Duration::from_millis(500));
         assert_refused(&["dump", "--pid", &p.pid(), "--target", "m:f"], reason);
+    }
+}
+
+/// Hides `PYTHON_JIT` from `/proc/PID/environ` once the interpreter has
+/// read it (renames it in the block the kernel shows), as a build that turns
+/// the JIT on by default would look; then waits.
+const HIDE_PYTHON_JIT: &str = "import ctypes, sys
+libc = ctypes.CDLL(None)
+libc.getenv.restype = ctypes.c_void_p
+ctypes.memmove(libc.getenv(b'PYTHON_JIT') - 2, b'X', 1)
+sys.stdin.read()";
+
+#[test]
+fn a_process_running_the_jit_is_refused() {
+    let (root, _) = rootfs_python("python3.15");
+    for python in ["/usr/bin/python3.14", "/usr/bin/python3.15"] {
+        let wait = "import sys; sys.stdin.read()";
+        let run = |env: &str, script: &str| Sleeper::new(&["chroot", &root, "/usr/bin/env", env, python, "-c", script]);
+        let (asked, flagged, off) =
+            (run("PYTHON_JIT=1", wait), run("PYTHON_JIT=1", HIDE_PYTHON_JIT), run("PYTHON_JIT=0", wait));
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        assert_refused(
+            &["dump", "--pid", &asked.pid(), "--target", "m:f"],
+            "runs with the JIT on (PYTHON_JIT in its environment)",
+        );
+        let environ = std::fs::read(format!("/proc/{}/environ", flagged.pid())).unwrap();
+        assert!(environ.windows(11).any(|w| w == b"PYTHON_JIX="), "{python}: PYTHON_JIT not hidden");
+        assert_refused(&["inspect", &flagged.pid()], "runs with the JIT on (the jit flag of 1 interpreter(s) is set)");
+        let (code, err) = detector(&["inspect", &off.pid()]);
+        assert_eq!(code, Some(0), "{python} with PYTHON_JIT=0: {err}");
     }
 }

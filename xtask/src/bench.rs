@@ -96,11 +96,13 @@ pub fn run(suite_only: bool, calls_only: Option<&str>, catalog_only: bool) -> Re
     let bin = build::all()?;
     let rootfs = rootfs::ensure_all()?;
     let switch = testbuilds::switch_build()?;
+    let py315 = testbuilds::py315_build()?;
     // SAFETY: still single-threaded; the harness reads these.
     unsafe {
         std::env::set_var("DETECTOR_BIN", &bin);
         std::env::set_var("DETECTOR_TEST_ROOTFS", &rootfs);
         std::env::set_var("DETECTOR_TEST_SWITCH_PYTHON", &switch.python);
+        std::env::set_var("DETECTOR_TEST_PY315", &py315);
     }
     // The workload gets a CPU of its own; this process and the detectors it
     // starts share another, so reading events does not slow the workload.

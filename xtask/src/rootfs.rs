@@ -19,13 +19,15 @@ pub struct Rootfs {
     pub packages: &'static [&'static str],
 }
 
-/// The root filesystems the tests use: Debian's 3.14 (stripped, static
-/// libpython, handlers outside `_PyEval_EvalFrameDefault`), and builds that
-/// must be refused: 3.15 (too new) and 3.14's debug build.
+/// The root filesystems the tests use: Debian's 3.14 and 3.15 (stripped,
+/// static libpython, handlers outside `_PyEval_EvalFrameDefault`; their
+/// debug files from the `-dbg` packages, which also bring the debug builds
+/// `python3.14d` and `python3.15d`), and 3.15's standard library
+/// (`-minimal` has no `ctypes`).
 pub const ROOTFS: &[Rootfs] = &[Rootfs {
     name: "sid-python3.14",
     suite: "sid",
-    packages: &["python3.14-minimal", "python3.15-minimal", "python3.14-dbg"],
+    packages: &["python3.14-minimal", "python3.15-minimal", "python3.14-dbg", "python3.15-dbg", "libpython3.15-stdlib"],
 }];
 
 const MIRROR: &str = "http://deb.debian.org/debian";

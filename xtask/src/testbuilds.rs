@@ -1,7 +1,11 @@
 //! Interpreter builds no distribution ships, compiled from CPython's source
-//! (Debian's copy of the upstream tarball) on first use and cached in
-//! the xtask cache: a 3.13 built `--without-computed-gotos`, whose handlers are
-//! reached through a `switch`, and a stripped copy of it.
+//! (Debian's copies of the upstream tarballs) on first use and cached in the
+//! xtask cache, keyed by version and flags, so every clone on a machine
+//! reuses them:
+//! - a 3.13 built `--without-computed-gotos`, whose handlers are reached
+//!   through a `switch`, and a stripped copy of it;
+//! - a 3.15 built as upstream configures it, with DWARF (Debian's own 3.15
+//!   binary is stripped), the build the built-in tables are checked against.
 
 use std::{fs, path::PathBuf, process::Command};
 
@@ -9,8 +13,36 @@ use anyhow::{Context, Result};
 
 use crate::{cache_dir, sh};
 
-const VERSION: &str = "3.13.5";
-const TARBALL: &str = "http://deb.debian.org/debian/pool/main/p/python3.13/python3.13_3.13.5.orig.tar.xz";
+/// One build: a tarball and the flags it is configured with.
+struct Build {
+    /// Version, as in the tarball's top directory (`Python-VERSION`).
+    version: &'static str,
+    /// Debian's copy of the upstream tarball.
+    tarball: &'static str,
+    /// `./configure` flags beyond the ones every build gets.
+    flags: &'static [&'static str],
+    /// `make` targets: the interpreter alone, or (empty) it and every
+    /// extension module (`ctypes` for the tests that need it).
+    targets: &'static [&'static str],
+    /// Directory under the cache's `test-builds/`; a new key rebuilds.
+    key: &'static str,
+}
+
+const SWITCH: Build = Build {
+    version: "3.13.5",
+    tarball: "http://deb.debian.org/debian/pool/main/p/python3.13/python3.13_3.13.5.orig.tar.xz",
+    flags: &["--without-computed-gotos"],
+    targets: &["python"],
+    key: "3.13.5-switch",
+};
+
+const PY315: Build = Build {
+    version: "3.15.0rc2",
+    tarball: "http://deb.debian.org/debian/pool/main/p/python3.15/python3.15_3.15.0~rc2.orig.tar.xz",
+    flags: &[],
+    targets: &[],
+    key: "3.15.0rc2",
+};
 
 /// Paths of the switch-dispatch interpreter (with DWARF) and its stripped copy.
 pub struct SwitchBuild {
@@ -22,32 +54,47 @@ pub struct SwitchBuild {
 
 /// Builds (once, about a minute) CPython without computed gotos.
 pub fn switch_build() -> Result<SwitchBuild> {
-    let base = cache_dir().join("test-builds");
-    let src = base.join(format!("Python-{VERSION}"));
+    let python = build(&SWITCH)?;
+    let stripped = cache_dir().join("test-builds").join(SWITCH.key).join("python-stripped");
+    if !stripped.exists() {
+        let partial = stripped.with_extension("partial");
+        fs::copy(&python, &partial).context("copying the switch build")?;
+        sh(Command::new("strip").arg(&partial))?;
+        fs::rename(&partial, &stripped)?;
+    }
+    Ok(SwitchBuild { python, stripped })
+}
+
+/// Builds (once, about two minutes) CPython 3.15 with DWARF; its interpreter.
+pub fn py315_build() -> Result<PathBuf> {
+    build(&PY315)
+}
+
+/// The interpreter of `b`, runnable from its build tree, built if missing.
+fn build(b: &Build) -> Result<PathBuf> {
+    let base = cache_dir().join("test-builds").join(b.key);
+    let src = base.join(format!("Python-{}", b.version));
     let python = src.join("python");
-    let stripped = base.join(format!("python{VERSION}-switch-stripped"));
-    if python.exists() && stripped.exists() {
-        return Ok(SwitchBuild { python, stripped });
+    let stamp = src.join(".detector-build-complete");
+    if python.exists() && stamp.exists() {
+        return Ok(python);
     }
     fs::create_dir_all(&base)?;
-    let tarball = base.join(format!("Python-{VERSION}.tar.xz"));
+    let tarball = base.join(format!("Python-{}.tar.xz", b.version));
     if !tarball.exists() {
-        eprintln!("xtask: downloading CPython {VERSION} source");
+        eprintln!("xtask: downloading CPython {} source", b.version);
         let partial = tarball.with_extension("partial");
-        sh(Command::new("curl").args(["-fsSL", "-o"]).arg(&partial).arg(TARBALL))?;
+        sh(Command::new("curl").args(["-fsSL", "-o"]).arg(&partial).arg(b.tarball))?;
         fs::rename(&partial, &tarball)?;
     }
     if src.exists() {
         fs::remove_dir_all(&src)?;
     }
     sh(Command::new("tar").arg("xf").arg(&tarball).current_dir(&base))?;
-    eprintln!("xtask: building CPython {VERSION} --without-computed-gotos (once, about a minute)");
-    sh(Command::new("./configure")
-        .args(["--without-computed-gotos", "--disable-test-modules", "--quiet"])
-        .current_dir(&src))?;
+    eprintln!("xtask: building CPython {} {} (once, a minute or two)", b.version, b.flags.join(" "));
+    sh(Command::new("./configure").args(b.flags).args(["--disable-test-modules", "--quiet"]).current_dir(&src))?;
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get()).to_string();
-    sh(Command::new("make").args(["-j", &jobs, "--quiet", "python"]).current_dir(&src))?;
-    fs::copy(&python, &stripped).context("copying the switch build")?;
-    sh(Command::new("strip").arg(&stripped))?;
-    Ok(SwitchBuild { python, stripped })
+    sh(Command::new("make").args(["-j", &jobs, "--quiet"]).args(b.targets).current_dir(&src))?;
+    fs::write(&stamp, b.flags.join(" "))?;
+    Ok(python)
 }

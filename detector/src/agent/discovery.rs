@@ -13,9 +13,6 @@ use crate::pyproc::ProcessError;
 /// SCA must already be enabled".
 pub const OPT_IN: &str = "DD_APPSEC_SCA_ENABLED";
 
-/// Most bytes of a process's environment read.
-const MAX_ENVIRON: u64 = 4 << 20;
-
 /// A process's unified service tagging, carried on its hits.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Service {
@@ -62,14 +59,9 @@ impl Environ {
         env
     }
 
-    /// The environment of `pid` as it was at exec (its first
-    /// [`MAX_ENVIRON`] bytes: the kernel bounds it near there anyway).
+    /// The environment of `pid` as it was at exec.
     pub fn read(pid: u32) -> Result<Self, ProcessError> {
-        use std::io::Read;
-        let file = std::fs::File::open(format!("/proc/{pid}/environ")).map_err(|e| ProcessError::io(pid, e))?;
-        let mut block = Vec::new();
-        file.take(MAX_ENVIRON).read_to_end(&mut block).map_err(|e| ProcessError::io(pid, e))?;
-        Ok(Environ::parse(&block))
+        Ok(Environ::parse(&crate::pyproc::jit::environ_block(pid)?))
     }
 }
 

@@ -153,6 +153,13 @@ fn text(a: &Analysis, p: Option<&pyproc::PythonProcess>) -> String {
         let table = h.table.map(|t| format!(", dispatch table at {t:#x}")).unwrap_or_default();
         println!("handlers    from {:?}{table}", h.source);
     }
+    if let Some(t) = &a.tier2 {
+        let flag = match t.jit_flag {
+            Some(f) => format!("PYTHON_JIT or PyInterpreterState.jit at +{} ({:?}) says so", f.offset, f.source),
+            None => "PYTHON_JIT in its environment says so".to_owned(),
+        };
+        println!("tier 2      built in: a process running it (the JIT) is refused; on when {flag}");
+    }
     for s in &a.sites {
         println!(
             "site        {:<26} {:#x} (file +{:#x}) `{}` {}",

@@ -1,17 +1,27 @@
 //! `_Py_DebugOffsets`: the offsets table CPython 3.13+ keeps at the start of
 //! `_PyRuntime` for out-of-process tools. It is authoritative for its build.
 //!
-//! Its own layout grew between releases (3.14 added interpreter, frame, code
-//! and set fields), so the position of each entry is known per minor version;
-//! the header (cookie, version, free-threaded flag) is stable.
+//! Its own layout changes between minor releases (3.14 added interpreter,
+//! frame and code members; 3.15 grew the thread state and moved every group
+//! after it), and has changed between pre-releases of one minor. So each
+//! minor's layout is transcribed group by group from CPython's
+//! `pycore_debug_offsets.h`, positions follow from it, and a table is used
+//! only if it is consistent with itself: every group's `size` member (the C
+//! struct's `sizeof`) must exceed every offset read from that group. A table
+//! laid out otherwise than its minor's transcription fails that check and is
+//! refused rather than misread.
 
 use super::offsets::{Disagreement, OffsetSource, OffsetTable};
 
 /// `_Py_Debug_Cookie`.
 pub const COOKIE: &[u8; 8] = b"xdebugpy";
 
-/// Bytes to read from the start of `_PyRuntime` to cover every entry used.
-pub const READ_LEN: usize = 656;
+/// Bytes to read from the start of `_PyRuntime` to cover every entry used
+/// (3.15's `unicode_object` group ends at 744).
+pub const READ_LEN: usize = 752;
+
+/// The members before the first group: cookie, version, free-threaded flag.
+const HEADER_LEN: usize = 24;
 
 /// The header of `_Py_DebugOffsets`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,90 +34,284 @@ pub struct Header {
 
 /// Parses the header, or `None` if `bytes` does not start with the cookie.
 pub fn header(bytes: &[u8]) -> Option<Header> {
-    if bytes.len() < 24 || &bytes[..8] != COOKIE {
+    if bytes.len() < HEADER_LEN || &bytes[..8] != COOKIE {
         return None;
     }
     Some(Header { version: u64_at(bytes, 8)? as u32, free_threaded: u64_at(bytes, 16)? != 0 })
 }
 
-/// Position of each entry we use inside `_Py_DebugOffsets`, per minor version.
-fn positions(minor: u8) -> Option<&'static [(&'static str, usize)]> {
-    const V313: &[(&str, usize)] = &[
-        ("runtime_interpreters_head", 40),
-        ("interp_next", 64),
-        ("interp_threads_head", 72),
-        ("interp_modules", 88),
-        ("tstate_next", 168),
-        ("tstate_interp", 176),
-        ("current_frame", 184),
-        ("tstate_native_thread_id", 200),
-        ("frame_previous", 232),
-        ("frame_code", 240),
-        ("frame_instr", 248),
-        ("code_filename", 280),
-        ("code_name", 288),
-        ("code_qualname", 296),
-        ("code_linetable", 304),
-        ("code_firstlineno", 312),
-        ("code_adaptive", 344),
-        ("object_type", 360),
-        ("type_name", 376),
-        ("type_flags", 392),
-        ("tuple_items", 408),
-        ("tuple_size", 416),
-        ("dict_keys", 456),
-        ("dict_values", 464),
-        ("unicode_state", 544),
-        ("unicode_length", 552),
-        ("unicode_ascii_data", 560),
+/// A group of `_Py_DebugOffsets`: a nested struct of `uint64_t` members.
+type Group = (&'static str, &'static [&'static str]);
+
+const RUNTIME: Group = ("runtime_state", &["size", "finalizing", "interpreters_head"]);
+const INTERP_313: Group = (
+    "interpreter_state",
+    &[
+        "size",
+        "id",
+        "next",
+        "threads_head",
+        "gc",
+        "imports_modules",
+        "sysdict",
+        "builtins",
+        "ceval_gil",
+        "gil_runtime_state",
+        "gil_runtime_state_enabled",
+        "gil_runtime_state_locked",
+        "gil_runtime_state_holder",
+    ],
+);
+const INTERP_314: Group = (
+    "interpreter_state",
+    &[
+        "size",
+        "id",
+        "next",
+        "threads_head",
+        "threads_main",
+        "gc",
+        "imports_modules",
+        "sysdict",
+        "builtins",
+        "ceval_gil",
+        "gil_runtime_state",
+        "gil_runtime_state_enabled",
+        "gil_runtime_state_locked",
+        "gil_runtime_state_holder",
+        "code_object_generation",
+        "tlbc_generation",
+    ],
+);
+const TSTATE_313: Group = (
+    "thread_state",
+    &["size", "prev", "next", "interp", "current_frame", "thread_id", "native_thread_id", "datastack_chunk", "status"],
+);
+const TSTATE_315: Group = (
+    "thread_state",
+    &[
+        "size",
+        "prev",
+        "next",
+        "interp",
+        "current_frame",
+        "base_frame",
+        "last_profiled_frame",
+        "last_profiled_frame_seq",
+        "thread_id",
+        "native_thread_id",
+        "datastack_chunk",
+        "status",
+        "holds_gil",
+        "gil_requested",
+        "current_exception",
+        "exc_state",
+    ],
+);
+const ERR_STACKITEM: Group = ("err_stackitem", &["exc_value"]);
+const FRAME_313: Group = ("interpreter_frame", &["size", "previous", "executable", "instr_ptr", "localsplus", "owner"]);
+const FRAME_314: Group = (
+    "interpreter_frame",
+    &["size", "previous", "executable", "instr_ptr", "localsplus", "owner", "stackpointer", "tlbc_index"],
+);
+const CODE_313: &[&str] = &[
+    "size",
+    "filename",
+    "name",
+    "qualname",
+    "linetable",
+    "firstlineno",
+    "argcount",
+    "localsplusnames",
+    "localspluskinds",
+    "co_code_adaptive",
+];
+const CODE_314: &[&str] = &[
+    "size",
+    "filename",
+    "name",
+    "qualname",
+    "linetable",
+    "firstlineno",
+    "argcount",
+    "localsplusnames",
+    "localspluskinds",
+    "co_code_adaptive",
+    "co_tlbc",
+];
+const PYOBJECT: Group = ("pyobject", &["size", "ob_type"]);
+const TYPE_313: Group = ("type_object", &["size", "tp_name", "tp_repr", "tp_flags"]);
+const TYPE_315: Group = ("type_object", &["size", "tp_name", "tp_repr", "tp_flags", "tp_basicsize", "tp_dictoffset"]);
+const HEAP_TYPE: Group = ("heap_type_object", &["size", "ht_cached_keys"]);
+const TUPLE: Group = ("tuple_object", &["size", "ob_item", "ob_size"]);
+const LIST: Group = ("list_object", &["size", "ob_item", "ob_size"]);
+const SET: Group = ("set_object", &["size", "used", "table", "mask"]);
+const DICT: Group = ("dict_object", &["size", "ma_keys", "ma_values"]);
+const FLOAT: Group = ("float_object", &["size", "ob_fval"]);
+const LONG: Group = ("long_object", &["size", "lv_tag", "ob_digit"]);
+const BYTES: Group = ("bytes_object", &["size", "ob_size", "ob_sval"]);
+const UNICODE: Group = ("unicode_object", &["size", "state", "length", "asciiobject_size"]);
+
+/// Each minor's groups, up to the last one used, in declaration order.
+fn layout(minor: u8) -> Option<&'static [Group]> {
+    const V313: &[Group] = &[
+        RUNTIME,
+        INTERP_313,
+        TSTATE_313,
+        FRAME_313,
+        ("code_object", CODE_313),
+        PYOBJECT,
+        TYPE_313,
+        TUPLE,
+        LIST,
+        DICT,
+        FLOAT,
+        LONG,
+        BYTES,
+        UNICODE,
     ];
-    const V314: &[(&str, usize)] = &[
-        ("runtime_interpreters_head", 40),
-        ("interp_next", 64),
-        ("interp_threads_head", 72),
-        ("interp_modules", 96),
-        ("tstate_next", 192),
-        ("tstate_interp", 200),
-        ("current_frame", 208),
-        ("tstate_native_thread_id", 224),
-        ("frame_previous", 256),
-        ("frame_code", 264),
-        ("frame_instr", 272),
-        ("code_filename", 320),
-        ("code_name", 328),
-        ("code_qualname", 336),
-        ("code_linetable", 344),
-        ("code_firstlineno", 352),
-        ("code_adaptive", 384),
-        ("object_type", 408),
-        ("type_name", 424),
-        ("type_flags", 440),
-        ("tuple_items", 456),
-        ("tuple_size", 464),
-        ("dict_keys", 536),
-        ("dict_values", 544),
-        ("unicode_state", 624),
-        ("unicode_length", 632),
-        ("unicode_ascii_data", 640),
+    const V314: &[Group] = &[
+        RUNTIME,
+        INTERP_314,
+        TSTATE_313,
+        FRAME_314,
+        ("code_object", CODE_314),
+        PYOBJECT,
+        TYPE_313,
+        TUPLE,
+        LIST,
+        SET,
+        DICT,
+        FLOAT,
+        LONG,
+        BYTES,
+        UNICODE,
+    ];
+    const V315: &[Group] = &[
+        RUNTIME,
+        INTERP_314,
+        TSTATE_315,
+        ERR_STACKITEM,
+        FRAME_314,
+        ("code_object", CODE_314),
+        PYOBJECT,
+        TYPE_315,
+        HEAP_TYPE,
+        TUPLE,
+        LIST,
+        SET,
+        DICT,
+        FLOAT,
+        LONG,
+        BYTES,
+        UNICODE,
     ];
     match minor {
         13 => Some(V313),
         14 => Some(V314),
+        15 => Some(V315),
         _ => None,
     }
 }
 
-/// Applies every entry of `bytes` (the start of `_PyRuntime`) for `minor` to
-/// `table`. Returns the disagreements with less trusted sources, or `None` if
-/// this minor version's layout of the table is unknown.
-pub fn apply(bytes: &[u8], minor: u8, table: &mut OffsetTable) -> Option<Vec<Disagreement>> {
-    let mut disagreements = Vec::new();
-    for &(field, pos) in positions(minor)? {
-        let v = u64_at(bytes, pos)?;
-        let Ok(v) = u16::try_from(v) else { continue };
-        disagreements.extend(table.apply(field, v, OffsetSource::DebugOffsets));
+/// Our field for each member used, by `group.member`.
+const USED: &[(&str, &str)] = &[
+    ("runtime_interpreters_head", "runtime_state.interpreters_head"),
+    ("interp_next", "interpreter_state.next"),
+    ("interp_threads_head", "interpreter_state.threads_head"),
+    ("interp_modules", "interpreter_state.imports_modules"),
+    ("tstate_next", "thread_state.next"),
+    ("tstate_interp", "thread_state.interp"),
+    ("current_frame", "thread_state.current_frame"),
+    ("tstate_native_thread_id", "thread_state.native_thread_id"),
+    ("frame_previous", "interpreter_frame.previous"),
+    ("frame_code", "interpreter_frame.executable"),
+    ("frame_instr", "interpreter_frame.instr_ptr"),
+    ("code_filename", "code_object.filename"),
+    ("code_name", "code_object.name"),
+    ("code_qualname", "code_object.qualname"),
+    ("code_linetable", "code_object.linetable"),
+    ("code_firstlineno", "code_object.firstlineno"),
+    ("code_adaptive", "code_object.co_code_adaptive"),
+    ("object_type", "pyobject.ob_type"),
+    ("type_name", "type_object.tp_name"),
+    ("type_flags", "type_object.tp_flags"),
+    ("type_basicsize", "type_object.tp_basicsize"),
+    ("type_dictoffset", "type_object.tp_dictoffset"),
+    ("tuple_items", "tuple_object.ob_item"),
+    ("tuple_size", "tuple_object.ob_size"),
+    ("dict_keys", "dict_object.ma_keys"),
+    ("dict_values", "dict_object.ma_values"),
+    ("unicode_state", "unicode_object.state"),
+    ("unicode_length", "unicode_object.length"),
+    ("unicode_ascii_data", "unicode_object.asciiobject_size"),
+];
+
+/// A member's position in the table: its group's and its own index.
+fn position(groups: &[Group], group: &str, member: &str) -> Option<(usize, Option<usize>)> {
+    let mut at = HEADER_LEN;
+    for (name, members) in groups {
+        if *name == group {
+            let size = (members.first() == Some(&"size")).then_some(at);
+            return Some((at + 8 * members.iter().position(|m| *m == member)?, size));
+        }
+        at += 8 * members.len();
     }
-    Some(disagreements)
+    None
+}
+
+/// Why a table cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    /// No transcription for this minor version.
+    #[error("no known layout of _Py_DebugOffsets for 3.{0}")]
+    UnknownMinor(u8),
+    /// The table is shorter than its layout.
+    #[error("_Py_DebugOffsets is cut short before {0}")]
+    Short(&'static str),
+    /// A member is not inside its struct: the table is laid out otherwise.
+    #[error(
+        "_Py_DebugOffsets is not laid out as 3.{minor}'s: {member} = {value} is not below its struct's size {size}"
+    )]
+    Inconsistent {
+        /// Minor version.
+        minor: u8,
+        /// `group.member`.
+        member: &'static str,
+        /// Its value.
+        value: u64,
+        /// The group's `size`.
+        size: u64,
+    },
+}
+
+/// Applies every entry of `bytes` (the start of `_PyRuntime`) for `minor` to
+/// `table`, after checking the whole table against its layout. Returns the
+/// disagreements with less trusted sources.
+pub fn apply(bytes: &[u8], minor: u8, table: &mut OffsetTable) -> Result<Vec<Disagreement>, LayoutError> {
+    let groups = layout(minor).ok_or(LayoutError::UnknownMinor(minor))?;
+    let mut values = Vec::new();
+    for &(field, member) in USED {
+        let (group, name) = member.split_once('.').expect("group.member");
+        let Some((pos, size_at)) = position(groups, group, name) else {
+            continue; // not in this minor (tp_basicsize before 3.15)
+        };
+        let value = u64_at(bytes, pos).ok_or(LayoutError::Short(member))?;
+        if let Some(s) = size_at {
+            let size = u64_at(bytes, s).ok_or(LayoutError::Short(member))?;
+            if value >= size {
+                return Err(LayoutError::Inconsistent { minor, member, value, size });
+            }
+        }
+        values.push((field, value));
+    }
+    let mut disagreements = Vec::new();
+    for (field, value) in values {
+        if let Ok(v) = u16::try_from(value) {
+            disagreements.extend(table.apply(field, v, OffsetSource::DebugOffsets));
+        }
+    }
+    Ok(disagreements)
 }
 
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
@@ -117,28 +321,71 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interp::offsets::builtin;
+    use crate::interp::offsets::{Offsets, builtin};
 
-    fn table_bytes(entries: &[(&str, usize)], values: &crate::interp::offsets::Offsets) -> Vec<u8> {
+    /// A table for `minor` holding `values`, with every group's size 16384.
+    fn table_bytes(minor: u8, values: &Offsets) -> Vec<u8> {
+        let groups = layout(minor).unwrap();
         let mut b = vec![0u8; READ_LEN];
         b[..8].copy_from_slice(COOKIE);
-        b[8..16].copy_from_slice(&0x030d00f0u64.to_le_bytes());
-        for &(f, pos) in entries {
-            b[pos..pos + 8].copy_from_slice(&(values.get(f).unwrap() as u64).to_le_bytes());
+        b[8..16].copy_from_slice(&(0x030000f0u64 | (minor as u64) << 16).to_le_bytes());
+        for (group, _) in groups {
+            if let Some((at, _)) = position(groups, group, "size") {
+                b[at..at + 8].copy_from_slice(&16384u64.to_le_bytes());
+            }
+        }
+        for &(f, member) in USED {
+            let (group, name) = member.split_once('.').unwrap();
+            if let Some((pos, _)) = position(groups, group, name) {
+                b[pos..pos + 8].copy_from_slice(&(values.get(f).unwrap() as u64).to_le_bytes());
+            }
         }
         b
     }
 
     #[test]
+    fn positions_are_those_of_the_c_headers() {
+        let at = |minor, member: &str| {
+            let (g, m) = member.split_once('.').unwrap();
+            position(layout(minor).unwrap(), g, m).unwrap().0
+        };
+        // From `offsetof` in each minor's pycore_debug_offsets.h.
+        assert_eq!(at(13, "thread_state.native_thread_id"), 200);
+        assert_eq!(at(13, "unicode_object.asciiobject_size"), 560);
+        assert_eq!(at(14, "thread_state.native_thread_id"), 224);
+        assert_eq!(at(14, "unicode_object.asciiobject_size"), 640);
+        assert_eq!(at(15, "interpreter_frame.previous"), 320);
+        assert_eq!(at(15, "code_object.co_code_adaptive"), 448);
+        assert_eq!(at(15, "type_object.tp_dictoffset"), 520);
+        assert_eq!(at(15, "unicode_object.asciiobject_size"), 736);
+        assert!(at(15, "unicode_object.asciiobject_size") + 8 <= READ_LEN);
+    }
+
+    #[test]
     fn reads_header_and_agrees_with_builtin_tables() {
-        for minor in [13, 14] {
+        for minor in [13, 14, 15] {
             let builtin = builtin(minor).unwrap();
-            let bytes = table_bytes(positions(minor).unwrap(), &builtin);
-            assert_eq!(header(&bytes).unwrap().version, 0x030d00f0);
+            let bytes = table_bytes(minor, &builtin);
+            assert_eq!(header(&bytes).unwrap().version >> 16, 0x0300 | minor as u32);
             let mut t = OffsetTable::from(builtin, OffsetSource::Builtin);
             assert_eq!(apply(&bytes, minor, &mut t).unwrap(), vec![]);
             assert_eq!(t.sources["code_qualname"], OffsetSource::DebugOffsets);
         }
         assert!(header(b"not a cookie at all, no no no").is_none());
+        assert_eq!(
+            apply(&[], 16, &mut OffsetTable::from(builtin(15).unwrap(), OffsetSource::Builtin)),
+            Err(LayoutError::UnknownMinor(16))
+        );
+    }
+
+    #[test]
+    fn a_table_laid_out_as_another_minor_is_refused() {
+        // 3.14's table read as 3.15's: the thread state grew, so members
+        // after it are read from the wrong places.
+        let bytes = table_bytes(14, &builtin(14).unwrap());
+        let mut t = OffsetTable::from(builtin(15).unwrap(), OffsetSource::Builtin);
+        let err = apply(&bytes, 15, &mut t).unwrap_err();
+        assert!(matches!(err, LayoutError::Inconsistent { minor: 15, .. }), "{err}");
+        assert_eq!(t.sources["code_qualname"], OffsetSource::Builtin, "nothing applied");
     }
 }

@@ -92,6 +92,11 @@ pub fn find(elf: &ElfImage, eval: u64, size: u64, handlers: &[u64], redispatcher
             }
         }
     }
+    // A new frame's first dispatch (`start_frame`, where inlined calls go)
+    // can lie outside the function's extent and every handler's, as in
+    // Debian's 3.15, whose symbol covers only the entry: it is the first
+    // dispatch the entry reaches.
+    ends.extend(first_dispatches(|a| decode_at(elf, a), eval, Follow::FallThrough).0);
     ends.sort_unstable();
     ends.dedup();
     let redispatch: Vec<u64> = redispatchers.iter().flat_map(|&h| handler_dispatches(elf, h)).collect();

@@ -29,7 +29,7 @@ use sites::{HandlerSource, ResumeContext, Site, SiteRole};
 use version::{Flavour, PyVersion, VersionSource};
 
 /// Oldest and newest minor versions supported.
-pub const SUPPORTED_MINORS: std::ops::RangeInclusive<u8> = 8..=14;
+pub const SUPPORTED_MINORS: std::ops::RangeInclusive<u8> = 8..=15;
 
 /// Why an object cannot be probed.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +82,24 @@ pub struct OffsetInfo {
     pub source: OffsetSource,
 }
 
+/// The tier-2 optimizer a build carries (`--enable-experimental-jit`, 3.13+),
+/// which runs hot code without the interpreter's RESUME handlers.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Tier2 {
+    /// `offsetof(PyInterpreterState, jit)` (3.14+): whether it is on, per
+    /// interpreter.
+    pub jit_flag: Option<FieldAt>,
+}
+
+/// A field too far into its struct for the offset tables (`u16`).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct FieldAt {
+    /// Bytes from the struct's start.
+    pub offset: u64,
+    /// Where it came from.
+    pub source: OffsetSource,
+}
+
 /// Everything known about one interpreter build.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Analysis {
@@ -113,6 +131,9 @@ pub struct Analysis {
     /// The loads that dispatch a code unit (3.11+): what tells a body start
     /// from other reads of its first unit, for the watch strategy.
     pub dispatch: Option<dispatch::DispatchReads>,
+    /// The tier-2 optimizer, when the build has one: a process that runs
+    /// it is refused.
+    pub tier2: Option<Tier2>,
     /// Probe sites.
     pub sites: Vec<Site>,
     /// Anything that works but costs more or is less certain than usual.
@@ -160,46 +181,12 @@ pub fn analyze(
     let header = runtime_bytes.and_then(debug_offsets::header);
     let (version, version_source) = version::detect(elf, header.map(|h| h.version), object)?;
     let flavour = version::flavour(elf, object, header.map(|h| h.free_threaded));
-    if version.major != 3 || !SUPPORTED_MINORS.contains(&version.minor) {
-        return Err(AnalysisError::Unsupported(format!(
-            "CPython {version}: supported versions are 3.{} to 3.{}",
-            SUPPORTED_MINORS.start(),
-            SUPPORTED_MINORS.end()
-        )));
-    }
-    match flavour {
-        Flavour::Release => {}
-        Flavour::Debug => {
-            return Err(AnalysisError::Unsupported(format!(
-                "CPython {version} is a debug build (Py_DEBUG): its object layouts differ from release builds"
-            )));
-        }
-        Flavour::FreeThreaded => {
-            return Err(AnalysisError::Unsupported(format!(
-                "CPython {version} is a free-threaded build: not supported yet"
-            )));
-        }
-    }
-
+    refuse_unsupported(version, flavour)?;
     let minor = version.minor;
     let dwarf = dwarf::find(elf, object, root)?;
-    let builtin = offsets::builtin(minor).expect("every supported minor has a table");
-    let mut table = OffsetTable::from(builtin, OffsetSource::Builtin);
-    let mut disagreements = Vec::new();
-    if let Some((info, _)) = &dwarf {
-        // Only the fields this version has: the built-in table gives the
-        // shape (which fields exist), DWARF and _Py_DebugOffsets the values.
-        for (field, value) in offsets::from_dwarf(info) {
-            if table.values.get(field) != Some(NO_OFFSET) {
-                disagreements.extend(table.apply(field, value, OffsetSource::Dwarf));
-            }
-        }
-    }
-    if let Some(bytes) = runtime_bytes
-        && header.is_some()
-    {
-        disagreements.extend(debug_offsets::apply(bytes, minor, &mut table).unwrap_or_default());
-    }
+    let debug_offsets = runtime_bytes.filter(|_| header.is_some());
+    let (table, disagreements, mut warnings) =
+        offset_table(version, dwarf.as_ref().map(|(info, _)| info), debug_offsets)?;
 
     let mut sites = vec![sites::function_entry(elf, "_PyEval_EvalFrameDefault", eval.addr, SiteRole::EvalEntry)?];
     if minor <= 10 {
@@ -212,7 +199,6 @@ pub fn analyze(
     sites.push(code_dealloc_site(elf, &mut symbols)?);
     // Exported API, so it survives stripping; without it, targets whose
     // module is imported after the attach are found by the rescan only.
-    let mut warnings = Vec::new();
     match elf.symbol("PyEval_EvalCode") {
         Some(f) => {
             symbols.push(UsedSymbol { name: "PyEval_EvalCode", addr: f.addr, source: f.table });
@@ -233,7 +219,7 @@ pub fn analyze(
         let (found, info, all) = resume_handlers(elf, labels, minor, &mut warnings)?;
         sites.extend(resume_sites(elf, &found, minor, &table.values)?);
         // 3.11's tracing handler is the dispatch table's last entry.
-        let tracing = if minor == 11 { table_entry(elf, labels, "TARGET_DO_TRACING", 255) } else { None };
+        let tracing = if minor == 11 { table_entry(elf, labels, minor, "TARGET_DO_TRACING", 255) } else { None };
         let redispatchers: Vec<u64> = found.iter().map(|(_, a)| *a).chain(tracing).collect();
         dispatch = dispatch::find(elf, eval.addr, eval.size, &all, &redispatchers);
         handlers = Some(info);
@@ -248,6 +234,7 @@ pub fn analyze(
             .file_offset(site.addr)
             .ok_or_else(|| AnalysisError::Unsupported(format!("site {:#x} is not backed by the file", site.addr)))?;
     }
+    let tier2 = tier2(elf, dwarf.as_ref().map(|(info, _)| info), minor, &mut symbols);
     let layout = kernel_layout(minor, &table.values);
     let offsets = table
         .sources
@@ -268,11 +255,80 @@ pub fn analyze(
         offsets,
         disagreements,
         dispatch,
+        tier2,
         sites,
         warnings,
         layout,
         table,
     })
+}
+
+/// Refuses versions and flavours this detector does not probe.
+fn refuse_unsupported(version: PyVersion, flavour: Flavour) -> Result<(), AnalysisError> {
+    if version.major != 3 || !SUPPORTED_MINORS.contains(&version.minor) {
+        return Err(AnalysisError::Unsupported(format!(
+            "CPython {version}: supported versions are 3.{} to 3.{}",
+            SUPPORTED_MINORS.start(),
+            SUPPORTED_MINORS.end()
+        )));
+    }
+    match flavour {
+        Flavour::Release => Ok(()),
+        Flavour::Debug => Err(AnalysisError::Unsupported(format!(
+            "CPython {version} is a debug build (Py_DEBUG): its object layouts differ from release builds"
+        ))),
+        Flavour::FreeThreaded => {
+            Err(AnalysisError::Unsupported(format!("CPython {version} is a free-threaded build: not supported yet")))
+        }
+    }
+}
+
+/// Every offset, from the most trusted source that has it: the built-in
+/// table gives the shape (which fields this version has), DWARF and
+/// `_Py_DebugOffsets` (the start of `_PyRuntime`, 3.13+) the values. Also
+/// the disagreements between sources, and warnings.
+fn offset_table(
+    version: PyVersion,
+    dwarf: Option<&dwarf::DwarfInfo>,
+    debug_offsets: Option<&[u8]>,
+) -> Result<(OffsetTable, Vec<Disagreement>, Vec<String>), AnalysisError> {
+    let builtin = offsets::builtin(version.minor).expect("every supported minor has a table");
+    let mut table = OffsetTable::from(builtin, OffsetSource::Builtin);
+    let mut disagreements = Vec::new();
+    for (field, value) in dwarf.map(offsets::from_dwarf).unwrap_or_default() {
+        if table.values.get(field) != Some(NO_OFFSET) {
+            disagreements.extend(table.apply(field, value, OffsetSource::Dwarf));
+        }
+    }
+    let mut warnings = Vec::new();
+    if let Some(bytes) = debug_offsets {
+        match debug_offsets::apply(bytes, version.minor, &mut table) {
+            Ok(d) => disagreements.extend(d),
+            // Without DWARF the built-in table would be a guess for a layout
+            // that already differs from the one it was written for.
+            Err(e) if dwarf.is_none() => return Err(AnalysisError::Unsupported(format!("CPython {version}: {e}"))),
+            Err(e) => warnings.push(format!("{e}: using DWARF")),
+        }
+    }
+    Ok((table, disagreements, warnings))
+}
+
+/// The tier-2 optimizer, if the build has one (its entry point is
+/// exported), and where each interpreter says whether it is on: DWARF, else
+/// the offset in the builds this detector was tested on.
+fn tier2(elf: &ElfImage, dwarf: Option<&dwarf::DwarfInfo>, minor: u8, symbols: &mut Vec<UsedSymbol>) -> Option<Tier2> {
+    let s = elf.symbol("_PyOptimizer_Optimize")?;
+    symbols.push(UsedSymbol { name: "_PyOptimizer_Optimize", addr: s.addr, source: s.table });
+    let builtin = match minor {
+        14 => Some(223_184),
+        15 => Some(223_408),
+        _ => None,
+    };
+    let jit_flag = match dwarf.and_then(|d| d.offset_of("PyInterpreterState", "jit")) {
+        Some(offset) => Some(FieldAt { offset, source: OffsetSource::Dwarf }),
+        None => builtin.map(|offset| FieldAt { offset, source: OffsetSource::Builtin }),
+    };
+    Some(Tier2 { jit_flag })
 }
 
 /// The RESUME-family handlers: from DWARF labels (`TARGET_RESUME`, ...)
@@ -290,7 +346,7 @@ fn resume_handlers(
 ) -> Result<(Vec<Handler>, HandlersInfo, Vec<u64>), AnalysisError> {
     let opcodes = sites::resume_opcodes(minor);
     let labelled = labels.filter(|l| opcodes.iter().all(|(name, _)| l.contains_key(&format!("TARGET_{name}"))));
-    let table = sites::handler_table(elf);
+    let table = sites::handler_table(elf, minor);
     if let Some(l) = labelled {
         let mut found = Vec::new();
         for &(name, opcode) in opcodes {
@@ -336,11 +392,17 @@ fn resume_handlers(
 }
 
 /// A handler by DWARF label, else by its dispatch table entry.
-fn table_entry(elf: &ElfImage, labels: Option<&HashMap<String, Vec<u64>>>, label: &str, opcode: usize) -> Option<u64> {
+fn table_entry(
+    elf: &ElfImage,
+    labels: Option<&HashMap<String, Vec<u64>>>,
+    minor: u8,
+    label: &str,
+    opcode: usize,
+) -> Option<u64> {
     labels
         .and_then(|l| l.get(label))
         .and_then(|a| a.first().copied())
-        .or_else(|| sites::handler_table(elf).ok().map(|t| t.entries[opcode]))
+        .or_else(|| sites::handler_table(elf, minor).ok().map(|t| t.entries[opcode]))
 }
 
 /// A RESUME-family handler: opcode name and address.
@@ -398,8 +460,13 @@ fn kernel_layout(minor: u8, o: &offsets::Offsets) -> Layout {
         frame_arg: if minor == 8 { 0 } else { 1 },
         throwflag_arg: if minor == 8 { 1 } else { 2 },
         flags,
-        // 3.13+ keeps extra bits above the "where" field of RESUME's oparg.
-        resume_where_mask: if minor >= 13 { 3 } else { 0xff },
+        // 3.13+ keeps extra bits above the "where" field of RESUME's oparg;
+        // 3.15 widens it for a fifth place (a generator expression's start).
+        resume_where_mask: match minor {
+            15.. => 7,
+            13 | 14 => 3,
+            _ => 0xff,
+        },
         tstate_cframe: o.tstate_cframe,
         current_frame: o.current_frame,
         tstate_interp: o.tstate_interp,

@@ -399,12 +399,31 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
                 o.tuple_items = 32; // 3.14 caches the hash in `ob_hash`
             }
         }
+        15 => {
+            o.runtime_interpreters_head = 936;
+            o.interp_next = 7264;
+            o.interp_threads_head = 7336;
+            o.interp_modules = 7592;
+            o.tstate_next = 8;
+            o.tstate_interp = 16;
+            o.tstate_eval_breaker = 24;
+            // `holds_gil` and `gil_requested` moved into the thread state.
+            o.tstate_tracing = 64;
+            o.current_frame = 72;
+            o.tstate_native_thread_id = 184;
+            set_frame_312(&mut o);
+            set_code_311(&mut o, 68);
+            o.code_instr_version = 168;
+            o.code_adaptive = 208;
+            set_function_310(&mut o);
+            o.tuple_items = 32;
+        }
         _ => return None,
     }
     Some(o)
 }
 
-/// Fields that have not moved in 3.8-3.14.
+/// Fields that have not moved in 3.8-3.15.
 fn common() -> Offsets {
     Offsets {
         interp_next: 0,
@@ -464,7 +483,7 @@ mod tests {
 
     #[test]
     fn every_supported_minor_has_the_fields_its_family_needs() {
-        for minor in 8..=14 {
+        for minor in 8..=15 {
             let o = builtin(minor).unwrap();
             for f in ["frame_code", "code_name", "code_flags", "func_module", "unicode_state"] {
                 assert_ne!(o.get(f), Some(NO_OFFSET), "3.{minor} {f}");
@@ -473,7 +492,7 @@ mod tests {
             assert_eq!(o.code_qualname != NO_OFFSET, resume, "3.{minor}");
             assert_eq!(o.frame_lasti != NO_OFFSET, !resume, "3.{minor}");
         }
-        assert!(builtin(7).is_none() && builtin(15).is_none());
+        assert!(builtin(7).is_none() && builtin(16).is_none());
     }
 
     #[test]

@@ -35,9 +35,10 @@ pub enum HandlerSource {
     /// `_TAIL_CALL_<OPCODE>` functions in `.symtab` (3.14's tail-calling
     /// interpreter, where each handler is a function of its own).
     TailCallFunctions,
-    /// The dispatch table at the local symbol `opcode_targets.N` in `.symtab`.
+    /// The dispatch table at the local symbol `opcode_targets.N` (3.15:
+    /// `opcode_targets_table.N`) in `.symtab`.
     Symtab,
-    /// A dispatch table found by scanning read-only data for 256 code
+    /// A dispatch table found by scanning data sections for 256 code
     /// pointers shaped like one.
     Scan,
 }
@@ -106,13 +107,18 @@ pub fn resume_opcodes(minor: u8) -> &'static [(&'static str, u8)] {
         12 => &[("RESUME", 151), ("INSTRUMENTED_RESUME", 240)],
         13 => &[("RESUME", 149), ("RESUME_CHECK", 207), ("INSTRUMENTED_RESUME", 236)],
         14 => &[("RESUME", 128), ("RESUME_CHECK", 196), ("INSTRUMENTED_RESUME", 245)],
+        // RESUME_CHECK_JIT is what RESUME becomes while the JIT is on.
+        15 => &[("RESUME", 128), ("RESUME_CHECK", 200), ("RESUME_CHECK_JIT", 201), ("INSTRUMENTED_RESUME", 244)],
         _ => &[],
     }
 }
 
-/// Finds the dispatch table: `.symtab` first, then a scan of read-only data.
-pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
-    for (_, sym) in elf.local_symbols("opcode_targets") {
+/// Finds the dispatch table of a 3.`minor` interpreter: `.symtab` first,
+/// then a scan of data sections.
+pub fn handler_table(elf: &ElfImage, minor: u8) -> Result<HandlerTable, AnalysisError> {
+    // 3.15 renamed the computed-goto table (`opcode_targets_table.N`).
+    let named = elf.local_symbols("opcode_targets").chain(elf.local_symbols("opcode_targets_table"));
+    for (_, sym) in named {
         if sym.size == 256 * 8
             && let Some(t) = table_at(elf, sym.addr, HandlerSource::Symtab, 256)
         {
@@ -121,7 +127,8 @@ pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
     }
     let mut best: Option<HandlerTable> = None;
     let mut ambiguous = false;
-    for name in [".data.rel.ro", ".rodata"] {
+    // A non-PIE build keeps the table, which is not `const`, in `.data`.
+    for name in [".data.rel.ro", ".rodata", ".data"] {
         let Some(section) = elf.section(name) else {
             continue;
         };
@@ -130,6 +137,7 @@ pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
             // Cheap rejection before reading the whole candidate.
             if elf.pointer_at(addr).is_some_and(|p| elf.is_code(p))
                 && let Some(t) = table_at(elf, addr, HandlerSource::Scan, MAX_SHARED_HANDLERS)
+                && has_resume_handlers(&t, minor)
             {
                 let n = distinct(&t.entries);
                 match &best {
@@ -146,12 +154,12 @@ pub fn handler_table(elf: &ElfImage) -> Result<HandlerTable, AnalysisError> {
     }
     match best {
         Some(_) if ambiguous => {
-            Err(AnalysisError::Unsupported("two candidate opcode dispatch tables in read-only data".into()))
+            Err(AnalysisError::Unsupported("two candidate opcode dispatch tables in data sections".into()))
         }
         Some(t) => Ok(t),
         None => Err(AnalysisError::Unsupported(
             "cannot find the opcode handlers: no DWARF `TARGET_*` labels, no `opcode_targets` \
-             symbol, and no dispatch table in read-only data (a build without computed gotos has \
+             symbol, and no dispatch table in data sections (a build without computed gotos has \
              none); installing the interpreter's debug symbols would make it analysable"
                 .into(),
         )),
@@ -196,6 +204,14 @@ fn table_at(elf: &ElfImage, addr: u64, source: HandlerSource, shared: usize) -> 
         entries,
         unknown: best,
     })
+}
+
+/// Whether each RESUME-family opcode has a handler of its own in `t`. A
+/// window one entry off a real table has the same handlers, but an unused
+/// opcode's next to RESUME (3.14+ leave 120-127 unused).
+fn has_resume_handlers(t: &HandlerTable, minor: u8) -> bool {
+    let handlers: Vec<u64> = resume_opcodes(minor).iter().map(|(_, op)| t.entries[*op as usize]).collect();
+    handlers.iter().enumerate().all(|(i, h)| *h != t.unknown && !handlers[..i].contains(h))
 }
 
 /// The instructions of `elf` starting at `addr`.

@@ -4,6 +4,7 @@
 pub mod body;
 pub(crate) mod callers;
 pub(crate) mod distributions;
+pub(crate) mod jit;
 pub mod maps;
 pub mod mem;
 pub mod objects;
@@ -153,6 +154,7 @@ pub fn locate(pid: u32, cache: &AnalysisCache) -> Result<PythonProcess, ProcessE
                 let bias = maps::load_bias(&object, analysis.load_vaddr);
                 let p = PythonProcess { pid, object, file: Arc::new(file), bias, analysis };
                 verify_live_runtime(&p)?;
+                jit::refuse_if_on(&p)?;
                 return Ok(p);
             }
             Err(AnalysisError::NotPython(_) | AnalysisError::NotElf(_)) => looked.push(object.path),
