@@ -1,7 +1,8 @@
 //! The interpreters the tests run on: every pyenv build from 3.8 to 3.13,
-//! Debian's stripped `/usr/bin/python3.11`, Debian's 3.14 and 3.15 in a
-//! debootstrapped root filesystem run under `chroot` (a process "in a
-//! container": its binary is only reachable through `/proc/PID/root`), a
+//! Debian's stripped `/usr/bin/python3.11`, Debian's 3.14 and 3.15 and their
+//! debug builds in a debootstrapped root filesystem run under `chroot` (a
+//! process "in a container": its binary is only reachable through
+//! `/proc/PID/root`), a
 //! 3.13 built without computed gotos (handlers reached through a `switch`),
 //! and a 3.15 built from the upstream tarball, with DWARF.
 
@@ -91,11 +92,12 @@ pub fn interpreters() -> Vec<Interpreter> {
         fixtures: fixtures.clone(),
         rootfs: None,
     });
-    for minor in [14, 15] {
-        let python = format!("/usr/bin/python3.{minor}");
+    // Release builds, then the debug builds (`Py_DEBUG`) of the `-dbg` packages.
+    for (minor, suffix) in [(14, ""), (15, ""), (14, "d"), (15, "d")] {
+        let python = format!("/usr/bin/python3.{minor}{suffix}");
         assert!(root.join(&python[1..]).exists(), "no {python} in {}", root.display());
         out.push(Interpreter {
-            name: format!("sid-3.{minor}-chroot"),
+            name: format!("sid-3.{minor}{suffix}-chroot"),
             minor,
             argv: vec!["chroot".into(), root.display().to_string(), python],
             fixtures: PathBuf::from("/opt/detector-fixtures"),

@@ -116,7 +116,7 @@ pub struct Analysis {
     pub version: PyVersion,
     /// Where the version came from.
     pub version_source: VersionSource,
-    /// Build flavour (only release builds are analysed further).
+    /// Build flavour (debug builds are analysed from their DWARF).
     pub flavour: Flavour,
     /// Symbols used.
     pub symbols: Vec<UsedSymbol>,
@@ -184,6 +184,13 @@ pub fn analyze(
     refuse_unsupported(version, flavour)?;
     let minor = version.minor;
     let dwarf = dwarf::find(elf, object, root)?;
+    if flavour == Flavour::Debug && dwarf.is_none() {
+        // The built-in tables are release builds'; a debug build's layouts
+        // are taken from its own DWARF, which such builds normally carry.
+        return Err(AnalysisError::Unsupported(format!(
+            "CPython {version} is a debug build (Py_DEBUG) without DWARF: its layouts are read from DWARF only"
+        )));
+    }
     let debug_offsets = runtime_bytes.filter(|_| header.is_some());
     let (table, disagreements, mut warnings) =
         offset_table(version, dwarf.as_ref().map(|(info, _)| info), debug_offsets)?;
@@ -263,7 +270,7 @@ pub fn analyze(
     })
 }
 
-/// Refuses versions and flavours this detector does not probe.
+/// Refuses versions and flavours this detector does not probe at all.
 fn refuse_unsupported(version: PyVersion, flavour: Flavour) -> Result<(), AnalysisError> {
     if version.major != 3 || !SUPPORTED_MINORS.contains(&version.minor) {
         return Err(AnalysisError::Unsupported(format!(
@@ -273,10 +280,7 @@ fn refuse_unsupported(version: PyVersion, flavour: Flavour) -> Result<(), Analys
         )));
     }
     match flavour {
-        Flavour::Release => Ok(()),
-        Flavour::Debug => Err(AnalysisError::Unsupported(format!(
-            "CPython {version} is a debug build (Py_DEBUG): its object layouts differ from release builds"
-        ))),
+        Flavour::Release | Flavour::Debug => Ok(()),
         Flavour::FreeThreaded => {
             Err(AnalysisError::Unsupported(format!("CPython {version} is a free-threaded build: not supported yet")))
         }

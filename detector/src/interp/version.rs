@@ -81,9 +81,9 @@ impl serde::Serialize for PyVersion {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Flavour {
-    /// An ordinary release build: supported.
+    /// An ordinary release build.
     Release,
-    /// `--with-pydebug`: different object layouts.
+    /// `--with-pydebug`: layouts and code of their own, analysed from DWARF.
     Debug,
     /// `--disable-gil` (`3.13t`): different object layouts and no GIL.
     FreeThreaded,
