@@ -193,20 +193,32 @@ sys.stdin.read()";
 #[test]
 fn a_process_running_the_jit_is_refused() {
     let (root, _) = rootfs_python("python3.15");
+    let wait = "import sys; sys.stdin.read()";
     for python in ["/usr/bin/python3.14", "/usr/bin/python3.15"] {
-        let wait = "import sys; sys.stdin.read()";
-        let run = |env: &str, script: &str| Sleeper::new(&["chroot", &root, "/usr/bin/env", env, python, "-c", script]);
-        let (asked, flagged, off) =
-            (run("PYTHON_JIT=1", wait), run("PYTHON_JIT=1", HIDE_PYTHON_JIT), run("PYTHON_JIT=0", wait));
-        std::thread::sleep(std::time::Duration::from_millis(1000));
-        assert_refused(
-            &["dump", "--pid", &asked.pid(), "--target", "m:f"],
-            "runs with the JIT on (PYTHON_JIT in its environment)",
-        );
-        let environ = std::fs::read(format!("/proc/{}/environ", flagged.pid())).unwrap();
-        assert!(environ.windows(11).any(|w| w == b"PYTHON_JIX="), "{python}: PYTHON_JIT not hidden");
-        assert_refused(&["inspect", &flagged.pid()], "runs with the JIT on (the jit flag of 1 interpreter(s) is set)");
-        let (code, err) = detector(&["inspect", &off.pid()]);
-        assert_eq!(code, Some(0), "{python} with PYTHON_JIT=0: {err}");
+        let run = |env: &str, args: &[&str]| {
+            let mut argv = vec!["chroot", &root, "/usr/bin/env", env, python];
+            argv.extend(args);
+            Sleeper::new(&argv)
+        };
+        let on = run("PYTHON_JIT=1", &["-c", wait]);
+        let hidden = run("PYTHON_JIT=1", &["-c", HIDE_PYTHON_JIT]);
+        // CPython ignores the environment under -I: the JIT stays off.
+        let isolated = run("PYTHON_JIT=1", &["-I", "-c", wait]);
+        let off = run("PYTHON_JIT=0", &["-c", wait]);
+        let why = "runs with the JIT on (its main interpreter's jit flag is set)";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let renamed = || {
+            std::fs::read(format!("/proc/{}/environ", hidden.pid())).unwrap().windows(11).any(|w| w == b"PYTHON_JIX=")
+        };
+        while !renamed() {
+            assert!(std::time::Instant::now() < deadline, "{python}: PYTHON_JIT not hidden");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_refused(&["dump", "--pid", &on.pid(), "--target", "m:f"], why);
+        assert_refused(&["inspect", &hidden.pid()], why);
+        for p in [&isolated, &off] {
+            let (code, err) = detector(&["inspect", &p.pid()]);
+            assert_eq!(code, Some(0), "{python}: {err}");
+        }
     }
 }

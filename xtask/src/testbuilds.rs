@@ -1,7 +1,7 @@
 //! Interpreter builds no distribution ships, compiled from CPython's source
-//! (Debian's copies of the upstream tarballs) on first use and cached in the
-//! xtask cache, keyed by version and flags, so every clone on a machine
-//! reuses them:
+//! (Debian's copies of the upstream tarballs, checked against their SHA-256)
+//! on first use and cached in the xtask cache, a directory per version and
+//! flags, so every clone on a machine reuses them:
 //! - a 3.13 built `--without-computed-gotos`, whose handlers are reached
 //!   through a `switch`, and a stripped copy of it;
 //! - a 3.15 built as upstream configures it, with DWARF (Debian's own 3.15
@@ -19,6 +19,8 @@ struct Build {
     version: &'static str,
     /// Debian's copy of the upstream tarball.
     tarball: &'static str,
+    /// Its SHA-256: the pool is not a pinned archive.
+    sha256: &'static str,
     /// `./configure` flags beyond the ones every build gets.
     flags: &'static [&'static str],
     /// `make` targets: the interpreter alone, or (empty) it and every
@@ -31,6 +33,7 @@ struct Build {
 const SWITCH: Build = Build {
     version: "3.13.5",
     tarball: "http://deb.debian.org/debian/pool/main/p/python3.13/python3.13_3.13.5.orig.tar.xz",
+    sha256: "93e583f243454e6e9e4588ca2c2662206ad961659863277afcdb96801647d640",
     flags: &["--without-computed-gotos"],
     targets: &["python"],
     key: "3.13.5-switch",
@@ -39,6 +42,7 @@ const SWITCH: Build = Build {
 const PY315: Build = Build {
     version: "3.15.0rc2",
     tarball: "http://deb.debian.org/debian/pool/main/p/python3.15/python3.15_3.15.0~rc2.orig.tar.xz",
+    sha256: "8d93af5eaaaea5adfd41bd786a7ba3f03f2ad1ab57c6a65e0b963deab91d5ad7",
     flags: &[],
     targets: &[],
     key: "3.15.0rc2",
@@ -85,6 +89,12 @@ fn build(b: &Build) -> Result<PathBuf> {
         eprintln!("xtask: downloading CPython {} source", b.version);
         let partial = tarball.with_extension("partial");
         sh(Command::new("curl").args(["-fsSL", "-o"]).arg(&partial).arg(b.tarball))?;
+        let sum = Command::new("sha256sum").arg(&partial).output().context("sha256sum")?;
+        let sum = String::from_utf8_lossy(&sum.stdout);
+        if sum.split_whitespace().next() != Some(b.sha256) {
+            fs::remove_file(&partial)?;
+            anyhow::bail!("{} has SHA-256 {sum}, expected {}", b.tarball, b.sha256);
+        }
         fs::rename(&partial, &tarball)?;
     }
     if src.exists() {

@@ -109,39 +109,34 @@ const TSTATE_315: Group = (
     ],
 );
 const ERR_STACKITEM: Group = ("err_stackitem", &["exc_value"]);
-const FRAME_313: Group = ("interpreter_frame", &["size", "previous", "executable", "instr_ptr", "localsplus", "owner"]);
 const FRAME_314: Group = (
     "interpreter_frame",
     &["size", "previous", "executable", "instr_ptr", "localsplus", "owner", "stackpointer", "tlbc_index"],
 );
-const CODE_313: &[&str] = &[
-    "size",
-    "filename",
-    "name",
-    "qualname",
-    "linetable",
-    "firstlineno",
-    "argcount",
-    "localsplusnames",
-    "localspluskinds",
-    "co_code_adaptive",
-];
-const CODE_314: &[&str] = &[
-    "size",
-    "filename",
-    "name",
-    "qualname",
-    "linetable",
-    "firstlineno",
-    "argcount",
-    "localsplusnames",
-    "localspluskinds",
-    "co_code_adaptive",
-    "co_tlbc",
-];
+/// 3.14 appended `stackpointer` and `tlbc_index`.
+const FRAME_313: Group = (FRAME_314.0, FRAME_314.1.split_at(6).0);
+const CODE_314: Group = (
+    "code_object",
+    &[
+        "size",
+        "filename",
+        "name",
+        "qualname",
+        "linetable",
+        "firstlineno",
+        "argcount",
+        "localsplusnames",
+        "localspluskinds",
+        "co_code_adaptive",
+        "co_tlbc",
+    ],
+);
+/// 3.14 appended `co_tlbc`.
+const CODE_313: Group = (CODE_314.0, CODE_314.1.split_at(10).0);
 const PYOBJECT: Group = ("pyobject", &["size", "ob_type"]);
-const TYPE_313: Group = ("type_object", &["size", "tp_name", "tp_repr", "tp_flags"]);
 const TYPE_315: Group = ("type_object", &["size", "tp_name", "tp_repr", "tp_flags", "tp_basicsize", "tp_dictoffset"]);
+/// 3.15 appended `tp_basicsize` and `tp_dictoffset`.
+const TYPE_313: Group = (TYPE_315.0, TYPE_315.1.split_at(4).0);
 const HEAP_TYPE: Group = ("heap_type_object", &["size", "ht_cached_keys"]);
 const TUPLE: Group = ("tuple_object", &["size", "ob_item", "ob_size"]);
 const LIST: Group = ("list_object", &["size", "ob_item", "ob_size"]);
@@ -155,37 +150,12 @@ const UNICODE: Group = ("unicode_object", &["size", "state", "length", "asciiobj
 /// Each minor's groups, up to the last one used, in declaration order.
 fn layout(minor: u8) -> Option<&'static [Group]> {
     const V313: &[Group] = &[
-        RUNTIME,
-        INTERP_313,
-        TSTATE_313,
-        FRAME_313,
-        ("code_object", CODE_313),
-        PYOBJECT,
-        TYPE_313,
-        TUPLE,
-        LIST,
-        DICT,
-        FLOAT,
-        LONG,
-        BYTES,
-        UNICODE,
+        RUNTIME, INTERP_313, TSTATE_313, FRAME_313, CODE_313, PYOBJECT, TYPE_313, TUPLE, LIST, DICT, FLOAT, LONG,
+        BYTES, UNICODE,
     ];
     const V314: &[Group] = &[
-        RUNTIME,
-        INTERP_314,
-        TSTATE_313,
-        FRAME_314,
-        ("code_object", CODE_314),
-        PYOBJECT,
-        TYPE_313,
-        TUPLE,
-        LIST,
-        SET,
-        DICT,
-        FLOAT,
-        LONG,
-        BYTES,
-        UNICODE,
+        RUNTIME, INTERP_314, TSTATE_313, FRAME_314, CODE_314, PYOBJECT, TYPE_313, TUPLE, LIST, SET, DICT, FLOAT, LONG,
+        BYTES, UNICODE,
     ];
     const V315: &[Group] = &[
         RUNTIME,
@@ -193,7 +163,7 @@ fn layout(minor: u8) -> Option<&'static [Group]> {
         TSTATE_315,
         ERR_STACKITEM,
         FRAME_314,
-        ("code_object", CODE_314),
+        CODE_314,
         PYOBJECT,
         TYPE_315,
         HEAP_TYPE,
@@ -262,7 +232,7 @@ fn position(groups: &[Group], group: &str, member: &str) -> Option<(usize, Optio
 
 /// Why a table cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum LayoutError {
+pub(crate) enum LayoutError {
     /// No transcription for this minor version.
     #[error("no known layout of _Py_DebugOffsets for 3.{0}")]
     UnknownMinor(u8),
@@ -288,7 +258,7 @@ pub enum LayoutError {
 /// Applies every entry of `bytes` (the start of `_PyRuntime`) for `minor` to
 /// `table`, after checking the whole table against its layout. Returns the
 /// disagreements with less trusted sources.
-pub fn apply(bytes: &[u8], minor: u8, table: &mut OffsetTable) -> Result<Vec<Disagreement>, LayoutError> {
+pub(crate) fn apply(bytes: &[u8], minor: u8, table: &mut OffsetTable) -> Result<Vec<Disagreement>, LayoutError> {
     let groups = layout(minor).ok_or(LayoutError::UnknownMinor(minor))?;
     let mut values = Vec::new();
     for &(field, member) in USED {
@@ -312,6 +282,12 @@ pub fn apply(bytes: &[u8], minor: u8, table: &mut OffsetTable) -> Result<Vec<Dis
         }
     }
     Ok(disagreements)
+}
+
+/// `sizeof(PyInterpreterState)` as the table of a 3.`minor` build gives it.
+pub(crate) fn interp_size(bytes: &[u8], minor: u8) -> Option<u64> {
+    let (at, _) = position(layout(minor)?, "interpreter_state", "size")?;
+    u64_at(bytes, at)
 }
 
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
@@ -359,6 +335,21 @@ mod tests {
         assert_eq!(at(15, "type_object.tp_dictoffset"), 520);
         assert_eq!(at(15, "unicode_object.asciiobject_size"), 736);
         assert!(at(15, "unicode_object.asciiobject_size") + 8 <= READ_LEN);
+    }
+
+    #[test]
+    fn every_member_used_is_in_each_layout() {
+        for minor in [13, 14, 15] {
+            for &(field, member) in USED {
+                let (group, name) = member.split_once('.').unwrap();
+                let found = position(layout(minor).unwrap(), group, name);
+                let only_315 = matches!(field, "type_basicsize" | "type_dictoffset");
+                assert_eq!(found.is_some(), minor >= 15 || !only_315, "3.{minor} {member}");
+                if let Some((_, size)) = found {
+                    assert!(size.is_some(), "3.{minor} {group} has a size");
+                }
+            }
+        }
     }
 
     #[test]

@@ -82,12 +82,10 @@ pub struct OffsetInfo {
     pub source: OffsetSource,
 }
 
-/// The tier-2 optimizer a build carries (`--enable-experimental-jit`, 3.13+),
-/// which runs hot code without the interpreter's RESUME handlers.
+/// The tier-2 optimizer a build carries (`--enable-experimental-jit`, 3.13+).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Tier2 {
-    /// `offsetof(PyInterpreterState, jit)` (3.14+): whether it is on, per
-    /// interpreter.
+    /// `offsetof(PyInterpreterState, jit)` (3.14+), where it is known.
     pub jit_flag: Option<FieldAt>,
 }
 
@@ -241,7 +239,8 @@ pub fn analyze(
             .file_offset(site.addr)
             .ok_or_else(|| AnalysisError::Unsupported(format!("site {:#x} is not backed by the file", site.addr)))?;
     }
-    let tier2 = tier2(elf, dwarf.as_ref().map(|(info, _)| info), minor, &mut symbols);
+    let interp_size = debug_offsets.and_then(|b| debug_offsets::interp_size(b, minor));
+    let tier2 = tier2(elf, dwarf.as_ref().map(|(info, _)| info), (minor, interp_size), &mut symbols, &mut warnings);
     let layout = kernel_layout(minor, &table.values);
     let offsets = table
         .sources
@@ -319,18 +318,39 @@ fn offset_table(
 
 /// The tier-2 optimizer, if the build has one (its entry point is
 /// exported), and where each interpreter says whether it is on: DWARF, else
-/// the offset in the builds this detector was tested on.
-fn tier2(elf: &ElfImage, dwarf: Option<&dwarf::DwarfInfo>, minor: u8, symbols: &mut Vec<UsedSymbol>) -> Option<Tier2> {
+/// the offset in the builds it was measured on, recognised by
+/// `sizeof(PyInterpreterState)` from `_Py_DebugOffsets` (a struct this
+/// large moves with the build's configuration).
+fn tier2(
+    elf: &ElfImage,
+    dwarf: Option<&dwarf::DwarfInfo>,
+    (minor, interp_size): (u8, Option<u64>),
+    symbols: &mut Vec<UsedSymbol>,
+    warnings: &mut Vec<String>,
+) -> Option<Tier2> {
     let s = elf.symbol("_PyOptimizer_Optimize")?;
     symbols.push(UsedSymbol { name: "_PyOptimizer_Optimize", addr: s.addr, source: s.table });
-    let builtin = match minor {
-        14 => Some(223_184),
-        15 => Some(223_408),
+    // (offsetof(PyInterpreterState, jit), sizeof(PyInterpreterState)) in
+    // Debian's 3.14.10 and 3.15.2.
+    let measured = match minor {
+        14 => Some((223_184, 225_864)),
+        15 => Some((223_408, 226_240)),
         _ => None,
     };
-    let jit_flag = match dwarf.and_then(|d| d.offset_of("PyInterpreterState", "jit")) {
-        Some(offset) => Some(FieldAt { offset, source: OffsetSource::Dwarf }),
-        None => builtin.map(|offset| FieldAt { offset, source: OffsetSource::Builtin }),
+    if let Some(offset) = dwarf.and_then(|d| d.offset_of("PyInterpreterState", "jit")) {
+        return Some(Tier2 { jit_flag: Some(FieldAt { offset, source: OffsetSource::Dwarf }) });
+    }
+    let jit_flag = match measured {
+        Some((offset, size)) if interp_size == Some(size) => Some(FieldAt { offset, source: OffsetSource::Builtin }),
+        Some(_) => {
+            warnings.push(
+                "the tier-2 optimizer is built in, and where its interpreters say it is on is not known for this \
+                 build: a process is refused only if PYTHON_JIT asks for it"
+                    .into(),
+            );
+            None
+        }
+        None => None,
     };
     Some(Tier2 { jit_flag })
 }

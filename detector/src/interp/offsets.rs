@@ -379,44 +379,34 @@ pub fn builtin(minor: u8) -> Option<Offsets> {
             o.code_adaptive = 192;
             set_function_310(&mut o);
         }
-        13 | 14 => {
-            o.runtime_interpreters_head = if minor == 13 { 632 } else { 808 };
-            o.interp_next = if minor == 13 { 7264 } else { 7272 };
-            o.interp_threads_head = 7344;
-            o.interp_modules = if minor == 13 { 7656 } else { 7688 };
+        13..=15 => {
+            o.runtime_interpreters_head = match minor {
+                13 => 632,
+                14 => 808,
+                _ => 936,
+            };
+            o.interp_next = if minor == 14 { 7272 } else { 7264 };
+            o.interp_threads_head = if minor == 15 { 7336 } else { 7344 };
+            o.interp_modules = match minor {
+                13 => 7656,
+                14 => 7688,
+                _ => 7592,
+            };
             o.tstate_next = 8;
             o.tstate_interp = 16;
             o.tstate_eval_breaker = 24;
-            o.tstate_tracing = 60;
+            // 3.15 moved `holds_gil` and `gil_requested` into the thread state.
+            o.tstate_tracing = if minor == 15 { 64 } else { 60 };
             o.current_frame = 72;
-            o.tstate_native_thread_id = 160;
+            o.tstate_native_thread_id = if minor == 15 { 184 } else { 160 };
             set_frame_312(&mut o);
             set_code_311(&mut o, 68);
             o.code_instr_version = 168;
             o.code_adaptive = if minor == 13 { 200 } else { 208 };
             set_function_310(&mut o);
-            if minor == 14 {
+            if minor >= 14 {
                 o.tuple_items = 32; // 3.14 caches the hash in `ob_hash`
             }
-        }
-        15 => {
-            o.runtime_interpreters_head = 936;
-            o.interp_next = 7264;
-            o.interp_threads_head = 7336;
-            o.interp_modules = 7592;
-            o.tstate_next = 8;
-            o.tstate_interp = 16;
-            o.tstate_eval_breaker = 24;
-            // `holds_gil` and `gil_requested` moved into the thread state.
-            o.tstate_tracing = 64;
-            o.current_frame = 72;
-            o.tstate_native_thread_id = 184;
-            set_frame_312(&mut o);
-            set_code_311(&mut o, 68);
-            o.code_instr_version = 168;
-            o.code_adaptive = 208;
-            set_function_310(&mut o);
-            o.tuple_items = 32;
         }
         _ => return None,
     }

@@ -5,10 +5,12 @@
 //! calls: such a process is refused, with the reason, rather than counted
 //! short.
 //!
-//! Two signals, either enough: `PYTHON_JIT` in the process's environment,
-//! read as CPython reads it at startup (set, not empty, not starting with
-//! `0`), and each interpreter's own `jit` flag (3.14+), which also covers a
-//! build that turns the JIT on by default.
+//! The main interpreter's own `jit` flag (3.14+; only the main interpreter
+//! runs it) says so once the interpreter is initialised: that is what
+//! decides, since CPython may have ignored the environment (`-E`, `-I`, an
+//! embedder) or turned the JIT off (perf profiling). Before that, or where
+//! the flag's offset is not known, `PYTHON_JIT` in the process's environment
+//! decides, read as CPython reads it at startup.
 
 use std::io::Read;
 
@@ -17,9 +19,6 @@ use crate::interp::AnalysisError;
 
 /// Most bytes of a process's environment read.
 const MAX_ENVIRON: u64 = 4 << 20;
-
-/// Interpreters looked at (subinterpreters included).
-const MAX_INTERPRETERS: usize = 64;
 
 /// The environment of `pid` as it was at exec (its first [`MAX_ENVIRON`]
 /// bytes: the kernel bounds it near there anyway).
@@ -41,7 +40,7 @@ pub(crate) fn refuse_if_on(p: &PythonProcess) -> Result<(), ProcessError> {
     let Some(tier2) = &p.analysis.tier2 else {
         return Ok(());
     };
-    let refuse = |why: String| ProcessError::Analysis {
+    let refuse = |why: &str| ProcessError::Analysis {
         pid: p.pid,
         object: p.object.path.clone(),
         source: AnalysisError::Unsupported(format!(
@@ -51,42 +50,40 @@ pub(crate) fn refuse_if_on(p: &PythonProcess) -> Result<(), ProcessError> {
             p.analysis.version
         )),
     };
-    if env_asks(&environ_block(p.pid)?) == Some(true) {
-        return Err(refuse("PYTHON_JIT in its environment".into()));
-    }
-    let Some(flag) = tier2.jit_flag else {
-        return Ok(());
+    let flag = match tier2.jit_flag {
+        Some(f) => main_flag(p, f.offset)?,
+        None => None,
     };
-    if let Some(n) = interpreters_on(p, flag.offset)? {
-        return Err(refuse(format!("the jit flag of {n} interpreter(s) is set")));
+    match flag {
+        Some(true) => Err(refuse("its main interpreter's jit flag is set")),
+        Some(false) => Ok(()),
+        None if env_asks(&environ_block(p.pid)?) == Some(true) => Err(refuse("PYTHON_JIT in its environment")),
+        None => Ok(()),
     }
-    Ok(())
 }
 
-/// How many interpreters have their `jit` flag set (`None` for none). A
-/// flag that is neither 0 nor 1 is not a `bool`: the offset is wrong for
-/// this build, and the flag says nothing.
-fn interpreters_on(p: &PythonProcess, flag: u64) -> Result<Option<usize>, ProcessError> {
+/// The main interpreter's `jit` flag, or `None` before the interpreter
+/// exists. A flag that is neither 0 nor 1 is not a `bool`: the offset is
+/// wrong for this build, and the flag says nothing.
+fn main_flag(p: &PythonProcess, flag: u64) -> Result<Option<bool>, ProcessError> {
+    /// `_PyRuntimeState.interpreters.main`, after `head` (3.14, 3.15).
+    const MAIN_AFTER_HEAD: u16 = 8;
     let o = &p.analysis.table.values;
     let Some(runtime) = p.runtime() else { return Ok(None) };
     let mem = ProcessMemory::open(p.pid)?;
-    let mut interp = mem.u64(runtime + u64::from(o.runtime_interpreters_head))?;
-    let mut on = 0;
-    for _ in 0..MAX_INTERPRETERS {
-        if interp == 0 {
-            break;
+    let Some(main_at) = o.runtime_interpreters_head.checked_add(MAIN_AFTER_HEAD) else { return Ok(None) };
+    let main = mem.ptr(runtime, main_at)?;
+    let Some(at) = main.checked_add(flag).filter(|_| main != 0) else {
+        return Ok(None);
+    };
+    match mem.u8(at)? {
+        0 => Ok(Some(false)),
+        1 => Ok(Some(true)),
+        other => {
+            tracing::warn!(pid = p.pid, value = other, "the interpreter's jit flag is not a bool: not used");
+            Ok(None)
         }
-        match mem.u8(interp + flag)? {
-            0 => {}
-            1 => on += 1,
-            other => {
-                tracing::warn!(pid = p.pid, value = other, "the interpreter's jit flag is not a bool: not used");
-                return Ok(None);
-            }
-        }
-        interp = mem.u64(interp + u64::from(o.interp_next))?;
     }
-    Ok((on > 0).then_some(on))
 }
 
 #[cfg(test)]
