@@ -61,7 +61,7 @@ impl Environ {
 
     /// The environment of `pid` as it was at exec.
     pub fn read(pid: u32) -> Result<Self, ProcessError> {
-        Ok(Environ::parse(&crate::pyproc::jit::environ_block(pid)?))
+        Ok(Environ::parse(&crate::pyproc::environ::environ_block(pid)?))
     }
 }
 

@@ -12,22 +12,8 @@
 //! the flag's offset is not known, `PYTHON_JIT` in the process's environment
 //! decides, read as CPython reads it at startup.
 
-use std::io::Read;
-
-use super::{ProcessError, PythonProcess, mem::ProcessMemory};
+use super::{ProcessError, PythonProcess, environ::environ_block, mem::ProcessMemory};
 use crate::interp::AnalysisError;
-
-/// Most bytes of a process's environment read.
-const MAX_ENVIRON: u64 = 4 << 20;
-
-/// The environment of `pid` as it was at exec (its first [`MAX_ENVIRON`]
-/// bytes: the kernel bounds it near there anyway).
-pub(crate) fn environ_block(pid: u32) -> Result<Vec<u8>, ProcessError> {
-    let file = std::fs::File::open(format!("/proc/{pid}/environ")).map_err(|e| ProcessError::io(pid, e))?;
-    let mut block = Vec::new();
-    file.take(MAX_ENVIRON).read_to_end(&mut block).map_err(|e| ProcessError::io(pid, e))?;
-    Ok(block)
-}
 
 /// What `PYTHON_JIT` in an environment block asks for, if it is set and
 /// not empty (the first of repeated entries, as glibc's `getenv` finds it).

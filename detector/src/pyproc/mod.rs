@@ -4,6 +4,7 @@
 pub mod body;
 pub(crate) mod callers;
 pub(crate) mod distributions;
+pub(crate) mod environ;
 pub(crate) mod jit;
 pub mod maps;
 pub mod mem;
