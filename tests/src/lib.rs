@@ -137,6 +137,11 @@ pub fn attached_report(line: &serde_json::Value) -> detector::agent::report::Att
     serde_json::from_value(line.clone()).unwrap_or_else(|e| panic!("attached line {line}: {e}"))
 }
 
+/// An `armed` line, typed.
+pub fn armed_report(line: &serde_json::Value) -> detector::agent::report::ArmedReport {
+    serde_json::from_value(line.clone()).unwrap_or_else(|e| panic!("armed line {line}: {e}"))
+}
+
 /// A process under watchpoints: (units watched, whether they rotate,
 /// targets pending); panics naming its mode otherwise.
 pub fn watching(p: &detector::agent::report::ProcessReport) -> (usize, bool, usize) {

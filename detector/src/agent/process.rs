@@ -384,7 +384,7 @@ impl ProcessWatch {
         }
         let seen = w.armed.modules_seen();
         let force = self.walks.take_deferred() || force;
-        self.job(targets, Look::Modules { force, seen, source })
+        self.job(targets, Look::Modules { force, seen, source, unread: false })
     }
 
     fn job(&self, targets: &TargetSet, look: Look) -> Option<Job> {

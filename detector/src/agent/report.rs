@@ -145,6 +145,23 @@ pub struct AttachedReport {
     pub sites: Vec<SiteReport>,
 }
 
+/// The `armed` event: targets found after the attach, now watched.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArmedReport {
+    /// The process.
+    pub pid: u32,
+    /// The targets armed.
+    pub targets: Vec<String>,
+    /// The code objects each target is watched in now (hex addresses): one
+    /// per interpreter that defines it.
+    pub code_objects: BTreeMap<String, Vec<String>>,
+    /// What found them: their module's body, or a look in `sys.modules`
+    /// and why it was made.
+    pub source: String,
+    /// How long after their module body started they were armed.
+    pub latency_us: Option<u64>,
+}
+
 /// A probed site.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SiteReport {
@@ -260,6 +277,33 @@ impl ProcessWatch {
         match &mut self.mode {
             Mode::Watch(w) => Some(&mut w.armed),
             _ => None,
+        }
+    }
+
+    /// The `armed` event for `found` (ids of `targets`), found by `source`
+    /// `latency` after their module body started.
+    pub(crate) fn armed_report(
+        &self,
+        targets: &TargetSet,
+        found: &[u32],
+        source: &str,
+        latency: Option<std::time::Duration>,
+    ) -> ArmedReport {
+        let named: Vec<(u32, String)> =
+            found.iter().filter_map(|id| Some((*id, targets.get(*id)?.to_string()))).collect();
+        let code_objects = named
+            .iter()
+            .map(|(id, name)| {
+                let codes = self.armed().map(|a| a.code_objects(*id)).unwrap_or_default();
+                (name.clone(), codes.into_iter().map(|c| format!("{c:#x}")).collect())
+            })
+            .collect();
+        ArmedReport {
+            pid: self.process.pid,
+            targets: named.into_iter().map(|(_, name)| name).collect(),
+            code_objects,
+            source: source.to_owned(),
+            latency_us: latency.map(|l| l.as_micros() as u64),
         }
     }
 

@@ -54,8 +54,10 @@ pub(crate) enum Look {
     /// the kernel saw it start.
     Body { code: u64, globals: u64, ts_ns: u64 },
     /// The targets' modules in `sys.modules`: always if `force`, else only
-    /// if the modules are not the `seen` ones any more. `source` says why.
-    Modules { force: bool, seen: Option<i64>, source: &'static str },
+    /// if the modules are not the `seen` ones any more. `source` says why;
+    /// `unread` if it stands for module bodies whose looks were folded
+    /// into it (they may still be running when it walks).
+    Modules { force: bool, seen: Option<i64>, source: &'static str, unread: bool },
     /// 3.8-3.10 code objects started under a target's name: which target
     /// each is, if any.
     Candidates(Vec<Ask>),
@@ -213,7 +215,8 @@ impl Walker {
     /// that has looked for everything the job asked. A look in `sys.modules`
     /// waiting takes the newer job's targets instead of queueing another,
     /// and a process with a full queue gets one forced look in `sys.modules`
-    /// instead, which finds whatever its looks would have.
+    /// instead, which finds what their module bodies defined by then and
+    /// has `sys.modules` looked at again after them (they may be running).
     pub(crate) fn submit(&mut self, mut job: Job) -> Result<u64, Full> {
         if !self.waiting.contains_key(&job.pid) && self.waiting.len() >= MAX_WAITING_PROCESSES {
             self.refused += 1;
@@ -232,17 +235,22 @@ impl Walker {
         if matches!(job.look, Look::Modules { .. })
             && let Some(queued) = queue.iter_mut().find(|j| matches!(j.look, Look::Modules { .. }))
         {
-            let was_forced = matches!(queued.look, Look::Modules { force: true, .. });
+            let (was_forced, was_unread) = match queued.look {
+                Look::Modules { force, unread, .. } => (force, unread),
+                _ => (false, false),
+            };
             *queued = job;
-            if let Look::Modules { force, .. } = &mut queued.look {
+            if let Look::Modules { force, unread, .. } = &mut queued.look {
                 *force |= was_forced;
+                *unread |= was_unread;
             }
             return Ok(self.seq);
         }
         if job.look.arms() && queue.iter().filter(|j| j.look.arms()).count() >= MAX_WAITING_PER_PROCESS {
             self.folded += 1;
             queue.retain(|j| !j.look.arms());
-            queue.push_back(Job { look: Look::Modules { force: true, seen: None, source: "module ran" }, ..job });
+            let look = Look::Modules { force: true, seen: None, source: "module ran", unread: true };
+            queue.push_back(Job { look, ..job });
             return Ok(self.seq);
         }
         queue.push_back(job);

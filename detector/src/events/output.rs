@@ -12,7 +12,7 @@ use crate::{
         callers::Caller,
         discovery::Service,
         exposure::Exposure,
-        report::{AttachedReport, ModeReport},
+        report::{ArmedReport, AttachedReport, ModeReport},
     },
     sources::catalog::Advisory,
     targets::Target,
@@ -167,13 +167,16 @@ impl Printer {
     }
 
     /// Targets found after the attach are armed: found as their module's
-    /// body started (`latency` after it did) or by the rescan.
-    pub fn armed(&self, pid: u32, targets: &[String], latency: Option<std::time::Duration>, source: &str) {
-        let latency_us = latency.map(|l| l.as_micros() as u64);
-        let line = json!({"type": "armed", "pid": pid, "targets": targets, "source": source, "latency_us": latency_us});
-        self.emit(line, || match latency_us {
-            Some(us) => format!("armed pid={pid} {} ({source}, {us} us after it started)", targets.join(", ")),
-            None => format!("armed pid={pid} {} ({source})", targets.join(", ")),
+    /// body started (`latency_us` after it did) or by a look in `sys.modules`.
+    pub fn armed(&self, report: &ArmedReport) {
+        let mut line = serde_json::to_value(report).unwrap_or_default();
+        line["type"] = "armed".into();
+        self.emit(line, || {
+            let ArmedReport { pid, targets, source, latency_us, .. } = report;
+            match latency_us {
+                Some(us) => format!("armed pid={pid} {} ({source}, {us} us after it started)", targets.join(", ")),
+                None => format!("armed pid={pid} {} ({source})", targets.join(", ")),
+            }
         });
     }
 

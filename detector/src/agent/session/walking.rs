@@ -9,7 +9,10 @@ use crate::events::monotonic_ns;
 use tracing::info;
 
 use crate::{
-    agent::walker::{Full, Job, Look, Walked},
+    agent::{
+        ProcessWatch,
+        walker::{Full, Job, Look, Walked},
+    },
     events::{output::Printer, record::ModuleExec},
     targets::TargetSet,
 };
@@ -139,10 +142,10 @@ impl Session {
             // exiting interpreter frees its modules' code) is pending, quietly.
             Some(Announce::Rearmed(why)) if !found.is_empty() => {
                 self.printer.strategy(pid, &w.mode(), &why);
-                announce_armed(&self.targets, &self.printer, pid, &found, source, latency);
+                announce_armed(w, &self.targets, &self.printer, &found, source, latency);
             }
             Some(Announce::Rearmed(why)) => tracing::debug!(pid, why, "a freed code object's target is pending"),
-            None => announce_armed(&self.targets, &self.printer, pid, &found, source, latency),
+            None => announce_armed(w, &self.targets, &self.printer, &found, source, latency),
         }
         self.start_walks();
     }
@@ -151,9 +154,9 @@ impl Session {
 /// Logs and prints targets armed after the attach (`source` found them,
 /// `latency` after their module body started), if any.
 pub(super) fn announce_armed(
+    w: &ProcessWatch,
     targets: &TargetSet,
     printer: &Printer,
-    pid: u32,
     found: &[u32],
     source: &str,
     latency: Option<Duration>,
@@ -161,8 +164,8 @@ pub(super) fn announce_armed(
     if found.is_empty() {
         return;
     }
-    let names: Vec<String> = found.iter().filter_map(|id| targets.get(*id)).map(|t| t.to_string()).collect();
-    let latency_us = latency.map(|l| l.as_micros() as u64);
-    info!(pid, targets = %names.join(", "), source, latency_us, "targets found after the attach: armed");
-    printer.armed(pid, &names, latency, source);
+    let report = w.armed_report(targets, found, source, latency);
+    info!(pid = report.pid, targets = %report.targets.join(", "), source, latency_us = report.latency_us,
+        code_objects = ?report.code_objects, "targets found after the attach: armed");
+    printer.armed(&report);
 }

@@ -109,6 +109,12 @@ impl Armed {
         finding: Result<Finding, crate::pyproc::ProcessError>,
     ) -> Result<Vec<u32>, CannotWatch> {
         let in_body = matches!(look, Look::Body { .. });
+        // Bodies whose looks were folded into this one may have been
+        // running as it walked: a target they define in another
+        // interpreter (or again) is looked for once they are done.
+        if matches!(look, Look::Modules { unread: true, .. }) {
+            self.recheck();
+        }
         let (found, modules) = match finding {
             Ok(Finding::Found { found, modules }) => (found, modules),
             // Only the per-call looks find candidates or identities.

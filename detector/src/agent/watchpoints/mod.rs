@@ -450,6 +450,11 @@ impl Armed {
         self.units.iter().any(|u| u.code == code)
     }
 
+    /// The code objects `target` is watched in, in the order armed.
+    pub fn code_objects(&self, target: u32) -> Vec<u64> {
+        self.units.iter().filter(|u| u.target == target).map(|u| u.code).collect()
+    }
+
     /// How many targets are under a watchpoint.
     pub fn targets(&self) -> usize {
         self.units.iter().map(|u| u.target).collect::<BTreeSet<_>>().len()
