@@ -2,9 +2,9 @@
 //! Debian's stripped `/usr/bin/python3.11`, Debian's 3.14 and 3.15 and their
 //! debug builds in a debootstrapped root filesystem run under `chroot` (a
 //! process "in a container": its binary is only reachable through
-//! `/proc/PID/root`), a
-//! 3.13 built without computed gotos (handlers reached through a `switch`),
-//! and a 3.15 built from the upstream tarball, with DWARF.
+//! `/proc/PID/root`), and the builds xtask makes from the upstream tarballs ([`builds`]): a
+//! 3.13 without computed gotos (handlers reached through a `switch`), a
+//! 3.15 with DWARF, and 3.14 and 3.15 with the tail-calling interpreter.
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +42,45 @@ pub fn pyenv_python(minor: u8) -> (String, PathBuf) {
     (version, python)
 }
 
+/// An interpreter xtask built from source.
+#[derive(Clone, Debug)]
+pub struct Build {
+    /// Name for messages, e.g. `tailcall-3.14`.
+    pub name: String,
+    /// Minor version.
+    pub minor: u8,
+    /// The interpreter, in its build tree, with symbols and DWARF.
+    pub python: PathBuf,
+    /// A copy of it without either, if the tests want one.
+    pub stripped: Option<PathBuf>,
+}
+
+/// The builds xtask made, from its manifest (`DETECTOR_TEST_BUILDS`: a line
+/// per build of name, minor, interpreter and stripped copy, tab-separated);
+/// panics naming any that is missing.
+pub fn builds() -> Vec<Build> {
+    let manifest = std::env::var("DETECTOR_TEST_BUILDS")
+        .expect("DETECTOR_TEST_BUILDS is not set: run the integration tests with `cargo xtask test`");
+    let path = |p: &str| {
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "{} is missing", p.display());
+        p
+    };
+    manifest
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [name, minor, python, stripped] = fields[..] else { panic!("manifest line {line:?}") };
+            Build {
+                name: name.to_owned(),
+                minor: minor.parse().unwrap_or_else(|_| panic!("manifest line {line:?}")),
+                python: path(python),
+                stripped: (!stripped.is_empty()).then(|| path(stripped)),
+            }
+        })
+        .collect()
+}
+
 /// Every interpreter; panics naming any that is missing.
 pub fn interpreters() -> Vec<Interpreter> {
     let fixtures = crate::fixtures_dir();
@@ -70,28 +109,15 @@ pub fn interpreters() -> Vec<Interpreter> {
         .expect("DETECTOR_TEST_ROOTFS is not set: run the integration tests with `cargo xtask test`");
     let root = rootfs_base.join("sid-python3.14");
     install_fixtures(&root);
-    let switch = std::env::var_os("DETECTOR_TEST_SWITCH_PYTHON")
-        .map(PathBuf::from)
-        .expect("DETECTOR_TEST_SWITCH_PYTHON is not set: run the integration tests with `cargo xtask test`");
-    assert!(switch.exists(), "{} is missing", switch.display());
-    out.push(Interpreter {
-        name: "switch-3.13".into(),
-        minor: 13,
-        argv: vec![switch.display().to_string()],
-        fixtures: fixtures.clone(),
-        rootfs: None,
-    });
-    let py315 = std::env::var_os("DETECTOR_TEST_PY315")
-        .map(PathBuf::from)
-        .expect("DETECTOR_TEST_PY315 is not set: run the integration tests with `cargo xtask test`");
-    assert!(py315.exists(), "{} is missing", py315.display());
-    out.push(Interpreter {
-        name: "build-3.15".into(),
-        minor: 15,
-        argv: vec![py315.display().to_string()],
-        fixtures: fixtures.clone(),
-        rootfs: None,
-    });
+    for b in builds() {
+        out.push(Interpreter {
+            name: b.name,
+            minor: b.minor,
+            argv: vec![b.python.display().to_string()],
+            fixtures: fixtures.clone(),
+            rootfs: None,
+        });
+    }
     // Release builds, then the debug builds (`Py_DEBUG`) of the `-dbg` packages.
     for (minor, suffix) in [(14, ""), (15, ""), (14, "d"), (15, "d")] {
         let python = format!("/usr/bin/python3.{minor}{suffix}");

@@ -15,7 +15,7 @@ use std::{path::PathBuf, time::Duration};
 
 pub use dump::{Dump, Summary, run_reaching, spawn as spawn_detector, spawn_with_env, spawn_wrapped};
 pub use fixture::{Fixture, pin};
-pub use interpreters::{Interpreter, interpreters};
+pub use interpreters::{Build, Interpreter, builds, interpreters};
 pub use node_agent::NodeAgent;
 pub use rc_agent::TestAgent;
 

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, process::Command};
 
-use detector_tests::{Fixture, Interpreter, detector_bin, for_each_interpreter, interpreters};
+use detector_tests::{Fixture, Interpreter, builds, detector_bin, for_each_interpreter, interpreters};
 use serde_json::Value;
 
 fn inspect(what: &str) -> Result<Value, String> {
@@ -71,6 +71,11 @@ fn every_interpreter_is_analysed() {
                 if i.minor >= 11 {
                     assert_eq!(handlers, "dwarf_labels");
                 }
+            }
+            // Each handler a function of its own, named by its symbol.
+            "tailcall-3.14" | "tailcall-3.15" => {
+                assert_eq!(a["debug_info"]["kind"], "embedded");
+                assert_eq!(handlers, "tail_call_functions");
             }
             // Stripped, no debug file on the host: the dispatch table by scan.
             "debian-3.11" => {
@@ -175,13 +180,37 @@ fn truncated_and_random_files_are_refused_without_panic() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The stripped copy of the build named `name`.
+fn stripped(name: &str) -> String {
+    let b = builds().into_iter().find(|b| b.name == name).unwrap_or_else(|| panic!("no build {name}"));
+    b.stripped.unwrap_or_else(|| panic!("no stripped copy of {name}")).display().to_string()
+}
+
 #[test]
 fn stripped_python_without_computed_gotos_is_refused() {
     // With DWARF it is analysed (labels name the handlers: it is one of the
     // interpreters every count test runs on); stripped, nothing does.
-    let python = std::env::var("DETECTOR_TEST_STRIPPED_SWITCH_PYTHON")
-        .expect("DETECTOR_TEST_STRIPPED_SWITCH_PYTHON is not set: run the integration tests with `cargo xtask test`");
-    assert_refused(&python, "cannot find the opcode handlers");
+    assert_refused(&stripped("switch-3.13"), "cannot find the opcode handlers");
+}
+
+#[test]
+fn stripped_tail_calling_builds_are_analysed_by_scan() {
+    // Without the handlers' symbols, the table of their addresses is found
+    // by scan: the same sites, and the same dispatch loads (a new frame's
+    // first among them, in the function the evaluation function calls).
+    for name in ["tailcall-3.14", "tailcall-3.15"] {
+        let b = builds().into_iter().find(|b| b.name == name).unwrap();
+        let with = inspect(&b.python.display().to_string()).unwrap();
+        let without = inspect(&stripped(name)).unwrap();
+        assert_eq!(with["handlers"]["source"], "tail_call_functions", "{name}");
+        assert_eq!(without["handlers"]["source"], "scan", "{name}");
+        assert_eq!(without["debug_info"], Value::Null, "{name}");
+        assert_eq!(with["handlers"]["table"], without["handlers"]["table"], "{name}");
+        let addrs = |a: &Value| a["sites"].as_array().unwrap().iter().map(|s| s["addr"].clone()).collect::<Vec<_>>();
+        assert_eq!(addrs(&with), addrs(&without), "{name}");
+        assert!(with["dispatch"]["count"].as_u64().unwrap() > 0, "{name}: {}", with["dispatch"]);
+        assert_eq!(with["dispatch"], without["dispatch"], "{name}");
+    }
 }
 
 #[test]

@@ -95,14 +95,12 @@ fn render_extras(extras: &[Extra]) -> String {
 pub fn run(suite_only: bool, calls_only: Option<&str>, catalog_only: bool) -> Result<()> {
     let bin = build::all()?;
     let rootfs = rootfs::ensure_all()?;
-    let switch = testbuilds::switch_build()?;
-    let py315 = testbuilds::py315_build()?;
+    let builds = testbuilds::ensure_all()?;
     // SAFETY: still single-threaded; the harness reads these.
     unsafe {
         std::env::set_var("DETECTOR_BIN", &bin);
         std::env::set_var("DETECTOR_TEST_ROOTFS", &rootfs);
-        std::env::set_var("DETECTOR_TEST_SWITCH_PYTHON", &switch.python);
-        std::env::set_var("DETECTOR_TEST_PY315", &py315);
+        std::env::set_var("DETECTOR_TEST_BUILDS", &builds);
     }
     // The workload gets a CPU of its own; this process and the detectors it
     // starts share another, so reading events does not slow the workload.

@@ -3,6 +3,7 @@
 //! bpf-linker, test root filesystems) and caching it outside the clone
 //! (see [`cache_dir`]).
 
+mod apt;
 mod bench;
 mod build;
 mod catalog;

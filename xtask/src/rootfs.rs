@@ -7,7 +7,7 @@ use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cache_dir, is_root, sh};
+use crate::{apt, cache_dir, is_root, sh};
 
 /// A Debian suite with one interpreter package.
 pub struct Rootfs {
@@ -46,7 +46,7 @@ pub fn ensure_all() -> Result<PathBuf> {
         if !is_root() {
             bail!("building the test root filesystem {} needs root (debootstrap)", dir.display());
         }
-        ensure_debootstrap()?;
+        apt::ensure("debootstrap", "debootstrap")?;
         eprintln!("xtask: debootstrap {} with {include} into {} (once, a few minutes)", r.suite, dir.display());
         if dir.exists() {
             fs::remove_dir_all(&dir).with_context(|| format!("removing partial {}", dir.display()))?;
@@ -59,18 +59,4 @@ pub fn ensure_all() -> Result<PathBuf> {
         fs::write(dir.join(STAMP), &include)?;
     }
     Ok(base)
-}
-
-fn ensure_debootstrap() -> Result<()> {
-    if Command::new("debootstrap").arg("--version").output().is_ok() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing debootstrap");
-    sh(Command::new("apt-get").args(["install", "-y", "-q", "debootstrap"]).env("DEBIAN_FRONTEND", "noninteractive"))
-        .or_else(|_| {
-            sh(Command::new("apt-get").args(["update", "-q"]))?;
-            sh(Command::new("apt-get")
-                .args(["install", "-y", "-q", "debootstrap"])
-                .env("DEBIAN_FRONTEND", "noninteractive"))
-        })
 }

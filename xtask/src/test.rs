@@ -16,8 +16,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
     let bin = build::all()?;
     build::check_ebpf()?;
     let rootfs = rootfs::ensure_all()?;
-    let switch = testbuilds::switch_build()?;
-    let py315 = testbuilds::py315_build()?;
+    let builds = testbuilds::ensure_all()?;
     let test_agent = peers::test_agent()?;
     let versions = venvs::ensure()?;
     // Unit tests (no kernel needed), then the integration tests, which drive
@@ -28,9 +27,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         .current_dir(&ws)
         .env("DETECTOR_BIN", &bin)
         .env("DETECTOR_TEST_ROOTFS", &rootfs)
-        .env("DETECTOR_TEST_SWITCH_PYTHON", &switch.python)
-        .env("DETECTOR_TEST_STRIPPED_SWITCH_PYTHON", &switch.stripped)
-        .env("DETECTOR_TEST_PY315", &py315)
+        .env("DETECTOR_TEST_BUILDS", &builds)
         .env("DETECTOR_TEST_AGENT", &test_agent)
         .env("DETECTOR_TEST_VERSIONS", &versions);
     if let Some(f) = filter {

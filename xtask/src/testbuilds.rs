@@ -1,77 +1,136 @@
 //! Interpreter builds no distribution ships, compiled from CPython's source
 //! (Debian's copies of the upstream tarballs, checked against their SHA-256)
 //! on first use and cached in the xtask cache, a directory per version and
-//! flags, so every clone on a machine reuses them:
-//! - a 3.13 built `--without-computed-gotos`, whose handlers are reached
-//!   through a `switch`, and a stripped copy of it;
-//! - a 3.15 built as upstream configures it, with DWARF (Debian's own 3.15
-//!   binary is stripped), the build the built-in tables are checked against.
+//! flags, so every clone on a machine reuses them. The tests find them in a
+//! manifest (`DETECTOR_TEST_BUILDS`): one line per build, its name, minor
+//! version, interpreter and stripped copy (if any).
 
 use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{Context, Result};
 
-use crate::{cache_dir, sh};
+use crate::{apt, cache_dir, sh};
 
-/// One build: a tarball and the flags it is configured with.
+/// One build: a tarball, the compiler and the flags it is configured with.
 struct Build {
+    /// The name the tests give it.
+    name: &'static str,
     /// Version, as in the tarball's top directory (`Python-VERSION`).
     version: &'static str,
     /// Debian's copy of the upstream tarball.
     tarball: &'static str,
     /// Its SHA-256: the pool is not a pinned archive.
     sha256: &'static str,
+    /// The C compiler (a Debian package of that name), if not the default.
+    cc: Option<&'static str>,
     /// `./configure` flags beyond the ones every build gets.
     flags: &'static [&'static str],
     /// `make` targets: the interpreter alone, or (empty) it and every
     /// extension module (`ctypes` for the tests that need it).
     targets: &'static [&'static str],
+    /// Whether the tests also get a copy without symbols or DWARF.
+    stripped: bool,
     /// Directory under the cache's `test-builds/`; a new key rebuilds.
     key: &'static str,
 }
 
-const SWITCH: Build = Build {
-    version: "3.13.5",
-    tarball: "http://deb.debian.org/debian/pool/main/p/python3.13/python3.13_3.13.5.orig.tar.xz",
-    sha256: "93e583f243454e6e9e4588ca2c2662206ad961659863277afcdb96801647d640",
-    flags: &["--without-computed-gotos"],
-    targets: &["python"],
-    key: "3.13.5-switch",
-};
+const PY313: (&str, &str, &str) = (
+    "3.13.5",
+    "http://deb.debian.org/debian/pool/main/p/python3.13/python3.13_3.13.5.orig.tar.xz",
+    "93e583f243454e6e9e4588ca2c2662206ad961659863277afcdb96801647d640",
+);
+const PY314: (&str, &str, &str) = (
+    "3.14.7",
+    "http://deb.debian.org/debian/pool/main/p/python3.14/python3.14_3.14.7.orig.tar.xz",
+    "3b48dac8fb59f62eaa67ac83c1eb12bda1b7a08406dd286e252c11a66be27f81",
+);
+const PY315: (&str, &str, &str) = (
+    "3.15.0rc2",
+    "http://deb.debian.org/debian/pool/main/p/python3.15/python3.15_3.15.0~rc2.orig.tar.xz",
+    "8d93af5eaaaea5adfd41bd786a7ba3f03f2ad1ab57c6a65e0b963deab91d5ad7",
+);
 
-const PY315: Build = Build {
-    version: "3.15.0rc2",
-    tarball: "http://deb.debian.org/debian/pool/main/p/python3.15/python3.15_3.15.0~rc2.orig.tar.xz",
-    sha256: "8d93af5eaaaea5adfd41bd786a7ba3f03f2ad1ab57c6a65e0b963deab91d5ad7",
-    flags: &[],
-    targets: &[],
-    key: "3.15.0rc2",
-};
+/// The tail-calling interpreter: handlers are functions, and a build
+/// needs clang 19 or later.
+const TAIL_CALL: &[&str] = &["--with-tail-call-interp"];
 
-/// Paths of the switch-dispatch interpreter (with DWARF) and its stripped copy.
-pub struct SwitchBuild {
-    /// Runnable from its build tree, with DWARF.
-    pub python: PathBuf,
-    /// The same binary without symbols or DWARF.
-    pub stripped: PathBuf,
+const BUILDS: &[Build] = &[
+    // Handlers reached through a `switch`: analysed from DWARF labels,
+    // refused stripped.
+    Build {
+        name: "switch-3.13",
+        version: PY313.0,
+        tarball: PY313.1,
+        sha256: PY313.2,
+        cc: None,
+        flags: &["--without-computed-gotos"],
+        targets: &["python"],
+        stripped: true,
+        key: "3.13.5-switch",
+    },
+    // As upstream configures it, with DWARF (Debian's 3.15 is stripped):
+    // the build the built-in tables are checked against.
+    Build {
+        name: "build-3.15",
+        version: PY315.0,
+        tarball: PY315.1,
+        sha256: PY315.2,
+        cc: None,
+        flags: &[],
+        targets: &[],
+        stripped: false,
+        key: "3.15.0rc2",
+    },
+    Build {
+        name: "tailcall-3.14",
+        version: PY314.0,
+        tarball: PY314.1,
+        sha256: PY314.2,
+        cc: Some("clang-19"),
+        flags: TAIL_CALL,
+        targets: &[],
+        stripped: true,
+        key: "3.14.7-tailcall-clang19",
+    },
+    Build {
+        name: "tailcall-3.15",
+        version: PY315.0,
+        tarball: PY315.1,
+        sha256: PY315.2,
+        cc: Some("clang-19"),
+        flags: TAIL_CALL,
+        targets: &[],
+        stripped: true,
+        key: "3.15.0rc2-tailcall-clang19",
+    },
+];
+
+/// Builds every interpreter the tests need that is missing (a minute or
+/// two each, once); returns the tests' manifest of them.
+pub fn ensure_all() -> Result<String> {
+    let mut manifest = String::new();
+    for b in BUILDS {
+        let python = build(b)?;
+        let stripped = if b.stripped { stripped_copy(b, &python)?.display().to_string() } else { String::new() };
+        let minor = b.version.split('.').nth(1).context("version")?;
+        manifest.push_str(&format!("{}\t{minor}\t{}\t{stripped}\n", b.name, python.display()));
+    }
+    Ok(manifest)
 }
 
-/// Builds (once, about a minute) CPython without computed gotos.
-pub fn switch_build() -> Result<SwitchBuild> {
-    let python = build(&SWITCH)?;
-    let stripped = cache_dir().join("test-builds").join(SWITCH.key).join("python-stripped");
-    if !stripped.exists() {
+/// A copy of `python` without symbols or DWARF, beside it in its build tree
+/// (where it finds its standard library).
+fn stripped_copy(b: &Build, python: &std::path::Path) -> Result<PathBuf> {
+    let stripped = python.with_file_name("python-stripped");
+    let stamp = python.with_file_name(".detector-stripped");
+    if !stamp.exists() {
         let partial = stripped.with_extension("partial");
-        fs::copy(&python, &partial).context("copying the switch build")?;
+        fs::copy(python, &partial).with_context(|| format!("copying {}", b.name))?;
         sh(Command::new("strip").arg(&partial))?;
         fs::rename(&partial, &stripped)?;
+        fs::write(&stamp, "")?;
     }
-    Ok(SwitchBuild { python, stripped })
-}
-
-/// Builds (once, about two minutes) CPython 3.15 with DWARF; its interpreter.
-pub fn py315_build() -> Result<PathBuf> {
-    build(&PY315)
+    Ok(stripped)
 }
 
 /// The interpreter of `b`, runnable from its build tree, built if missing.
@@ -83,28 +142,43 @@ fn build(b: &Build) -> Result<PathBuf> {
     if python.exists() && stamp.exists() {
         return Ok(python);
     }
-    fs::create_dir_all(&base)?;
-    let tarball = base.join(format!("Python-{}.tar.xz", b.version));
-    if !tarball.exists() {
-        eprintln!("xtask: downloading CPython {} source", b.version);
-        let partial = tarball.with_extension("partial");
-        sh(Command::new("curl").args(["-fsSL", "-o"]).arg(&partial).arg(b.tarball))?;
-        let sum = Command::new("sha256sum").arg(&partial).output().context("sha256sum")?;
-        let sum = String::from_utf8_lossy(&sum.stdout);
-        if sum.split_whitespace().next() != Some(b.sha256) {
-            fs::remove_file(&partial)?;
-            anyhow::bail!("{} has SHA-256 {sum}, expected {}", b.tarball, b.sha256);
-        }
-        fs::rename(&partial, &tarball)?;
+    if let Some(cc) = b.cc {
+        apt::ensure(cc, cc)?;
     }
+    fs::create_dir_all(&base)?;
+    let tarball = download(b, &base)?;
     if src.exists() {
         fs::remove_dir_all(&src)?;
     }
     sh(Command::new("tar").arg("xf").arg(&tarball).current_dir(&base))?;
-    eprintln!("xtask: building CPython {} {} (once, a minute or two)", b.version, b.flags.join(" "));
-    sh(Command::new("./configure").args(b.flags).args(["--disable-test-modules", "--quiet"]).current_dir(&src))?;
+    eprintln!("xtask: building {} (CPython {} {}, once, a minute or two)", b.name, b.version, b.flags.join(" "));
+    let mut configure = Command::new("./configure");
+    configure.args(b.flags).args(["--disable-test-modules", "--quiet"]).current_dir(&src);
+    if let Some(cc) = b.cc {
+        configure.env("CC", cc);
+    }
+    sh(&mut configure)?;
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get()).to_string();
     sh(Command::new("make").args(["-j", &jobs, "--quiet"]).args(b.targets).current_dir(&src))?;
     fs::write(&stamp, b.flags.join(" "))?;
     Ok(python)
+}
+
+/// `b`'s tarball in `base`, downloaded and checked if missing.
+fn download(b: &Build, base: &std::path::Path) -> Result<PathBuf> {
+    let tarball = base.join(format!("Python-{}.tar.xz", b.version));
+    if tarball.exists() {
+        return Ok(tarball);
+    }
+    eprintln!("xtask: downloading CPython {} source", b.version);
+    let partial = tarball.with_extension("partial");
+    sh(Command::new("curl").args(["-fsSL", "-o"]).arg(&partial).arg(b.tarball))?;
+    let sum = Command::new("sha256sum").arg(&partial).output().context("sha256sum")?;
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    if sum.split_whitespace().next() != Some(b.sha256) {
+        fs::remove_file(&partial)?;
+        anyhow::bail!("{} has SHA-256 {sum}, expected {}", b.tarball, b.sha256);
+    }
+    fs::rename(&partial, &tarball)?;
+    Ok(tarball)
 }

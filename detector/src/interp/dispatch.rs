@@ -65,8 +65,16 @@ pub enum Follow {
 
 /// Finds the dispatch loads in `[eval, eval + size)` and after each handler
 /// start outside it, less the re-dispatches of the handlers at `redispatchers`
-/// (see the module). `None` if there are none or implausibly many.
-pub fn find(elf: &ElfImage, eval: u64, size: u64, handlers: &[u64], redispatchers: &[u64]) -> Option<DispatchReads> {
+/// (see the module); with the dispatch `table`, also those of the functions
+/// the evaluation function calls that use it. `None` if there are none or
+/// implausibly many.
+pub fn find(
+    elf: &ElfImage,
+    eval: u64,
+    size: u64,
+    (handlers, table): (&[u64], Option<u64>),
+    redispatchers: &[u64],
+) -> Option<DispatchReads> {
     let mut regions = vec![(eval, size.min(MAX_EVAL_BYTES))];
     let end = eval.saturating_add(size);
     let mut outside: Vec<u64> = handlers.iter().copied().filter(|&h| h < eval || h >= end).collect();
@@ -97,6 +105,12 @@ pub fn find(elf: &ElfImage, eval: u64, size: u64, handlers: &[u64], redispatcher
     // Debian's 3.15, whose symbol covers only the entry: it is the first
     // dispatch the entry reaches.
     ends.extend(first_dispatches(|a| decode_at(elf, a), eval, Follow::FallThrough).0);
+    // Only where every handler lies outside the function: a whole
+    // evaluation loop makes hundreds of calls, none into a dispatcher.
+    let apart = !handlers.is_empty() && handlers.iter().all(|&h| h < eval || h >= end);
+    if let Some(table) = table.filter(|_| apart) {
+        ends.extend(called_dispatches(elf, eval, size, table));
+    }
     ends.sort_unstable();
     ends.dedup();
     let redispatch: Vec<u64> = redispatchers.iter().flat_map(|&h| handler_dispatches(elf, h)).collect();
@@ -119,6 +133,24 @@ fn first_dispatches(
     follow: Follow,
 ) -> (Vec<u64>, bool) {
     let mut found = Vec::new();
+    let cut = walk_paths(decode, start, |ins| {
+        let dispatch = opcode_load(ins).is_some_and(|dest| feeds_indirect_jump(decode, ins.next_ip(), dest, follow));
+        if dispatch {
+            found.push(ins.next_ip());
+        }
+        dispatch
+    });
+    (found, cut)
+}
+
+/// Visits the instructions reached from `start` along every branch (but
+/// through no indirect jump, call target or return), nearest first, until
+/// `stop` says a path ends at one; returns whether [`MAX_WALK`] cut it short.
+fn walk_paths(
+    decode: impl Fn(u64) -> Option<Instruction>,
+    start: u64,
+    mut stop: impl FnMut(&Instruction) -> bool,
+) -> bool {
     let mut seen = std::collections::HashSet::new();
     let mut todo = std::collections::VecDeque::from([start]);
     while let Some(ip) = todo.pop_front() {
@@ -126,13 +158,10 @@ fn first_dispatches(
             continue;
         }
         if seen.len() > MAX_WALK {
-            return (found, true);
+            return true;
         }
         let Some(ins) = decode(ip) else { continue };
-        if let Some(dest) = opcode_load(&ins)
-            && feeds_indirect_jump(decode, ins.next_ip(), dest, follow)
-        {
-            found.push(ins.next_ip());
+        if stop(&ins) {
             continue;
         }
         match ins.flow_control() {
@@ -147,7 +176,60 @@ fn first_dispatches(
             _ => {}
         }
     }
-    (found, false)
+    false
+}
+
+/// The most of the evaluation function decoded for the calls it makes.
+const MAX_CALLER_BYTES: u64 = 64 << 10;
+
+/// Instructions before a call looked at for the table passed to it.
+const ARGUMENT_WINDOW: usize = 8;
+
+/// The first dispatches of the functions the evaluation function calls
+/// with the dispatch `table`: using it themselves (3.14), or given it as an
+/// argument (3.15 loads it just before the call). A tail-calling interpreter
+/// (clang builds of 3.14+) makes every handler a function, and enters a new
+/// frame's first one from a function the evaluation function calls
+/// (`start_frame`), not from the table. A helper it calls without the table
+/// (one that instruments bytecode, say) is not a dispatcher, whatever its
+/// loads.
+fn called_dispatches(elf: &ElfImage, eval: u64, size: u64, table: u64) -> Vec<u64> {
+    let len = size.min(MAX_CALLER_BYTES) as usize;
+    let Some(bytes) = elf.bytes_at(eval, len) else { return Vec::new() };
+    let decode = |a| decode_at(elf, a);
+    let uses_table = |f: u64| {
+        let mut uses = false;
+        walk_paths(decode, f, |ins| {
+            uses |= refers_to(ins, table);
+            uses
+        });
+        uses
+    };
+    let code: Vec<Instruction> = Decoder::with_ip(64, bytes, eval, DecoderOptions::NONE).into_iter().collect();
+    let mut callees: Vec<u64> = code
+        .iter()
+        .enumerate()
+        .filter(|(_, ins)| ins.flow_control() == FlowControl::Call && ins.op0_kind() == OpKind::NearBranch64)
+        .filter(|(i, ins)| {
+            let given = code[i.saturating_sub(ARGUMENT_WINDOW)..*i].iter().any(|a| refers_to(a, table));
+            given || uses_table(ins.near_branch_target())
+        })
+        .map(|(_, ins)| ins.near_branch_target())
+        .collect();
+    callees.sort_unstable();
+    callees.dedup();
+    callees.into_iter().flat_map(|f| first_dispatches(decode, f, Follow::FallThrough).0).collect()
+}
+
+/// Whether `ins` addresses memory at `addr` (RIP-relative, or absolute as
+/// a non-PIE table index).
+fn refers_to(ins: &Instruction, addr: u64) -> bool {
+    (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory)
+        && if ins.is_ip_rel_memory_operand() {
+            ins.ip_rel_memory_address() == addr
+        } else {
+            ins.memory_displacement64() == addr
+        }
 }
 
 /// The ends of the dispatch loads a handler reaches from its start.

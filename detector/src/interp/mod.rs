@@ -226,7 +226,7 @@ pub fn analyze(
         // 3.11's tracing handler is the dispatch table's last entry.
         let tracing = if minor == 11 { table_entry(elf, labels, minor, "TARGET_DO_TRACING", 255) } else { None };
         let redispatchers: Vec<u64> = found.iter().map(|(_, a)| *a).chain(tracing).collect();
-        dispatch = dispatch::find(elf, eval.addr, eval.size, &all, &redispatchers);
+        dispatch = dispatch::find(elf, eval.addr, eval.size, (&all, info.table), &redispatchers);
         handlers = Some(info);
     } else {
         // 3.8-3.10 dispatch from the evaluation function alone; a body
@@ -392,12 +392,9 @@ fn resume_handlers(
     let tail_calls: Option<Vec<Handler>> =
         opcodes.iter().map(|&(name, _)| elf.symbol(&format!("_TAIL_CALL_{name}")).map(|s| (name, s.addr))).collect();
     if let Some(found) = tail_calls {
-        // Handlers are functions: their extents are not the gaps between them.
-        return Ok((
-            found,
-            HandlersInfo { source: HandlerSource::TailCallFunctions, table: table.ok().map(|t| t.addr) },
-            Vec::new(),
-        ));
+        // The table's entries are every handler function.
+        let (table, all) = table.map_or((None, Vec::new()), |t| (Some(t.addr), t.entries));
+        return Ok((found, HandlersInfo { source: HandlerSource::TailCallFunctions, table }, all));
     }
     let t = table?;
     let mut found = Vec::new();
