@@ -1,7 +1,9 @@
 //! Interpreter builds no distribution ships, compiled from CPython's source
 //! (Debian's copies of the upstream tarballs, checked against their SHA-256)
 //! on first use and cached in the xtask cache, a directory per version and
-//! flags, so every clone on a machine reuses them. The tests find them in a
+//! flags, so every clone on a machine reuses them: 3.13 without computed
+//! gotos, 3.15 with DWARF, 3.14 and 3.15 with the tail-calling interpreter,
+//! and 3.14 as the official container images build it. The tests find them in a
 //! manifest (`DETECTOR_TEST_BUILDS`): one line per build, its name, minor
 //! version, interpreter and stripped copy (if any).
 
@@ -30,6 +32,11 @@ struct Build {
     targets: &'static [&'static str],
     /// Whether the tests also get a copy without symbols or DWARF.
     stripped: bool,
+    /// Whether it is installed (under its directory, `install/`) the way
+    /// the official container images install theirs: its libpython shared,
+    /// both linked `--strip-all`, the interpreter finding the library by
+    /// its rpath. The tests then run the installed interpreter.
+    installed: bool,
     /// Directory under the cache's `test-builds/`; a new key rebuilds.
     key: &'static str,
 }
@@ -66,6 +73,7 @@ const BUILDS: &[Build] = &[
         flags: &["--without-computed-gotos"],
         targets: &["python"],
         stripped: true,
+        installed: false,
         key: "3.13.5-switch",
     },
     // As upstream configures it, with DWARF (Debian's 3.15 is stripped):
@@ -79,6 +87,7 @@ const BUILDS: &[Build] = &[
         flags: &[],
         targets: &[],
         stripped: false,
+        installed: false,
         key: "3.15.0rc2",
     },
     Build {
@@ -90,6 +99,7 @@ const BUILDS: &[Build] = &[
         flags: TAIL_CALL,
         targets: &[],
         stripped: true,
+        installed: false,
         key: "3.14.7-tailcall-clang19",
     },
     Build {
@@ -101,7 +111,23 @@ const BUILDS: &[Build] = &[
         flags: TAIL_CALL,
         targets: &[],
         stripped: true,
+        installed: false,
         key: "3.15.0rc2-tailcall-clang19",
+    },
+    // As the official container images build it (less PGO, which would run
+    // the test suite for a quarter of an hour): `-O3` (CPython's default),
+    // link-time optimisation, a shared libpython, stripped.
+    Build {
+        name: "lto-shared-3.14",
+        version: PY314.0,
+        tarball: PY314.1,
+        sha256: PY314.2,
+        cc: None,
+        flags: &["--enable-shared", "--with-lto", "--without-ensurepip"],
+        targets: &[],
+        stripped: false,
+        installed: true,
+        key: "3.14.7-shared-lto",
     },
 ];
 
@@ -137,7 +163,13 @@ fn stripped_copy(b: &Build, python: &std::path::Path) -> Result<PathBuf> {
 fn build(b: &Build) -> Result<PathBuf> {
     let base = cache_dir().join("test-builds").join(b.key);
     let src = base.join(format!("Python-{}", b.version));
-    let python = src.join("python");
+    let prefix = base.join("install");
+    let python = if b.installed {
+        let minor = b.version.split('.').take(2).collect::<Vec<_>>().join(".");
+        prefix.join("bin").join(format!("python{minor}"))
+    } else {
+        src.join("python")
+    };
     let stamp = src.join(".detector-build-complete");
     if python.exists() && stamp.exists() {
         return Ok(python);
@@ -151,15 +183,25 @@ fn build(b: &Build) -> Result<PathBuf> {
         fs::remove_dir_all(&src)?;
     }
     sh(Command::new("tar").arg("xf").arg(&tarball).current_dir(&base))?;
-    eprintln!("xtask: building {} (CPython {} {}, once, a minute or two)", b.name, b.version, b.flags.join(" "));
+    eprintln!("xtask: building {} (CPython {} {}, once, a few minutes)", b.name, b.version, b.flags.join(" "));
     let mut configure = Command::new("./configure");
     configure.args(b.flags).args(["--disable-test-modules", "--quiet"]).current_dir(&src);
     if let Some(cc) = b.cc {
         configure.env("CC", cc);
     }
+    if b.installed {
+        configure.arg(format!("--prefix={}", prefix.display()));
+        configure.env("LDFLAGS", format!("-Wl,--strip-all -Wl,-rpath={}", prefix.join("lib").display()));
+    }
     sh(&mut configure)?;
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get()).to_string();
     sh(Command::new("make").args(["-j", &jobs, "--quiet"]).args(b.targets).current_dir(&src))?;
+    if b.installed {
+        if prefix.exists() {
+            fs::remove_dir_all(&prefix)?;
+        }
+        sh(Command::new("make").args(["install", "--quiet"]).current_dir(&src))?;
+    }
     fs::write(&stamp, b.flags.join(" "))?;
     Ok(python)
 }

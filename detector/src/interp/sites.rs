@@ -20,6 +20,8 @@ use detector_common::{CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINST
 
 /// Instructions decoded from a handler before giving up on finding a branch.
 const MAX_STRAIGHT_LINE: usize = 64;
+/// Unconditional jumps a RESUME handler's code is followed through.
+const MAX_JUMPS_FOLLOWED: usize = 2;
 /// Handlers a real dispatch table has at the very least.
 const MIN_DISTINCT_HANDLERS: usize = 64;
 /// Opcodes that may share a handler with another one (aliases such as
@@ -300,6 +302,7 @@ pub fn resume_site(elf: &ElfImage, name: &str, handler: u64, ctx: &ResumeContext
     let mut stored_instr = false;
     let mut flag_setter: Option<Instruction> = None;
     let mut block = Vec::new();
+    let mut jumps = 0;
     for _ in 0..MAX_STRAIGHT_LINE {
         let insn = dec.decode();
         if insn.is_invalid() {
@@ -314,6 +317,16 @@ pub fn resume_site(elf: &ElfImage, name: &str, handler: u64, ctx: &ResumeContext
                     flag_setter = Some(insn);
                 }
                 block.push(insn);
+            }
+            // The handler's body lies elsewhere (GCC's link-time
+            // optimisation puts RESUME's after RESUME_CHECK, whose
+            // de-optimisation jumps into it): the site must be there, where
+            // both pass.
+            FlowControl::UnconditionalBranch
+                if stored_instr && insn.op0_kind() == OpKind::NearBranch64 && jumps < MAX_JUMPS_FOLLOWED =>
+            {
+                jumps += 1;
+                dec = decoder(elf, insn.near_branch_target())?;
             }
             FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch | FlowControl::Call
                 if emulated(&insn) =>
