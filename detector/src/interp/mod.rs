@@ -441,14 +441,20 @@ fn resume_sites(
         frame_instr: o.frame_instr,
         code_instr_version: o.code_instr_version,
     };
-    let mut out: Vec<Site> = Vec::new();
-    for &(name, handler) in handlers {
-        if out.iter().any(|s| s.handler_addr == handler) {
-            continue;
+    let sites = |uncounted: &[u64]| -> Result<Vec<Site>, AnalysisError> {
+        let mut out: Vec<Site> = Vec::new();
+        for &(name, handler) in handlers {
+            if !out.iter().any(|s| s.handler_addr == handler) {
+                out.push(sites::resume_site(elf, (name, handler), &ctx, uncounted)?);
+            }
         }
-        out.push(sites::resume_site(elf, name, handler, &ctx)?);
-    }
-    Ok(out)
+        Ok(out)
+    };
+    // A handler that jumps to where another's uncounted pass goes on has
+    // its site there, or that pass would start a body uncounted.
+    let first = sites(&[])?;
+    let uncounted: Vec<u64> = first.iter().filter_map(|s| sites::uncounted_edge(elf, s)).collect();
+    if uncounted.is_empty() { Ok(first) } else { sites(&uncounted) }
 }
 
 /// `code_dealloc`, found through `PyCode_Type.tp_dealloc` (both the type and

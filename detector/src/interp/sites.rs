@@ -296,7 +296,12 @@ pub struct ResumeContext {
 /// The site of the RESUME-family handler `name` at `handler`: its first
 /// relative branch, which must come after the handler stored the frame's
 /// instruction pointer (the eBPF program reads the oparg through it).
-pub fn resume_site(elf: &ElfImage, name: &str, handler: u64, ctx: &ResumeContext) -> Result<Site, AnalysisError> {
+pub fn resume_site(
+    elf: &ElfImage,
+    (name, handler): (&str, u64),
+    ctx: &ResumeContext,
+    uncounted: &[u64],
+) -> Result<Site, AnalysisError> {
     let refuse = |why: String| AnalysisError::Unsupported(format!("{name} handler at {handler:#x}: {why}"));
     let mut dec = decoder(elf, handler)?;
     let mut stored_instr = false;
@@ -318,12 +323,15 @@ pub fn resume_site(elf: &ElfImage, name: &str, handler: u64, ctx: &ResumeContext
                 }
                 block.push(insn);
             }
-            // The handler's body lies elsewhere (GCC's link-time
-            // optimisation puts RESUME's after RESUME_CHECK, whose
-            // de-optimisation jumps into it): the site must be there, where
-            // both pass.
+            // The handler's body lies where another handler's uncounted
+            // pass continues (GCC's link-time optimisation puts RESUME's
+            // after RESUME_CHECK, whose de-optimisation jumps into it): the
+            // site must be there, where both pass.
             FlowControl::UnconditionalBranch
-                if stored_instr && insn.op0_kind() == OpKind::NearBranch64 && jumps < MAX_JUMPS_FOLLOWED =>
+                if stored_instr
+                    && insn.op0_kind() == OpKind::NearBranch64
+                    && uncounted.contains(&insn.near_branch_target())
+                    && jumps < MAX_JUMPS_FOLLOWED =>
             {
                 jumps += 1;
                 dec = decoder(elf, insn.near_branch_target())?;
@@ -365,6 +373,16 @@ pub fn resume_site(elf: &ElfImage, name: &str, handler: u64, ctx: &ResumeContext
         }
     }
     Err(refuse(format!("no relative branch in its first {MAX_STRAIGHT_LINE} instructions")))
+}
+
+/// Where a pass that `site` does not count goes on (a de-optimisation, say),
+/// if its branch decides that from the flags.
+pub fn uncounted_edge(elf: &ElfImage, site: &Site) -> Option<u64> {
+    if site.check != CHECK_BRANCH {
+        return None;
+    }
+    let insn = decoder(elf, site.addr).ok()?.decode();
+    Some(if site.count_when == 1 { insn.next_ip() } else { insn.near_branch_target() })
 }
 
 /// How a RESUME site tells a real start from a pass the handler undoes.
