@@ -32,8 +32,9 @@ pub struct Layout {
     pub frame_arg: u8,
     /// 3.8-3.10: argument register index of `throwflag`.
     pub throwflag_arg: u8,
-    /// Reserved, zero.
-    pub _pad: u8,
+    /// How far up `PyASCIIObject.state`'s bits sit: 6 in free-threaded
+    /// builds, whose `interned` is a whole byte rather than two bits.
+    pub unicode_state_shift: u8,
     /// `LAYOUT_*` flags.
     pub flags: u16,
     /// Bits of the RESUME oparg that say where it resumes; zero means a start.
@@ -79,6 +80,10 @@ pub struct Layout {
     pub frame_globals: u16,
     /// The calling frame: `previous` (3.11+), `f_back` (3.8-3.10).
     pub frame_previous: u16,
+    /// Free-threaded: which thread's copy of the bytecode the frame runs.
+    pub frame_tlbc_index: u16,
+    /// Free-threaded: `_PyThreadStateImpl.tlbc_index`, the thread's copy.
+    pub tstate_tlbc_index: u16,
 
     /// `co_flags`.
     pub code_flags: u16,
@@ -119,7 +124,7 @@ impl Layout {
         family: 0,
         frame_arg: 0,
         throwflag_arg: 0,
-        _pad: 0,
+        unicode_state_shift: 0,
         flags: 0,
         resume_where_mask: 0,
         tstate_cframe: NO_OFFSET,
@@ -141,6 +146,8 @@ impl Layout {
         frame_lasti: NO_OFFSET,
         frame_globals: NO_OFFSET,
         frame_previous: NO_OFFSET,
+        frame_tlbc_index: NO_OFFSET,
+        tstate_tlbc_index: NO_OFFSET,
         code_flags: NO_OFFSET,
         code_firstlineno: NO_OFFSET,
         code_filename: NO_OFFSET,
@@ -164,7 +171,7 @@ impl Layout {
     }
 }
 
-/// Bits of `PyASCIIObject.state`.
+/// Bits of `PyASCIIObject.state`, shifted up by [`Layout::unicode_state_shift`].
 pub mod unicode_state {
     /// `compact`: the characters follow the object header.
     pub const COMPACT: u32 = 1 << 5;

@@ -136,8 +136,8 @@ pub fn code(layout: &Layout, tgid: u32, target: u32, code: u64) {
         // ASCII paths only; user space reads any other from the process.
         if let Some(name) = field(code, layout.code_filename)
             && let Some(state) = read::<u32>(name + layout.unicode_state as u64)
-            && state & unicode_state::ASCII != 0
-            && state & unicode_state::COMPACT != 0
+            && (state >> layout.unicode_state_shift) & unicode_state::ASCII != 0
+            && (state >> layout.unicode_state_shift) & unicode_state::COMPACT != 0
         {
             let src = (name + layout.unicode_ascii_data as u64) as *const u8;
             if bpf_probe_read_user_str_bytes(src, &mut (*ev).filename).is_err() {

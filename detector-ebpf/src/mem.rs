@@ -46,7 +46,7 @@ pub fn read_ascii(layout: &Layout, obj: u64, out: &mut [u8; NAME_LEN]) -> bool {
     let Some(state) = read::<u32>(obj + layout.unicode_state as u64) else {
         return false;
     };
-    let want = unicode_state::COMPACT | unicode_state::ASCII;
+    let want = (unicode_state::COMPACT | unicode_state::ASCII) << layout.unicode_state_shift;
     if state & want != want {
         return false;
     }

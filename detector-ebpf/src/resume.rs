@@ -80,7 +80,10 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
             return None; // resuming after yield or await
         }
     }
-    if cookie.check != CHECK_NONE && redispatches(ctx, &cookie, layout, (tgid, tid, pass.instance), code) {
+    let thread = (tgid, tid, pass.instance);
+    if (cookie.check != CHECK_NONE && redispatches(ctx, &cookie, layout, thread, code))
+        || changes_bytecode(layout, frame, thread)
+    {
         bump(stats::REDISPATCH_SKIPS);
         return None;
     }
@@ -106,6 +109,23 @@ fn thread_state(tgid: u32, tid: u32, instance: u32) -> Option<u64> {
 pub fn current_frame(layout: &Layout, tstate: u64) -> Option<u64> {
     let base = if layout.tstate_cframe != NO_OFFSET { field(tstate, layout.tstate_cframe)? } else { tstate };
     field(base, layout.current_frame)
+}
+
+/// Free-threaded builds: whether the frame runs another thread's copy of the
+/// bytecode (a new frame starts on the main copy until this thread has its
+/// own), so the handler moves it to this thread's copy and dispatches the
+/// same instruction again there, which then counts. RESUME_CHECK
+/// de-optimises to RESUME for the same reason.
+#[inline(always)]
+fn changes_bytecode(layout: &Layout, frame: u64, thread: (u32, u32, u32)) -> bool {
+    if layout.frame_tlbc_index == NO_OFFSET || layout.tstate_tlbc_index == NO_OFFSET {
+        return false;
+    }
+    let (tgid, tid, instance) = thread;
+    let Some(tstate) = thread_state(tgid, tid, instance) else { return false };
+    let ours = read::<i32>(tstate + layout.tstate_tlbc_index as u64);
+    let frames = read::<i32>(frame + layout.frame_tlbc_index as u64);
+    matches!((ours, frames), (Some(a), Some(b)) if a != b)
 }
 
 /// Whether the handler will leave without starting the body and dispatch the

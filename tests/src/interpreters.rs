@@ -4,7 +4,8 @@
 //! process "in a container": its binary is only reachable through
 //! `/proc/PID/root`), and the builds xtask makes from the upstream tarballs ([`builds`]): a
 //! 3.13 without computed gotos (handlers reached through a `switch`), a
-//! 3.15 with DWARF, and 3.14 and 3.15 with the tail-calling interpreter.
+//! 3.15 with DWARF, 3.14 and 3.15 with the tail-calling interpreter, an
+//! optimised shared 3.14, and free-threaded 3.14 and 3.15.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,8 @@ pub struct Interpreter {
     pub name: String,
     /// Minor version.
     pub minor: u8,
+    /// Built without the GIL (`--disable-gil`).
+    pub free_threaded: bool,
     /// Command prefix that runs a script: `[python]` or `[chroot, ROOT, python]`.
     pub argv: Vec<String>,
     /// The fixtures directory as this interpreter sees it.
@@ -49,6 +52,8 @@ pub struct Build {
     pub name: String,
     /// Minor version.
     pub minor: u8,
+    /// Built without the GIL (`--disable-gil`).
+    pub free_threaded: bool,
     /// The interpreter, in its build tree, with symbols and DWARF.
     pub python: PathBuf,
     /// A copy of it without either, if the tests want one.
@@ -56,7 +61,8 @@ pub struct Build {
 }
 
 /// The builds xtask made, from its manifest (`DETECTOR_TEST_BUILDS`: a line
-/// per build of name, minor, interpreter and stripped copy, tab-separated);
+/// per build of name, minor (`14t` if free-threaded), interpreter and
+/// stripped copy, tab-separated);
 /// panics naming any that is missing.
 pub fn builds() -> Vec<Build> {
     let manifest = std::env::var("DETECTOR_TEST_BUILDS")
@@ -71,9 +77,11 @@ pub fn builds() -> Vec<Build> {
         .map(|line| {
             let fields: Vec<&str> = line.split('\t').collect();
             let [name, minor, python, stripped] = fields[..] else { panic!("manifest line {line:?}") };
+            let (minor, free_threaded) = minor.strip_suffix('t').map_or((minor, false), |m| (m, true));
             Build {
                 name: name.to_owned(),
                 minor: minor.parse().unwrap_or_else(|_| panic!("manifest line {line:?}")),
+                free_threaded,
                 python: path(python),
                 stripped: (!stripped.is_empty()).then(|| path(stripped)),
             }
@@ -90,6 +98,7 @@ pub fn interpreters() -> Vec<Interpreter> {
         out.push(Interpreter {
             name: format!("pyenv-{version}"),
             minor,
+            free_threaded: false,
             argv: vec![python.display().to_string()],
             fixtures: fixtures.clone(),
             rootfs: None,
@@ -100,6 +109,7 @@ pub fn interpreters() -> Vec<Interpreter> {
     out.push(Interpreter {
         name: "debian-3.11".into(),
         minor: 11,
+        free_threaded: false,
         argv: vec![debian.display().to_string()],
         fixtures: fixtures.clone(),
         rootfs: None,
@@ -113,6 +123,7 @@ pub fn interpreters() -> Vec<Interpreter> {
         out.push(Interpreter {
             name: b.name,
             minor: b.minor,
+            free_threaded: b.free_threaded,
             argv: vec![b.python.display().to_string()],
             fixtures: fixtures.clone(),
             rootfs: None,
@@ -125,6 +136,7 @@ pub fn interpreters() -> Vec<Interpreter> {
         out.push(Interpreter {
             name: format!("sid-3.{minor}{suffix}-chroot"),
             minor,
+            free_threaded: false,
             argv: vec!["chroot".into(), root.display().to_string(), python],
             fixtures: PathBuf::from("/opt/detector-fixtures"),
             rootfs: Some(root.clone()),
@@ -183,6 +195,7 @@ pub fn dist_venv(name: &str) -> Interpreter {
     Interpreter {
         name: format!("venv-{name}"),
         minor: 12,
+        free_threaded: false,
         argv: vec![python.display().to_string()],
         fixtures: crate::fixtures_dir(),
         rootfs: None,

@@ -69,11 +69,28 @@ pub fn for_each_interpreter(check: impl Fn(&Interpreter) + Sync) {
     for_each_interpreter_at_most(usize::MAX, check)
 }
 
+/// As [`for_each_interpreter`], on those where hardware watchpoints apply:
+/// not the free-threaded builds, whose threads each run their own copy of a
+/// function's bytecode, and which are probed per call instead (the watch
+/// tests' exact counts assert that fallback and its reason).
+pub fn for_each_watchable_interpreter(check: impl Fn(&Interpreter) + Sync) {
+    for_each_interpreter(|i| {
+        if !i.free_threaded {
+            check(i)
+        }
+    })
+}
+
 /// As [`for_each_interpreter`], `n` interpreters at a time: for checks
 /// whose workload keeps a CPU busy and whose assertions depend on its pace
 /// (all at once, on 2 cores, each would run at a fraction of its speed).
+///
+/// `DETECTOR_TEST_INTERPRETERS` (name prefixes, comma-separated) narrows
+/// the interpreters while developing, e.g. `ft-,pyenv-3.13`.
 pub fn for_each_interpreter_at_most(n: usize, check: impl Fn(&Interpreter) + Sync) {
-    let all = interpreters();
+    let only = std::env::var("DETECTOR_TEST_INTERPRETERS").unwrap_or_default();
+    let wanted = |i: &Interpreter| only.is_empty() || only.split(',').any(|p| i.name.starts_with(p));
+    let all: Vec<Interpreter> = interpreters().into_iter().filter(wanted).collect();
     let mut failures = Vec::new();
     for group in all.chunks(n) {
         failures.extend(run_in_parallel(group, &check));

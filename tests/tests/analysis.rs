@@ -38,7 +38,12 @@ fn every_interpreter_is_analysed() {
         let version = a["version"].as_str().unwrap();
         assert!(version.starts_with(&format!("3.{}.", i.minor)), "{version}");
         let debug = i.name.ends_with("d-chroot");
-        assert_eq!(a["flavour"], if debug { "debug" } else { "release" }, "{}", i.name);
+        let flavour = match (debug, i.free_threaded) {
+            (true, _) => "debug",
+            (_, true) => "free-threaded",
+            _ => "release",
+        };
+        assert_eq!(a["flavour"], flavour, "{}", i.name);
         let mut expected = vec!["_PyEval_EvalFrameDefault"];
         expected.extend(match i.minor {
             8..=10 => vec!["PyFunction_NewWithQualName", "code_dealloc", "PyEval_EvalCode"],
@@ -66,7 +71,7 @@ fn every_interpreter_is_analysed() {
         let handlers = &a["handlers"]["source"];
         match i.name.as_str() {
             // Symbols and DWARF in the library (or the switch build's binary).
-            n if n.starts_with("pyenv") || n == "switch-3.13" || n == "build-3.15" => {
+            n if n.starts_with("pyenv") || ["switch-3.13", "build-3.15", "ft-3.14", "ft-3.15"].contains(&n) => {
                 assert_eq!(a["debug_info"]["kind"], "embedded");
                 if i.minor >= 11 {
                     assert_eq!(handlers, "dwarf_labels");

@@ -5,7 +5,9 @@
 //! (shared over time under reachability).
 
 use detector::agent::report::TargetStrategy;
-use detector_tests::{Dump, Fixture, Interpreter, attached_report, for_each_interpreter, run_reaching, watching};
+use detector_tests::{
+    Dump, Fixture, Interpreter, attached_report, for_each_watchable_interpreter, run_reaching, watching,
+};
 use serde_json::Value;
 
 /// Waits for `armed` lines naming every one of `targets`; returns them.
@@ -46,7 +48,7 @@ fn attach_before_imports(i: &Interpreter, targets: &[&str]) -> (Fixture, Dump) {
 
 #[test]
 fn targets_imported_later_are_armed_as_their_module_runs_and_counted_exactly() {
-    for_each_interpreter(|i| {
+    for_each_watchable_interpreter(|i| {
         const F: &str = "wl.lazy_mod:f";
         const PROP: &str = "wl.lazy_mod:C.prop";
         const INNER: &str = "wl.lazy_mod:make.<locals>.inner";
@@ -73,7 +75,7 @@ fn targets_imported_later_are_armed_as_their_module_runs_and_counted_exactly() {
 
 #[test]
 fn a_method_and_a_function_made_by_exec_are_found_as_their_code_runs() {
-    for_each_interpreter(|i| {
+    for_each_watchable_interpreter(|i| {
         const M: &str = "wl.lazy_mod:C.m";
         const DYN: &str = "wl.lazy_mod:dyn";
         let (mut fixture, mut d) = attach_before_imports(i, &[M, DYN]);
@@ -89,7 +91,7 @@ fn a_method_and_a_function_made_by_exec_are_found_as_their_code_runs() {
 
 #[test]
 fn a_catalog_whose_modules_are_never_imported_costs_nothing() {
-    for_each_interpreter(|i| {
+    for_each_watchable_interpreter(|i| {
         let mut targets: Vec<String> = (0..50).map(|n| format!("wl.absent{n}:Handler.f{n}")).collect();
         targets.extend(["plistlib:loads", "tarfile:TarFile.extractall", "mailbox:Maildir.add"].map(String::from));
         let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
@@ -117,7 +119,7 @@ fn a_catalog_whose_modules_are_never_imported_costs_nothing() {
 
 #[test]
 fn eight_hot_targets_share_the_debug_registers_and_are_all_reported() {
-    for_each_interpreter(|i| {
+    for_each_watchable_interpreter(|i| {
         let targets: Vec<String> = (0..8).map(|n| format!("wl.hot8:h{n}")).collect();
         let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
         let mut fixture = Fixture::start(i, "hot8");
@@ -142,7 +144,7 @@ fn eight_hot_targets_share_the_debug_registers_and_are_all_reported() {
 
 #[test]
 fn one_off_calls_of_more_targets_than_registers_are_all_reported() {
-    for_each_interpreter(|i| {
+    for_each_watchable_interpreter(|i| {
         let called: Vec<String> = (0..12).map(|n| format!("wl.once:o{n}")).collect();
         let mut targets: Vec<&str> = called.iter().map(String::as_str).collect();
         targets.extend(["wl.once:d0", "wl.once:d1"]);

@@ -95,6 +95,13 @@ fn four_threads_at_once() {
         let tids: std::collections::BTreeSet<u64> =
             s.hits.iter().filter(|h| h["target"] == "wl.threads:work").map(|h| h["tid"].as_u64().unwrap()).collect();
         assert_eq!(tids.len(), 4, "hits from 4 distinct threads");
+        if i.free_threaded {
+            // No GIL: they run at once, and each thread's first call of each
+            // target starts on the main copy of its bytecode and is moved to
+            // the thread's own (RESUME_CHECK, then RESUME, pass uncounted).
+            let skips = s.stats["redispatch_skips"].as_u64().unwrap();
+            assert!(skips >= 8, "{}: {skips} passes moved to a thread's copy", i.name);
+        }
     });
 }
 

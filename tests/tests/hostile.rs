@@ -359,6 +359,7 @@ fn a_debug_link_to_a_fifo_or_a_device_is_not_followed() {
         let interp = detector_tests::Interpreter {
             name: format!("debian-3.11-debuglink-{what}"),
             minor: 11,
+            free_threaded: false,
             argv: vec![python.display().to_string()],
             fixtures: detector_tests::fixtures_dir(),
             rootfs: None,
@@ -401,6 +402,7 @@ fn a_lookalike_with_a_genuine_build_id_is_analysed_anew() {
     let interp = |path: std::path::PathBuf, name: &str| detector_tests::Interpreter {
         name: name.into(),
         minor: 11,
+        free_threaded: false,
         argv: vec![path.display().to_string()],
         fixtures: detector_tests::fixtures_dir(),
         rootfs: None,

@@ -62,6 +62,7 @@ impl PrivateHome {
         Interpreter {
             name: format!("debian-3.11-uid{UID}"),
             minor: 11,
+            free_threaded: false,
             argv,
             fixtures: self.dir.join("fixtures"),
             rootfs: None,

@@ -3,9 +3,10 @@
 //! on first use and cached in the xtask cache, a directory per version and
 //! flags, so every clone on a machine reuses them: 3.13 without computed
 //! gotos, 3.15 with DWARF, 3.14 and 3.15 with the tail-calling interpreter,
-//! and 3.14 as the official container images build it. The tests find them in a
-//! manifest (`DETECTOR_TEST_BUILDS`): one line per build, its name, minor
-//! version, interpreter and stripped copy (if any).
+//! 3.14 as the official container images build it, and 3.14 and 3.15
+//! free-threaded. The tests find them in a manifest (`DETECTOR_TEST_BUILDS`):
+//! one line per build, its name, minor version (`14t` if free-threaded),
+//! interpreter and stripped copy (if any).
 
 use std::{fs, path::PathBuf, process::Command};
 
@@ -41,6 +42,14 @@ struct Build {
     key: &'static str,
 }
 
+impl Build {
+    /// Free-threaded (`--disable-gil`): the manifest writes its minor as
+    /// CPython names the build, `14t`.
+    fn free_threaded(&self) -> bool {
+        self.flags.contains(&FREE_THREADED[0])
+    }
+}
+
 const PY313: (&str, &str, &str) = (
     "3.13.5",
     "http://deb.debian.org/debian/pool/main/p/python3.13/python3.13_3.13.5.orig.tar.xz",
@@ -60,6 +69,9 @@ const PY315: (&str, &str, &str) = (
 /// The tail-calling interpreter: handlers are functions, and a build
 /// needs clang 19 or later.
 const TAIL_CALL: &[&str] = &["--with-tail-call-interp"];
+
+/// No GIL: 32-byte object headers, a copy of the bytecode per thread.
+const FREE_THREADED: &[&str] = &["--disable-gil"];
 
 const BUILDS: &[Build] = &[
     // Handlers reached through a `switch`: analysed from DWARF labels,
@@ -129,6 +141,30 @@ const BUILDS: &[Build] = &[
         installed: true,
         key: "3.14.7-shared-lto",
     },
+    Build {
+        name: "ft-3.14",
+        version: PY314.0,
+        tarball: PY314.1,
+        sha256: PY314.2,
+        cc: None,
+        flags: FREE_THREADED,
+        targets: &[],
+        stripped: false,
+        installed: false,
+        key: "3.14.7-freethreaded",
+    },
+    Build {
+        name: "ft-3.15",
+        version: PY315.0,
+        tarball: PY315.1,
+        sha256: PY315.2,
+        cc: None,
+        flags: FREE_THREADED,
+        targets: &[],
+        stripped: false,
+        installed: false,
+        key: "3.15.0rc2-freethreaded",
+    },
 ];
 
 /// Builds every interpreter the tests need that is missing (a minute or
@@ -139,6 +175,7 @@ pub fn ensure_all() -> Result<String> {
         let python = build(b)?;
         let stripped = if b.stripped { stripped_copy(b, &python)?.display().to_string() } else { String::new() };
         let minor = b.version.split('.').nth(1).context("version")?;
+        let minor = if b.free_threaded() { format!("{minor}t") } else { minor.to_owned() };
         manifest.push_str(&format!("{}\t{minor}\t{}\t{stripped}\n", b.name, python.display()));
     }
     Ok(manifest)

@@ -175,7 +175,7 @@ fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, k: K, v: 
 fn read_code_info(p: &PythonProcess, code: u64) -> Result<CodeInfo, ProcessError> {
     let mem = ProcessMemory::open(p.pid)?;
     let o = &p.analysis.table.values;
-    let objs = Objects::new(&mem, o, p.analysis.version.minor);
+    let objs = Objects::of(p, &mem);
     let filename = objs.str(mem.ptr(code, o.code_filename)?).ok();
     let lineno = mem.u32(code + o.code_firstlineno as u64).ok();
     Ok(CodeInfo { filename, lineno })

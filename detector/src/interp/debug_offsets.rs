@@ -11,6 +11,8 @@
 //! laid out otherwise than its minor's transcription fails that check and is
 //! refused rather than misread.
 
+use detector_common::NO_OFFSET;
+
 use super::offsets::{Disagreement, OffsetSource, OffsetTable};
 
 /// `_Py_Debug_Cookie`.
@@ -197,12 +199,14 @@ const USED: &[(&str, &str)] = &[
     ("frame_previous", "interpreter_frame.previous"),
     ("frame_code", "interpreter_frame.executable"),
     ("frame_instr", "interpreter_frame.instr_ptr"),
+    ("frame_tlbc_index", "interpreter_frame.tlbc_index"),
     ("code_filename", "code_object.filename"),
     ("code_name", "code_object.name"),
     ("code_qualname", "code_object.qualname"),
     ("code_linetable", "code_object.linetable"),
     ("code_firstlineno", "code_object.firstlineno"),
     ("code_adaptive", "code_object.co_code_adaptive"),
+    ("code_tlbc", "code_object.co_tlbc"),
     ("object_type", "pyobject.ob_type"),
     ("type_name", "type_object.tp_name"),
     ("type_flags", "type_object.tp_flags"),
@@ -277,6 +281,11 @@ pub(crate) fn apply(bytes: &[u8], minor: u8, table: &mut OffsetTable) -> Result<
     }
     let mut disagreements = Vec::new();
     for (field, value) in values {
+        // The built-in table says which fields the build has: a release
+        // build's table gives 0 for the free-threaded `tlbc_index`.
+        if table.values.get(field) == Some(NO_OFFSET) {
+            continue;
+        }
         if let Ok(v) = u16::try_from(value) {
             disagreements.extend(table.apply(field, v, OffsetSource::DebugOffsets));
         }
@@ -297,7 +306,10 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interp::offsets::{Offsets, builtin};
+    use crate::interp::{
+        offsets::{Offsets, builtin},
+        version::Flavour,
+    };
 
     /// A table for `minor` holding `values`, with every group's size 16384.
     fn table_bytes(minor: u8, values: &Offsets) -> Vec<u8> {
@@ -313,7 +325,9 @@ mod tests {
         for &(f, member) in USED {
             let (group, name) = member.split_once('.').unwrap();
             if let Some((pos, _)) = position(groups, group, name) {
-                b[pos..pos + 8].copy_from_slice(&(values.get(f).unwrap() as u64).to_le_bytes());
+                // CPython writes 0 for a member its build lacks.
+                let v = values.get(f).filter(|v| *v != NO_OFFSET).unwrap_or(0);
+                b[pos..pos + 8].copy_from_slice(&(v as u64).to_le_bytes());
             }
         }
         b
@@ -343,8 +357,12 @@ mod tests {
             for &(field, member) in USED {
                 let (group, name) = member.split_once('.').unwrap();
                 let found = position(layout(minor).unwrap(), group, name);
-                let only_315 = matches!(field, "type_basicsize" | "type_dictoffset");
-                assert_eq!(found.is_some(), minor >= 15 || !only_315, "3.{minor} {member}");
+                let since = match field {
+                    "type_basicsize" | "type_dictoffset" => 15,
+                    "frame_tlbc_index" | "code_tlbc" => 14,
+                    _ => 13,
+                };
+                assert_eq!(found.is_some(), minor >= since, "3.{minor} {member}");
                 if let Some((_, size)) = found {
                     assert!(size.is_some(), "3.{minor} {group} has a size");
                 }
@@ -355,7 +373,7 @@ mod tests {
     #[test]
     fn reads_header_and_agrees_with_builtin_tables() {
         for minor in [13, 14, 15] {
-            let builtin = builtin(minor).unwrap();
+            let builtin = builtin(minor, Flavour::Release).unwrap();
             let bytes = table_bytes(minor, &builtin);
             assert_eq!(header(&bytes).unwrap().version >> 16, 0x0300 | minor as u32);
             let mut t = OffsetTable::from(builtin, OffsetSource::Builtin);
@@ -364,7 +382,7 @@ mod tests {
         }
         assert!(header(b"not a cookie at all, no no no").is_none());
         assert_eq!(
-            apply(&[], 16, &mut OffsetTable::from(builtin(15).unwrap(), OffsetSource::Builtin)),
+            apply(&[], 16, &mut OffsetTable::from(builtin(15, Flavour::Release).unwrap(), OffsetSource::Builtin)),
             Err(LayoutError::UnknownMinor(16))
         );
     }
@@ -373,8 +391,8 @@ mod tests {
     fn a_table_laid_out_as_another_minor_is_refused() {
         // 3.14's table read as 3.15's: the thread state grew, so members
         // after it are read from the wrong places.
-        let bytes = table_bytes(14, &builtin(14).unwrap());
-        let mut t = OffsetTable::from(builtin(15).unwrap(), OffsetSource::Builtin);
+        let bytes = table_bytes(14, &builtin(14, Flavour::Release).unwrap());
+        let mut t = OffsetTable::from(builtin(15, Flavour::Release).unwrap(), OffsetSource::Builtin);
         let err = apply(&bytes, 15, &mut t).unwrap_err();
         assert!(matches!(err, LayoutError::Inconsistent { minor: 15, .. }), "{err}");
         assert_eq!(t.sources["code_qualname"], OffsetSource::Builtin, "nothing applied");

@@ -191,7 +191,7 @@ pub fn analyze(
     }
     let debug_offsets = runtime_bytes.filter(|_| header.is_some());
     let (table, disagreements, mut warnings) =
-        offset_table(version, dwarf.as_ref().map(|(info, _)| info), debug_offsets)?;
+        offset_table((version, flavour), dwarf.as_ref().map(|(info, _)| info), debug_offsets)?;
 
     let mut sites = vec![sites::function_entry(elf, "_PyEval_EvalFrameDefault", eval.addr, SiteRole::EvalEntry)?];
     if minor <= 10 {
@@ -201,7 +201,7 @@ pub fn analyze(
         symbols.push(UsedSymbol { name: "PyFunction_NewWithQualName", addr: f.addr, source: f.table });
         sites.push(sites::function_entry(elf, "PyFunction_NewWithQualName", f.addr, SiteRole::FunctionNew)?);
     }
-    sites.push(code_dealloc_site(elf, &mut symbols)?);
+    sites.push(code_dealloc_site(elf, flavour, &mut symbols)?);
     // Exported API, so it survives stripping; without it, targets whose
     // module is imported after the attach are found by the rescan only.
     match elf.symbol("PyEval_EvalCode") {
@@ -241,7 +241,7 @@ pub fn analyze(
     }
     let interp_size = debug_offsets.and_then(|b| debug_offsets::interp_size(b, minor));
     let tier2 = tier2(elf, dwarf.as_ref().map(|(info, _)| info), (minor, interp_size), &mut symbols, &mut warnings);
-    let layout = kernel_layout(minor, &table.values);
+    let layout = kernel_layout(minor, flavour, &table.values);
     let offsets = table
         .sources
         .iter()
@@ -280,9 +280,11 @@ fn refuse_unsupported(version: PyVersion, flavour: Flavour) -> Result<(), Analys
     }
     match flavour {
         Flavour::Release | Flavour::Debug => Ok(()),
-        Flavour::FreeThreaded => {
-            Err(AnalysisError::Unsupported(format!("CPython {version} is a free-threaded build: not supported yet")))
-        }
+        Flavour::FreeThreaded if version.minor >= 14 => Ok(()),
+        // Experimental upstream in 3.13, and not built or tested here.
+        Flavour::FreeThreaded => Err(AnalysisError::Unsupported(format!(
+            "CPython {version} is a free-threaded build: supported from 3.14 on"
+        ))),
     }
 }
 
@@ -291,11 +293,11 @@ fn refuse_unsupported(version: PyVersion, flavour: Flavour) -> Result<(), Analys
 /// `_Py_DebugOffsets` (the start of `_PyRuntime`, 3.13+) the values. Also
 /// the disagreements between sources, and warnings.
 fn offset_table(
-    version: PyVersion,
+    (version, flavour): (PyVersion, Flavour),
     dwarf: Option<&dwarf::DwarfInfo>,
     debug_offsets: Option<&[u8]>,
 ) -> Result<(OffsetTable, Vec<Disagreement>, Vec<String>), AnalysisError> {
-    let builtin = offsets::builtin(version.minor).expect("every supported minor has a table");
+    let builtin = offsets::builtin(version.minor, flavour).expect("every supported minor has a table");
     let mut table = OffsetTable::from(builtin, OffsetSource::Builtin);
     let mut disagreements = Vec::new();
     for (field, value) in dwarf.map(offsets::from_dwarf).unwrap_or_default() {
@@ -459,24 +461,30 @@ fn resume_sites(
 
 /// `code_dealloc`, found through `PyCode_Type.tp_dealloc` (both the type and
 /// its initialiser survive stripping; `code_dealloc` itself is static).
-fn code_dealloc_site(elf: &ElfImage, symbols: &mut Vec<UsedSymbol>) -> Result<Site, AnalysisError> {
-    /// `offsetof(PyTypeObject, tp_dealloc)`, the same in every version.
-    const TP_DEALLOC: u64 = 48;
+fn code_dealloc_site(elf: &ElfImage, flavour: Flavour, symbols: &mut Vec<UsedSymbol>) -> Result<Site, AnalysisError> {
+    // `offsetof(PyTypeObject, tp_dealloc)`: the same in every version, after
+    // a free-threaded build's longer object header.
+    let tp_dealloc: u64 = if flavour == Flavour::FreeThreaded { 64 } else { 48 };
     let ty = elf.symbol("PyCode_Type").ok_or_else(|| AnalysisError::Unsupported("no PyCode_Type symbol".into()))?;
     symbols.push(UsedSymbol { name: "PyCode_Type", addr: ty.addr, source: ty.table });
     let dealloc = elf
-        .pointer_at(ty.addr + TP_DEALLOC)
+        .pointer_at(ty.addr + tp_dealloc)
         .filter(|a| elf.is_code(*a))
         .ok_or_else(|| AnalysisError::Unsupported("PyCode_Type.tp_dealloc is not a code address".into()))?;
     sites::function_entry(elf, "code_dealloc", dealloc, SiteRole::CodeDealloc)
 }
 
 /// The kernel's view of the offsets.
-fn kernel_layout(minor: u8, o: &offsets::Offsets) -> Layout {
+fn kernel_layout(minor: u8, flavour: Flavour, o: &offsets::Offsets) -> Layout {
     let resume = minor >= 11;
     let mut flags = 0;
     if minor >= 13 {
-        flags |= LAYOUT_VERSION_IN_EVAL_BREAKER | LAYOUT_TRACING_GATES_INSTRUMENT;
+        flags |= LAYOUT_VERSION_IN_EVAL_BREAKER;
+    }
+    // Without a GIL another thread may re-instrument while one traces, so a
+    // free-threaded build checks the version whether tracing or not.
+    if minor >= 13 && flavour != Flavour::FreeThreaded {
+        flags |= LAYOUT_TRACING_GATES_INSTRUMENT;
     }
     if minor >= 14 {
         flags |= LAYOUT_STACKREFS;
@@ -485,6 +493,7 @@ fn kernel_layout(minor: u8, o: &offsets::Offsets) -> Layout {
         family: if resume { FAMILY_RESUME } else { FAMILY_FRAME_ARG },
         // 3.8: (frame, throwflag); 3.9+: (tstate, frame, throwflag).
         frame_arg: if minor == 8 { 0 } else { 1 },
+        unicode_state_shift: if flavour == Flavour::FreeThreaded { 6 } else { 0 },
         throwflag_arg: if minor == 8 { 1 } else { 2 },
         flags,
         // 3.13+ keeps extra bits above the "where" field of RESUME's oparg;
@@ -508,6 +517,8 @@ fn kernel_layout(minor: u8, o: &offsets::Offsets) -> Layout {
         tstate_native_thread_id: o.tstate_native_thread_id,
         tstate_frame: o.tstate_frame,
         frame_previous: o.frame_previous,
+        frame_tlbc_index: o.frame_tlbc_index,
+        tstate_tlbc_index: o.tstate_tlbc_index,
         frame_code: o.frame_code,
         frame_func: o.frame_func,
         frame_instr: o.frame_instr,
@@ -527,6 +538,5 @@ fn kernel_layout(minor: u8, o: &offsets::Offsets) -> Layout {
         unicode_state: o.unicode_state,
         unicode_length: o.unicode_length,
         unicode_ascii_data: o.unicode_ascii_data,
-        ..Layout::EMPTY
     }
 }

@@ -80,6 +80,10 @@ offsets! {
     frame_func,
     /// Frame's instruction pointer (3.11+).
     frame_instr,
+    /// Which thread's copy of the bytecode the frame runs (free-threaded).
+    frame_tlbc_index,
+    /// `_PyThreadStateImpl.tlbc_index`: the thread's copy (free-threaded).
+    tstate_tlbc_index,
     /// `PyFrameObject.f_lasti` (3.8-3.10).
     frame_lasti,
     /// Frame's globals.
@@ -108,6 +112,8 @@ offsets! {
     code_warmup,
     /// `co_code_adaptive`: the bytecode, inline in the code object (3.11+).
     code_adaptive,
+    /// `co_tlbc`: each thread's copy of the bytecode (free-threaded).
+    code_tlbc,
     /// `co_code`: the bytecode, a `bytes` object (3.8-3.10).
     code_code,
     /// `PyBytesObject.ob_sval`.
@@ -245,6 +251,8 @@ const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
     ("frame_previous", &[("_PyInterpreterFrame", "previous"), ("PyFrameObject", "f_back")]),
     ("frame_func", &[("_PyInterpreterFrame", "f_funcobj"), ("_PyInterpreterFrame", "f_func")]),
     ("frame_instr", &[("_PyInterpreterFrame", "instr_ptr"), ("_PyInterpreterFrame", "prev_instr")]),
+    ("frame_tlbc_index", &[("_PyInterpreterFrame", "tlbc_index")]),
+    ("tstate_tlbc_index", &[("_PyThreadStateImpl", "tlbc_index")]),
     ("frame_lasti", &[("PyFrameObject", "f_lasti")]),
     ("frame_globals", &[("_PyInterpreterFrame", "f_globals"), ("PyFrameObject", "f_globals")]),
     ("code_flags", &[("PyCodeObject", "co_flags")]),
@@ -258,6 +266,7 @@ const DWARF_FIELDS: &[(&str, &[(&str, &str)])] = &[
     ("code_warmup", &[("PyCodeObject", "co_warmup"), ("PyCodeObject", "co_opcache_flag")]),
     ("code_adaptive", &[("PyCodeObject", "co_code_adaptive")]),
     ("code_code", &[("PyCodeObject", "co_code")]),
+    ("code_tlbc", &[("PyCodeObject", "co_tlbc")]),
     ("bytes_sval", &[("PyBytesObject", "ob_sval")]),
     ("func_code", &[("PyFunctionObject", "func_code")]),
     ("func_globals", &[("PyFunctionObject", "func_globals")]),
@@ -300,181 +309,18 @@ pub fn from_dwarf(info: &super::dwarf::DwarfInfo) -> Vec<(&'static str, u16)> {
         .collect()
 }
 
-/// The built-in table for a minor version, for x86_64 release builds.
-pub fn builtin(minor: u8) -> Option<Offsets> {
-    let mut o = common();
-    match minor {
-        8..=10 => {
-            o.runtime_interpreters_head = 32;
-            o.interp_modules = if minor == 8 { 56 } else { 856 };
-            o.dictkeys_size = 8;
-            o.dictkeys_indices = 40;
-            o.interp_threads_head = 8;
-            o.tstate_next = 8;
-            o.tstate_interp = 16;
-            o.frame_code = 32;
-            o.frame_globals = 48;
-            o.frame_lasti = if minor == 10 { 96 } else { 104 };
-            o.frame_previous = 24;
-            o.tstate_frame = 24;
-            o.runtime_tstate_current = if minor == 8 { 1368 } else { 568 };
-            o.code_linetable = 120;
-            o.code_flags = 36;
-            o.code_firstlineno = 40;
-            o.code_code = 48;
-            o.code_consts = 56;
-            o.code_filename = 104;
-            o.code_name = 112;
-            o.code_warmup = 168;
-            o.unicode_ascii_data = 48;
-            o.unicode_compact_data = 72;
-            if minor == 10 {
-                set_function_310(&mut o);
-            } else {
-                o.func_code = 16;
-                o.func_globals = 24;
-                o.func_closure = 48;
-                o.func_dict = 72;
-                o.func_module = 88;
-                o.func_qualname = 104;
-            }
-        }
-        11 => {
-            o.runtime_interpreters_head = 40;
-            o.interp_modules = 888;
-            o.interp_threads_head = 16;
-            o.tstate_next = 8;
-            o.tstate_interp = 16;
-            o.tstate_tracing = 44;
-            o.tstate_cframe = 56;
-            o.current_frame = 8;
-            o.tstate_native_thread_id = 160;
-            o.frame_func = 0;
-            o.frame_globals = 8;
-            o.frame_code = 32;
-            o.frame_instr = 56;
-            o.frame_previous = 48;
-            o.runtime_tstate_current = 576;
-            set_code_311(&mut o, 72);
-            o.code_warmup = 52;
-            o.code_adaptive = 184;
-            set_function_310(&mut o);
-            o.unicode_ascii_data = 48;
-            o.unicode_compact_data = 72;
-        }
-        12 => {
-            o.runtime_interpreters_head = 40;
-            o.interp_modules = 944;
-            o.interp_threads_head = 72;
-            o.interp_monitoring_version = 48;
-            o.tstate_next = 8;
-            o.tstate_interp = 16;
-            o.tstate_tracing = 44;
-            o.tstate_cframe = 56;
-            o.current_frame = 0;
-            o.tstate_native_thread_id = 144;
-            set_frame_312(&mut o);
-            set_code_311(&mut o, 68);
-            o.code_instr_version = 160;
-            o.code_adaptive = 192;
-            set_function_310(&mut o);
-        }
-        13..=15 => {
-            o.runtime_interpreters_head = match minor {
-                13 => 632,
-                14 => 808,
-                _ => 936,
-            };
-            o.interp_next = if minor == 14 { 7272 } else { 7264 };
-            o.interp_threads_head = if minor == 15 { 7336 } else { 7344 };
-            o.interp_modules = match minor {
-                13 => 7656,
-                14 => 7688,
-                _ => 7592,
-            };
-            o.tstate_next = 8;
-            o.tstate_interp = 16;
-            o.tstate_eval_breaker = 24;
-            // 3.15 moved `holds_gil` and `gil_requested` into the thread state.
-            o.tstate_tracing = if minor == 15 { 64 } else { 60 };
-            o.current_frame = 72;
-            o.tstate_native_thread_id = if minor == 15 { 184 } else { 160 };
-            set_frame_312(&mut o);
-            set_code_311(&mut o, 68);
-            o.code_instr_version = 168;
-            o.code_adaptive = if minor == 13 { 200 } else { 208 };
-            set_function_310(&mut o);
-            if minor >= 14 {
-                o.tuple_items = 32; // 3.14 caches the hash in `ob_hash`
-            }
-        }
-        _ => return None,
-    }
-    Some(o)
-}
-
-/// Fields that have not moved in 3.8-3.15.
-fn common() -> Offsets {
-    Offsets {
-        interp_next: 0,
-        unicode_state: 32,
-        unicode_length: 16,
-        unicode_ascii_data: 40,
-        unicode_compact_data: 56,
-        object_type: 8,
-        type_name: 24,
-        type_flags: 168,
-        type_basicsize: 32,
-        type_dictoffset: 288,
-        type_dict: 264,
-        tuple_size: 16,
-        tuple_items: 24,
-        bytes_sval: 32,
-        dict_keys: 32,
-        dict_values: 40,
-        dict_used: 16,
-        cell_ref: 16,
-        module_dict: 16,
-        method_wrapper_callable: 16,
-        ..Offsets::NONE
-    }
-}
-
-fn set_function_310(o: &mut Offsets) {
-    o.func_globals = 16;
-    o.func_qualname = 40;
-    o.func_code = 48;
-    o.func_closure = 72;
-    o.func_dict = 88;
-    o.func_module = 104;
-}
-
-fn set_code_311(o: &mut Offsets, firstlineno: u16) {
-    o.code_linetable = 136;
-    o.code_consts = 24;
-    o.code_flags = 48;
-    o.code_firstlineno = firstlineno;
-    o.code_filename = 112;
-    o.code_name = 120;
-    o.code_qualname = 128;
-}
-
-fn set_frame_312(o: &mut Offsets) {
-    o.frame_code = 0;
-    o.frame_previous = 8;
-    o.frame_func = 16;
-    o.frame_globals = 24;
-    o.frame_instr = 56;
-}
+mod builtin;
+pub use builtin::builtin;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interp::version::Flavour;
 
     #[test]
     fn every_supported_minor_has_the_fields_its_family_needs() {
         for minor in 8..=15 {
-            let o = builtin(minor).unwrap();
+            let o = builtin(minor, Flavour::Release).unwrap();
             for f in ["frame_code", "code_name", "code_flags", "func_module", "unicode_state"] {
                 assert_ne!(o.get(f), Some(NO_OFFSET), "3.{minor} {f}");
             }
@@ -482,7 +328,21 @@ mod tests {
             assert_eq!(o.code_qualname != NO_OFFSET, resume, "3.{minor}");
             assert_eq!(o.frame_lasti != NO_OFFSET, !resume, "3.{minor}");
         }
-        assert!(builtin(7).is_none() && builtin(16).is_none());
+        assert!(builtin(7, Flavour::Release).is_none() && builtin(16, Flavour::Release).is_none());
+    }
+
+    #[test]
+    fn free_threaded_tables_have_longer_headers_and_per_thread_bytecode() {
+        for minor in [14, 15] {
+            let (release, ft) =
+                (builtin(minor, Flavour::Release).unwrap(), builtin(minor, Flavour::FreeThreaded).unwrap());
+            assert_eq!((release.object_type, ft.object_type), (8, 24));
+            assert_eq!(ft.code_name, release.code_name + 16);
+            assert_eq!(release.tstate_tlbc_index, NO_OFFSET);
+            assert_ne!(ft.tstate_tlbc_index, NO_OFFSET);
+            assert_eq!(ft.current_frame, release.current_frame, "not an object");
+        }
+        assert!(builtin(13, Flavour::FreeThreaded).is_none());
     }
 
     #[test]
@@ -497,7 +357,7 @@ mod tests {
 
     #[test]
     fn more_trusted_sources_win_and_disagreements_are_reported() {
-        let mut t = OffsetTable::from(builtin(13).unwrap(), OffsetSource::Builtin);
+        let mut t = OffsetTable::from(builtin(13, Flavour::Release).unwrap(), OffsetSource::Builtin);
         assert_eq!(t.apply("code_name", 120, OffsetSource::DebugOffsets), None);
         let d = t.apply("code_qualname", 136, OffsetSource::DebugOffsets).unwrap();
         assert_eq!((d.kept, d.other), (136, 128));

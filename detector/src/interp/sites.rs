@@ -347,7 +347,7 @@ pub fn resume_site(
                         ctx.frame_instr
                     )));
                 }
-                let (check, cond, count_when) = resume_check(name, &insn, flag_setter.as_ref(), ctx);
+                let (check, cond, count_when) = resume_check(name, &insn, (flag_setter.as_ref(), &block), ctx);
                 return Ok(Site {
                     role: SiteRole::Resume,
                     handler: name.to_owned(),
@@ -397,16 +397,22 @@ pub fn uncounted_edge(elf: &ElfImage, site: &Site) -> Option<u64> {
 fn resume_check(
     name: &str,
     branch: &Instruction,
-    flag_setter: Option<&Instruction>,
+    (flag_setter, block): (Option<&Instruction>, &[Instruction]),
     ctx: &ResumeContext,
 ) -> (u8, u8, u8) {
     if ctx.minor < 12 {
         return (CHECK_NONE, 0, 0);
     }
+    let version = ctx.code_instr_version as u64;
+    // The version compared from memory, or from the register it was just
+    // loaded into (a free-threaded build's atomic load).
     let compares_version = flag_setter.is_some_and(|f| {
         f.mnemonic() == Mnemonic::Cmp
-            && (0..f.op_count()).any(|i| f.op_kind(i) == OpKind::Memory)
-            && f.memory_displacement64() == ctx.code_instr_version as u64
+            && (0..f.op_count()).any(|i| match f.op_kind(i) {
+                OpKind::Memory => f.memory_displacement64() == version,
+                OpKind::Register => loaded_from(block, f, f.op_register(i), version),
+                _ => false,
+            })
     });
     let flags_decide = compares_version && (name == "RESUME_CHECK" || ctx.minor == 12);
     match branch.condition_code() {
@@ -415,6 +421,26 @@ fn resume_check(
         _ if name == "RESUME_CHECK" => (CHECK_DEOPT_MEMORY, 0, 0),
         _ => (CHECK_REINSTRUMENT, 0, 0),
     }
+}
+
+/// Whether the last write to `reg` in `block` before `user` loads it from
+/// memory at displacement `disp`.
+fn loaded_from(block: &[Instruction], user: &Instruction, reg: Register, disp: u64) -> bool {
+    let full = reg.full_register();
+    let writes = |i: &&Instruction| {
+        i.op_count() > 0
+            && i.op0_kind() == OpKind::Register
+            && i.op0_register().full_register() == full
+            && !matches!(i.mnemonic(), Mnemonic::Cmp | Mnemonic::Test)
+    };
+    let mut before = block.iter().rev().skip_while(|i| i.ip() != user.ip()).skip(1);
+    before.find(writes).is_some_and(|i| {
+        i.mnemonic() == Mnemonic::Mov
+            && i.op_count() == 2
+            && i.op1_kind() == OpKind::Memory
+            && i.memory_base() != Register::RIP
+            && i.memory_displacement64() == disp
+    })
 }
 
 /// The `Jcc` condition nibble (0 = O ... 15 = G) of an iced condition code.
@@ -455,5 +481,23 @@ mod tests {
         assert!(emulated(&decode(&[0xe9, 0, 1, 0, 0]))); // jmp rel32
         assert!(!emulated(&decode(&[0x48, 0x89, 0xc3]))); // mov rbx, rax
         assert!(!emulated(&decode(&[0xff, 0xe0]))); // jmp rax
+    }
+
+    #[test]
+    fn a_version_compared_from_the_register_it_was_loaded_into() {
+        // A free-threaded RESUME_CHECK: the eval breaker and the code's
+        // version are loaded (atomically), then compared as registers.
+        let bytes = [
+            0x49, 0x8b, 0x56, 0x18, // mov rdx, [r14+0x18]
+            0x48, 0x8b, 0x80, 0xb8, 0, 0, 0, // mov rax, [rax+0xb8]
+            0x48, 0x39, 0xd0, // cmp rax, rdx
+        ];
+        let block: Vec<Instruction> = Decoder::with_ip(64, &bytes, 0x1000, DecoderOptions::NONE).into_iter().collect();
+        let cmp = &block[2];
+        assert!(loaded_from(&block, cmp, Register::RAX, 0xb8));
+        assert!(loaded_from(&block, cmp, Register::RDX, 0x18));
+        assert!(!loaded_from(&block, cmp, Register::RDX, 0xb8));
+        // Only what comes before the instruction that uses it.
+        assert!(!loaded_from(&block, &block[1], Register::RAX, 0xb8));
     }
 }

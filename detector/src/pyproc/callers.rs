@@ -15,6 +15,10 @@ const SHIMS: [&str; 3] = ["<shim>", "<interpreter trampoline>", "<cleanup>"];
 
 /// Largest line table read.
 const MAX_LINETABLE: i64 = 64 << 10;
+/// Longest bytecode (code units) and most per-thread copies of it looked
+/// through for the copy a caller's instruction lies in.
+const MAX_CODE_UNITS: i64 = 1 << 20;
+const MAX_BYTECODE_COPIES: i64 = 1024;
 
 /// Where a target was reached from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,9 +86,27 @@ fn line(objs: &Objects<'_>, f: &CallerFrame) -> Option<u32> {
     let offset = match objs.minor {
         8 | 9 => f.instr,
         10 => f.instr.checked_mul(2)?,
-        _ => f.instr.checked_sub(f.code.checked_add(o.code_adaptive as u64)?)?,
+        _ => f.instr.checked_sub(bytecode_of(objs, f)?)?,
     };
     lines::line_of(objs.minor, &bytes, first, offset)
+}
+
+/// Where the bytecode the frame runs starts (3.11+): the code object's own,
+/// or in a free-threaded build the copy of the frame's thread that holds
+/// its instruction.
+fn bytecode_of(objs: &Objects<'_>, f: &CallerFrame) -> Option<u64> {
+    let (mem, o) = (objs.mem, objs.o);
+    let own = f.code.checked_add(o.code_adaptive as u64)?;
+    if o.code_tlbc == detector_common::NO_OFFSET {
+        return Some(own);
+    }
+    let units = mem.i64(f.code.checked_add(o.tuple_size as u64)?).ok()?.clamp(0, MAX_CODE_UNITS);
+    let copies = mem.ptr(f.code, o.code_tlbc).ok()?;
+    let count = mem.i64(copies).ok()?.clamp(0, MAX_BYTECODE_COPIES);
+    let entries = mem.bytes(copies.checked_add(8)?, count as usize * 8).ok()?;
+    let holds = |start: u64| (start..start.saturating_add(units as u64 * 2)).contains(&f.instr);
+    let copy = entries.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap())).find(|&c| c != 0 && holds(c));
+    Some(copy.unwrap_or(own))
 }
 
 /// Where the target's own package lives: its top-level package's

@@ -23,20 +23,19 @@ pub struct Objects<'a> {
     pub o: &'a Offsets,
     /// Its minor version.
     pub minor: u8,
+    /// How far up its build moves the bits of a `str`'s `state`.
+    state_shift: u8,
     /// Type names already read, by type: a walk asks the same few types
     /// again and again (every constant of a module is checked for `code`).
     type_names: std::cell::RefCell<std::collections::HashMap<u64, String>>,
 }
 
 impl<'a> Objects<'a> {
-    /// A view of the objects of the process behind `mem`.
-    pub fn new(mem: &'a ProcessMemory, o: &'a Offsets, minor: u8) -> Self {
-        Objects { mem, o, minor, type_names: Default::default() }
-    }
-
-    /// The view for `process`.
+    /// The view of `process`'s objects through `mem`.
     pub fn of(process: &'a super::PythonProcess, mem: &'a ProcessMemory) -> Self {
-        Objects::new(mem, &process.analysis.table.values, process.analysis.version.minor)
+        let a = &process.analysis;
+        let (o, minor, state_shift) = (&a.table.values, a.version.minor, a.layout.unicode_state_shift);
+        Objects { mem, o, minor, state_shift, type_names: Default::default() }
     }
 
     fn bad(&self, addr: u64) -> ProcessError {
@@ -51,7 +50,7 @@ impl<'a> Objects<'a> {
 
     /// A `str` object's value (compact strings of any kind).
     pub fn str(&self, obj: u64) -> Result<String, ProcessError> {
-        let state = self.mem.u32(self.at(obj, self.o.unicode_state)?)?;
+        let state = self.mem.u32(self.at(obj, self.o.unicode_state)?)? >> self.state_shift;
         let len = self.mem.i64(self.at(obj, self.o.unicode_length)?)?;
         let kind = (state >> unicode_state::KIND_SHIFT) & unicode_state::KIND_MASK;
         let (compact, ascii) = (state & unicode_state::COMPACT != 0, state & unicode_state::ASCII != 0);

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tracing::debug;
 
-use super::{Armed, CannotWatch, Fit, Made, RECHECKS};
+use super::{Armed, CannotWatch, Fit, Made, RECHECKS, dispatch_of};
 use crate::{
     agent::walker::{Finding, Look},
     bpf::Probes,
@@ -26,9 +26,7 @@ impl Armed {
         targets: impl IntoIterator<Item = (&'a Target, u32)>,
         fit: Fit,
     ) -> Result<Armed, CannotWatch> {
-        if process.analysis.dispatch.is_none() {
-            return Err(CannotWatch::NoDispatch);
-        }
+        dispatch_of(process)?;
         let mut armed = Armed::empty(fit);
         armed.pending = targets.into_iter().map(|(_, id)| (id, NOT_LOOKED_FOR.to_owned())).collect();
         // Now, not when a pending target is found: its module body is

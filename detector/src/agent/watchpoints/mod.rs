@@ -81,6 +81,13 @@ pub enum CannotWatch {
     /// The loads that dispatch a code unit were not found in the binary.
     #[error("no opcode dispatch found in the evaluation loop: reads cannot be told from starts")]
     NoDispatch,
+    /// Each thread of a free-threaded build runs its own copy of a body's
+    /// bytecode, made when it first runs it.
+    #[error(
+        "free-threaded build: each thread runs its own copy of a function's bytecode, and a watchpoint on one copy \
+         does not see calls made from another"
+    )]
+    ThreadLocalBytecode,
     /// More body starts than debug registers, and counts must be exact.
     #[error(
         "{0} body starts to watch and {DEBUG_REGISTERS} debug registers per thread (exact counts cannot share them)"
@@ -95,6 +102,15 @@ pub enum CannotWatch {
     /// The kernel refused (a thread without a free debug register among them).
     #[error(transparent)]
     Bpf(#[from] BpfError),
+}
+
+/// The loads that dispatch a code unit in `p`'s interpreter, if a
+/// watchpoint on a body's start can tell its start there.
+fn dispatch_of(p: &PythonProcess) -> Result<&crate::interp::dispatch::DispatchReads, CannotWatch> {
+    if p.analysis.flavour == crate::interp::version::Flavour::FreeThreaded {
+        return Err(CannotWatch::ThreadLocalBytecode);
+    }
+    p.analysis.dispatch.as_ref().ok_or(CannotWatch::NoDispatch)
 }
 
 /// One known body start: its target and code object, and what the kernel
@@ -314,9 +330,7 @@ impl Armed {
 
     /// Tells the kernel, once, which loads of the process dispatch a unit.
     fn mark_dispatch_reads(&mut self, probes: &mut Probes, p: &PythonProcess) -> Result<(), CannotWatch> {
-        let Some(dispatch) = &p.analysis.dispatch else {
-            return Err(CannotWatch::NoDispatch);
-        };
+        let dispatch = dispatch_of(p)?;
         if self.reads.is_empty() {
             for end in &dispatch.ends {
                 let key = WatchKey { tgid: p.pid, _pad: 0, addr: end + p.bias };

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{CannotWatch, DEBUG_REGISTERS, Fit};
+use super::{CannotWatch, DEBUG_REGISTERS, Fit, dispatch_of};
 use crate::{
     pyproc::{
         PythonProcess,
@@ -20,9 +20,7 @@ pub fn plan<'a, Id: Copy + Ord>(
     targets: impl IntoIterator<Item = (&'a Target, Id)>,
     fit: Fit,
 ) -> Result<Plan<Id>, CannotWatch> {
-    if p.analysis.dispatch.is_none() {
-        return Err(CannotWatch::NoDispatch);
-    }
+    dispatch_of(p)?;
     let mut plan = Plan { starts: Vec::new(), pending: BTreeMap::new() };
     let targets: Vec<(&Target, Id)> = targets.into_iter().collect();
     let ts: Vec<&Target> = targets.iter().map(|(t, _)| *t).collect();
