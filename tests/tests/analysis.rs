@@ -228,6 +228,29 @@ fn stripped_tail_calling_builds_are_analysed_by_scan() {
 }
 
 #[test]
+fn stripped_free_threaded_builds_take_the_same_offsets_from_their_tables() {
+    // As a standalone free-threaded build ships: no DWARF, so each offset
+    // comes from `_Py_DebugOffsets` or, where it has none, the built-in
+    // free-threaded table. Every one equals what DWARF gives.
+    for name in ["ft-3.14", "ft-3.15"] {
+        let b = builds().into_iter().find(|b| b.name == name).unwrap();
+        let with = inspect(&b.python.display().to_string()).unwrap();
+        let without = inspect(&stripped(name)).unwrap();
+        assert_eq!(without["flavour"], "free-threaded", "{name}");
+        assert_eq!(without["handlers"]["source"], "scan", "{name}");
+        let sources = offset_sources(&without);
+        assert_eq!(sources, BTreeSet::from(["builtin".to_owned(), "debug_offsets".to_owned()]), "{name}");
+        let values = |a: &Value| {
+            let offsets = a["offsets"].as_object().unwrap();
+            offsets.iter().map(|(k, v)| (k.clone(), v["value"].clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(values(&with), values(&without), "{name}");
+        let addrs = |a: &Value| a["sites"].as_array().unwrap().iter().map(|s| s["addr"].clone()).collect::<Vec<_>>();
+        assert_eq!(addrs(&with), addrs(&without), "{name}");
+    }
+}
+
+#[test]
 fn the_jit_flag_offset_equals_dwarf() {
     // Debian's 3.14 and 3.15 carry the tier-2 optimizer. Analysed in their
     // container, with the debug files there, the flag's offset comes from

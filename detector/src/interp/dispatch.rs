@@ -21,6 +21,8 @@
 //! eval-breaker or line-trace slow paths, so the first instruction of a
 //! body can be read twice by a single start.
 
+use std::collections::BTreeMap;
+
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
 use serde::Serialize;
 
@@ -109,7 +111,7 @@ pub fn find(
     // evaluation loop makes hundreds of calls, none into a dispatcher.
     let apart = !handlers.is_empty() && handlers.iter().all(|&h| h < eval || h >= end);
     if let Some(table) = table.filter(|_| apart) {
-        ends.extend(called_dispatches(elf, eval, size, table));
+        ends.extend(called_dispatches(elf, eval, size, table)?);
     }
     ends.sort_unstable();
     ends.dedup();
@@ -184,6 +186,9 @@ const MAX_CALLER_BYTES: u64 = 64 << 10;
 
 /// Instructions before a call looked at for the table passed to it.
 const ARGUMENT_WINDOW: usize = 8;
+/// Distinct functions the evaluation function may call for it to be taken
+/// for a tail-calling interpreter's, whose callees are looked through.
+const MAX_CALLEES: usize = 64;
 
 /// The first dispatches of the functions the evaluation function calls
 /// with the dispatch `table`: using it themselves (3.14), or given it as an
@@ -193,10 +198,23 @@ const ARGUMENT_WINDOW: usize = 8;
 /// (`start_frame`), not from the table. A helper it calls without the table
 /// (one that instruments bytecode, say) is not a dispatcher, whatever its
 /// loads.
-fn called_dispatches(elf: &ElfImage, eval: u64, size: u64, table: u64) -> Vec<u64> {
+fn called_dispatches(elf: &ElfImage, eval: u64, size: u64, table: u64) -> Option<Vec<u64>> {
     let len = size.min(MAX_CALLER_BYTES) as usize;
-    let Some(bytes) = elf.bytes_at(eval, len) else { return Vec::new() };
+    let bytes = elf.bytes_at(eval, len)?;
     let decode = |a| decode_at(elf, a);
+    let code: Vec<Instruction> = Decoder::with_ip(64, bytes, eval, DecoderOptions::NONE).into_iter().collect();
+    // Each callee once, and whether some call gives it the table.
+    let mut callees: BTreeMap<u64, bool> = BTreeMap::new();
+    for (i, ins) in code.iter().enumerate() {
+        if ins.flow_control() == FlowControl::Call && ins.op0_kind() == OpKind::NearBranch64 {
+            let given = code[i.saturating_sub(ARGUMENT_WINDOW)..i].iter().any(|a| refers_to(a, table));
+            *callees.entry(ins.near_branch_target()).or_default() |= given;
+        }
+    }
+    // More than a tail-calling interpreter makes (16 in 3.15): not one.
+    if callees.len() > MAX_CALLEES {
+        return None;
+    }
     let uses_table = |f: u64| {
         let mut uses = false;
         walk_paths(decode, f, |ins| {
@@ -205,20 +223,17 @@ fn called_dispatches(elf: &ElfImage, eval: u64, size: u64, table: u64) -> Vec<u6
         });
         uses
     };
-    let code: Vec<Instruction> = Decoder::with_ip(64, bytes, eval, DecoderOptions::NONE).into_iter().collect();
-    let mut callees: Vec<u64> = code
-        .iter()
-        .enumerate()
-        .filter(|(_, ins)| ins.flow_control() == FlowControl::Call && ins.op0_kind() == OpKind::NearBranch64)
-        .filter(|(i, ins)| {
-            let given = code[i.saturating_sub(ARGUMENT_WINDOW)..*i].iter().any(|a| refers_to(a, table));
-            given || uses_table(ins.near_branch_target())
-        })
-        .map(|(_, ins)| ins.near_branch_target())
-        .collect();
-    callees.sort_unstable();
-    callees.dedup();
-    callees.into_iter().flat_map(|f| first_dispatches(decode, f, Follow::FallThrough).0).collect()
+    let mut ends = Vec::new();
+    for (f, given) in callees {
+        if given || uses_table(f) {
+            let (found, cut) = first_dispatches(decode, f, Follow::FallThrough);
+            if cut {
+                return None; // a dispatch may lie beyond the walk
+            }
+            ends.extend(found);
+        }
+    }
+    Some(ends)
 }
 
 /// Whether `ins` addresses memory at `addr` (RIP-relative, or absolute as

@@ -222,7 +222,7 @@ pub fn analyze(
     if minor >= 11 {
         let labels = dwarf.as_ref().map(|(info, _)| &info.labels);
         let (found, info, all) = resume_handlers(elf, labels, minor, &mut warnings)?;
-        sites.extend(resume_sites(elf, &found, minor, &table.values)?);
+        sites.extend(resume_sites(elf, &found, minor, (&table.values, &mut warnings))?);
         // 3.11's tracing handler is the dispatch table's last entry.
         let tracing = if minor == 11 { table_entry(elf, labels, minor, "TARGET_DO_TRACING", 255) } else { None };
         let redispatchers: Vec<u64> = found.iter().map(|(_, a)| *a).chain(tracing).collect();
@@ -435,7 +435,7 @@ fn resume_sites(
     elf: &ElfImage,
     handlers: &[Handler],
     minor: u8,
-    o: &offsets::Offsets,
+    (o, warnings): (&offsets::Offsets, &mut Vec<String>),
 ) -> Result<Vec<Site>, AnalysisError> {
     let ctx = ResumeContext {
         minor,
@@ -443,11 +443,16 @@ fn resume_sites(
         frame_instr: o.frame_instr,
         code_instr_version: o.code_instr_version,
     };
-    let sites = |uncounted: &[u64]| -> Result<Vec<Site>, AnalysisError> {
+    let sites = |uncounted: &[sites::UncountedEdge]| -> Result<Vec<Site>, AnalysisError> {
         let mut out: Vec<Site> = Vec::new();
         for &(name, handler) in handlers {
-            if !out.iter().any(|s| s.handler_addr == handler) {
-                out.push(sites::resume_site(elf, (name, handler), &ctx, uncounted)?);
+            if out.iter().any(|s| s.handler_addr == handler) {
+                continue;
+            }
+            let site = sites::resume_site(elf, (name, handler), &ctx, uncounted)?;
+            // Two probes at one address would count each pass twice.
+            if !out.iter().any(|s| s.addr == site.addr) {
+                out.push(site);
             }
         }
         Ok(out)
@@ -455,8 +460,15 @@ fn resume_sites(
     // A handler that jumps to where another's uncounted pass goes on has
     // its site there, or that pass would start a body uncounted.
     let first = sites(&[])?;
-    let uncounted: Vec<u64> = first.iter().filter_map(|s| sites::uncounted_edge(elf, s)).collect();
-    if uncounted.is_empty() { Ok(first) } else { sites(&uncounted) }
+    let uncounted: Vec<sites::UncountedEdge> =
+        first.iter().filter_map(|s| Some((sites::uncounted_edge(elf, s)?, s.handler_addr))).collect();
+    if uncounted.is_empty() {
+        return Ok(first);
+    }
+    sites(&uncounted).or_else(|e| {
+        warnings.push(format!("{e}: RESUME's site not moved to where it joins a de-optimised pass"));
+        Ok(first)
+    })
 }
 
 /// `code_dealloc`, found through `PyCode_Type.tp_dealloc` (both the type and

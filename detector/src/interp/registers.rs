@@ -27,6 +27,17 @@ pub struct RegisterFacts {
 impl RegisterFacts {
     /// Nothing known.
     pub const NONE: RegisterFacts = RegisterFacts { frame: REG_NONE, code: REG_NONE, instr: REG_NONE };
+
+    /// What both `self` and `other` know alike: the facts at a join of two
+    /// paths.
+    pub fn common(&self, other: &RegisterFacts) -> RegisterFacts {
+        let same = |a: u8, b: u8| if a == b { a } else { REG_NONE };
+        RegisterFacts {
+            frame: same(self.frame, other.frame),
+            code: same(self.code, other.code),
+            instr: same(self.instr, other.instr),
+        }
+    }
 }
 
 /// x86 number of a 64-bit general-purpose register.
@@ -165,5 +176,13 @@ mod tests {
     fn no_store_no_facts() {
         let block = decode(&[0x48, 0x8b, 0x03]);
         assert_eq!(at_site(&block, 0x38, 0), RegisterFacts::NONE);
+    }
+
+    #[test]
+    fn a_join_keeps_what_both_paths_know() {
+        let ours = RegisterFacts { frame: 12, code: 3, instr: 15 };
+        let theirs = RegisterFacts { frame: 12, code: 3, instr: 13 };
+        assert_eq!(ours.common(&theirs), RegisterFacts { frame: 12, code: 3, instr: REG_NONE });
+        assert_eq!(ours.common(&RegisterFacts::NONE), RegisterFacts::NONE);
     }
 }

@@ -20,8 +20,6 @@ use detector_common::{CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINST
 
 /// Instructions decoded from a handler before giving up on finding a branch.
 const MAX_STRAIGHT_LINE: usize = 64;
-/// Unconditional jumps a RESUME handler's code is followed through.
-const MAX_JUMPS_FOLLOWED: usize = 2;
 /// Handlers a real dispatch table has at the very least.
 const MIN_DISTINCT_HANDLERS: usize = 64;
 /// Opcodes that may share a handler with another one (aliases such as
@@ -293,6 +291,9 @@ pub struct ResumeContext {
     pub code_instr_version: u16,
 }
 
+/// Where another handler's uncounted pass goes on, and that handler.
+pub type UncountedEdge = (u64, u64);
+
 /// The site of the RESUME-family handler `name` at `handler`: its first
 /// relative branch, which must come after the handler stored the frame's
 /// instruction pointer (the eBPF program reads the oparg through it).
@@ -300,24 +301,26 @@ pub fn resume_site(
     elf: &ElfImage,
     (name, handler): (&str, u64),
     ctx: &ResumeContext,
-    uncounted: &[u64],
+    uncounted: &[UncountedEdge],
 ) -> Result<Site, AnalysisError> {
     let refuse = |why: String| AnalysisError::Unsupported(format!("{name} handler at {handler:#x}: {why}"));
     let mut dec = decoder(elf, handler)?;
     let mut stored_instr = false;
     let mut flag_setter: Option<Instruction> = None;
     let mut block = Vec::new();
-    let mut jumps = 0;
+    // Where the block joins another handler's uncounted pass, and whose.
+    let mut joined: Option<(usize, u64)> = None;
     for _ in 0..MAX_STRAIGHT_LINE {
         let insn = dec.decode();
         if insn.is_invalid() {
             return Err(refuse(format!("undecodable instruction at {:#x}", insn.ip())));
         }
+        let joins = (insn.op0_kind() == OpKind::NearBranch64)
+            .then(|| uncounted.iter().find(|(edge, _)| *edge == insn.near_branch_target()))
+            .flatten();
         match insn.flow_control() {
             FlowControl::Next => {
-                if stores_to_displacement(&insn, ctx.frame_instr) {
-                    stored_instr = true;
-                }
+                stored_instr |= stores_to_displacement(&insn, ctx.frame_instr);
                 if sets_flags(&insn) {
                     flag_setter = Some(insn);
                 }
@@ -327,14 +330,12 @@ pub fn resume_site(
             // pass continues (GCC's link-time optimisation puts RESUME's
             // after RESUME_CHECK, whose de-optimisation jumps into it): the
             // site must be there, where both pass.
-            FlowControl::UnconditionalBranch
-                if stored_instr
-                    && insn.op0_kind() == OpKind::NearBranch64
-                    && uncounted.contains(&insn.near_branch_target())
-                    && jumps < MAX_JUMPS_FOLLOWED =>
-            {
-                jumps += 1;
-                dec = decoder(elf, insn.near_branch_target())?;
+            FlowControl::UnconditionalBranch if stored_instr && joined.is_none() && joins.is_some() => {
+                let &(edge, partner) = joins.expect("checked");
+                joined = Some((block.len(), partner));
+                // The other pass comes with flags of its own.
+                flag_setter = None;
+                dec = decoder(elf, edge)?;
             }
             FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch | FlowControl::Call
                 if emulated(&insn) =>
@@ -359,7 +360,7 @@ pub fn resume_site(
                     check,
                     cond,
                     count_when,
-                    registers: registers::at_site(&block, ctx.frame_instr, ctx.frame_code),
+                    registers: joined_facts(elf, &block, joined, ctx)?,
                 });
             }
             other => {
@@ -373,6 +374,35 @@ pub fn resume_site(
         }
     }
     Err(refuse(format!("no relative branch in its first {MAX_STRAIGHT_LINE} instructions")))
+}
+
+/// What registers hold at a site reached by `block`: where it joined
+/// another handler's pass, only what holds on that path too.
+fn joined_facts(
+    elf: &ElfImage,
+    block: &[Instruction],
+    joined: Option<(usize, u64)>,
+    ctx: &ResumeContext,
+) -> Result<RegisterFacts, AnalysisError> {
+    let ours = registers::at_site(block, ctx.frame_instr, ctx.frame_code);
+    let Some((join, partner)) = joined else { return Ok(ours) };
+    let mut theirs = straight_line(elf, partner)?;
+    theirs.extend_from_slice(&block[join..]);
+    Ok(ours.common(&registers::at_site(&theirs, ctx.frame_instr, ctx.frame_code)))
+}
+
+/// The instructions of a handler before its first branch.
+fn straight_line(elf: &ElfImage, handler: u64) -> Result<Vec<Instruction>, AnalysisError> {
+    let mut dec = decoder(elf, handler)?;
+    let mut block = Vec::new();
+    for _ in 0..MAX_STRAIGHT_LINE {
+        let insn = dec.decode();
+        if insn.is_invalid() || insn.flow_control() != FlowControl::Next {
+            break;
+        }
+        block.push(insn);
+    }
+    Ok(block)
 }
 
 /// Where a pass that `site` does not count goes on (a de-optimisation, say),
