@@ -25,6 +25,11 @@ pub const CHECK_BRANCH: u8 = 2;
 /// recomputed from memory (`eval_breaker != version`): exact unless another
 /// thread changes `eval_breaker` between the probe and the handler's load.
 pub const CHECK_DEOPT_MEMORY: u8 = 3;
+/// Free-threaded builds: as [`CHECK_BRANCH`], at the branch that decides
+/// whether the frame runs this thread's copy of the bytecode, which the
+/// handler reaches only once the version branch stayed. The flags decide
+/// both, so the copy is not checked from memory.
+pub const CHECK_BRANCH_THREAD_COPY: u8 = 4;
 
 /// A decoded site cookie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

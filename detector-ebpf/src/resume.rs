@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use detector_common::{
-    CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT, LAYOUT_STACKREFS,
+    CHECK_BRANCH, CHECK_BRANCH_THREAD_COPY, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT, LAYOUT_STACKREFS,
     LAYOUT_TRACING_GATES_INSTRUMENT, LAYOUT_VERSION_IN_EVAL_BREAKER, Layout, MODE_PER_CALL, NO_OFFSET, SiteCookie,
     TARGET_PENDING, cond_holds, stats,
 };
@@ -82,7 +82,7 @@ pub fn run(ctx: &ProbeContext) -> Option<()> {
     }
     let thread = (tgid, tid, pass.instance);
     if (cookie.check != CHECK_NONE && redispatches(ctx, &cookie, layout, thread, code))
-        || changes_bytecode(layout, frame, thread)
+        || (cookie.check != CHECK_BRANCH_THREAD_COPY && changes_bytecode(layout, frame, thread))
     {
         bump(stats::REDISPATCH_SKIPS);
         return None;
@@ -134,7 +134,7 @@ fn changes_bytecode(layout: &Layout, frame: u64, thread: (u32, u32, u32)) -> boo
 fn redispatches(ctx: &ProbeContext, cookie: &SiteCookie, layout: &Layout, thread: (u32, u32, u32), code: u64) -> bool {
     let (tgid, tid, instance) = thread;
     match cookie.check {
-        CHECK_BRANCH => {
+        CHECK_BRANCH | CHECK_BRANCH_THREAD_COPY => {
             let flags = unsafe { (*ctx.regs).eflags };
             cond_holds(cookie.cond, flags) != (cookie.count_when == 1)
         }

@@ -194,6 +194,17 @@ fn truncated_and_random_files_are_refused_without_panic() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `inspect` of the build named `name`, with its symbols and stripped.
+fn with_and_without_symbols(name: &str) -> (Value, Value) {
+    let b = builds().into_iter().find(|b| b.name == name).unwrap_or_else(|| panic!("no build {name}"));
+    (inspect(&b.python.display().to_string()).unwrap(), inspect(&stripped(name)).unwrap())
+}
+
+/// Where each probe site of an analysis is.
+fn site_addrs(a: &Value) -> Vec<Value> {
+    a["sites"].as_array().unwrap().iter().map(|s| s["addr"].clone()).collect()
+}
+
 /// The stripped copy of the build named `name`.
 fn stripped(name: &str) -> String {
     let b = builds().into_iter().find(|b| b.name == name).unwrap_or_else(|| panic!("no build {name}"));
@@ -213,15 +224,12 @@ fn stripped_tail_calling_builds_are_analysed_by_scan() {
     // by scan: the same sites, and the same dispatch loads (a new frame's
     // first among them, in the function the evaluation function calls).
     for name in ["tailcall-3.14", "tailcall-3.15"] {
-        let b = builds().into_iter().find(|b| b.name == name).unwrap();
-        let with = inspect(&b.python.display().to_string()).unwrap();
-        let without = inspect(&stripped(name)).unwrap();
+        let (with, without) = with_and_without_symbols(name);
         assert_eq!(with["handlers"]["source"], "tail_call_functions", "{name}");
         assert_eq!(without["handlers"]["source"], "scan", "{name}");
         assert_eq!(without["debug_info"], Value::Null, "{name}");
         assert_eq!(with["handlers"]["table"], without["handlers"]["table"], "{name}");
-        let addrs = |a: &Value| a["sites"].as_array().unwrap().iter().map(|s| s["addr"].clone()).collect::<Vec<_>>();
-        assert_eq!(addrs(&with), addrs(&without), "{name}");
+        assert_eq!(site_addrs(&with), site_addrs(&without), "{name}");
         assert!(with["dispatch"]["count"].as_u64().unwrap() > 0, "{name}: {}", with["dispatch"]);
         assert_eq!(with["dispatch"], without["dispatch"], "{name}");
     }
@@ -233,9 +241,7 @@ fn stripped_free_threaded_builds_take_the_same_offsets_from_their_tables() {
     // comes from `_Py_DebugOffsets` or, where it has none, the built-in
     // free-threaded table. Every one equals what DWARF gives.
     for name in ["ft-3.14", "ft-3.15"] {
-        let b = builds().into_iter().find(|b| b.name == name).unwrap();
-        let with = inspect(&b.python.display().to_string()).unwrap();
-        let without = inspect(&stripped(name)).unwrap();
+        let (with, without) = with_and_without_symbols(name);
         assert_eq!(without["flavour"], "free-threaded", "{name}");
         assert_eq!(without["handlers"]["source"], "scan", "{name}");
         let sources = offset_sources(&without);
@@ -245,8 +251,7 @@ fn stripped_free_threaded_builds_take_the_same_offsets_from_their_tables() {
             offsets.iter().map(|(k, v)| (k.clone(), v["value"].clone())).collect::<Vec<_>>()
         };
         assert_eq!(values(&with), values(&without), "{name}");
-        let addrs = |a: &Value| a["sites"].as_array().unwrap().iter().map(|s| s["addr"].clone()).collect::<Vec<_>>();
-        assert_eq!(addrs(&with), addrs(&without), "{name}");
+        assert_eq!(site_addrs(&with), site_addrs(&without), "{name}");
     }
 }
 

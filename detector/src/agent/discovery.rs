@@ -38,7 +38,9 @@ pub struct Environ {
 
 impl Environ {
     /// Parses a NUL-separated environment block. Only the last value of a
-    /// repeated variable counts, as for `getenv` in a libc that appends.
+    /// repeated variable counts, as in Python's `os.environ`, where the
+    /// tracer reads these (C's `getenv`, which CPython uses for its own
+    /// `PYTHON_*` settings, finds the first).
     pub fn parse(block: &[u8]) -> Self {
         let mut env = Environ::default();
         for entry in block.split(|&b| b == 0) {

@@ -442,6 +442,7 @@ fn resume_sites(
         frame_code: o.frame_code,
         frame_instr: o.frame_instr,
         code_instr_version: o.code_instr_version,
+        frame_tlbc_index: o.frame_tlbc_index,
     };
     let sites = |uncounted: &[sites::UncountedEdge]| -> Result<Vec<Site>, AnalysisError> {
         let mut out: Vec<Site> = Vec::new();

@@ -107,6 +107,43 @@ fn untags(insn: &Instruction, reg: u8) -> bool {
         && (-8..=-2).contains(&(insn.immediate(1) as i64))
 }
 
+/// Which register holds the instruction pointer stored from `instr` after
+/// `after` (the instructions following the store, with the registers each
+/// writes): `instr` itself if untouched, else a copy made back from it
+/// (`add r13, 2` then `lea rbx, [r13 - 2]`, as a handler that moves on to
+/// the next instruction early does).
+fn instr_copy(after: &[Instruction], writes: &[Vec<u8>], instr: u8) -> Option<u8> {
+    // Each register's value as the instruction pointer plus a delta.
+    let mut delta: [Option<i64>; 16] = [None; 16];
+    delta[instr as usize] = Some(0);
+    for (insn, written) in after.iter().zip(writes) {
+        let reg = |op: u32| (insn.op_kind(op) == OpKind::Register).then(|| gpr(insn.op_register(op))).flatten();
+        let computed = match (insn.mnemonic(), reg(0)) {
+            (Mnemonic::Add | Mnemonic::Sub, Some(d))
+                if matches!(insn.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64) =>
+            {
+                let imm = insn.immediate(1) as i64;
+                delta[d as usize].map(|v| (d, if insn.mnemonic() == Mnemonic::Add { v + imm } else { v - imm }))
+            }
+            (Mnemonic::Lea, Some(d)) if insn.memory_index() == Register::None => gpr(insn.memory_base())
+                .and_then(|b| delta[b as usize])
+                .map(|v| (d, v + insn.memory_displacement64() as i64)),
+            (Mnemonic::Mov, Some(d)) => reg(1).and_then(|src| delta[src as usize]).map(|v| (d, v)),
+            _ => None,
+        };
+        for &w in written {
+            delta[w as usize] = None;
+        }
+        if let Some((d, v)) = computed {
+            delta[d as usize] = Some(v);
+        }
+    }
+    if delta[instr as usize] == Some(0) {
+        return Some(instr);
+    }
+    (0..16u8).find(|&r| r != 4 && delta[r as usize] == Some(0))
+}
+
 /// The facts at the site that follows `block` (the handler's instructions
 /// before the site, in order).
 pub fn at_site(block: &[Instruction], frame_instr: u16, frame_code: u16) -> RegisterFacts {
@@ -126,9 +163,7 @@ pub fn at_site(block: &[Instruction], frame_instr: u16, frame_code: u16) -> Regi
         return facts;
     }
     facts.frame = frame;
-    if untouched(instr, at + 1, &|_| false) {
-        facts.instr = instr;
-    }
+    facts.instr = instr_copy(&block[at + 1..], &writes[at + 1..], instr).unwrap_or(REG_NONE);
     if let Some((at, code)) =
         block.iter().enumerate().rev().find_map(|(i, insn)| {
             load_from(insn, frame_code).filter(|(_, base)| *base == frame).map(|(dst, _)| (i, dst))
@@ -184,5 +219,20 @@ mod tests {
         let theirs = RegisterFacts { frame: 12, code: 3, instr: 13 };
         assert_eq!(ours.common(&theirs), RegisterFacts { frame: 12, code: 3, instr: REG_NONE });
         assert_eq!(ours.common(&RegisterFacts::NONE), RegisterFacts::NONE);
+    }
+
+    #[test]
+    fn a_copy_made_back_from_the_advanced_pointer_holds_it() {
+        // 3.13's RESUME: the store, then the pointer moves on and a copy of
+        // the stored value is made back from it.
+        let block = decode(&[
+            0x4c, 0x89, 0x7d, 0x38, // mov [rbp+0x38], r15
+            0x49, 0x83, 0xc7, 0x02, // add r15, 2
+            0x4d, 0x8d, 0x67, 0xfe, // lea r12, [r15-2]
+        ]);
+        let facts = at_site(&block, 0x38, 0);
+        assert_eq!((facts.frame, facts.instr), (5, 12));
+        // Without the copy, nothing holds it.
+        assert_eq!(at_site(&block[..2], 0x38, 0).instr, REG_NONE);
     }
 }

@@ -16,7 +16,10 @@ use super::{
     elf::ElfImage,
     registers::{self, RegisterFacts},
 };
-use detector_common::{CHECK_BRANCH, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT};
+use detector_common::{CHECK_BRANCH, CHECK_BRANCH_THREAD_COPY, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT};
+
+mod thread_copy;
+use thread_copy::thread_copy_branch;
 
 /// Instructions decoded from a handler before giving up on finding a branch.
 const MAX_STRAIGHT_LINE: usize = 64;
@@ -289,6 +292,9 @@ pub struct ResumeContext {
     pub frame_instr: u16,
     /// `_co_instrumentation_version` (3.12+).
     pub code_instr_version: u16,
+    /// The frame's bytecode copy index (free-threaded builds), or
+    /// [`detector_common::NO_OFFSET`].
+    pub frame_tlbc_index: u16,
 }
 
 /// Where another handler's uncounted pass goes on, and that handler.
@@ -348,7 +354,14 @@ pub fn resume_site(
                         ctx.frame_instr
                     )));
                 }
-                let (check, cond, count_when) = resume_check(name, &insn, (flag_setter.as_ref(), &block), ctx);
+                let (mut check, mut cond, mut count_when) =
+                    resume_check(name, &insn, (flag_setter.as_ref(), &block), ctx);
+                let mut insn = insn;
+                if check == CHECK_BRANCH
+                    && let Some((branch, c, when)) = thread_copy_branch(elf, &insn, count_when, &mut block, ctx)
+                {
+                    (insn, check, cond, count_when) = (branch, CHECK_BRANCH_THREAD_COPY, c, when);
+                }
                 return Ok(Site {
                     role: SiteRole::Resume,
                     handler: name.to_owned(),
