@@ -91,6 +91,7 @@ pub fn for_each_interpreter_at_most(n: usize, check: impl Fn(&Interpreter) + Syn
     let only = std::env::var("DETECTOR_TEST_INTERPRETERS").unwrap_or_default();
     let wanted = |i: &Interpreter| only.is_empty() || only.split(',').any(|p| i.name.starts_with(p));
     let all: Vec<Interpreter> = interpreters().into_iter().filter(wanted).collect();
+    assert!(!all.is_empty(), "DETECTOR_TEST_INTERPRETERS={only} names no interpreter");
     let mut failures = Vec::new();
     for group in all.chunks(n) {
         failures.extend(run_in_parallel(group, &check));

@@ -67,6 +67,14 @@ fn every_interpreter_is_analysed() {
             assert_eq!(s["emulated"], true, "{s}");
         }
         assert_eq!(a["disagreements"], Value::Array(vec![]), "sources disagree");
+        if i.free_threaded {
+            // Its hot site decides from the flags whether the frame runs this
+            // thread's copy of the bytecode: no read per hit.
+            let check =
+                a["sites"].as_array().unwrap().iter().find(|s| s["handler"] == "RESUME_CHECK").unwrap()["check"]
+                    .clone();
+            assert_eq!(check, detector_common::CHECK_BRANCH_THREAD_COPY, "{}", i.name);
+        }
         let sources = offset_sources(&a);
         let handlers = &a["handlers"]["source"];
         match i.name.as_str() {

@@ -97,8 +97,9 @@ fn four_threads_at_once() {
         assert_eq!(tids.len(), 4, "hits from 4 distinct threads");
         if i.free_threaded {
             // No GIL: they run at once, and each thread's first call of each
-            // target starts on the main copy of its bytecode and is moved to
-            // the thread's own (RESUME_CHECK, then RESUME, pass uncounted).
+            // target starts on the main copy of its bytecode, whose RESUME
+            // moves it to the thread's own copy uncounted: 4 threads, 2
+            // targets.
             let skips = s.stats["redispatch_skips"].as_u64().unwrap();
             assert!(skips >= 8, "{}: {skips} passes moved to a thread's copy", i.name);
         }

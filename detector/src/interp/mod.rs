@@ -182,7 +182,7 @@ pub fn analyze(
     refuse_unsupported(version, flavour)?;
     let minor = version.minor;
     let dwarf = dwarf::find(elf, object, root)?;
-    if flavour == Flavour::Debug && dwarf.is_none() {
+    if (flavour == Flavour::Debug || version::is_debug(elf)) && dwarf.is_none() {
         // The built-in tables are release builds'; a debug build's layouts
         // are taken from its own DWARF, which such builds normally carry.
         return Err(AnalysisError::Unsupported(format!(
@@ -222,7 +222,7 @@ pub fn analyze(
     if minor >= 11 {
         let labels = dwarf.as_ref().map(|(info, _)| &info.labels);
         let (found, info, all) = resume_handlers(elf, labels, minor, &mut warnings)?;
-        sites.extend(resume_sites(elf, &found, minor, (&table.values, &mut warnings))?);
+        sites.extend(resume_sites(elf, &found, minor, &table.values)?);
         // 3.11's tracing handler is the dispatch table's last entry.
         let tracing = if minor == 11 { table_entry(elf, labels, minor, "TARGET_DO_TRACING", 255) } else { None };
         let redispatchers: Vec<u64> = found.iter().map(|(_, a)| *a).chain(tracing).collect();
@@ -435,7 +435,7 @@ fn resume_sites(
     elf: &ElfImage,
     handlers: &[Handler],
     minor: u8,
-    (o, warnings): (&offsets::Offsets, &mut Vec<String>),
+    o: &offsets::Offsets,
 ) -> Result<Vec<Site>, AnalysisError> {
     let ctx = ResumeContext {
         minor,
@@ -466,10 +466,8 @@ fn resume_sites(
     if uncounted.is_empty() {
         return Ok(first);
     }
-    sites(&uncounted).or_else(|e| {
-        warnings.push(format!("{e}: RESUME's site not moved to where it joins a de-optimised pass"));
-        Ok(first)
-    })
+    // The first pass's sites would let such a pass start a body uncounted.
+    sites(&uncounted)
 }
 
 /// `code_dealloc`, found through `PyCode_Type.tp_dealloc` (both the type and

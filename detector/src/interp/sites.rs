@@ -419,13 +419,21 @@ fn straight_line(elf: &ElfImage, handler: u64) -> Result<Vec<Instruction>, Analy
 }
 
 /// Where a pass that `site` does not count goes on (a de-optimisation, say),
-/// if its branch decides that from the flags.
+/// if its branch decides that from the flags: for a site at the bytecode
+/// copy's branch, where the version branch before it de-optimises.
 pub fn uncounted_edge(elf: &ElfImage, site: &Site) -> Option<u64> {
-    if site.check != CHECK_BRANCH {
-        return None;
-    }
-    let insn = decoder(elf, site.addr).ok()?.decode();
-    Some(if site.count_when == 1 { insn.next_ip() } else { insn.near_branch_target() })
+    let (branch, count_when) = match site.check {
+        CHECK_BRANCH => (decoder(elf, site.addr).ok()?.decode(), site.count_when),
+        CHECK_BRANCH_THREAD_COPY => {
+            let block = straight_line(elf, site.handler_addr).ok()?;
+            let at = block.last().map_or(site.handler_addr, |i| i.next_ip());
+            let version = decoder(elf, at).ok()?.decode();
+            // It stays on equal, as `resume_check` has it.
+            (version, u8::from(version.condition_code() == ConditionCode::e))
+        }
+        _ => return None,
+    };
+    Some(if count_when == 1 { branch.next_ip() } else { branch.near_branch_target() })
 }
 
 /// How a RESUME site tells a real start from a pass the handler undoes.
@@ -481,7 +489,7 @@ fn loaded_from(block: &[Instruction], user: &Instruction, reg: Register, disp: u
         i.mnemonic() == Mnemonic::Mov
             && i.op_count() == 2
             && i.op1_kind() == OpKind::Memory
-            && i.memory_base() != Register::RIP
+            && !matches!(i.memory_base(), Register::RIP | Register::RSP)
             && i.memory_displacement64() == disp
     })
 }

@@ -186,11 +186,13 @@ pub fn flavour(elf: &ElfImage, name: &str, free_threaded: Option<bool>) -> Flavo
     if free_threaded == Some(true) || t_suffix || elf.symbol("_Py_MergeZeroLocalRefcount").is_some() {
         return Flavour::FreeThreaded;
     }
+    if is_debug(elf) { Flavour::Debug } else { Flavour::Release }
+}
+
+/// A `Py_DEBUG` build (free-threaded ones too, whose layouts differ again).
+pub fn is_debug(elf: &ElfImage) -> bool {
     // Only builds with Py_REF_DEBUG (implied by Py_DEBUG) define these.
-    if elf.symbol("_Py_NegativeRefcount").is_some() || elf.symbol("_Py_RefTotal").is_some() {
-        return Flavour::Debug;
-    }
-    Flavour::Release
+    elf.symbol("_Py_NegativeRefcount").is_some() || elf.symbol("_Py_RefTotal").is_some()
 }
 
 #[cfg(test)]

@@ -100,13 +100,15 @@ fn bytecode_of(objs: &Objects<'_>, f: &CallerFrame) -> Option<u64> {
     if o.code_tlbc == detector_common::NO_OFFSET {
         return Some(own);
     }
+    // A code object is a variable-size object of `ob_size` code units.
     let units = mem.i64(f.code.checked_add(o.tuple_size as u64)?).ok()?.clamp(0, MAX_CODE_UNITS);
     let copies = mem.ptr(f.code, o.code_tlbc).ok()?;
     let count = mem.i64(copies).ok()?.clamp(0, MAX_BYTECODE_COPIES);
     let entries = mem.bytes(copies.checked_add(8)?, count as usize * 8).ok()?;
     let holds = |start: u64| (start..start.saturating_add(units as u64 * 2)).contains(&f.instr);
-    let copy = entries.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap())).find(|&c| c != 0 && holds(c));
-    Some(copy.unwrap_or(own))
+    // The first copy is the code object's own; an instruction in none of
+    // them has no line to give.
+    entries.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap())).find(|&c| c != 0 && holds(c))
 }
 
 /// Where the target's own package lives: its top-level package's

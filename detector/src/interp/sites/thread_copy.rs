@@ -1,7 +1,7 @@
 //! Free-threaded builds: where RESUME_CHECK decides that a frame runs this
 //! thread's copy of the bytecode, the branch a per-call site moves to.
 
-use iced_x86::{ConditionCode, FlowControl, Instruction, Mnemonic, OpKind};
+use iced_x86::{ConditionCode, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 use super::{ResumeContext, cc_index, decoder, emulated, sets_flags};
 use crate::interp::elf::ElfImage;
@@ -41,6 +41,7 @@ pub(super) fn thread_copy_branch(
                 let compares = flag_setter.is_some_and(|f: Instruction| {
                     f.mnemonic() == Mnemonic::Cmp
                         && (0..f.op_count()).any(|i| f.op_kind(i) == OpKind::Memory)
+                        && !matches!(f.memory_base(), Register::RIP | Register::RSP)
                         && f.memory_displacement64() == ctx.frame_tlbc_index as u64
                 });
                 let (cond, when) = match insn.condition_code() {
