@@ -37,6 +37,10 @@ pub const EVENT_TRAP_SIGNAL: u32 = 9;
 /// it, see [`CallersEvent`].
 pub const EVENT_CALLERS: u32 = 10;
 
+/// A watched process's tier-2 optimizer is about to compile: see
+/// [`Tier2Event`].
+pub const EVENT_TIER2: u32 = 11;
+
 /// Frames above a target's recorded at its first hit.
 pub const CALLER_DEPTH: usize = 8;
 
@@ -162,6 +166,21 @@ pub struct TrapSignalEvent {
     /// `si_code`: `TRAP_BRKPT` (1), `TRAP_TRACE` (2), `TRAP_HWBKPT` (4),
     /// `SI_KERNEL` (0x80)...
     pub code: i32,
+}
+
+/// A watched process entered its tier-2 optimizer (`_PyOptimizer_Optimize`):
+/// its JIT is on, and code it compiles from here on starts functions
+/// without the interpreter's RESUME handlers or a read of their bytecode.
+/// Sent once per process (see [`crate::maps::WATCHED_TIER2`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tier2Event {
+    /// `kind == EVENT_TIER2`, and the process.
+    pub header: EventHeader,
+    /// Thread.
+    pub tid: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
 /// `PyEval_EvalCode(code, globals, locals)` was entered in a process that

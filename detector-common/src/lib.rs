@@ -52,6 +52,9 @@ pub mod programs {
     /// Tracepoint `signal/signal_generate`: a SIGTRAP the kernel sent to a
     /// watched process.
     pub const TRAP_SIGNAL: &str = "trap_signal";
+    /// `_PyOptimizer_Optimize` entry: the tier-2 optimizer (the JIT) is about
+    /// to compile in a watched process.
+    pub const TIER2_START: &str = "py_tier2_start";
 }
 
 #[cfg(feature = "user")]

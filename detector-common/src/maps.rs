@@ -48,8 +48,12 @@ pub const IDENTITIES: &str = "IDENTITIES";
 /// being read): classified as no target there.
 pub const UNAFFECTED: &str = "UNAFFECTED";
 /// `HashMap<u32 tgid, u8>`: processes being watched (forks of these are
-/// reported).
+/// reported), with [`WATCHED_YES`] and, once seen, [`WATCHED_TIER2`].
 pub const WATCHED: &str = "WATCHED";
+/// A [`WATCHED`] value's bit: the process is watched.
+pub const WATCHED_YES: u8 = 1;
+/// A [`WATCHED`] value's bit: its tier-2 optimizer's entry was reported.
+pub const WATCHED_TIER2: u8 = 2;
 /// `HashMap<WatchKey, WatchEntry>`: code units under a hardware watchpoint
 /// (the watch strategy), by process and address.
 pub const WATCHES: &str = "WATCHES";

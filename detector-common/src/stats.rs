@@ -29,8 +29,11 @@ pub const SCRATCH_RACES: u32 = 9;
 pub const PENDING_REFUSED: u32 = 10;
 /// SIGTRAPs the kernel itself sent to threads of watched processes.
 pub const TRAP_SIGNALS: u32 = 11;
+/// Entries into the tier-2 optimizer of watched processes reported (once
+/// per process).
+pub const TIER2_STARTS: u32 = 12;
 /// Number of counters.
-pub const COUNT: u32 = 12;
+pub const COUNT: u32 = 13;
 
 /// Counter names, by index, for metrics and summaries.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -46,4 +49,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "scratch_races",
     "pending_refused",
     "trap_signals",
+    "tier2_starts",
 ];

@@ -10,6 +10,7 @@
 //! - [`watch`]: a hardware watchpoint on the unit that starts a target's
 //!   body (the watch strategy, 3.11+): only that function's starts pay.
 //! - [`trap_signal`]: a SIGTRAP the kernel sent to a watched process.
+//! - [`tier2`]: the tier-2 optimizer (the JIT) starts in a watched process.
 //! - [`func_new`]: `PyFunction_NewWithQualName` entry on 3.8-3.10, which
 //!   records each code object's qualified name and module as functions are
 //!   made, since 3.8-3.10 frames and code objects carry neither.
@@ -34,6 +35,7 @@ mod mem;
 mod module_exec;
 mod regs;
 mod resume;
+mod tier2;
 mod trap_signal;
 mod verdict;
 mod watch;
@@ -82,6 +84,13 @@ pub fn py_module_exec(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn py_code_dealloc(ctx: ProbeContext) -> u32 {
     code_dealloc::run(&ctx);
+    0
+}
+
+/// See [`tier2`].
+#[uprobe]
+pub fn py_tier2_start(_ctx: ProbeContext) -> u32 {
+    tier2::run();
     0
 }
 

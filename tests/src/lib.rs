@@ -125,6 +125,12 @@ pub fn signal(pid: u32, signal: i32) {
     unsafe { libc::kill(pid as i32, signal) };
 }
 
+/// Sends `signal` to the process group `pgid`.
+pub fn signal_group(pgid: u32, signal: i32) {
+    // SAFETY: plain integer arguments.
+    unsafe { libc::kill(-(pgid as i32), signal) };
+}
+
 /// Forked workers, named by the `workers PID...` line their parent
 /// printed; killed when dropped, so a failed test leaves none behind (they
 /// would hold the test's output open).

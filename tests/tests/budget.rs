@@ -96,7 +96,8 @@ fn over_budget_without_a_cheaper_strategy_suspends_then_tries_again() {
     assert_eq!(p.strategy, "suspended", "{p:?}");
     // Every target is blind while it is suspended, and it says why.
     assert_eq!(p.targets_by_strategy, BTreeMap::from([(TargetStrategy::None, 2)]), "{p:?}");
-    assert_eq!(p.probes, 0, "{p:?}");
+    // Only the guards: code deallocation, and the JIT's start where built in.
+    assert_eq!(p.probes, i.guards(), "{p:?}");
     let ModeReport::Suspended { why, .. } = &p.mode else { panic!("not suspended: {p:?}") };
     assert!(why.contains("over budget") && why.contains("wl.hot:twin"), "{why}");
     agent.wait_metric(r#"detector_processes_by_strategy{strategy="suspended"}"#, 1.0);

@@ -37,8 +37,8 @@ fn attach_before_imports(i: &Interpreter, targets: &[&str]) -> (Fixture, Dump) {
     );
     let attached = attached_report(&d.seen[0]);
     assert_eq!(attached.process.strategy, "watch", "{}: {attached:?}", i.name);
-    // The deallocation and module-execution probes: nothing per call.
-    assert_eq!(attached.process.probes, 2, "{}: {attached:?}", i.name);
+    // The guards and the module-execution probe: nothing per call.
+    assert_eq!(attached.process.probes, i.guards() + 1, "{}: {attached:?}", i.name);
     assert_eq!(watching(&attached.process).2, targets.len(), "{}: {attached:?}", i.name);
     for t in targets {
         assert_eq!(attached.target_strategies[*t], TargetStrategy::Pending, "{}: {attached:?}", i.name);
@@ -101,7 +101,7 @@ fn a_catalog_whose_modules_are_never_imported_costs_nothing() {
         let mut d = run_reaching(fixture.pid(), &targets, &["--strategy", "auto", "--overhead-budget", "1"]);
         let attached = attached_report(d.seen.iter().find(|v| v["type"] == "attached").unwrap()).process;
         assert_eq!(attached.strategy, "watch+reachability", "{}: {attached:?}", i.name);
-        assert_eq!(attached.probes, 2, "{}: {attached:?}", i.name);
+        assert_eq!(attached.probes, i.guards() + 1, "{}: {attached:?}", i.name);
         let (units, _, pending) = watching(&attached);
         assert_eq!((units, pending), (0, targets.len()), "{}: {attached:?}", i.name);
         // Call-heavy for longer than the budget's window: no probe runs,

@@ -3,10 +3,11 @@
 //! on first use and cached in the xtask cache, a directory per version and
 //! flags, so every clone on a machine reuses them: 3.13 without computed
 //! gotos, 3.15 with DWARF, 3.14 and 3.15 with the tail-calling interpreter,
-//! 3.14 as the official container images build it, and 3.14 and 3.15
-//! free-threaded. The tests find them in a manifest (`DETECTOR_TEST_BUILDS`):
-//! one line per build, its name, minor version (`14t` if free-threaded),
-//! interpreter and stripped copy (if any).
+//! 3.14 as the official container images build it, 3.14 and 3.15
+//! free-threaded, and 3.14 with the JIT on by default. The tests find them
+//! in a manifest (`DETECTOR_TEST_BUILDS`): one line per build, its name,
+//! minor version (`14t` if free-threaded), interpreter and stripped copy
+//! (if any).
 
 use std::{fs, path::PathBuf, process::Command};
 
@@ -48,6 +49,11 @@ impl Build {
     fn free_threaded(&self) -> bool {
         self.flags.contains(&FREE_THREADED[0])
     }
+
+    /// The JIT built in, and on unless `PYTHON_JIT=0`.
+    fn jit(&self) -> bool {
+        self.flags.contains(&JIT[0])
+    }
 }
 
 const PY313: (&str, &str, &str) = (
@@ -72,6 +78,10 @@ const TAIL_CALL: &[&str] = &["--with-tail-call-interp"];
 
 /// No GIL: 32-byte object headers, a copy of the bytecode per thread.
 const FREE_THREADED: &[&str] = &["--disable-gil"];
+
+/// The JIT, on by default: its stencils are compiled at build time with
+/// clang and LLVM 19, by a script run with an installed Python 3.11+.
+const JIT: &[&str] = &["--enable-experimental-jit=yes"];
 
 const BUILDS: &[Build] = &[
     // Handlers reached through a `switch`: analysed from DWARF labels,
@@ -165,6 +175,18 @@ const BUILDS: &[Build] = &[
         installed: false,
         key: "3.15.0rc2-freethreaded",
     },
+    Build {
+        name: "jit-3.14",
+        version: PY314.0,
+        tarball: PY314.1,
+        sha256: PY314.2,
+        cc: Some("clang-19"),
+        flags: JIT,
+        targets: &[],
+        stripped: false,
+        installed: false,
+        key: "3.14.7-jit-clang19",
+    },
 ];
 
 /// Builds every interpreter the tests need that is missing (a minute or
@@ -214,6 +236,9 @@ fn build(b: &Build) -> Result<PathBuf> {
     if let Some(cc) = b.cc {
         apt::ensure(cc, cc)?;
     }
+    if b.jit() {
+        apt::ensure("llvm-19", "llvm-readobj-19")?;
+    }
     fs::create_dir_all(&base)?;
     let tarball = download(b, &base)?;
     if src.exists() {
@@ -225,6 +250,10 @@ fn build(b: &Build) -> Result<PathBuf> {
     configure.args(b.flags).args(["--disable-test-modules", "--quiet"]).current_dir(&src);
     if let Some(cc) = b.cc {
         configure.env("CC", cc);
+    }
+    if b.jit() {
+        // Not a pyenv shim, which may name a version it does not have.
+        configure.env("PYTHON_FOR_REGEN", "/usr/bin/python3");
     }
     if b.installed {
         configure.arg(format!("--prefix={}", prefix.display()));

@@ -1,6 +1,7 @@
 //! Attaching uprobes to one process's interpreter: the per-call sites with
-//! what they need pre-filled, and the rare-event sites (deallocation, module
-//! execution). Each function leaves nothing attached when it fails.
+//! what they need pre-filled, and the rare-event sites (deallocation, the
+//! tier-2 optimizer's start, module execution). Each function leaves
+//! nothing attached when it fails.
 
 use detector_common::{FAMILY_FRAME_ARG, MODE_PER_CALL, SiteCookie};
 use tracing::{debug, info};
@@ -57,11 +58,23 @@ pub(crate) fn role(
     Ok(links)
 }
 
-/// The deallocation probe: no verdict, identity or watched unit may outlive
-/// its code object. Deallocations are rare next to calls.
-pub(crate) fn deallocations(probes: &mut Probes, p: &PythonProcess) -> Result<Vec<Link>, AttachError> {
+/// The probes every attached mode keeps: code deallocation (no verdict,
+/// identity or watched unit may outlive its code object) and the tier-2
+/// optimizer's entry (a JIT that starts stops the counting). Both are rare
+/// next to calls.
+pub(crate) fn guards(probes: &mut Probes, p: &PythonProcess) -> Result<Vec<Link>, AttachError> {
     let _attaching = probes.attaching();
-    role(probes, p, SiteRole::CodeDealloc, ProbeKind::CodeDealloc)
+    let mut links = role(probes, p, SiteRole::CodeDealloc, ProbeKind::CodeDealloc)?;
+    match role(probes, p, SiteRole::Tier2Start, ProbeKind::Tier2Start) {
+        Ok(tier2) => {
+            links.extend(tier2);
+            Ok(links)
+        }
+        Err(e) => {
+            detach_all(probes, links);
+            Err(e)
+        }
+    }
 }
 
 /// The module-execution probe (empty where the build has no such site).
@@ -71,7 +84,7 @@ pub(crate) fn imports(probes: &mut Probes, p: &PythonProcess) -> Result<Vec<Link
 }
 
 /// Attaches every per-call site and switches the process's slot to count
-/// them. The deallocation probe must be attached already.
+/// them. The guards must be attached already.
 pub(crate) fn per_call(
     probes: &mut Probes,
     p: &PythonProcess,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ProcessWatch,
-    process::Mode,
+    mode::Mode,
     walker::{Job, Look},
 };
 use crate::{

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tracing::debug;
 
-use super::{ProcessWatch, process::Mode};
+use super::{ProcessWatch, mode::Mode};
 use crate::{
     pyproc::{PythonProcess, body, body::Found, mem::ProcessMemory, warmup},
     targets::TargetSet,

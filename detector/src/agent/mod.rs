@@ -7,6 +7,7 @@ pub mod callers;
 pub(crate) mod discovery;
 pub mod exposure;
 mod fork;
+mod mode;
 pub(crate) mod node;
 mod process;
 pub mod report;

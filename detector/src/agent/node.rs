@@ -557,6 +557,7 @@ impl Node {
             m.strategy(strategy.name(), n as i64);
         }
         m.strategy("suspended", session.watches().filter(|w| w.suspension().is_some()).count() as i64);
+        m.strategy("blind", session.watches().filter(|w| w.blindness().is_some()).count() as i64);
         m.probe_overhead.set(session.watches().filter_map(|w| w.meter.share).sum());
     }
 }

@@ -1,8 +1,6 @@
 //! One watched process as a state machine: how its targets are observed
-//! ([`Mode`]: probed per call, under watchpoints, suspended) and how its hits
-//! are counted ([`Counting`]: exactly, or once per target), with the
-//! transitions between them. Each mode holds exactly the kernel objects it
-//! attached, so leaving it closes exactly those.
+//! ([`Mode`]) and how its hits are counted ([`Counting`]: exactly, or once
+//! per target), with the transitions between them.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -10,18 +8,19 @@ use std::{
 };
 
 use detector_common::{FAMILY_FRAME_ARG, MODE_WATCH};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
     AttachError, Strategy,
     attach::{self, PerCallLinks},
     budget, discovery,
     exposure::{Exposure, Versions},
+    mode::{Arming, Mode, PerCall, Suspension, Watching, start},
     sampling,
     tenant::Tenant,
     walker::{Job, Look, Targets, Walked},
     walks::LoopShare,
-    watchpoints::{Armed, CannotWatch, Fit},
+    watchpoints::{CannotWatch, Fit},
 };
 use crate::{
     bpf::{Link, Probes, reaper::Buried},
@@ -29,34 +28,6 @@ use crate::{
     pyproc::PythonProcess,
     targets::{Target, TargetSet},
 };
-
-/// How a process's targets are observed now.
-pub(crate) enum Mode {
-    /// Uprobes at every per-call site of the interpreter.
-    PerCall(PerCall),
-    /// Hardware watchpoints on the targets' body starts.
-    Watch(Watching),
-    /// Over budget: nothing attached until it is tried again.
-    Suspended(Suspension),
-    /// Nothing attached any more (the process is gone, or the agent stops).
-    Detached,
-}
-
-/// The per-call mode's probes.
-pub(crate) struct PerCall {
-    pub(super) links: PerCallLinks,
-    pub(super) dealloc: Vec<Link>,
-    /// Why watchpoints were not used, where they were wanted.
-    pub(super) fallback: Option<String>,
-}
-
-/// The watch mode's watchpoints and probes.
-pub(crate) struct Watching {
-    pub(super) armed: Armed,
-    pub(super) dealloc: Vec<Link>,
-    /// The module-execution probe, attached while a target is pending.
-    pub(super) imports: Vec<Link>,
-}
 
 /// What a tick found.
 #[derive(Default)]
@@ -66,12 +37,6 @@ pub(crate) struct Ticked {
     /// Targets whose code objects show they ran (reachability), with the
     /// code object.
     pub ran: Vec<(u32, u64)>,
-}
-
-/// Why and until when a process is suspended.
-pub(crate) struct Suspension {
-    pub(super) until: Instant,
-    pub(super) why: String,
 }
 
 /// How hits are counted.
@@ -91,74 +56,11 @@ impl Counting {
     /// How many body starts may be watched: sharing the debug registers
     /// over time is for reachability only (a miss there delays a report,
     /// it never falsifies a count).
-    fn fit(&self) -> Fit {
+    pub(super) fn fit(&self) -> Fit {
         match self {
             Counting::Exact => Fit::Registers,
             Counting::Reachability(_) => Fit::Rotate,
         }
-    }
-}
-
-/// When the targets' body starts are armed.
-#[derive(Clone, Copy)]
-enum Arming {
-    /// Now, walking the process on the loop: a budget's switch, where the
-    /// watchpoints must be armed before the per-call probes go.
-    Now,
-    /// Once a walk off the loop has found them: each is pending until then.
-    Later,
-}
-
-impl Watching {
-    /// Arms the unreached targets' body starts `when` asked, but those left
-    /// `unwatched`; the caller has attached the deallocation probe.
-    fn arm(
-        probes: &mut Probes,
-        p: &PythonProcess,
-        (targets, unwatched): (&TargetSet, &BTreeSet<u32>),
-        counting: &Counting,
-        dealloc: Vec<Link>,
-        when: Arming,
-    ) -> Result<Watching, (CannotWatch, Vec<Link>)> {
-        let unreached = targets.iter().filter(|(_, id)| !counting.seen(*id) && !unwatched.contains(id));
-        let armed = match when {
-            Arming::Now => Armed::arm(probes, p, unreached, counting.fit()),
-            Arming::Later => Armed::pending_all(probes, p, unreached, counting.fit()),
-        };
-        match armed {
-            Ok(armed) => {
-                let mut w = Watching { armed, dealloc, imports: Vec::new() };
-                w.follow_imports(probes, p);
-                Ok(w)
-            }
-            Err(e) => Err((e, dealloc)),
-        }
-    }
-
-    /// Attaches the module-execution probe while a target is not reached
-    /// (pending, or armed: an interpreter of its own, or a reload, may
-    /// define it anew), and detaches it once every one is.
-    fn follow_imports(&mut self, probes: &mut Probes, p: &PythonProcess) {
-        let pending = self.armed.follows_imports();
-        if pending && self.imports.is_empty() {
-            match attach::imports(probes, p) {
-                Ok(links) => self.imports = links,
-                Err(e) if !p.gone() => {
-                    warn!(pid = p.pid, error = %format!("{e:#}"), "cannot follow imports: pending targets are found by the rescan only");
-                }
-                Err(_) => {}
-            }
-        } else if !pending && !self.imports.is_empty() {
-            attach::detach_all(probes, std::mem::take(&mut self.imports));
-            debug!(pid = p.pid, "every target reached: no longer following imports");
-        }
-    }
-
-    /// Disarms everything and returns the deallocation probe.
-    fn close(mut self, probes: &mut Probes) -> Vec<Link> {
-        self.armed.disarm(probes);
-        attach::detach_all(probes, std::mem::take(&mut self.imports));
-        self.dealloc
     }
 }
 
@@ -210,7 +112,7 @@ impl ProcessWatch {
         reachability: bool,
     ) -> Result<Self, AttachError> {
         let counting = if reachability { Counting::Reachability(HashSet::new()) } else { Counting::Exact };
-        let mode = start(probes, &process, (targets, &unwatched), strategy, &counting)?;
+        let mode = start(probes, (&process, None), (targets, &unwatched), strategy, &counting)?;
         Ok(Self::with_mode(process, mode, counting, unwatched))
     }
 
@@ -241,7 +143,7 @@ impl ProcessWatch {
     pub fn attach_floor(probes: &mut Probes, process: PythonProcess) -> Result<Self, AttachError> {
         let links = attach::floor(probes, &process)?;
         let links = PerCallLinks { links, prefilled_threads: 0, prefilled_identities: 0 };
-        let mode = Mode::PerCall(PerCall { links, dealloc: Vec::new(), fallback: None });
+        let mode = Mode::PerCall(PerCall { links, guards: Vec::new(), fallback: None });
         Ok(Self::with_mode(process, mode, Counting::Exact, BTreeSet::new()))
     }
 
@@ -257,16 +159,16 @@ impl ProcessWatch {
         }
         let Mode::PerCall(pc) = std::mem::replace(&mut self.mode, Mode::Detached) else { unreachable!() };
         let both = (targets, &self.unwatched);
-        let armed = match Watching::arm(probes, &self.process, both, &self.counting, pc.dealloc, Arming::Now) {
+        let armed = match Watching::arm(probes, &self.process, both, &self.counting, pc.guards, Arming::Now) {
             Ok(w) => w,
-            Err((e, dealloc)) => {
-                self.mode = Mode::PerCall(PerCall { dealloc, ..pc });
+            Err((e, guards)) => {
+                self.mode = Mode::PerCall(PerCall { guards, ..pc });
                 return Err(e);
             }
         };
         if let Err(e) = probes.set_mode(self.process.pid, MODE_WATCH) {
-            let dealloc = armed.close(probes);
-            self.mode = Mode::PerCall(PerCall { dealloc, ..pc });
+            let guards = armed.close(probes);
+            self.mode = Mode::PerCall(PerCall { guards, ..pc });
             return Err(e.into());
         }
         attach::detach_all(probes, pc.links.links);
@@ -290,8 +192,8 @@ impl ProcessWatch {
     fn fall_back_to_per_call(&mut self, probes: &mut Probes, targets: &TargetSet, why: &CannotWatch) {
         let Mode::Watch(w) = std::mem::replace(&mut self.mode, Mode::Detached) else { return };
         let per_call = attach::per_call(probes, &self.process, targets);
-        let dealloc = w.close(probes);
-        self.enter_per_call(probes, per_call, dealloc, why);
+        let guards = w.close(probes);
+        self.enter_per_call(probes, per_call, guards, why);
     }
 
     /// Per-call mode with `per_call` if they attached, else nothing.
@@ -299,7 +201,7 @@ impl ProcessWatch {
         &mut self,
         probes: &mut Probes,
         per_call: Result<PerCallLinks, AttachError>,
-        dealloc: Vec<Link>,
+        guards: Vec<Link>,
         why: &CannotWatch,
     ) {
         let pid = self.process.pid;
@@ -307,10 +209,10 @@ impl ProcessWatch {
             Ok(links) => {
                 let why = crate::chain(why);
                 info!(pid, reason = %why, "watchpoints no longer apply; probing every call");
-                self.mode = Mode::PerCall(PerCall { links, dealloc, fallback: Some(why) });
+                self.mode = Mode::PerCall(PerCall { links, guards, fallback: Some(why) });
             }
             Err(e) => {
-                attach::detach_all(probes, dealloc);
+                attach::detach_all(probes, guards);
                 if !self.process.gone() {
                     warn!(pid, error = %format!("{e:#}"), "watchpoints no longer apply and per-call probes cannot attach: not watched");
                 }
@@ -494,18 +396,51 @@ impl ProcessWatch {
         disarmed
     }
 
-    /// Budget: detaches everything until `until`; the process stays known.
+    /// Budget: detaches everything but the guards until `until`; the
+    /// process stays known.
     pub fn suspend(&mut self, probes: &mut Probes, until: Instant, why: String) {
-        self.detach(probes);
-        self.mode = Mode::Suspended(Suspension { until, why });
+        let guards = match std::mem::replace(&mut self.mode, Mode::Detached) {
+            Mode::PerCall(pc) => {
+                attach::detach_all(probes, pc.links.links);
+                pc.guards
+            }
+            Mode::Watch(w) => w.close(probes),
+            Mode::Suspended(s) => s.guards,
+            Mode::Blind(why) => {
+                self.mode = Mode::Blind(why);
+                return;
+            }
+            Mode::Detached => Vec::new(),
+        };
+        self.mode = Mode::Suspended(Suspension { until, why, guards });
         self.meter.reset();
+    }
+
+    /// Its JIT started (`why`): calls from now on may run in compiled code
+    /// that neither strategy sees. Detaches everything for good; the counts
+    /// so far stand. Returns whether it was not blind already.
+    pub fn blind(&mut self, probes: &mut Probes, why: String) -> bool {
+        if matches!(self.mode, Mode::Blind(_)) {
+            return false;
+        }
+        self.detach(probes);
+        self.mode = Mode::Blind(why);
+        self.meter.reset();
+        true
     }
 
     /// Attaches a suspended process again with `strategy`.
     pub fn resume(&mut self, probes: &mut Probes, targets: &TargetSet, strategy: Strategy) -> Result<(), AttachError> {
         self.meter.reset();
         let strategy = if self.watch_forbidden.is_some() { Strategy::PerCall } else { strategy };
-        match start(probes, &self.process, (targets, &self.unwatched), strategy, &self.counting) {
+        let kept = match std::mem::replace(&mut self.mode, Mode::Detached) {
+            Mode::Suspended(s) => Some(s.guards),
+            other => {
+                self.mode = other;
+                return Ok(());
+            }
+        };
+        match start(probes, (&self.process, kept), (targets, &self.unwatched), strategy, &self.counting) {
             Ok(mut mode) => {
                 if let Mode::PerCall(pc) = &mut mode {
                     pc.fallback = pc.fallback.take().or_else(|| self.watch_forbidden.clone());
@@ -537,50 +472,10 @@ impl ProcessWatch {
     /// watchpoints and returns the uprobes.
     fn close(&mut self, probes: &mut Probes) -> Vec<Link> {
         match std::mem::replace(&mut self.mode, Mode::Detached) {
-            Mode::PerCall(pc) => pc.links.links.into_iter().chain(pc.dealloc).collect(),
+            Mode::PerCall(pc) => pc.links.links.into_iter().chain(pc.guards).collect(),
             Mode::Watch(w) => w.close(probes),
-            Mode::Suspended(_) | Mode::Detached => Vec::new(),
-        }
-    }
-}
-
-/// Attaches `p` for `strategy`: the deallocation probe first (no verdict may
-/// outlive its code object), then watchpoints where they apply, else the
-/// per-call probes. On failure nothing stays attached.
-fn start(
-    probes: &mut Probes,
-    p: &PythonProcess,
-    (targets, unwatched): (&TargetSet, &BTreeSet<u32>),
-    strategy: Strategy,
-    counting: &Counting,
-) -> Result<Mode, AttachError> {
-    let dealloc = attach::deallocations(probes, p)?;
-    let (dealloc, fallback) = if strategy == Strategy::PerCall {
-        (dealloc, None)
-    } else {
-        match Watching::arm(probes, p, (targets, unwatched), counting, dealloc, Arming::Later) {
-            Ok(w) => {
-                if let Err(e) = probes.set_mode(p.pid, MODE_WATCH) {
-                    let links = w.close(probes);
-                    attach::detach_all(probes, links);
-                    return Err(e.into());
-                }
-                let pending = w.armed.pending().len();
-                info!(pid = p.pid, binary = %p.object.path, units = w.armed.units(), threads = w.armed.threads, pending,
-                    "watching process with hardware watchpoints");
-                return Ok(Mode::Watch(w));
-            }
-            Err((e, dealloc)) => {
-                info!(pid = p.pid, reason = %e, "watch strategy does not apply; probing every call");
-                (dealloc, Some(e.to_string()))
-            }
-        }
-    };
-    match attach::per_call(probes, p, targets) {
-        Ok(links) => Ok(Mode::PerCall(PerCall { links, dealloc, fallback })),
-        Err(e) => {
-            attach::detach_all(probes, dealloc);
-            Err(e)
+            Mode::Suspended(s) => s.guards,
+            Mode::Blind(_) | Mode::Detached => Vec::new(),
         }
     }
 }

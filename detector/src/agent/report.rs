@@ -10,11 +10,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ProcessWatch, Strategy,
-    discovery::Service,
-    exposure::Exposure,
-    process::{Counting, Mode},
-    watchpoints::Armed,
+    ProcessWatch, Strategy, discovery::Service, exposure::Exposure, mode::Mode, process::Counting, watchpoints::Armed,
 };
 use crate::{
     bpf::{Link, ProbeKind},
@@ -99,11 +95,16 @@ pub enum ModeReport {
         /// Targets whose module has not run yet.
         pending_targets: usize,
     },
-    /// Over budget: nothing attached, every target blind until it is
-    /// tried again.
+    /// Over budget: only the guards attached, every target blind until it
+    /// is tried again.
     Suspended {
         /// Seconds until it is tried again.
         for_secs: u64,
+        /// Why.
+        why: String,
+    },
+    /// Its JIT started: nothing attached, nothing counted from then on.
+    Blind {
         /// Why.
         why: String,
     },
@@ -126,7 +127,7 @@ pub enum TargetStrategy {
     /// Not observed: the version of its dependency here is not one its
     /// advisory affects (or is being read).
     Unwatched,
-    /// Not observed (suspended, or not found).
+    /// Not observed (suspended, blind, or not found).
     None,
 }
 
@@ -246,6 +247,7 @@ impl ProcessWatch {
                 for_secs: s.until.saturating_duration_since(Instant::now()).as_secs(),
                 why: s.why.clone(),
             },
+            Mode::Blind(why) => ModeReport::Blind { why: why.clone() },
             Mode::Detached => ModeReport::Detached,
         }
     }
@@ -255,7 +257,7 @@ impl ProcessWatch {
         match self.mode {
             Mode::PerCall(_) => Some(Strategy::PerCall),
             Mode::Watch(_) => Some(Strategy::Watch),
-            Mode::Suspended(_) | Mode::Detached => None,
+            Mode::Suspended(_) | Mode::Blind(_) | Mode::Detached => None,
         }
     }
 
@@ -268,6 +270,21 @@ impl ProcessWatch {
     pub fn suspension(&self) -> Option<(Instant, &str)> {
         match &self.mode {
             Mode::Suspended(s) => Some((s.until, &s.why)),
+            _ => None,
+        }
+    }
+
+    /// Whether a JIT that starts in it is seen (its optimizer's entry is
+    /// probed while it is attached).
+    pub(crate) fn tier2_probed(&self) -> bool {
+        let start = self.process.analysis.tier2.as_ref().map(|t| t.start);
+        matches!(start, Some(crate::interp::tier2::StartSeen::Probed { .. }))
+    }
+
+    /// Why it is blind (its JIT started), if it is.
+    pub fn blindness(&self) -> Option<&str> {
+        match &self.mode {
+            Mode::Blind(why) => Some(why),
             _ => None,
         }
     }
@@ -365,6 +382,7 @@ impl ProcessWatch {
             Mode::PerCall(_) => "per-call",
             Mode::Watch(_) => "watch",
             Mode::Suspended(_) => "suspended",
+            Mode::Blind(_) => "blind",
             Mode::Detached => "detached",
         };
         if self.reachability() { format!("{base}+reachability") } else { base.to_owned() }
@@ -372,9 +390,10 @@ impl ProcessWatch {
 
     fn links(&self) -> Vec<&Link> {
         match &self.mode {
-            Mode::PerCall(pc) => pc.links.links.iter().chain(&pc.dealloc).collect(),
-            Mode::Watch(w) => w.dealloc.iter().chain(&w.imports).collect(),
-            Mode::Suspended(_) | Mode::Detached => Vec::new(),
+            Mode::PerCall(pc) => pc.links.links.iter().chain(&pc.guards).collect(),
+            Mode::Watch(w) => w.guards.iter().chain(&w.imports).collect(),
+            Mode::Suspended(s) => s.guards.iter().collect(),
+            Mode::Blind(_) | Mode::Detached => Vec::new(),
         }
     }
 
@@ -391,6 +410,7 @@ impl ProcessWatch {
             ProbeKind::FuncNew => role == SiteRole::FunctionNew,
             ProbeKind::CodeDealloc => role == SiteRole::CodeDealloc,
             ProbeKind::ModuleExec => role == SiteRole::ModuleExec,
+            ProbeKind::Tier2Start => role == SiteRole::Tier2Start,
             ProbeKind::Empty => true,
         })
     }

@@ -12,7 +12,9 @@ mod callers;
 mod drain;
 mod ending;
 mod enforce;
+mod reachability;
 mod resolving;
+mod tier2;
 mod trap_signals;
 mod upstream;
 mod versions;
@@ -33,7 +35,7 @@ use super::{
 };
 use crate::{
     bpf::{BpfError, Capacities, PendingHits, Probes},
-    events::{EventProcessor, Hit, ProcessLookup, monotonic_ns, output::Printer},
+    events::{EventProcessor, Hit, ProcessLookup, output::Printer},
     interp::cache::AnalysisCache,
     pyproc::PythonProcess,
     sources::catalog::Advisory,
@@ -133,6 +135,8 @@ pub struct Session {
     upstream: Option<upstream::Upstream>,
     /// When hits waiting for their callers were last looked at.
     callers_checked: Option<Instant>,
+    /// When the kernel's marks of optimizers' starts were last looked for.
+    tier2_checked: Instant,
 }
 
 impl Session {
@@ -169,6 +173,7 @@ impl Session {
             forks: BTreeMap::new(),
             upstream: None,
             callers_checked: None,
+            tier2_checked: Instant::now(),
         })
     }
 
@@ -375,13 +380,15 @@ impl Session {
             watch.reach(&mut self.probes, []);
         }
         // What a forked child ran before this attach: reachability only.
-        let ran_before = match self.forks.remove(&pid) {
+        let fork = self.forks.remove(&pid);
+        let ran_before = match fork {
             Some((parent, forked)) if self.reachability => match self.watches.0.get(&parent) {
                 Some(p) => fork::runs_since_fork(&watch.process, p, forked, &self.targets),
                 None => Vec::new(),
             },
             _ => Vec::new(),
         };
+        let inherited = fork.and_then(|(parent, _)| self.inherited_blindness(parent, &watch));
         if let Err(e) = self.probes.set_watched(pid, true) {
             watch.detach(&mut self.probes);
             self.probes.clear_gates(pid);
@@ -407,6 +414,9 @@ impl Session {
             }
             None => self.announce(pid, ran_before),
         }
+        if let Some(why) = inherited {
+            self.go_blind(pid, why);
+        }
         Ok(())
     }
 
@@ -431,6 +441,9 @@ impl Session {
                     self.tick();
                     if self.rescanned.elapsed() >= RESCAN_PENDING {
                         self.rescan_pending();
+                    }
+                    if self.tier2_checked.elapsed() >= tier2::TIER2_CHECK {
+                        self.tier2_marks();
                     }
                     if let Some(every) = self.sample_every {
                         self.sample(every);
@@ -468,36 +481,6 @@ impl Session {
         self.start_walks();
     }
 
-    /// Reports reaches seen from warm-up marks: (process, target, code).
-    fn report_marked(&mut self, marked: Vec<(u32, u32, u64)>) {
-        if marked.is_empty() {
-            return;
-        }
-        let ts_ns = monotonic_ns();
-        let mut hits = Vec::new();
-        for (pid, id, code) in marked {
-            let Some(target) = self.targets.get(id) else { continue };
-            // A reach in the counts too, unless the kernel counted one.
-            if let Err(e) = self.probes.note_reached(pid, id) {
-                warn!(pid, target = %target, error = %e, "cannot record a reach seen from a warm-up mark");
-            }
-            hits.push(self.processor.marked_hit(pid, target, code, ts_ns, &self.watches));
-        }
-        self.report(hits);
-    }
-
-    /// Opens and closes reachability's sampling windows; prints what closed.
-    fn sample(&mut self, every: Duration) {
-        let now = Instant::now();
-        for (&pid, w) in self.watches.0.iter_mut() {
-            for s in w.sample(&mut self.probes, &self.targets, now, every) {
-                if let Some(target) = self.targets.get(s.target) {
-                    self.printer.sample(pid, target, s.calls, s.secs);
-                }
-            }
-        }
-    }
-
     /// Handles everything waiting in the ring buffer.
     pub fn drain(&mut self) {
         let drained =
@@ -507,6 +490,10 @@ impl Session {
 
     fn handle(&mut self, mut drained: drain::Drained) {
         for a in &drained.found {
+            // A new image is no fork's copy any more.
+            if let Activity::Exec(pid) = *a {
+                self.forks.remove(&pid);
+            }
             if let Activity::Fork { parent, child } = *a {
                 if self.forks.len() >= MAX_FORKS_AWAITING {
                     // A child not attached by now never will be (refused, or gone).
@@ -524,6 +511,9 @@ impl Session {
         }
         for (pid, tid, code) in std::mem::take(&mut drained.trap_signals) {
             self.trap_signalled(pid, tid, code);
+        }
+        for (pid, tid) in std::mem::take(&mut drained.tier2) {
+            self.tier2_started(pid, Some(tid));
         }
         // Hits first: a target they reach is disarmed, and its code object
         // freed since (a process exiting frees them all) needs nothing.

@@ -125,19 +125,22 @@ pub enum ProbeKind {
     CodeDealloc,
     /// `PyEval_EvalCode` entry: module bodies starting.
     ModuleExec,
+    /// `_PyOptimizer_Optimize` entry: the JIT starting.
+    Tier2Start,
     /// Does nothing (benchmark floor).
     Empty,
 }
 
 impl ProbeKind {
     /// Every program in the object.
-    pub const ALL: [ProbeKind; 7] = [
+    pub const ALL: [ProbeKind; 8] = [
         ProbeKind::EvalEntry,
         ProbeKind::EvalCall,
         ProbeKind::Resume,
         ProbeKind::FuncNew,
         ProbeKind::CodeDealloc,
         ProbeKind::ModuleExec,
+        ProbeKind::Tier2Start,
         ProbeKind::Empty,
     ];
 
@@ -149,6 +152,7 @@ impl ProbeKind {
             ProbeKind::FuncNew => programs::FUNC_NEW,
             ProbeKind::CodeDealloc => programs::CODE_DEALLOC,
             ProbeKind::ModuleExec => programs::MODULE_EXEC,
+            ProbeKind::Tier2Start => programs::TIER2_START,
             ProbeKind::Empty => programs::EMPTY,
         }
     }
@@ -363,11 +367,16 @@ impl Probes {
     /// Marks a process as watched (its forks are reported) or not.
     pub fn set_watched(&mut self, pid: u32, watched: bool) -> Result<(), BpfError> {
         if watched {
-            self.watched.insert(pid, 1, 0).map_err(map_err(maps::WATCHED))
+            self.watched.insert(pid, detector_common::WATCHED_YES, 0).map_err(map_err(maps::WATCHED))
         } else {
             let _ = self.watched.remove(&pid);
             Ok(())
         }
+    }
+
+    /// Whether the tier-2 optimizer's entry marked `pid` (its JIT started).
+    pub fn tier2_marked(&self, pid: u32) -> bool {
+        self.watched.get(&pid, 0).is_ok_and(|v| v & detector_common::WATCHED_TIER2 != 0)
     }
 
     /// Attaches `kind` at file offset `offset` of `path` for process `pid`.

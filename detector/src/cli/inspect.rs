@@ -7,7 +7,7 @@ use anyhow::Context;
 use crate::{
     agent::{Strategy, watchpoints},
     events::output::Format,
-    interp::{Analysis, analyze, cache::AnalysisCache, elf::ElfImage},
+    interp::{Analysis, analyze, cache::AnalysisCache, elf::ElfImage, tier2::StartSeen},
     pyproc::{self, body},
     targets::Target,
 };
@@ -159,6 +159,18 @@ fn text(a: &Analysis, p: Option<&pyproc::PythonProcess>) -> String {
             None => "PYTHON_JIT in its environment says so".to_owned(),
         };
         println!("tier 2      built in: a process running it (the JIT) is refused; on when {flag}");
+        let seen = match t.start {
+            StartSeen::Probed { calls: 0 } => {
+                "its entry is never called directly: a JIT that starts later may go unseen".to_owned()
+            }
+            StartSeen::Probed { calls } => format!(
+                "its entry (called from {calls} place{}) is probed: a JIT that starts later stops the counting, \
+                 with the reason",
+                if calls == 1 { "" } else { "s" }
+            ),
+            StartSeen::NotProbed => "its entry runs with the JIT off too: a JIT that starts later goes unseen".into(),
+        };
+        println!("tier 2      {seen}");
     }
     for s in &a.sites {
         println!(

@@ -103,7 +103,8 @@ impl EventProcessor {
             | Record::WatchFreed { .. }
             | Record::ModuleExec(_)
             | Record::Callers(_)
-            | Record::TrapSignal { .. } => None,
+            | Record::TrapSignal { .. }
+            | Record::Tier2 { .. } => None,
         }
     }
 

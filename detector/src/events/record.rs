@@ -3,8 +3,9 @@
 
 use detector_common::{
     CallerFrame, CallersEvent, CandidateEvent, CodeEvent, EVENT_CALLERS, EVENT_CANDIDATE, EVENT_CODE, EVENT_EXEC,
-    EVENT_FORK, EVENT_HIT, EVENT_MODULE_EXEC, EVENT_PENDING_FREED, EVENT_TRAP_SIGNAL, EVENT_WATCH_FREED, EventHeader,
-    FreedEvent, HitEvent, ModuleExecEvent, PendingFreedEvent, ProcessEvent, TrapSignalEvent, name_bytes,
+    EVENT_FORK, EVENT_HIT, EVENT_MODULE_EXEC, EVENT_PENDING_FREED, EVENT_TIER2, EVENT_TRAP_SIGNAL, EVENT_WATCH_FREED,
+    EventHeader, FreedEvent, HitEvent, ModuleExecEvent, PendingFreedEvent, ProcessEvent, Tier2Event, TrapSignalEvent,
+    name_bytes,
 };
 
 /// A decoded record.
@@ -69,6 +70,13 @@ pub enum Record {
         /// `si_code`.
         code: i32,
     },
+    /// A watched process entered its tier-2 optimizer: its JIT is on.
+    Tier2 {
+        /// The process.
+        pid: u32,
+        /// The thread.
+        tid: u32,
+    },
 }
 
 /// The frames above a target at its first hit, innermost first.
@@ -130,6 +138,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
         EVENT_TRAP_SIGNAL => {
             read::<TrapSignalEvent>(bytes).map(|e| Record::TrapSignal { pid: e.header.tgid, tid: e.tid, code: e.code })
         }
+        EVENT_TIER2 => read::<Tier2Event>(bytes).map(|e| Record::Tier2 { pid: e.header.tgid, tid: e.tid }),
         EVENT_CALLERS => read::<CallersEvent>(bytes).map(|e| {
             let depth = (e.depth as usize).min(e.frames.len());
             Record::Callers(Callers {

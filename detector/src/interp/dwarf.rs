@@ -57,6 +57,9 @@ pub struct DwarfInfo {
     label_names: HashMap<u64, String>,
     /// Concrete instances: (abstract origin, address).
     label_instances: Vec<(u64, u64)>,
+    /// Whether clang compiled the evaluation loop (`ceval.c`'s unit), if
+    /// that unit is here.
+    pub ceval_by_clang: Option<bool>,
 }
 
 type Reader<'a> = EndianSlice<'a, RunTimeEndian>;
@@ -140,6 +143,9 @@ impl DwarfInfo {
                 None => None,
             };
             match entry.tag() {
+                gimli::DW_TAG_compile_unit if name.as_deref().is_some_and(|n| n.ends_with("ceval.c")) => {
+                    self.ceval_by_clang = producer(dwarf, unit, entry)?.map(|p| p.contains("clang"));
+                }
                 gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type => {
                     if entry.attr_value(gimli::DW_AT_declaration).is_some() {
                         if let Some(n) = name {
@@ -234,6 +240,16 @@ impl DwarfInfo {
     pub fn size_of(&self, type_name: &str) -> Option<u64> {
         self.resolve(*self.names.get(type_name)?).map(|(size, _)| size)
     }
+}
+
+/// A unit's `DW_AT_producer`: the compiler and its flags.
+fn producer(
+    dwarf: &gimli::Dwarf<Reader<'_>>,
+    unit: &Unit<Reader<'_>>,
+    entry: &gimli::DebuggingInformationEntry<Reader<'_>>,
+) -> gimli::Result<Option<String>> {
+    let Some(v) = entry.attr_value(gimli::DW_AT_producer) else { return Ok(None) };
+    Ok(Some(dwarf.attr_string(unit, v)?.to_string_lossy().into_owned()))
 }
 
 fn member_offset(v: Option<AttributeValue<Reader<'_>>>) -> Option<u64> {

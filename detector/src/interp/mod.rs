@@ -11,6 +11,7 @@ pub(crate) mod file;
 pub mod offsets;
 pub mod registers;
 pub mod sites;
+pub mod tier2;
 pub mod version;
 
 use std::{
@@ -82,22 +83,6 @@ pub struct OffsetInfo {
     pub source: OffsetSource,
 }
 
-/// The tier-2 optimizer a build carries (`--enable-experimental-jit`, 3.13+).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Tier2 {
-    /// `offsetof(PyInterpreterState, jit)` (3.14+), where it is known.
-    pub jit_flag: Option<FieldAt>,
-}
-
-/// A field too far into its struct for the offset tables (`u16`).
-#[derive(Clone, Copy, Debug, serde::Serialize)]
-pub struct FieldAt {
-    /// Bytes from the struct's start.
-    pub offset: u64,
-    /// Where it came from.
-    pub source: OffsetSource,
-}
-
 /// Everything known about one interpreter build.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Analysis {
@@ -131,7 +116,7 @@ pub struct Analysis {
     pub dispatch: Option<dispatch::DispatchReads>,
     /// The tier-2 optimizer, when the build has one: a process that runs
     /// it is refused.
-    pub tier2: Option<Tier2>,
+    pub tier2: Option<tier2::Tier2>,
     /// Probe sites.
     pub sites: Vec<Site>,
     /// Anything that works but costs more or is less certain than usual.
@@ -217,30 +202,31 @@ pub fn analyze(
             s.handler, s.instruction
         )
     }));
-    let mut handlers = None;
-    let dispatch;
-    if minor >= 11 {
+    let (handlers, dispatch) = if minor >= 11 {
         let labels = dwarf.as_ref().map(|(info, _)| &info.labels);
-        let (found, info, all) = resume_handlers(elf, labels, minor, &mut warnings)?;
-        sites.extend(resume_sites(elf, &found, minor, &table.values)?);
-        // 3.11's tracing handler is the dispatch table's last entry.
-        let tracing = if minor == 11 { table_entry(elf, labels, minor, "TARGET_DO_TRACING", 255) } else { None };
-        let redispatchers: Vec<u64> = found.iter().map(|(_, a)| *a).chain(tracing).collect();
-        dispatch = dispatch::find(elf, eval.addr, eval.size, (&all, info.table), &redispatchers);
-        handlers = Some(info);
+        let clang = dwarf.as_ref().and_then(|(info, _)| info.ceval_by_clang).unwrap_or(false);
+        let (info, dispatch) = resume_family(
+            elf,
+            (eval.addr, eval.size, clang),
+            minor,
+            (labels, &table.values),
+            &mut sites,
+            &mut warnings,
+        )?;
+        (Some(info), dispatch)
     } else {
         // 3.8-3.10 dispatch from the evaluation function alone; a body
         // starts when a new frame dispatches its first instruction.
-        dispatch = dispatch::find_from_entry(elf, eval.addr);
-    }
+        (None, dispatch::find_from_entry(elf, eval.addr))
+    };
 
-    for site in &mut sites {
-        site.file_offset = elf
-            .file_offset(site.addr)
-            .ok_or_else(|| AnalysisError::Unsupported(format!("site {:#x} is not backed by the file", site.addr)))?;
-    }
     let interp_size = debug_offsets.and_then(|b| debug_offsets::interp_size(b, minor));
-    let tier2 = tier2(elf, dwarf.as_ref().map(|(info, _)| info), (minor, interp_size), &mut symbols, &mut warnings);
+    let dwarf_info = dwarf.as_ref().map(|(info, _)| info);
+    let tier2 = tier2::find(elf, dwarf_info, (minor, interp_size), &mut symbols, &mut warnings)?.map(|(t, site)| {
+        sites.extend(site);
+        t
+    });
+    place_in_file(elf, &mut sites)?;
     let layout = kernel_layout(minor, flavour, &table.values);
     let offsets = table
         .sources
@@ -267,6 +253,59 @@ pub fn analyze(
         layout,
         table,
     })
+}
+
+/// 3.11+: the RESUME-family handlers and their sites (added to `sites`), and
+/// the loads that dispatch a code unit.
+fn resume_family(
+    elf: &ElfImage,
+    (eval, size, clang): (u64, u64, bool),
+    minor: u8,
+    (labels, o): (Option<&HashMap<String, Vec<u64>>>, &offsets::Offsets),
+    sites: &mut Vec<Site>,
+    warnings: &mut Vec<String>,
+) -> Result<(HandlersInfo, Option<dispatch::DispatchReads>), AnalysisError> {
+    let (found, info, all) = resume_handlers(elf, labels, minor, warnings)?;
+    sites.extend(resume_sites(elf, &found, minor, o)?);
+    // 3.11's tracing handler is the dispatch table's last entry.
+    let tracing = if minor == 11 { table_entry(elf, labels, minor, "TARGET_DO_TRACING", 255) } else { None };
+    let redispatchers: Vec<u64> = found.iter().map(|(_, a)| *a).chain(tracing).collect();
+    let dispatch = dispatch::find(elf, eval, size, (&all, info.table), &redispatchers)
+        .filter(|_| !tail_merged_redispatch(clang, (eval, size), &all, warnings));
+    Ok((info, dispatch))
+}
+
+/// Whether the evaluation loop may reach a start's dispatch that the
+/// watchpoints' dispatch reads leave out: seen on clang's computed-goto
+/// loop (a 3.14 built with clang 19), which merges RESUME's re-dispatch
+/// into a dispatch other paths take, and missed a function's first call.
+/// Recognised by the compiler DWARF names for `ceval.c` (`.comment` lists
+/// every compiler of every object linked, clang's JIT stencils' included),
+/// with handlers inside the evaluation function (a tail-calling build keeps
+/// them apart): such builds are probed per call. Without DWARF it is not
+/// recognised.
+fn tail_merged_redispatch(clang: bool, (eval, size): (u64, u64), handlers: &[u64], warnings: &mut Vec<String>) -> bool {
+    let inside = handlers.iter().any(|&h| h >= eval && h < eval.saturating_add(size));
+    if !(clang && inside) {
+        return false;
+    }
+    warnings.push(
+        "clang built this computed-goto evaluation loop, where watchpoints were seen to miss a function's \
+         first call (RESUME's re-dispatch is merged with a dispatch other paths take): processes are probed \
+         per call"
+            .into(),
+    );
+    true
+}
+
+/// Where each site is in the file, which is where uprobes are attached.
+fn place_in_file(elf: &ElfImage, sites: &mut [Site]) -> Result<(), AnalysisError> {
+    for site in sites {
+        site.file_offset = elf
+            .file_offset(site.addr)
+            .ok_or_else(|| AnalysisError::Unsupported(format!("site {:#x} is not backed by the file", site.addr)))?;
+    }
+    Ok(())
 }
 
 /// Refuses versions and flavours this detector does not probe at all.
@@ -316,45 +355,6 @@ fn offset_table(
         }
     }
     Ok((table, disagreements, warnings))
-}
-
-/// The tier-2 optimizer, if the build has one (its entry point is
-/// exported), and where each interpreter says whether it is on: DWARF, else
-/// the offset in the builds it was measured on, recognised by
-/// `sizeof(PyInterpreterState)` from `_Py_DebugOffsets` (a struct this
-/// large moves with the build's configuration).
-fn tier2(
-    elf: &ElfImage,
-    dwarf: Option<&dwarf::DwarfInfo>,
-    (minor, interp_size): (u8, Option<u64>),
-    symbols: &mut Vec<UsedSymbol>,
-    warnings: &mut Vec<String>,
-) -> Option<Tier2> {
-    let s = elf.symbol("_PyOptimizer_Optimize")?;
-    symbols.push(UsedSymbol { name: "_PyOptimizer_Optimize", addr: s.addr, source: s.table });
-    // (offsetof(PyInterpreterState, jit), sizeof(PyInterpreterState)) in
-    // Debian's 3.14.10 and 3.15.2.
-    let measured = match minor {
-        14 => Some((223_184, 225_864)),
-        15 => Some((223_408, 226_240)),
-        _ => None,
-    };
-    if let Some(offset) = dwarf.and_then(|d| d.offset_of("PyInterpreterState", "jit")) {
-        return Some(Tier2 { jit_flag: Some(FieldAt { offset, source: OffsetSource::Dwarf }) });
-    }
-    let jit_flag = match measured {
-        Some((offset, size)) if interp_size == Some(size) => Some(FieldAt { offset, source: OffsetSource::Builtin }),
-        Some(_) => {
-            warnings.push(
-                "the tier-2 optimizer is built in, and where its interpreters say it is on is not known for this \
-                 build: a process is refused only if PYTHON_JIT asks for it"
-                    .into(),
-            );
-            None
-        }
-        None => None,
-    };
-    Some(Tier2 { jit_flag })
 }
 
 /// The RESUME-family handlers: from DWARF labels (`TARGET_RESUME`, ...)
@@ -463,11 +463,12 @@ fn resume_sites(
     let first = sites(&[])?;
     let uncounted: Vec<sites::UncountedEdge> =
         first.iter().filter_map(|s| Some((sites::uncounted_edge(elf, s)?, s.handler_addr))).collect();
-    if uncounted.is_empty() {
-        return Ok(first);
-    }
     // The first pass's sites would let such a pass start a body uncounted.
-    sites(&uncounted)
+    let mut out = if uncounted.is_empty() { first } else { sites(&uncounted)? };
+    // And an uncounted pass that reaches no site needs one of its own.
+    let deopt = sites::deopt_sites(elf, &out, &ctx)?;
+    out.extend(deopt);
+    Ok(out)
 }
 
 /// `code_dealloc`, found through `PyCode_Type.tp_dealloc` (both the type and

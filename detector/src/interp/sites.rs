@@ -18,7 +18,9 @@ use super::{
 };
 use detector_common::{CHECK_BRANCH, CHECK_BRANCH_THREAD_COPY, CHECK_DEOPT_MEMORY, CHECK_NONE, CHECK_REINSTRUMENT};
 
+mod deopt;
 mod thread_copy;
+pub(crate) use deopt::deopt_sites;
 use thread_copy::thread_copy_branch;
 
 /// Instructions decoded from a handler before giving up on finding a branch.
@@ -74,6 +76,8 @@ pub enum SiteRole {
     CodeDealloc,
     /// `PyEval_EvalCode` entry: a module body starts (imports, `exec`).
     ModuleExec,
+    /// `_PyOptimizer_Optimize` entry: the tier-2 optimizer (the JIT) starts.
+    Tier2Start,
 }
 
 /// A probe site.
@@ -297,6 +301,32 @@ pub struct ResumeContext {
     pub frame_tlbc_index: u16,
 }
 
+impl Site {
+    /// A RESUME-family site at the branch `insn` of the handler (name,
+    /// address), decided by `(check, cond, count_when)`.
+    fn resume(
+        (handler, handler_addr): (String, u64),
+        insn: &Instruction,
+        decided: (u8, u8, u8),
+        registers: RegisterFacts,
+    ) -> Site {
+        let (check, cond, count_when) = decided;
+        Site {
+            role: SiteRole::Resume,
+            handler,
+            handler_addr,
+            addr: insn.ip(),
+            file_offset: 0,
+            instruction: format(insn),
+            emulated: true,
+            check,
+            cond,
+            count_when,
+            registers,
+        }
+    }
+}
+
 /// Where another handler's uncounted pass goes on, and that handler.
 pub type UncountedEdge = (u64, u64);
 
@@ -362,19 +392,8 @@ pub fn resume_site(
                 {
                     (insn, check, cond, count_when) = (branch, CHECK_BRANCH_THREAD_COPY, c, when);
                 }
-                return Ok(Site {
-                    role: SiteRole::Resume,
-                    handler: name.to_owned(),
-                    handler_addr: handler,
-                    addr: insn.ip(),
-                    file_offset: 0,
-                    instruction: format(&insn),
-                    emulated: true,
-                    check,
-                    cond,
-                    count_when,
-                    registers: joined_facts(elf, &block, joined, ctx)?,
-                });
+                let registers = joined_facts(elf, &block, joined, ctx)?;
+                return Ok(Site::resume((name.to_owned(), handler), &insn, (check, cond, count_when), registers));
             }
             other => {
                 return Err(refuse(format!(

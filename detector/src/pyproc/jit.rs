@@ -1,16 +1,18 @@
 //! Whether a process runs with CPython's tier-2 optimizer on (the JIT, or
-//! its uop interpreter). Code it compiles runs a hot function's body start
-//! without the interpreter's RESUME handlers and without reading the
-//! bytecode the watchpoints watch, so neither strategy would see those
-//! calls: such a process is refused, with the reason, rather than counted
-//! short.
+//! its uop interpreter) when it is attached. Code it compiles runs a hot
+//! function's body start without the interpreter's RESUME handlers and
+//! without reading the bytecode the watchpoints watch, so neither strategy
+//! would see those calls: such a process is refused, with the reason,
+//! rather than counted short. One whose optimizer starts after the attach
+//! is caught by the probe at the optimizer's entry (see `interp::tier2`).
 //!
 //! The main interpreter's own `jit` flag (3.14+; only the main interpreter
-//! runs it) says so once the interpreter is initialised: that is what
-//! decides, since CPython may have ignored the environment (`-E`, `-I`, an
-//! embedder) or turned the JIT off (perf profiling). Before that, or where
-//! the flag's offset is not known, `PYTHON_JIT` in the process's environment
-//! decides, read as CPython reads it at startup.
+//! runs it) says so once it is set, which CPython does after importing
+//! `site`: that is what decides, since CPython may have ignored the
+//! environment (`-E`, `-I`, an embedder) or turned the JIT off (perf
+//! profiling). Where the flag's offset is not known, or before the
+//! interpreter exists, `PYTHON_JIT` in the process's environment decides,
+//! read as CPython reads it at startup.
 
 use super::{ProcessError, PythonProcess, environ::environ_block, mem::ProcessMemory};
 use crate::interp::AnalysisError;

@@ -29,6 +29,8 @@ pub(super) struct Drained {
     pub(super) trap_signals: Vec<(u32, u32, i32)>,
     /// Frames above targets at their first hits.
     pub(super) callers: Vec<Callers>,
+    /// Watched processes whose tier-2 optimizer started: (process, thread).
+    pub(super) tier2: Vec<(u32, u32)>,
 }
 
 /// Reads every waiting record.
@@ -50,6 +52,7 @@ pub(super) fn drain(
             Record::ModuleExec(e) => d.module_bodies.push(e),
             Record::TrapSignal { pid, tid, code } => d.trap_signals.push((pid, tid, code)),
             Record::Callers(c) => d.callers.push(c),
+            Record::Tier2 { pid, tid } => d.tier2.push((pid, tid)),
             other => d.hits.extend(processor.hit(other, probes, targets, watches)),
         }
     }

@@ -79,7 +79,10 @@ pub enum CannotWatch {
         reason: String,
     },
     /// The loads that dispatch a code unit were not found in the binary.
-    #[error("no opcode dispatch found in the evaluation loop: reads cannot be told from starts")]
+    #[error(
+        "the evaluation loop's opcode dispatch is not known well enough to tell starts from other reads \
+         (`detector inspect` says why)"
+    )]
     NoDispatch,
     /// Each thread of a free-threaded build runs its own copy of a body's
     /// bytecode, made when it first runs it.
