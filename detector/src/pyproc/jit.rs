@@ -12,10 +12,11 @@
 //! environment (`-E`, `-I`, an embedder) or turned the JIT off (perf
 //! profiling). Where the flag's offset is not known, or before the
 //! interpreter exists, `PYTHON_JIT` in the process's environment decides,
-//! read as CPython reads it at startup.
+//! read as CPython reads it at startup; where neither tells and the start
+//! would not be seen (3.13, an inlined entry), the process is refused.
 
 use super::{ProcessError, PythonProcess, environ::environ_block, mem::ProcessMemory};
-use crate::interp::AnalysisError;
+use crate::interp::{AnalysisError, tier2::StartSeen};
 
 /// What `PYTHON_JIT` in an environment block asks for, if it is set and
 /// not empty (the first of repeated entries, as glibc's `getenv` finds it).
@@ -42,11 +43,26 @@ pub(crate) fn refuse_if_on(p: &PythonProcess) -> Result<(), ProcessError> {
         Some(f) => main_flag(p, f.offset)?,
         None => None,
     };
+    // Where the optimizer's start is probed, a JIT that starts later is seen.
+    let seen_later = matches!(tier2.start, StartSeen::Probed { calls } if calls > 0);
     match flag {
         Some(true) => Err(refuse("its main interpreter's jit flag is set")),
-        Some(false) => Ok(()),
-        None if env_asks(&environ_block(p.pid)?) == Some(true) => Err(refuse("PYTHON_JIT in its environment")),
-        None => Ok(()),
+        Some(false) if seen_later => Ok(()),
+        _ => match env_asks(&environ_block(p.pid)?) {
+            Some(true) => Err(refuse("PYTHON_JIT in its environment")),
+            Some(false) => Ok(()),
+            None if seen_later => Ok(()),
+            // A build may turn it on by default, and its start would go unseen.
+            None => Err(ProcessError::Analysis {
+                pid: p.pid,
+                object: p.object.path.clone(),
+                source: AnalysisError::Unsupported(format!(
+                    "CPython {} has the JIT built in, and neither whether it is on nor when it starts can be \
+                     seen in this build: run it with PYTHON_JIT=0 to have it watched",
+                    p.analysis.version
+                )),
+            }),
+        },
     }
 }
 
