@@ -399,19 +399,11 @@ impl ProcessWatch {
     /// Budget: detaches everything but the guards until `until`; the
     /// process stays known.
     pub fn suspend(&mut self, probes: &mut Probes, until: Instant, why: String) {
-        let guards = match std::mem::replace(&mut self.mode, Mode::Detached) {
-            Mode::PerCall(pc) => {
-                attach::detach_all(probes, pc.links.links);
-                pc.guards
-            }
-            Mode::Watch(w) => w.close(probes),
-            Mode::Suspended(s) => s.guards,
-            Mode::Blind(why) => {
-                self.mode = Mode::Blind(why);
-                return;
-            }
-            Mode::Detached => Vec::new(),
-        };
+        if matches!(self.mode, Mode::Blind(_)) {
+            return;
+        }
+        let (others, guards) = self.leave(probes);
+        attach::detach_all(probes, others);
         self.mode = Mode::Suspended(Suspension { until, why, guards });
         self.meter.reset();
     }
@@ -468,14 +460,20 @@ impl ProcessWatch {
         self.close(probes).into_iter().filter_map(|l| probes.take(l)).collect()
     }
 
-    /// Leaves whatever mode it is in for [`Mode::Detached`]: disarms the
-    /// watchpoints and returns the uprobes.
+    /// As [`ProcessWatch::leave`], every uprobe together.
     fn close(&mut self, probes: &mut Probes) -> Vec<Link> {
+        let (others, guards) = self.leave(probes);
+        others.into_iter().chain(guards).collect()
+    }
+
+    /// Leaves whatever mode it is in for [`Mode::Detached`]: disarms the
+    /// watchpoints and returns the uprobes, the guards apart.
+    fn leave(&mut self, probes: &mut Probes) -> (Vec<Link>, Vec<Link>) {
         match std::mem::replace(&mut self.mode, Mode::Detached) {
-            Mode::PerCall(pc) => pc.links.links.into_iter().chain(pc.guards).collect(),
-            Mode::Watch(w) => w.close(probes),
-            Mode::Suspended(s) => s.guards,
-            Mode::Blind(_) | Mode::Detached => Vec::new(),
+            Mode::PerCall(pc) => (pc.links.links, pc.guards),
+            Mode::Watch(w) => (Vec::new(), w.close(probes)),
+            Mode::Suspended(s) => (Vec::new(), s.guards),
+            Mode::Blind(_) | Mode::Detached => (Vec::new(), Vec::new()),
         }
     }
 }
